@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID on Inception or toy features, CLIP score, sweeps over step counts."""
