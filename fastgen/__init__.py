@@ -1,0 +1,37 @@
+"""fastgen: distil many-step diffusion and flow teachers into 1-4 step students that diffusers loads.
+
+Heavy imports are lazy, so ``fastgen --help`` stays fast. ``FewStepScheduler`` (and the exported
+pipeline classes) are reachable as ``fastgen.<Name>`` because diffusers records a custom component's
+library as the top-level package name in ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+# pyproject.toml maps the top-level folders losses/, samplers/, pipelines/ and eval/ to
+# fastgen.<name>. Imported from a source checkout (the repo root on sys.path shadows the installed
+# package), those folders sit beside this one: let the sub-package imports find them there too.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "samplers" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
+
+_LAZY = {
+    "load_teacher": "fastgen.teacher",
+    "Teacher": "fastgen.teacher",
+    "Denoiser": "fastgen.denoiser",
+    "GaussianMixtureDenoiser": "fastgen.analytic",
+    "schedule_from_config": "fastgen.schedules",
+    "FewStepScheduler": "fastgen.samplers.scheduler",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""Load any supported diffusers pipeline as a teacher: denoiser, noise schedule, condition encoders, VAE.
+
+Families: ``UNet2DModel`` pixel teachers (unconditional or class-conditional, e.g. a ``DDPMPipeline``
+folder), ``UNet2DConditionModel`` latent text-to-image teachers (SD1.x/2.x, and SDXL with its added
+text/time conditions) and ``SD3Transformer2DModel`` rectified-flow teachers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fastgen.denoiser import Cond, Denoiser
+from fastgen.schedules import NoiseSchedule, schedule_from_config
+
+DENOISER_COMPONENTS = ("unet", "transformer")
+SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher. ``denoiser(x_t, t, cond) -> x0``; ``denoiser.guided(...)`` for CFG."""
+
+    pipeline: object
+    denoiser: Denoiser
+    schedule: NoiseSchedule
+    source: str
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.denoiser.model
+
+    @property
+    def denoiser_component(self) -> str:
+        return "unet" if "unet" in self.pipeline.components else "transformer"
+
+    @property
+    def vae(self):
+        return getattr(self.pipeline, "vae", None)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def text_conditioned(self) -> bool:
+        return type(self.model).__name__ != "UNet2DModel"
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model.config, "num_class_embeds", None) or 0)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the denoiser sees (latents for latent teachers)."""
+        cfg = self.model.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(cfg.in_channels), int(h), int(w)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        _, h, w = self.sample_shape
+        if not self.is_latent:
+            return h, w
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return h * factor, w * factor
+
+    # -- conditions ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """The teacher's own text encoders (``pipeline.encode_prompt``) → denoiser keyword arguments."""
+        if not self.text_conditioned:
+            raise ValueError(f"{type(self.model).__name__} teacher from {self.source} takes no prompts")
+        prompts = list(prompts)
+        device = self.model.device
+        kind = type(self.model).__name__
+        if kind == "SD3Transformer2DModel":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if getattr(self.model.config, "addition_embed_type", None) == "text_time":  # SDXL
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            h, w = self.image_size
+            projection_dim = self.pipeline.text_encoder_2.config.projection_dim
+            time_ids = self.pipeline._get_add_time_ids(
+                (h, w), (0, 0), (h, w), dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
+            time_ids = time_ids.to(device).repeat(len(prompts), 1)
+            return {"encoder_hidden_states": embeds,
+                    "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        embeds, _ = self.pipeline.encode_prompt(prompts, device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def class_cond(self, labels: torch.Tensor) -> Cond:
+        if self.num_classes == 0:
+            raise ValueError(f"teacher from {self.source} has no class embedding (num_class_embeds is unset)")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.model.device)
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class labels {labels.tolist()} out of range; expected 0..{self.num_classes - 1}")
+        return {"class_labels": labels}
+
+    def null_cond(self, n: int) -> Cond | None:
+        """The unconditional branch for ``n`` samples: the empty prompt's embedding, or ``None``."""
+        return self.encode_prompts([""] * n) if self.text_conditioned else None
+
+    # -- pixels and latents -------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoiser space → images in [-1, 1] (identity for pixel teachers)."""
+        if not self.is_latent:
+            return x
+        cfg = self.vae.config
+        latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → denoiser space (the VAE posterior mean, scaled as the pipeline does)."""
+        if not self.is_latent:
+            return images
+        cfg = self.vae.config
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.float()
+        return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+def _read_index(folder: Path) -> dict:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"teacher folder {folder} has no model_index.json; expected a diffusers pipeline folder "
+            "(what `pipeline.save_pretrained` writes)"
+        )
+    index = json.loads(index_file.read_text())
+    components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    found = [c for c in DENOISER_COMPONENTS if c in components and components[c][0] is not None]
+    if not found:
+        raise ValueError(
+            f"teacher folder {folder} has no denoiser: components are {sorted(components)}, "
+            f"expected one of {list(DENOISER_COMPONENTS)}"
+        )
+    model_class = components[found[0]][1]
+    if model_class not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"teacher folder {folder}: denoiser class {model_class!r} is not supported; "
+            f"expected one of {list(SUPPORTED_MODELS)}"
+        )
+    if "scheduler" not in components:
+        raise ValueError(f"teacher folder {folder} has no scheduler; expected a `scheduler` component")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():  # fail before loading weights on an unknown or unsupported schedule
+        schedule_from_config(json.loads(scheduler_file.read_text()), components["scheduler"][1])
+    return index
+
+
+def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 trust_pickle: bool = False) -> Teacher:
+    """Load a diffusers pipeline folder (or hub id, when online) as a ``Teacher``.
+
+    Weights must be safetensors unless ``trust_pickle=True`` (pickled ``.bin`` files run code on load).
+    """
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise NotADirectoryError(f"teacher path {folder} is a file; expected a diffusers pipeline folder")
+        _read_index(folder)
+        source = str(folder)
+    elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
+    else:
+        raise FileNotFoundError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
+
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=None if trust_pickle else True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    name = next(c for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)
+    model = getattr(pipe, name)
+    model.requires_grad_(False).eval()
+    schedule = schedule_from_config(pipe.scheduler.config, type(pipe.scheduler).__name__)
+    return Teacher(pipeline=pipe, denoiser=Denoiser(model, schedule), schedule=schedule, source=source)

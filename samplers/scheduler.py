@@ -1,0 +1,112 @@
+"""``FewStepScheduler``: the diffusers scheduler an exported student ships with.
+
+It stores the exact timesteps the student was trained for, per step count, and the student's rule
+(``renoise`` for consistency/DMD/SiD students, ``ddim`` for progressive ones), so that
+``pipe(num_inference_steps=4)`` reproduces what was trained with no ``timesteps=`` passed by hand.
+Its module path is written into ``model_index.json`` (as ``["fastgen", "FewStepScheduler"]``): keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from fastgen.samplers.solvers import ddim_step, renoise_step
+from fastgen.schedules import schedule_from_description
+
+RULES = ("renoise", "ddim")
+
+
+@dataclass
+class FewStepSchedulerOutput(BaseOutput):
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class FewStepScheduler(SchedulerMixin, ConfigMixin):
+    """A scheduler replaying a distilled student's trained timesteps.
+
+    Args:
+        schedule: ``NoiseSchedule.describe()`` of the teacher (family, prediction type and parameters).
+        trained_timesteps: ``{"1": [399], "4": [999, 749, 499, 249]}`` — native times per step count.
+        rule: ``"renoise"`` (predict x0, add fresh noise) or ``"ddim"`` (deterministic DDIM step).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, schedule: dict[str, Any] | None = None,
+                 trained_timesteps: dict[str, list[float]] | None = None, rule: str = "renoise"):
+        if schedule is None or not trained_timesteps:
+            raise ValueError("FewStepScheduler needs `schedule` (a NoiseSchedule description) and "
+                             "`trained_timesteps` (e.g. {'4': [999, 749, 499, 249]})")
+        if rule not in RULES:
+            raise ValueError(f"FewStepScheduler.rule is {rule!r}; expected one of {list(RULES)}")
+        for n, ts in trained_timesteps.items():
+            if len(ts) != int(n):
+                raise ValueError(f"trained_timesteps[{n!r}] has {len(ts)} values, expected {n}")
+        self.schedule = schedule_from_description(schedule)
+        self.timesteps = None
+        self.num_inference_steps = None
+        self.init_noise_sigma = 1.0
+
+    @property
+    def step_counts(self) -> list[int]:
+        return sorted(int(n) for n in self.config.trained_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, **_):
+        """Select the trained timesteps for ``num_inference_steps`` (or take explicit ``timesteps``)."""
+        if timesteps is None:
+            key = str(num_inference_steps)
+            if key not in self.config.trained_timesteps:
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps}: this student was trained for "
+                    f"{self.step_counts} steps; pass one of those or explicit `timesteps=`"
+                )
+            timesteps = self.config.trained_timesteps[key]
+        self.timesteps = torch.tensor([float(t) for t in timesteps], dtype=torch.float32, device=device)
+        self.num_inference_steps = len(self.timesteps)
+        first = self.timesteps[:1].cpu()
+        self.init_noise_sigma = float(self.schedule.sigma(first) / self.schedule.alpha(first)) \
+            if self.schedule.family == "edm" else 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def _index(self, timestep) -> int:
+        if self.timesteps is None:
+            raise RuntimeError("FewStepScheduler.step called before set_timesteps")
+        hits = (self.timesteps.cpu() == float(timestep)).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not one of {self.timesteps.tolist()}")
+        return int(hits[0])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        i = self._index(timestep)
+        t = self.timesteps[i].to(sample.device)
+        x0 = self.schedule.to_x0(model_output.to(sample.dtype), sample, t)
+        s = self.timesteps[i + 1].to(sample.device) if i + 1 < len(self.timesteps) else None
+        if s is None:
+            prev = x0
+        elif self.config.rule == "ddim":
+            prev = ddim_step(self.schedule, sample, x0, t, s)
+        else:
+            noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            prev = renoise_step(self.schedule, x0, s, noise)
+        if not return_dict:
+            return (prev, x0)
+        return FewStepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self.schedule.add_noise(original_samples, noise, timesteps)
+
+    def __len__(self):
+        return self.schedule.num_train_timesteps

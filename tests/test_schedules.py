@@ -1,0 +1,179 @@
+"""Noise schedules against diffusers' own schedulers."""
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+)
+
+from fastgen.samplers import ddim_step
+from fastgen.schedules import (
+    EDMSchedule,
+    FlowSchedule,
+    VPSchedule,
+    schedule_from_config,
+    schedule_from_description,
+)
+
+VP_CLASSES = [DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, LCMScheduler]
+
+
+def _vp(prediction="epsilon", beta_schedule="scaled_linear"):
+    sched = DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction, set_alpha_to_one=False, clip_sample=False)
+    return sched, schedule_from_config(sched)
+
+
+@pytest.mark.parametrize("cls", VP_CLASSES)
+def test_vp_add_noise_matches_diffusers(cls):
+    sched = cls(beta_schedule="squaredcos_cap_v2")
+    schedule = schedule_from_config(sched)
+    assert isinstance(schedule, VPSchedule)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    ref = DDPMScheduler.from_config(sched.config).add_noise(x0, eps, t)
+    torch.testing.assert_close(schedule.add_noise(x0, eps, t.float()), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_ddim_step_matches_diffusers(prediction):
+    sched, schedule = _vp(prediction)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(1)
+    x_t, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, s = int(sched.timesteps[3]), int(sched.timesteps[4])
+    ref = sched.step(out, t, x_t).prev_sample
+    x0 = schedule.to_x0(out, x_t, float(t))
+    ours = ddim_step(schedule, x_t, x0, float(t), float(s))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0, sched.step(out, t, x_t).pred_original_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_step_matches_diffusers(shift):
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule = schedule_from_config(sched)
+    assert isinstance(schedule, FlowSchedule) and schedule.shift == shift
+    sched.set_timesteps(8)
+    torch.testing.assert_close(schedule.timesteps(8), sched.timesteps, atol=1e-3, rtol=1e-5)
+    g = torch.Generator().manual_seed(2)
+    x_t, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for i in (0, 3, 7):
+        sched._step_index = i
+        ref = sched.step(v, sched.timesteps[i], x_t).prev_sample
+        t = sched.timesteps[i]
+        s = sched.timesteps[i + 1] if i + 1 < 8 else None
+        ours = ddim_step(schedule, x_t, schedule.to_x0(v, x_t, t), t, s)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_add_noise_matches_diffusers():
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    schedule = schedule_from_config(sched)
+    sched.set_timesteps(5)
+    x0, eps = torch.randn(5, 4, 4, 4), torch.randn(5, 4, 4, 4)
+    ref = torch.stack([sched.scale_noise(x0[i:i + 1], sched.timesteps[i:i + 1], eps[i:i + 1])[0] for i in range(5)])
+    torch.testing.assert_close(schedule.add_noise(x0, eps, sched.timesteps), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_edm_matches_diffusers_preconditioning():
+    sched = EDMEulerScheduler()
+    schedule = schedule_from_config(sched)
+    assert isinstance(schedule, EDMSchedule)
+    sigma = torch.tensor([0.01, 1.0, 40.0])
+    x_t, out = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    x_in, t_in = schedule.model_input(x_t, sigma)
+    torch.testing.assert_close(x_in, torch.stack([sched.precondition_inputs(x_t[i], sigma[i]) for i in range(3)]))
+    torch.testing.assert_close(t_in, sched.precondition_noise(sigma))
+    ref = torch.stack([sched.precondition_outputs(x_t[i], out[i], sigma[i]) for i in range(3)])
+    torch.testing.assert_close(schedule.to_x0(out, x_t, sigma), ref)
+    sched.set_timesteps(6)
+    torch.testing.assert_close(schedule.timesteps(6), sched.sigmas[:-1], atol=1e-4, rtol=1e-5)
+
+
+SCHEDULES = {
+    "vp-eps": lambda: _vp("epsilon")[1],
+    "vp-v": lambda: _vp("v_prediction")[1],
+    "vp-x0": lambda: _vp("sample")[1],
+    "flow": lambda: FlowSchedule(1000, shift=3.0),
+    "edm-eps": lambda: EDMSchedule(),
+    "edm-v": lambda: EDMSchedule(prediction_type="v_prediction"),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_conversions_round_trip(name):
+    schedule = SCHEDULES[name]()
+    g = torch.Generator().manual_seed(3)
+    t = schedule.sample_t(16, generator=g).clamp(min=schedule.t_min + 1e-2 * (schedule.t_max - schedule.t_min))
+    x0, eps = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    x_t = schedule.add_noise(x0, eps, t)
+    out = schedule.from_x0(x0, x_t, t)
+    torch.testing.assert_close(schedule.to_x0(out, x_t, t), x0, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(schedule.to_eps(out, x_t, t), eps, atol=1e-5, rtol=1e-5)
+    assert ((t >= schedule.t_min) & (t <= schedule.t_max)).all()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_logsnr_inverse(name):
+    schedule = SCHEDULES[name]()
+    ts = schedule.timesteps(20)
+    lam = schedule.logsnr(ts)
+    assert bool((lam[1:] > lam[:-1]).all()), "logSNR must increase as t decreases"
+    torch.testing.assert_close(schedule.t_from_logsnr(lam), ts, atol=1e-3 * schedule.t_max, rtol=1e-4)
+
+
+def test_vp_trailing_timesteps_and_interpolation():
+    _, schedule = _vp()
+    assert schedule.timesteps(4).tolist() == [999, 749, 499, 249]
+    assert schedule.timesteps(1).tolist() == [999]
+    a_bar = schedule.alphas_cumprod
+    mid = schedule.alpha(torch.tensor(10.5)) ** 2
+    assert float(a_bar[11]) < float(mid) < float(a_bar[10])
+    assert math.isclose(float(mid), math.sqrt(float(a_bar[10] * a_bar[11])), rel_tol=1e-5)
+
+
+def test_transition_matches_direct_noising_in_distribution():
+    _, schedule = _vp()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
+    x_s = schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), 300.0)
+    x_t = schedule.transition(x_s, torch.randn(x0.shape, generator=g, dtype=torch.float64), 300.0, 700.0)
+    a, s = float(schedule.alpha(700.0)), float(schedule.sigma(700.0))
+    assert abs(float(x_t.mean()) - 0.7 * a) < 5e-3
+    assert abs(float(x_t.std()) - s) < 5e-3
+
+
+def test_describe_round_trip():
+    for make in SCHEDULES.values():
+        schedule = make()
+        again = schedule_from_description(schedule.describe())
+        t = schedule.timesteps(5)
+        torch.testing.assert_close(again.alpha(t), schedule.alpha(t))
+        torch.testing.assert_close(again.sigma(t), schedule.sigma(t))
+        assert again.prediction_type == schedule.prediction_type
+
+
+def test_errors_name_what_was_expected():
+    with pytest.raises(ValueError, match="prediction_type 'flow' is not supported by the vp schedule"):
+        VPSchedule(torch.linspace(0.99, 0.01, 10), "flow")
+    cfg = dict(DDIMScheduler().config, prediction_type="velocity")
+    with pytest.raises(ValueError, match=r"DDIMScheduler.prediction_type is 'velocity'; expected one of"):
+        schedule_from_config(cfg, "DDIMScheduler")
+    with pytest.raises(ValueError, match="scheduler config has no `_class_name`"):
+        schedule_from_config({"num_train_timesteps": 1000})
+    with pytest.raises(ValueError, match="scheduler class 'MyScheduler' is not a known noise-schedule family"):
+        schedule_from_config({"_class_name": "MyScheduler"})
+    with pytest.raises(ValueError, match=r"range \[0.0, 2000.0\] is not inside"):
+        _vp()[1].sample_t(4, t_max=2000)
+    with pytest.raises(ValueError, match="shift: expected a positive number"):
+        FlowSchedule(shift=0)
