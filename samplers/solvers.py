@@ -81,23 +81,20 @@ def sample_ddim(denoiser, x, timesteps, cond=None, guidance=None, generator=None
 
 @torch.no_grad()
 def sample_heun(denoiser, x, timesteps, cond=None, guidance=None, generator=None, callback=None):
-    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1) in the
-    variables ``y = x / alpha``, ``lambda = sigma / alpha``, where ``dy/dlambda = (y - x0) / lambda``; the last
-    step (to ``lambda = 0``) is an Euler step. ``2n - 1`` network calls for ``n`` timesteps."""
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1) in exponential-integrator form: an
+    Euler/DDIM predictor ``x' = ddim(x_t, x0_t)``, then the DDIM step taken with the trapezoidal mean
+    ``(x0_t + D(x', s)) / 2`` (second order in ``lambda = log(alpha/sigma)``; finite where ``alpha_t = 0``,
+    as at the start of a flow schedule). The last step, to the clean sample, is a plain Euler step.
+    ``2n - 1`` network calls for ``n`` timesteps."""
     schedule = denoiser.schedule
     for i, t in enumerate(timesteps):
         s = _next(timesteps, i)
-        a_t, s_t = _alpha_sigma(schedule, t, x)
-        a_s, s_s = _alpha_sigma(schedule, s, x)
-        y, lam_t, lam_s = x / a_t, s_t / a_t, s_s / a_s
         x0 = denoise(denoiser, x, t, cond, guidance)
-        d = (y - x0) / lam_t
-        y_next = y + (lam_s - lam_t) * d
+        x_next = ddim_step(schedule, x, x0, t, s)
         if s is not None:
-            x0_next = denoise(denoiser, a_s * y_next, s, cond, guidance)
-            d_next = (y_next - x0_next) / lam_s
-            y_next = y + (lam_s - lam_t) * (d + d_next) / 2
-        x = a_s * y_next
+            x0_next = denoise(denoiser, x_next, s, cond, guidance)
+            x_next = ddim_step(schedule, x, (x0 + x0_next) / 2, t, s)
+        x = x_next
         _report(callback, i, t, x, x0)
     return x
 
