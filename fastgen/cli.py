@@ -1,0 +1,98 @@
+"""The ``fastgen`` command: ``demo``, ``distill``, ``sample``, ``eval``, ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive step counts like 1,2,4, got {text!r}")
+    return values
+
+
+def _read_prompts(args) -> list[str] | None:
+    if getattr(args, "prompts_file", None):
+        path = Path(args.prompts_file)
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: prompts file {path} is empty; expected one prompt per line")
+        return prompts
+    return [args.prompt] if getattr(args, "prompt", None) else None
+
+
+def cmd_sample(args) -> int:
+    from fastgen.generate import generate, save_grid
+    from fastgen.teacher import load_teacher
+
+    model = load_teacher(args.model, trust_pickle=args.trust_pickle)
+    images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
+                      prompts=_read_prompts(args), guidance_scale=args.guidance, batch_size=args.batch_size)
+    path = save_grid(images, args.out, upscale=args.upscale)
+    print(f"wrote {len(images)} samples ({args.steps} steps) to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fastgen.demo import run_demo
+
+    run_demo(Path(args.out), num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def cmd_not_built(args) -> int:
+    print(f"error: `fastgen {args.command}` is not built yet in this version of fastgen.", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="sample the bundled toy teacher at few and many steps and score it by toy FID (CPU, minutes)")
+    demo.add_argument("--out", default="fastgen_demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--num-samples", type=int, default=1000, help="samples per toy-FID point")
+    demo.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="step counts, e.g. 1,2,4")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    distill = sub.add_parser("distill", help="distil a teacher into a few-step student (not built yet)")
+    distill.set_defaults(func=cmd_not_built)
+
+    sample = sub.add_parser("sample", help="write a grid of samples from a diffusers pipeline folder")
+    sample.add_argument("--model", required=True, help="diffusers pipeline folder (teacher or exported student)")
+    sample.add_argument("--steps", type=int, required=True, help="sampling steps")
+    sample.add_argument("--num", type=int, default=16, help="number of samples (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, help="output PNG")
+    sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
+                        help="default: the exported student's rule, else ddim")
+    sample.add_argument("--prompt", help="one prompt for text-to-image models")
+    sample.add_argument("--prompts-file", help="a file of prompts, one per line")
+    sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale of the grid")
+    sample.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) weights")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="FID/KID/CLIP against the number of steps (not built yet)")
+    evaluate.set_defaults(func=cmd_not_built)
+
+    export = sub.add_parser("export", help="export a trained run to a diffusers folder (not built yet)")
+    export.set_defaults(func=cmd_not_built)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Generate images from a loaded teacher or exported student, and save them as a grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fastgen.samplers import Guidance, get_sampler
+from fastgen.samplers.scheduler import FewStepScheduler
+from fastgen.teacher import Teacher
+
+
+def sampling_plan(model: Teacher, steps: int, sampler: str | None = None) -> tuple[str, list[float]]:
+    """``(sampler name, timesteps)`` for ``steps`` steps: an exported student replays its trained
+    timesteps and rule (``FewStepScheduler``); a teacher uses its schedule's grid and DDIM by default."""
+    scheduler = model.pipeline.scheduler
+    if isinstance(scheduler, FewStepScheduler):
+        scheduler.set_timesteps(steps)
+        return sampler or scheduler.config.rule, scheduler.timesteps.tolist()
+    return sampler or "ddim", model.schedule.timesteps(steps).tolist()
+
+
+@torch.no_grad()
+def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str | None = None,
+             prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
+             class_labels: Sequence[int] | None = None) -> torch.Tensor:
+    """``num`` images in [-1, 1] (decoded for latent models), deterministic given ``seed``."""
+    name, timesteps = sampling_plan(model, steps, sampler)
+    sample = get_sampler(name)
+    generator = torch.Generator().manual_seed(seed)
+    device = model.model.device
+    images = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        x = torch.randn((n, *model.sample_shape), generator=generator).to(device)
+        x = x * _init_noise_scale(model, timesteps[0])
+        cond, guidance = None, None
+        if prompts is not None:
+            cond = model.encode_prompts([prompts[(start + i) % len(prompts)] for i in range(n)])
+            if guidance_scale != 1.0:
+                guidance = Guidance(model.null_cond(n), guidance_scale)
+        elif class_labels is not None:
+            cond = model.class_cond([class_labels[(start + i) % len(class_labels)] for i in range(n)])
+        out = sample(model.denoiser, x, timesteps, cond=cond, guidance=guidance, generator=generator)
+        images.append(model.decode(out).float().cpu())
+    return torch.cat(images).clamp(-1, 1)
+
+
+def _init_noise_scale(model: Teacher, t0: float) -> float:
+    """The prior's scale at the first timestep: 1 for VP and flow (unit Gaussian), sigma_max for EDM."""
+    schedule = model.schedule
+    if schedule.family == "edm":
+        return float(schedule.sigma(torch.tensor(t0)))
+    return 1.0
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
+    """Save images in [-1, 1] as one PNG grid (nearest-neighbour upscaled by ``upscale``)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = (images.float().clamp(-1, 1) + 1) / 2
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    save_image(images, path, nrow=nrow, padding=1, pad_value=1.0)
+    return path
