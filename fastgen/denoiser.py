@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fastgen.schedules import NoiseSchedule
+from fastgen.schedules import NoiseSchedule, expand_to
 
 Cond = Mapping[str, Any]
 """Keyword arguments of the network besides the sample and the timestep, e.g.
@@ -118,3 +118,29 @@ class Denoiser(BaseDenoiser):
     def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
         t = batch_times(t, x_t)
         return self.schedule.to_x0(self.output(x_t, t, cond), x_t, t)
+
+
+def boundary_coefficients(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """Consistency-model boundary condition in LCM's form (Song et al. 2023, eq. 7; Luo et al. 2023,
+    "Latent consistency models", §4.1): with ``u = timestep_scaling * t``,
+    ``c_skip = sigma_data² / (u² + sigma_data²)`` and ``c_out = u / sqrt(u² + sigma_data²)``, so that
+    ``c_skip(0) = 1, c_out(0) = 0``."""
+    u = timestep_scaling * torch.as_tensor(t, dtype=torch.float32)
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+    c_out = u / (u**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+class BoundaryDenoiser(BaseDenoiser):
+    """``f(x_t, t) = c_skip(t) x_t + c_out(t) D(x_t, t)``: a consistency student's output."""
+
+    def __init__(self, inner: BaseDenoiser, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        super().__init__()
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
+        t = batch_times(t, x_t)
+        c_skip, c_out = boundary_coefficients(t, self.sigma_data, self.timestep_scaling)
+        return expand_to(c_skip, x_t) * x_t + expand_to(c_out, x_t) * self.inner(x_t, t, cond)

@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastgen.denoiser import boundary_coefficients
 from fastgen.samplers.solvers import ddim_step, renoise_step
 from fastgen.schedules import schedule_from_description
 
@@ -36,6 +37,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         schedule: ``NoiseSchedule.describe()`` of the teacher (family, prediction type and parameters).
         trained_timesteps: ``{"1": [399], "4": [999, 749, 499, 249]}`` — native times per step count.
         rule: ``"renoise"`` (predict x0, add fresh noise) or ``"ddim"`` (deterministic DDIM step).
+        boundary: ``{"sigma_data": 0.5, "timestep_scaling": 10.0}`` for consistency students, whose x0 is
+            ``c_skip x_t + c_out x0_net`` (``fastgen.denoiser.boundary_coefficients``); ``None`` otherwise.
     """
 
     config_name = "scheduler_config.json"
@@ -43,7 +46,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, schedule: dict[str, Any] | None = None,
-                 trained_timesteps: dict[str, list[float]] | None = None, rule: str = "renoise"):
+                 trained_timesteps: dict[str, list[float]] | None = None, rule: str = "renoise",
+                 boundary: dict[str, float] | None = None):
         if schedule is None or not trained_timesteps:
             raise ValueError("FewStepScheduler needs `schedule` (a NoiseSchedule description) and "
                              "`trained_timesteps` (e.g. {'4': [999, 749, 499, 249]})")
@@ -93,6 +97,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         i = self._index(timestep)
         t = self.timesteps[i].to(sample.device)
         x0 = self.schedule.to_x0(model_output.to(sample.dtype), sample, t)
+        if self.config.boundary is not None:
+            c_skip, c_out = boundary_coefficients(t, **self.config.boundary)
+            x0 = c_skip.to(sample) * sample + c_out.to(sample) * x0
         s = self.timesteps[i + 1].to(sample.device) if i + 1 < len(self.timesteps) else None
         if s is None:
             prev = x0

@@ -5,6 +5,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
 from fastgen.analytic import GaussianMixtureDenoiser
+from fastgen.denoiser import BoundaryDenoiser
 from fastgen.samplers import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_renoise
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.schedules import FlowSchedule, schedule_from_config
@@ -81,6 +82,22 @@ def test_few_step_scheduler_replays_the_student(tmp_path, rule):
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"num_inference_steps=2: this student was trained for \[1, 4\] steps"):
         sched.set_timesteps(2)
+
+
+def test_few_step_scheduler_applies_the_consistency_boundary():
+    den = teacher()
+    boundary = {"sigma_data": 0.5, "timestep_scaling": 10.0}
+    sched = FewStepScheduler(schedule=den.schedule.describe(), trained_timesteps={"2": [999, 0]}, boundary=boundary)
+    student = BoundaryDenoiser(den, **boundary)
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(6))
+    expected = sample_renoise(student, x.clone(), [999.0, 0.0], generator=torch.Generator().manual_seed(7))
+    sched.set_timesteps(2)
+    g = torch.Generator().manual_seed(7)
+    for t in sched.timesteps:
+        x = sched.step(den.output(x, t), t, x, generator=g).prev_sample
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    x_t = torch.randn(4, 1, 2, 2)
+    torch.testing.assert_close(student(x_t, 0.0), x_t)  # c_skip(0) = 1, c_out(0) = 0
 
 
 def test_few_step_scheduler_errors():
