@@ -95,9 +95,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return config_from_dict(cls, tree)
 
 
-def config_from_dict(cls: type[T], mapping: Mapping[str, Any]) -> T:
-    """Build a ``cls`` instance from a nested mapping; missing keys take their defaults."""
-    return _build(cls, mapping, "")
+def config_from_dict(cls: type[T], mapping: Mapping[str, Any], prefix: str = "") -> T:
+    """Build a ``cls`` instance from a nested mapping; missing keys take their defaults. ``prefix``
+    (e.g. ``"objective"``) is prepended to the dotted keys named in errors."""
+    return _build(cls, mapping, f"{prefix}." if prefix else "")
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:

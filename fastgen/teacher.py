@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError
 from fastgen.denoiser import Cond, Denoiser
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
@@ -36,6 +37,7 @@ class Teacher:
 
     @property
     def denoiser_component(self) -> str:
+        """The pipeline component holding the denoiser: ``"unet"`` or ``"transformer"``."""
         return "unet" if "unet" in self.pipeline.components else "transformer"
 
     @property
@@ -94,10 +96,12 @@ class Teacher:
             time_ids = time_ids.to(device).repeat(len(prompts), 1)
             return {"encoder_hidden_states": embeds,
                     "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        embeds, _ = self.pipeline.encode_prompt(prompts, device, 1, False)
+        embeds, _ = self.pipeline.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds}
 
     def class_cond(self, labels: torch.Tensor) -> Cond:
+        """Class labels (``0 .. num_classes - 1``) → denoiser keyword arguments."""
         if self.num_classes == 0:
             raise ValueError(f"teacher from {self.source} has no class embedding (num_class_embeds is unset)")
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.model.device)
@@ -106,8 +110,23 @@ class Teacher:
         return {"class_labels": labels}
 
     def null_cond(self, n: int) -> Cond | None:
-        """The unconditional branch for ``n`` samples: the empty prompt's embedding, or ``None``."""
-        return self.encode_prompts([""] * n) if self.text_conditioned else None
+        """The unconditional branch for ``n`` samples, as the teacher's own pipeline builds it: the empty
+        prompt's embedding, or zeros where the pipeline sets ``force_zeros_for_empty_prompt`` (SDXL; the
+        diffusers LCM-SDXL distillation script does the same); ``None`` for an unconditional teacher."""
+        if self.num_classes:
+            raise ValueError(
+                f"class-conditional teacher from {self.source} has no null class; expected a text-conditioned or "
+                "unconditional teacher for classifier-free guidance"
+            )
+        if not self.text_conditioned:
+            return None
+        cond = self.encode_prompts([""] * n)
+        if self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            added = cond["added_cond_kwargs"]
+            cond = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+                    "added_cond_kwargs": {"text_embeds": torch.zeros_like(added["text_embeds"]),
+                                          "time_ids": added["time_ids"]}}
+        return cond
 
     # -- pixels and latents -------------------------------------------------------------------------
     @torch.no_grad()
@@ -129,14 +148,18 @@ class Teacher:
         return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
 
-def _read_index(folder: Path) -> dict:
+def _read_index(folder: Path) -> dict[str, list]:
+    """Check a pipeline folder before loading any weights; return its components ``{name: [library, class]}``."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(
             f"teacher folder {folder} has no model_index.json; expected a diffusers pipeline folder "
             "(what `pipeline.save_pretrained` writes)"
         )
-    index = json.loads(index_file.read_text())
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_file} is not valid JSON ({err}); expected a diffusers model index") from None
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
     found = [c for c in DENOISER_COMPONENTS if c in components and components[c][0] is not None]
     if not found:
@@ -155,29 +178,53 @@ def _read_index(folder: Path) -> dict:
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():  # fail before loading weights on an unknown or unsupported schedule
         schedule_from_config(json.loads(scheduler_file.read_text()), components["scheduler"][1])
-    return index
+    return components
+
+
+def _refuse_pickle(folder: Path, components: dict[str, list]) -> None:
+    """Raise if a component's weights exist only as pickle files (loading those can run arbitrary code)."""
+    for name, entry in components.items():
+        sub = folder / name
+        if entry[0] is None or not sub.is_dir():
+            continue
+        files = [f.name for f in sub.iterdir() if f.is_file()]
+        pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pickled and not any(f.endswith(SAFE_SUFFIXES) for f in files):
+            raise UnsafeCheckpointError(
+                f"teacher folder {folder}: component {name!r} has pickled weights {pickled} and no .safetensors "
+                "file; expected safetensors weights, or pass trust_pickle=True (--trust-pickle) if you trust "
+                "the source, since unpickling can run arbitrary code"
+            )
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
     """Load a diffusers pipeline folder (or hub id, when online) as a ``Teacher``.
 
-    Weights must be safetensors unless ``trust_pickle=True`` (pickled ``.bin`` files run code on load).
+    The folder is checked before any weights load (model index, denoiser class, scheduler family and
+    prediction type). Weights must be safetensors: a component with only pickled files (``.bin``…, which
+    can run code on load) raises ``UnsafeCheckpointError`` unless ``trust_pickle=True``.
     """
     from diffusers import DiffusionPipeline
 
     folder = Path(path).expanduser()
+    absent = {}
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"teacher path {folder} is a file; expected a diffusers pipeline folder")
-        _read_index(folder)
+        components = _read_index(folder)
+        if not trust_pickle:
+            _refuse_pickle(folder, components)
+        # components saved as [null, null] (e.g. SD3 without T5) must be passed as None to load again
+        absent = {name: None for name, entry in components.items() if entry[0] is None}
         source = str(folder)
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
         raise FileNotFoundError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
 
-    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=None if trust_pickle else True)
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
+                                             **absent)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     name = next(c for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)

@@ -1,0 +1,404 @@
+"""What the trainer feeds an objective: clean samples, conditions and the unconditional branch.
+
+``build_data(spec, teacher, ...)`` turns one of four specs into a ``DataSource``:
+
+- a folder of images (PNG/JPEG/WEBP, searched recursively) → ``x0`` in the denoiser's space: pixels in
+  [-1, 1], or latents for latent teachers (encoded once with the teacher's VAE and cached);
+- a ``.txt`` prompts file (one prompt per line) → text conditions, encoded once with the teacher's own
+  text encoders and cached, so that training holds no text encoder; data-free (``x0 = None``);
+- ``"teacher"`` → samples of the teacher's own DDIM ODE with the noise they started from (ODE pairs
+  ``noise → x0``, e.g. for DMD's regression loss), generated once and cached;
+- ``None`` → data-free.
+
+Conditions follow the teacher: class-conditional teachers get ``{"class_labels": ...}`` (from sub-folders
+named by class index for image folders, otherwise drawn at random) and ``uncond = None``; text-conditioned
+teachers get ``uncond = teacher.null_cond`` and, without prompts, ``cond = uncond`` (unconditional
+training); unconditional teachers get ``None`` for both.
+
+Batch ``k`` of ``DataSource.batches()`` is a pure function of ``(seed, k)``: the set is read as an endless
+concatenation of epochs, epoch ``e`` in the order of a ``randperm`` seeded by ``(seed, e)``, and batch ``k``
+is positions ``[k B, (k + 1) B)`` of that stream (a batch may straddle two epochs). So a run that has
+consumed ``k`` batches resumes exactly with ``batches(start_index=k)``.
+
+Caches are safetensors files in ``cache_dir`` whose names hash what they depend on (the inputs and a
+fingerprint of the teacher: its source, dtype and the sizes and mtimes of its files); each is written to
+a temporary file and renamed into place, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fastgen.denoiser import Cond, cat_cond, slice_cond
+from fastgen.generate import _init_noise_scale
+from fastgen.samplers import sample_ddim
+from fastgen.teacher import Teacher
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+GRAYSCALE_MODES = ("1", "L", "LA")
+PROMPT_CHUNK = 64
+"""Prompts encoded per call of the text encoders."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One batch for an objective; every tensor has the batch as its first dimension."""
+
+    x0: torch.Tensor | None
+    """Clean samples in the denoiser's space (latents for latent teachers); ``None`` when data-free."""
+    cond: Cond | None
+    """The condition of each sample (keyword arguments of the denoiser), or ``None``."""
+    uncond: Cond | None
+    """The unconditional branch for the same batch size (empty prompt), or ``None``."""
+    noise: torch.Tensor | None = None
+    """For teacher samples: the noise each ``x0`` was generated from by the teacher's ODE."""
+
+    def to(self, device) -> Batch:
+        """A copy with every tensor (recursively through nested conditions) on ``device``."""
+        return Batch(*(_to(getattr(self, f.name), device) for f in fields(self)))
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: _to(v, device) for key, v in value.items()}
+    return value
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 63-bit seed for the stream named by ``parts`` under ``seed`` (stable across processes)."""
+    text = ":".join(str(p) for p in ("fastgen-data", seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, size: int, epoch: int) -> torch.Tensor:
+    """The order of the ``size`` samples in ``epoch``."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+
+
+def _num_rows(cond: Cond) -> int:
+    first = next(iter(cond.values()))
+    return _num_rows(first) if isinstance(first, Mapping) else len(first)
+
+
+class DataSource:
+    """An endless, seeded stream of ``Batch``es over a fixed set of samples, or data-free."""
+
+    def __init__(self, batch_size: int, seed: int, x0: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 cond: Cond | None = None, uncond: Cond | None = None, random_classes: int = 0):
+        """``x0``, ``noise`` and ``cond`` hold one row per sample of the set; ``uncond`` holds one row, repeated
+        to the batch size (and used as ``cond`` when there is none); ``random_classes > 0`` draws random
+        class labels for each batch (data-free class-conditional)."""
+        self.batch_size, self.seed = batch_size, seed
+        self.x0, self.noise, self.cond, self.uncond = x0, noise, cond, uncond
+        self.random_classes = random_classes
+        self.size = len(x0) if x0 is not None else _num_rows(cond) if cond is not None else 0
+
+    def __len__(self) -> int:
+        """Samples in one epoch (prompts for a prompts file); 0 when there is no underlying set."""
+        return self.size
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether batches carry clean samples ``x0``."""
+        return self.x0 is not None
+
+    def indices(self, k: int) -> torch.Tensor:
+        """The samples in batch ``k``: positions ``[k B, (k + 1) B)`` of the concatenated epoch orders."""
+        positions = torch.arange(k * self.batch_size, (k + 1) * self.batch_size)
+        epochs, offsets = positions // self.size, positions % self.size
+        index = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            index[mask] = epoch_order(self.seed, self.size, epoch)[offsets[mask]]
+        return index
+
+    def batch(self, k: int) -> Batch:
+        """Batch ``k`` of the stream, a pure function of ``(seed, k)``."""
+        uncond = slice_cond(self.uncond, torch.zeros(self.batch_size, dtype=torch.long))
+        if self.random_classes:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "labels", k))
+            labels = torch.randint(self.random_classes, (self.batch_size,), generator=generator)
+            return Batch(None, {"class_labels": labels}, uncond)
+        if not self.size:
+            return Batch(None, uncond, uncond)
+        index = self.indices(k)
+        cond = slice_cond(self.cond, index) if self.cond is not None else uncond
+        return Batch(
+            self.x0[index] if self.x0 is not None else None,
+            cond,
+            uncond,
+            self.noise[index] if self.noise is not None else None,
+        )
+
+    def batches(self, start_index: int = 0) -> Iterator[Batch]:
+        """Batches ``start_index, start_index + 1, ...`` forever; ``start_index`` = batches already consumed."""
+        for k in itertools.count(start_index):
+            yield self.batch(k)
+
+
+def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int, seed: int, cache_dir: str | Path,
+               num_teacher_samples: int = 1024, teacher_steps: int = 32, class_labels: bool = False,
+               resize: bool = False) -> DataSource:
+    """The ``DataSource`` for ``spec``: an image folder, a ``.txt`` prompts file, ``"teacher"`` or ``None``.
+
+    The string ``"teacher"`` always means teacher samples (write ``./teacher`` for a folder of that name).
+    ``class_labels`` must be set exactly for class-conditional teachers. ``resize`` center-crops and
+    resizes images of another size instead of refusing them. ``num_teacher_samples`` and
+    ``teacher_steps`` apply to ``"teacher"``.
+    """
+    for name, value in (("batch_size", batch_size), ("num_teacher_samples", num_teacher_samples),
+                        ("teacher_steps", teacher_steps)):
+        if value < 1:
+            raise ValueError(f"{name} = {value}; expected a positive integer")
+    if class_labels and not teacher.num_classes:
+        raise ValueError(f"class_labels=True, but the teacher from {teacher.source} has no class embedding "
+                         "(num_class_embeds is unset); expected class_labels=False")
+    if teacher.num_classes and not class_labels:
+        raise ValueError(f"the teacher from {teacher.source} is class-conditional ({teacher.num_classes} classes); "
+                         "expected class_labels=True")
+    cache_dir = Path(cache_dir)
+    uncond = null_cond(teacher, cache_dir)
+    if spec is None:
+        return DataSource(batch_size, seed, uncond=uncond, random_classes=teacher.num_classes)
+    if spec == "teacher":
+        pairs = teacher_samples(teacher, cache_dir, num_teacher_samples, teacher_steps, seed, uncond, batch_size)
+        labels = pairs.get("class_labels")
+        return DataSource(batch_size, seed, x0=pairs["x0"], noise=pairs["noise"],
+                          cond=None if labels is None else {"class_labels": labels}, uncond=uncond)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        x0, labels = image_data(path, teacher, cache_dir, batch_size, resize)
+        return DataSource(batch_size, seed, x0=x0, cond=None if labels is None else {"class_labels": labels},
+                          uncond=uncond)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return DataSource(batch_size, seed, cond=prompt_conds(path, teacher, cache_dir), uncond=uncond)
+    if not path.exists():
+        raise FileNotFoundError(f"data {spec} does not exist; expected an image folder, a .txt prompts file, "
+                                "'teacher' or None")
+    raise ValueError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected an image folder, "
+                     "a .txt prompts file, 'teacher' or None")
+
+
+# -- caches -----------------------------------------------------------------------------------------------
+def digest(*parts) -> str:
+    """A short hex hash of JSON-able ``parts`` (names a cache file)."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def teacher_fingerprint(teacher: Teacher) -> str:
+    """Identifies the teacher's weights: its source and dtype, and for a folder each file's size and mtime."""
+    parts = [teacher.source, str(teacher.denoiser.dtype)]
+    folder = Path(teacher.source)
+    if folder.is_dir():
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = file.stat()
+            parts.append([file.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return digest(*parts)
+
+
+def flatten_cond(cond: Cond, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested condition → flat ``{dotted.key: tensor}`` (on the CPU) for safetensors."""
+    flat = {}
+    for key, value in cond.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_cond(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            flat[prefix + key] = value.detach().cpu()
+        else:
+            raise TypeError(f"condition {prefix + key!r} is a {type(value).__name__}; expected tensors to cache")
+    return flat
+
+
+def unflatten_cond(flat: Mapping[str, torch.Tensor]) -> dict:
+    """Inverse of ``flatten_cond``."""
+    cond: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = cond
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return cond
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file to a temporary name beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({key: value.contiguous() for key, value in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def null_cond(teacher: Teacher, cache_dir: Path) -> Cond | None:
+    """One row of the teacher's unconditional branch (cached for text teachers); ``None`` for the others."""
+    if teacher.num_classes or not teacher.text_conditioned:
+        return None
+    path = cache_dir / f"uncond-{digest(teacher_fingerprint(teacher))}.safetensors"
+    if not path.is_file():
+        save_atomic(flatten_cond(teacher.null_cond(1)), path)
+    return unflatten_cond(load_file(path))
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+def read_prompts(file: Path) -> list[str]:
+    """Non-blank lines of ``file``, stripped."""
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {file} is empty; expected one prompt per line")
+    return prompts
+
+
+def prompt_conds(file: Path, teacher: Teacher, cache_dir: Path) -> Cond:
+    """The teacher's conditions for every prompt in ``file`` (one row each), encoded once and cached."""
+    if not teacher.text_conditioned:
+        raise ValueError(f"prompts file {file} given to the teacher from {teacher.source}, a "
+                         f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
+                         "teacher, or data that is an image folder, 'teacher' or None")
+    prompts = read_prompts(file)
+    path = cache_dir / f"prompts-{digest(teacher_fingerprint(teacher), prompts)}.safetensors"
+    if not path.is_file():
+        logger.info("encoding %d prompts from %s", len(prompts), file)
+        cond = None
+        for start in range(0, len(prompts), PROMPT_CHUNK):
+            chunk = flatten_cond(teacher.encode_prompts(prompts[start:start + PROMPT_CHUNK]))
+            cond = chunk if cond is None else cat_cond(cond, chunk)
+        save_atomic(cond, path)
+    return unflatten_cond(load_file(path))
+
+
+# -- images -----------------------------------------------------------------------------------------------
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), in a stable order."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if not files:
+        raise ValueError(f"image folder {folder} holds no images; expected files ending in "
+                         f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)")
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = False) -> torch.Tensor:
+    """One image as a ``(channels, H, W)`` tensor in [-1, 1] for ``size = (H, W)``; grayscale, palette and
+    alpha images become RGB for a 3-channel teacher; a 1-channel teacher takes grayscale images only."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as opened:
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {file}: {err}") from None
+    if channels == 3:
+        image = image.convert("RGB")
+    elif channels == 1 and image.mode in GRAYSCALE_MODES:
+        image = image.convert("L")
+    else:
+        raise ValueError(f"image {file} has mode {image.mode} ({len(image.getbands())} channels); the teacher "
+                         f"expects {channels}-channel images")
+    height, width = size
+    if image.size != (width, height):
+        if not resize:
+            raise ValueError(f"image {file} is {image.width}x{image.height} (width x height); the teacher expects "
+                             f"{width}x{height}; resize the images or pass resize=True to center-crop and resize")
+        image = ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(height, width, channels)
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def folder_labels(folder: Path, files: list[Path], num_classes: int) -> torch.Tensor:
+    """Class labels from the sub-folder each image sits in, named by class index (``folder/3/x.png`` → 3)."""
+    labels = []
+    for file in files:
+        parts = file.relative_to(folder).parts
+        name = parts[0] if len(parts) > 1 else ""
+        if not (name.isdigit() and int(name) < num_classes):
+            raise ValueError(f"image {file} is not in a class sub-folder (found {name or 'none'!r}); a "
+                             f"class-conditional teacher ({num_classes} classes) expects images in sub-folders "
+                             f"named by class index 0..{num_classes - 1}")
+        labels.append(int(name))
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def image_data(folder: Path, teacher: Teacher, cache_dir: Path, batch_size: int,
+               resize: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x0, class labels or None)`` for the images under ``folder``; latents are cached by a hash of the
+    file list and mtimes, the teacher and ``resize``."""
+    files = find_images(folder)
+    labels = folder_labels(folder, files, teacher.num_classes) if teacher.num_classes else None
+    if teacher.is_latent:
+        channels = teacher.vae.config.in_channels
+        listing = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        path = cache_dir / f"images-{digest(teacher_fingerprint(teacher), resize, listing)}.safetensors"
+        if path.is_file():
+            return load_file(path)["x0"], labels
+    else:
+        channels = teacher.sample_shape[0]
+    device = teacher.model.device
+    chunks = []
+    for start in range(0, len(files), batch_size):
+        images = torch.stack([load_image(f, teacher.image_size, channels, resize)
+                              for f in files[start:start + batch_size]])
+        chunks.append(teacher.encode(images.to(device)).float().cpu() if teacher.is_latent else images)
+    x0 = torch.cat(chunks)
+    if teacher.is_latent:
+        save_atomic({"x0": x0}, path)
+    return x0, labels
+
+
+# -- teacher samples --------------------------------------------------------------------------------------
+def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, seed: int, uncond: Cond | None,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """``{"noise", "x0"[, "class_labels"]}``: ``count`` deterministic DDIM solutions (``steps`` steps) of the
+    teacher's ODE from seeded noise, with random labels for a class-conditional teacher and the
+    unconditional branch for a text teacher. Cached; regenerated when the teacher, count, steps or seed
+    differ from the cached file's metadata."""
+    metadata = {"teacher": teacher_fingerprint(teacher), "count": str(count), "steps": str(steps), "seed": str(seed)}
+    path = cache_dir / f"teacher-samples-{digest(teacher.source)}.safetensors"
+    if path.is_file():
+        with safe_open(path, "pt") as cached:
+            if cached.metadata() == metadata:
+                return load_file(path)
+    logger.info("generating %d teacher samples with %d DDIM steps", count, steps)
+    timesteps = teacher.schedule.timesteps(steps)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "teacher-samples"))
+    noise = torch.randn((count, *teacher.sample_shape), generator=generator)
+    noise = noise * _init_noise_scale(teacher, float(timesteps[0]))
+    pairs = {"noise": noise}
+    if teacher.num_classes:
+        pairs["class_labels"] = torch.randint(teacher.num_classes, (count,), generator=generator)
+    device = teacher.model.device
+    chunks = []
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        if teacher.num_classes:
+            cond = {"class_labels": pairs["class_labels"][start:start + n]}
+        else:
+            cond = slice_cond(uncond, torch.zeros(n, dtype=torch.long))
+        x0 = sample_ddim(teacher.denoiser, noise[start:start + n].to(device), timesteps, cond=_to(cond, device))
+        chunks.append(x0.float().cpu())
+    pairs["x0"] = torch.cat(chunks)
+    save_atomic(pairs, path, metadata)
+    return pairs
