@@ -74,14 +74,16 @@ class BaseDenoiser(nn.Module):
 
     def guided(self, x_t: torch.Tensor, t, cond: Cond | None, uncond: Cond | None, scale: float) -> torch.Tensor:
         """Classifier-free guidance in the Ho–Salimans form ``u + scale (c - u)`` (Ho & Salimans 2022,
-        eq. 6, in x0 space, which equals guiding eps at fixed ``(x_t, t)``); ``scale = 1`` is no guidance.
+        eq. 6, in x0 space, which equals guiding eps at fixed ``(x_t, t)``); ``scale = 1`` is no guidance;
+        a tensor ``scale`` of shape (B,) guides each sample with its own scale.
         Codebases that write ``c + w (c - u)`` (LCM, PCM, some DMD code) mean ``scale = w + 1``."""
-        if scale == 1.0:
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
             return self(x_t, t, cond)
         t = batch_times(t, x_t)
         x0 = self(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
         x0_u, x0_c = x0.chunk(2)
-        return x0_u + scale * (x0_c - x0_u)
+        scale = torch.as_tensor(scale, dtype=x0.dtype, device=x0.device)
+        return x0_u + expand_to(scale, x0_u) * (x0_c - x0_u)
 
 
 class Denoiser(BaseDenoiser):

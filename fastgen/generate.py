@@ -35,7 +35,7 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         x = torch.randn((n, *model.sample_shape), generator=generator).to(device)
-        x = x * _init_noise_scale(model, timesteps[0])
+        x = x * init_noise_scale(model, timesteps[0])
         cond, guidance = None, None
         if prompts is not None:
             cond = model.encode_prompts([prompts[(start + i) % len(prompts)] for i in range(n)])
@@ -48,7 +48,7 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     return torch.cat(images).clamp(-1, 1)
 
 
-def _init_noise_scale(model: Teacher, t0: float) -> float:
+def init_noise_scale(model: Teacher, t0: float) -> float:
     """The prior's scale at the first timestep: 1 for VP and flow (unit Gaussian), sigma_max for EDM."""
     schedule = model.schedule
     if schedule.family == "edm":

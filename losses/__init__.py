@@ -1,0 +1,29 @@
+"""Distillation objectives behind one contract (``fastgen.losses.base.Objective``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastgen.config import config_from_dict
+from fastgen.denoiser import BaseDenoiser
+from fastgen.losses.base import Objective, Phase
+from fastgen.losses.consistency import ConsistencyDistillation
+from fastgen.losses.progressive import ProgressiveDistillation
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    ProgressiveDistillation.name: ProgressiveDistillation,
+    ConsistencyDistillation.name: ConsistencyDistillation,
+}
+
+
+def build_objective(method: str, teacher: BaseDenoiser, student: BaseDenoiser, args: dict[str, Any] | None = None,
+                    num_steps: int = 1, timesteps: list[float] | None = None) -> Objective:
+    """The objective ``method`` with its ``Config`` filled from ``args`` (unknown keys name the closest one)."""
+    if method not in OBJECTIVES:
+        raise ValueError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}")
+    cls = OBJECTIVES[method]
+    config = config_from_dict(cls.Config, dict(args or {}), prefix="objective")
+    return cls(teacher, student, config, num_steps, timesteps)
+
+
+__all__ = ["OBJECTIVES", "Objective", "Phase", "build_objective"]

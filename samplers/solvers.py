@@ -36,7 +36,7 @@ def denoise(denoiser: BaseDenoiser, x: torch.Tensor, t, cond: Cond | None = None
     return denoiser.guided(x, t, cond, guidance.uncond, guidance.scale)
 
 
-def _alpha_sigma(schedule: NoiseSchedule, t, x: torch.Tensor):
+def alpha_sigma(schedule: NoiseSchedule, t, x: torch.Tensor):
     """``(alpha, sigma)`` at ``t`` broadcast against ``x``; ``t = None`` is the clean end ``(1, 0)``."""
     if t is None:
         return torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
@@ -48,15 +48,15 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, t, s
     """One deterministic DDIM step from ``t`` to ``s`` (``None``: clean) given the prediction ``x0``:
     ``x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t`` (Song et al. 2021, eq. 12 with eta = 0).
     With ``alpha = 1 - sigma`` this is the flow-matching Euler step, with ``alpha = 1`` EDM's Euler step."""
-    a_t, s_t = _alpha_sigma(schedule, t, x_t)
-    a_s, s_s = _alpha_sigma(schedule, s, x_t)
+    a_t, s_t = alpha_sigma(schedule, t, x_t)
+    a_s, s_s = alpha_sigma(schedule, s, x_t)
     return a_s * x0 + s_s * (x_t - a_t * x0) / s_t
 
 
 def renoise_step(schedule: NoiseSchedule, x0: torch.Tensor, s, noise: torch.Tensor) -> torch.Tensor:
     """Predict-x0-then-renoise to level ``s``: ``x_s = alpha_s x0 + sigma_s noise`` (Song et al. 2023,
     Algorithm 1; the multistep rule of consistency, DMD and SiD students)."""
-    a_s, s_s = _alpha_sigma(schedule, s, x0)
+    a_s, s_s = alpha_sigma(schedule, s, x0)
     return a_s * x0 + s_s * noise
 
 
@@ -112,8 +112,8 @@ def sample_dpmpp_2m(denoiser, x, timesteps, cond=None, guidance=None, generator=
         if s is None:
             x = x0
         else:
-            a_t, s_t = _alpha_sigma(schedule, t, x)
-            a_s, s_s = _alpha_sigma(schedule, s, x)
+            a_t, s_t = alpha_sigma(schedule, t, x)
+            a_s, s_s = alpha_sigma(schedule, s, x)
             h = torch.log(a_s / s_s) - torch.log(a_t / s_t)
             d = x0
             if x0_prev is not None:

@@ -1,0 +1,116 @@
+"""The objective contract: everything the trainer knows about a distillation method, and nothing more.
+
+An objective
+
+- owns trainable networks besides the student (``networks()``: a fake score, a discriminator head,
+  phase experts) and any frozen state of its own (``state_dict()``: an EMA target, the current
+  progressive teacher);
+- declares its update phases (``phases()``): which networks each phase trains, how often it runs and
+  its optimizer settings (DMD2's two time-scale rule is ``critic`` every step, ``generator`` every k-th);
+- returns ``loss(phase, batch, step) -> {"loss": scalar to minimise, <term>: logged value, ...}``;
+- names the student's sampling rule and trained timesteps (what export writes into the scheduler).
+
+It never builds optimizers, calls ``backward``, moves devices or writes checkpoints (EDM's losses are
+small callables in the same spirit). Configuration is a dataclass ``Config`` filled from the
+``objective:`` mapping of the run config, so unknown keys fail with the closest valid key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fastgen.denoiser import BaseDenoiser, Denoiser
+from fastgen.samplers.solvers import SAMPLERS
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One update phase.
+
+    ``networks``: names of the networks it trains (``"student"`` or keys of ``Objective.networks()``);
+    it runs on every step ``s`` with ``s % every == offset``; ``lr``/``betas``/``weight_decay`` override
+    the run's optimizer settings for this phase's optimizer (``None``: the run's value).
+    """
+
+    name: str
+    networks: tuple[str, ...]
+    every: int = 1
+    offset: int = 0
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+
+    def runs_at(self, step: int) -> bool:
+        return step % self.every == self.offset
+
+
+class Objective:
+    """Base class; subclasses set ``name``, ``Config`` and implement ``loss``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = None
+    rule: ClassVar[str] = "renoise"
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: Any, num_steps: int = 1,
+                 timesteps: list[float] | None = None):
+        if num_steps < 1:
+            raise ValueError(f"student.num_steps is {num_steps}; expected >= 1")
+        self.teacher = teacher
+        self.student = student
+        self.config = config
+        self.num_steps = num_steps
+        self.timesteps = [float(t) for t in (timesteps or self.default_timesteps(num_steps))]
+        if len(self.timesteps) != num_steps:
+            raise ValueError(f"student.timesteps has {len(self.timesteps)} values; expected num_steps = {num_steps}")
+        if self.rule not in SAMPLERS:
+            raise ValueError(f"{type(self).__name__}.rule is {self.rule!r}; expected one of {sorted(SAMPLERS)}")
+
+    @property
+    def schedule(self):
+        return self.teacher.schedule
+
+    # -- what the trainer asks --------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        """Trainable networks the objective owns besides the student."""
+        return {}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("generator", ("student",))]
+
+    def loss(self, phase: str, batch, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_step_end(self, step: int) -> None:
+        """Called once after every completed training step (e.g. to update an EMA target)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's own non-trainable state, saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)}")
+
+    # -- what export and sampling ask -------------------------------------------------------------
+    def default_timesteps(self, num_steps: int) -> list[float]:
+        return self.schedule.timesteps(num_steps).tolist()
+
+    def sampling_denoiser(self) -> BaseDenoiser:
+        """The denoiser whose x0 the student's rule uses (a consistency student's boundary form)."""
+        return self.student
+
+    def export_config(self) -> dict[str, Any]:
+        """What ``FewStepScheduler`` records: trained timesteps per step count, rule, boundary."""
+        return {"trained_timesteps": {str(self.num_steps): self.timesteps}, "rule": self.rule, "boundary": None}
+
+
+def unwrap_denoiser(denoiser: BaseDenoiser) -> BaseDenoiser:
+    """The denoiser without a distributed wrapper (DDP's ``.module``) around its network, e.g. for a frozen copy."""
+    if isinstance(denoiser, Denoiser) and hasattr(denoiser.model, "module"):
+        return Denoiser(denoiser.model.module, denoiser.schedule)
+    return denoiser
