@@ -46,6 +46,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from fastgen.config import load_config, DistillConfig
+    from fastgen.trainer import Trainer
+
+    flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "output": args.output,
+             "student.num_steps": args.steps, "train.max_steps": args.max_steps}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.trust_pickle:
+        overrides.append("trust_pickle=true")
+    config = load_config(DistillConfig, args.config, overrides + list(args.overrides))
+    if args.lora and config.student.lora_rank == 0:
+        raise SystemExit("error: --lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
+                         "set student.lora_rank=N or drop --lora")
+    trainer = Trainer(config, resume=args.resume)
+    trainer.fit()
+    out = trainer.export(Path(config.output) / "export", lora=args.lora)
+    if out is not None:
+        print(f"run in {config.output}; student exported to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fastgen.trainer import export_run
+
+    out = export_run(args.run, args.output, lora=args.lora, ema=args.ema, checkpoint=args.checkpoint)
+    print(f"exported {args.run} to {out}")
+    return 0
+
+
 def cmd_not_built(args) -> int:
     print(f"error: `fastgen {args.command}` is not built yet in this version of fastgen.", file=sys.stderr)
     return 2
@@ -62,8 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    distill = sub.add_parser("distill", help="distil a teacher into a few-step student (not built yet)")
-    distill.set_defaults(func=cmd_not_built)
+    distill = sub.add_parser("distill", help="distil a teacher into a few-step student, then export it to RUN/export")
+    distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
+    distill.add_argument("--method", help="objective: progressive, consistency")
+    distill.add_argument("--config", help="YAML config; flags and key=value overrides apply on top")
+    distill.add_argument("--data", help="a folder of images, a prompts .txt file, or 'teacher'")
+    distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
+    distill.add_argument("--steps", type=int, help="student sampling steps (student.num_steps)")
+    distill.add_argument("--max-steps", type=int, help="training steps (train.max_steps)")
+    distill.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
+    distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
+    distill.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) teacher weights")
+    distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
+    distill.set_defaults(func=cmd_distill)
 
     sample = sub.add_parser("sample", help="write a grid of samples from a diffusers pipeline folder")
     sample.add_argument("--model", required=True, help="diffusers pipeline folder (teacher or exported student)")
@@ -84,8 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="FID/KID/CLIP against the number of steps (not built yet)")
     evaluate.set_defaults(func=cmd_not_built)
 
-    export = sub.add_parser("export", help="export a trained run to a diffusers folder (not built yet)")
-    export.set_defaults(func=cmd_not_built)
+    export = sub.add_parser("export", help="export a run's student to a diffusers folder")
+    export.add_argument("--run", required=True, help="the run folder of `fastgen distill`")
+    export.add_argument("--output", required=True, help="the folder to write")
+    export.add_argument("--lora", action="store_true", help="write only the LoRA adapter (LoRA students)")
+    export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the EMA weights (default) or the raw ones")
+    export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -170,6 +170,8 @@ class TrainConfig:
     """0 = only at the end."""
     keep_checkpoints: int = 2
     num_workers: int = 0
+    trackers: list[str] = field(default_factory=list)
+    """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
 
 
 @dataclass
@@ -183,6 +185,12 @@ class DistillConfig:
     output: str = "runs/fastgen"
     data: str | None = None
     seed: int = 0
+    trust_pickle: bool = False
+    """Allow pickled (.bin/.pt) teacher weights; unpickling runs code."""
+    teacher_samples: int = 1024
+    """With data "teacher": how many teacher samples to generate and cache."""
+    teacher_sample_steps: int = 32
+    """With data "teacher": DDIM steps of the teacher for those samples."""
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: dict[str, Any] = field(default_factory=dict)

@@ -197,6 +197,19 @@ def _refuse_pickle(folder: Path, components: dict[str, list]) -> None:
             )
 
 
+def _pipeline_class(folder: Path):
+    """The pipeline class named in ``model_index.json``: diffusers' own, or fastgen's ``FewStepPipeline``
+    (which ``DiffusionPipeline.from_pretrained`` cannot resolve, as it looks names up in diffusers only)."""
+    import diffusers
+
+    import fastgen
+
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    if name and not hasattr(diffusers, name) and hasattr(fastgen, name):
+        return getattr(fastgen, name)
+    return diffusers.DiffusionPipeline
+
+
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
     """Load a diffusers pipeline folder (or hub id, when online) as a ``Teacher``.
@@ -209,6 +222,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
     folder = Path(path).expanduser()
     absent = {}
+    pipeline_class = DiffusionPipeline
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"teacher path {folder} is a file; expected a diffusers pipeline folder")
@@ -217,13 +231,14 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
             _refuse_pickle(folder, components)
         # components saved as [null, null] (e.g. SD3 without T5) must be passed as None to load again
         absent = {name: None for name, entry in components.items() if entry[0] is None}
+        pipeline_class = _pipeline_class(folder)
         source = str(folder)
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
         raise FileNotFoundError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
 
-    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
+    pipe = pipeline_class.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
                                              **absent)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -17,13 +17,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def build_objective(method: str, teacher: BaseDenoiser, student: BaseDenoiser, args: dict[str, Any] | None = None,
-                    num_steps: int = 1, timesteps: list[float] | None = None) -> Objective:
+                    num_steps: int = 1, timesteps: list[float] | None = None, max_steps: int | None = None) -> Objective:
     """The objective ``method`` with its ``Config`` filled from ``args`` (unknown keys name the closest one)."""
     if method not in OBJECTIVES:
         raise ValueError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[method]
     config = config_from_dict(cls.Config, dict(args or {}), prefix="objective")
-    return cls(teacher, student, config, num_steps, timesteps)
+    return cls(teacher, student, config, num_steps, timesteps, max_steps)
 
 
 __all__ = ["OBJECTIVES", "Objective", "Phase", "build_objective"]

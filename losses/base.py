@@ -57,13 +57,14 @@ class Objective:
     needs_data: ClassVar[bool] = False
 
     def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: Any, num_steps: int = 1,
-                 timesteps: list[float] | None = None):
+                 timesteps: list[float] | None = None, max_steps: int | None = None):
         if num_steps < 1:
             raise ValueError(f"student.num_steps is {num_steps}; expected >= 1")
         self.teacher = teacher
         self.student = student
         self.config = config
         self.num_steps = num_steps
+        self.max_steps = max_steps
         self.timesteps = [float(t) for t in (timesteps or self.default_timesteps(num_steps))]
         if len(self.timesteps) != num_steps:
             raise ValueError(f"student.timesteps has {len(self.timesteps)} values; expected num_steps = {num_steps}")
@@ -76,7 +77,9 @@ class Objective:
 
     # -- what the trainer asks --------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
-        """Trainable networks the objective owns besides the student."""
+        """Trainable networks the objective owns besides the student, keyed by their attribute names
+        on the objective (the trainer puts the distributed wrapper back under the same name; a
+        ``Denoiser`` attribute gets its ``.model`` wrapped)."""
         return {}
 
     def phases(self) -> list[Phase]:

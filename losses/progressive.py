@@ -28,8 +28,7 @@ from fastgen.samplers.solvers import Guidance, alpha_sigma, ddim_step, denoise
 @dataclass
 class ProgressiveConfig:
     start_steps: int = 64         # the teacher's steps in the first round; the student starts at half
-    steps_per_round: int = 0      # training steps per halving; 0 = max_steps split evenly over the rounds
-    max_steps: int = 0            # filled by the trainer from train.max_steps when steps_per_round is 0
+    steps_per_round: int = 0      # training steps per halving; 0 = train.max_steps split evenly over the rounds
     guidance_scale: float = 1.0   # Ho–Salimans CFG scale of the first-round teacher (1 = none)
 
 
@@ -48,8 +47,8 @@ class ProgressiveDistillation(Objective):
     needs_data = True
 
     def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: ProgressiveConfig, num_steps: int = 1,
-                 timesteps: list[float] | None = None):
-        super().__init__(teacher, student, config, num_steps, timesteps)
+                 timesteps: list[float] | None = None, max_steps: int | None = None):
+        super().__init__(teacher, student, config, num_steps, timesteps, max_steps)
         rounds = math.log2(config.start_steps / num_steps) if config.start_steps >= num_steps else -1
         if rounds < 1 or not rounds.is_integer():
             raise ValueError(
@@ -57,7 +56,7 @@ class ProgressiveDistillation(Objective):
                 "start_steps = num_steps * 2^k for some k >= 1 (e.g. 64 -> 4 is 4 halvings)"
             )
         self.num_rounds = int(rounds)
-        per_round = config.steps_per_round or config.max_steps // self.num_rounds
+        per_round = config.steps_per_round or (max_steps or 0) // self.num_rounds
         if per_round < 1:
             raise ValueError(
                 f"objective.steps_per_round resolves to {per_round}; give it explicitly or make train.max_steps "

@@ -1,0 +1,380 @@
+"""The training loop: one loop on accelerate for every objective (DDP, FSDP and DeepSpeed come from
+``accelerate launch``).
+
+Per step, each of the objective's phases that runs at this step draws ``grad_accum`` batches, sums the
+scaled losses' gradients, clips the gradients of every network it trains, and steps its own optimizer;
+the student's EMA is updated only after phases that train the student. A step whose loss is not finite
+on any rank is skipped on all ranks, counted and logged; ``max_nonfinite`` in a row stop the run.
+
+Randomness is a pure function of ``(seed, step, rank)`` (re-seeded at every step) and data batch ``k``
+of ``(seed, rank, k)``, so a run resumed from a checkpoint continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from fastgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastgen.config import DistillConfig, config_to_dict, save_config
+from fastgen.data import build_data
+from fastgen.denoiser import Denoiser
+from fastgen.losses import build_objective
+from fastgen.teacher import load_teacher
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one training step on one process."""
+    return (seed * 1_000_003 + step * 9_973 + rank * 7_919) % (2**63 - 1)
+
+
+def configure_network(model: torch.nn.Module, attention: str, gradient_checkpointing: bool) -> None:
+    """Attention backend through diffusers' processors, and gradient checkpointing."""
+    if attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        if hasattr(model, "set_attn_processor"):
+            model.set_attn_processor(AttnProcessor2_0())
+    elif attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("train.attention is 'xformers' but xformers is not installed; "
+                             "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
+        model.enable_xformers_memory_efficient_attention()
+    if gradient_checkpointing:
+        if not getattr(model, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.enable_gradient_checkpointing()
+
+
+def make_student(teacher_model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
+    """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft)."""
+    student = copy.deepcopy(teacher_model).float().train()
+    s = config.student
+    if s.lora_rank > 0:
+        from peft import LoraConfig
+
+        student.requires_grad_(False)
+        student.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or s.lora_rank,
+                                       init_lora_weights="gaussian", target_modules=list(s.lora_targets)))
+    else:
+        student.requires_grad_(True)
+    return student
+
+
+class Trainer:
+    """Distil ``config.teacher`` with ``config.method`` into ``config.output``."""
+
+    def __init__(self, config: DistillConfig, resume: str | None = None):
+        config.validate()
+        self.config = config
+        self.run_dir = Path(config.output)
+        t = config.train
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
+                                       project_dir=str(self.run_dir))
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        self.teacher = load_teacher(config.teacher, device=acc.device, dtype=weight_dtype,
+                                    trust_pickle=config.trust_pickle)
+        student_model = make_student(self.teacher.model, config)
+        configure_network(student_model, t.attention, t.gradient_checkpointing)
+        self.student = Denoiser(student_model, self.teacher.schedule)
+        self.objective = build_objective(config.method, self.teacher.denoiser, self.student, config.objective,
+                                         config.student.num_steps, config.student.timesteps, t.max_steps)
+        with acc.main_process_first():
+            self.data = build_data(config.data, self.teacher, t.batch_size, config.seed * 1000 + acc.process_index,
+                                   self.run_dir / "cache", num_teacher_samples=config.teacher_samples,
+                                   teacher_steps=config.teacher_sample_steps,
+                                   class_labels=self.teacher.num_classes > 0)
+        if self.objective.needs_data and not self.data.needs_data:
+            raise ValueError(f"method {config.method!r} needs data: pass --data with a folder of images or "
+                             "'teacher' (samples generated by the teacher)")
+        self._build_optimizers()
+        self.ema = None
+        if t.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._trainable("student"), decay=t.ema_decay)
+        self.step = 0
+        self.batches_used = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        if resume:
+            self.load(resume)
+        if acc.is_main_process:
+            (self.run_dir / "export_config.json").write_text(json.dumps(self.objective.export_config(), indent=2))
+            acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
+
+    # -- networks and optimizers --------------------------------------------------------------------
+    def _network(self, name: str):
+        return self.student.model if name == "student" else _module(getattr(self.objective, name))
+
+    def _trainable(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for p in self._network(name).parameters() if p.requires_grad]
+
+    def _build_optimizers(self) -> None:
+        t = self.config.train
+        self.phases = self.objective.phases()
+        names = {"student", *self.objective.networks()}
+        wrapped = {}
+        for name in sorted(names):
+            wrapped[name] = self.accelerator.prepare(self._network(name))
+            if name == "student":
+                self.student.model = wrapped[name]
+            else:
+                _set_module(self.objective, name, wrapped[name])
+        self.optimizers = {}
+        for phase in self.phases:
+            unknown = set(phase.networks) - names
+            if unknown:
+                raise ValueError(f"phase {phase.name!r} trains {sorted(unknown)}, which the objective does not own")
+            params = [p for n in phase.networks for p in self._trainable(n)]
+            opt = torch.optim.AdamW(params, lr=phase.lr or t.lr, betas=phase.betas or tuple(t.betas),
+                                    weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay)
+            self.optimizers[phase.name] = self.accelerator.prepare(opt)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        acc, t = self.accelerator, self.config.train
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
+        metrics_file = self.run_dir / "metrics.jsonl"
+        logged: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.step < t.max_steps:
+            torch.manual_seed(step_seed(self.config.seed, self.step, acc.process_index))
+            logged = self._train_step()
+            self.objective.on_step_end(self.step)
+            self.step += 1
+            bar.update(1)
+            if acc.is_main_process and (self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps):
+                record = {"step": self.step, "time": round(time.perf_counter() - start, 3), **logged,
+                          "nonfinite_skipped": self.nonfinite_total}
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k.endswith("/loss")})
+            acc.log(logged, step=self.step)
+            if t.sample_every and self.step % t.sample_every == 0:
+                self.save_samples()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                self.save()
+        bar.close()
+        self.save()
+        acc.end_training()
+        return logged
+
+    def _train_step(self) -> dict[str, float]:
+        acc, t = self.accelerator, self.config.train
+        logged = {}
+        for phase in self.phases:
+            if not phase.runs_at(self.step):
+                continue
+            opt = self.optimizers[phase.name]
+            nets = [self._network(n) for n in phase.networks]
+            totals: dict[str, float] = {}
+            finite = True
+            for micro in range(t.grad_accum):
+                batch = self.data.batch(self.batches_used).to(acc.device)
+                self.batches_used += 1
+                sync = micro == t.grad_accum - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for net in nets:
+                            stack.enter_context(acc.no_sync(net))
+                    with acc.autocast():
+                        out = self.objective.loss(phase.name, batch, self.step)
+                    loss = out["loss"]
+                    ok = torch.isfinite(loss.detach()).float().reshape(1)
+                    finite = finite and bool(acc.gather(ok).min() > 0)
+                    if finite:
+                        acc.backward(loss / t.grad_accum)
+                for key, value in out.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.detach().float()) / t.grad_accum
+            if not finite:
+                opt.zero_grad(set_to_none=True)
+                self._count_nonfinite(phase.name, totals.get("loss", math.nan))
+                continue
+            self.nonfinite_in_a_row = 0
+            if t.grad_clip is not None:
+                params = [p for n in phase.networks for p in self._trainable(n)]
+                totals["grad_norm"] = float(acc.clip_grad_norm_(params, t.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.ema is not None and "student" in phase.networks:
+                self.ema.step(self._trainable("student"))
+            logged.update({f"{phase.name}/{k}": v for k, v in totals.items()})
+        return logged
+
+    def _count_nonfinite(self, phase: str, value: float) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "event": "nonfinite_loss_skipped", "phase": phase,
+                                    "loss": str(value)}) + "\n")
+        limit = self.config.train.max_nonfinite
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"the {phase!r} loss was not finite in {self.nonfinite_in_a_row} steps in a row (last at step "
+                f"{self.step}; train.max_nonfinite = {limit}); lower train.lr, enable train.grad_clip or use "
+                "bf16 instead of fp16"
+            )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        acc = self.accelerator
+        names = {"student", *self.objective.networks()}
+        return {
+            "networks": {n: acc.unwrap_model(self._network(n)).state_dict() for n in sorted(names)},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "objective": self.objective.state_dict(),
+            "data_position": self.batches_used,
+            "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row],
+        }
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=self.config.train.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def load(self, which: str) -> None:
+        """Resume from ``"latest"`` or a checkpoint folder."""
+        path = latest_checkpoint(self.run_dir) if which == "latest" else Path(which)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}")
+        step, state = load_checkpoint(path)
+        acc = self.accelerator
+        for name, sd in state["networks"].items():
+            acc.unwrap_model(self._network(name)).load_state_dict(sd)
+        for name, sd in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(sd)
+        if state.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        if state.get("ema") is not None and self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.objective.load_state_dict(state.get("objective") or {})
+        self.batches_used = state["data_position"]
+        self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
+        self.step = step
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def student_weights(self, ema: bool = True) -> torch.nn.Module:
+        """A plain copy of the student network, with the EMA weights when kept and asked for."""
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.student.model))
+        if ema and self.ema is not None:
+            self.ema.copy_to([p for p in model.parameters() if p.requires_grad])
+        return model.eval()
+
+    def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
+        """Export the student (EMA weights by default) as a diffusers folder; main process only."""
+        if not self.accelerator.is_main_process:
+            return None
+        from fastgen.pipelines import export_student
+
+        return export_student(self.teacher, self.student_weights(ema), out_dir, **self.objective.export_config(),
+                              lora=lora)
+
+    @torch.no_grad()
+    def save_samples(self, num: int = 16) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        from fastgen.generate import save_grid
+        from fastgen.samplers import get_sampler
+
+        den = self.objective.sampling_denoiser()
+        g = torch.Generator().manual_seed(self.config.seed)
+        x = torch.randn((num, *self.teacher.sample_shape), generator=g).to(self.accelerator.device)
+        cond = self.data.batch(0).to(self.accelerator.device).cond
+        if cond is not None:
+            from fastgen.denoiser import slice_cond
+
+            cond = slice_cond(cond, slice(0, num))
+            x = x[: _batch_size(cond)]
+        out = get_sampler(self.objective.rule)(den, x, self.objective.timesteps, cond=cond, generator=g)
+        return save_grid(self.teacher.decode(out), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+
+
+def _batch_size(cond) -> int:
+    for value in cond.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+        if isinstance(value, dict):
+            return _batch_size(value)
+    raise ValueError("condition holds no tensor")
+
+
+def _module(attr):
+    return attr.model if isinstance(attr, Denoiser) else attr
+
+
+def _set_module(objective, name: str, module) -> None:
+    attr = getattr(objective, name)
+    if isinstance(attr, Denoiser):
+        attr.model = module
+    else:
+        setattr(objective, name, module)
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalar hyper-parameters."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = True,
+               checkpoint: str | Path | None = None) -> Path:
+    """Export a finished or interrupted run from its checkpoint (latest by default) without its data."""
+    from diffusers.training_utils import EMAModel
+
+    from fastgen.config import load_config
+    from fastgen.pipelines import export_student
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fastgen run: no config.yaml (expected the --output of `fastgen distill`)")
+    config = load_config(DistillConfig, config_file)
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
+    _, state = load_checkpoint(path)
+    teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
+    student = make_student(teacher.model, config)
+    student.load_state_dict(state["networks"]["student"])
+    if ema:
+        if state.get("ema") is None:
+            raise ValueError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        averaged = EMAModel(trainable)
+        averaged.load_state_dict(state["ema"])
+        averaged.copy_to(trainable)
+    export = json.loads((run_dir / "export_config.json").read_text())
+    return export_student(teacher, student.eval(), out_dir, **export, lora=lora)
