@@ -1,8 +1,8 @@
 """fastgen: distil many-step diffusion and flow teachers into 1-4 step students that diffusers loads.
 
-Heavy imports are lazy, so ``fastgen --help`` stays fast. ``FewStepScheduler`` (and the exported
-pipeline classes) are reachable as ``fastgen.<Name>`` because diffusers records a custom component's
-library as the top-level package name in ``model_index.json``.
+Heavy imports are lazy, so ``fastgen --help`` stays fast. diffusers records a custom component by its
+module path (``["fastgen.samplers.scheduler", "FewStepScheduler"]``) and finds it only once that module is
+imported: load an exported student after ``from fastgen import FewStepScheduler``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ _LAZY = {
     "GaussianMixtureDenoiser": "fastgen.analytic",
     "schedule_from_config": "fastgen.schedules",
     "FewStepScheduler": "fastgen.samplers.scheduler",
+    "FewStepPipeline": "fastgen.pipelines.few_step",
+    "export_student": "fastgen.pipelines.export",
 }
 
 __all__ = ["__version__", *_LAZY]

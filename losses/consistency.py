@@ -133,4 +133,9 @@ class ConsistencyDistillation(Objective):
         return self.online
 
     def export_config(self):
-        return {**super().export_config(), "boundary": dict(self.boundary)}
+        """A consistency function is trained on the whole grid, so it serves any step count: export the
+        LCM-style timesteps for 1, 2, 4 and 8 steps besides the trained ``num_steps``."""
+        config = super().export_config()
+        for n in (1, 2, 4, 8):
+            config["trained_timesteps"].setdefault(str(n), self.default_timesteps(n))
+        return {**config, "boundary": dict(self.boundary)}

@@ -3,7 +3,8 @@
 It stores the exact timesteps the student was trained for, per step count, and the student's rule
 (``renoise`` for consistency/DMD/SiD students, ``ddim`` for progressive ones), so that
 ``pipe(num_inference_steps=4)`` reproduces what was trained with no ``timesteps=`` passed by hand.
-Its module path is written into ``model_index.json`` (as ``["fastgen", "FewStepScheduler"]``): keep it.
+Its module path is written into ``model_index.json`` (``["fastgen.samplers.scheduler", "FewStepScheduler"]``,
+resolved once ``fastgen`` is imported): it is a file format, keep it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,266 @@
+"""Export a trained student as a folder that stock diffusers loads.
+
+Full export (``lora=False``): the teacher pipeline with the student as its denoiser (same model class and
+config, a LoRA adapter merged into the weights) and a ``FewStepScheduler`` holding the trained timesteps,
+saved with ``save_pretrained`` as safetensors. diffusers records the scheduler in ``model_index.json`` as
+``["fastgen.samplers.scheduler", "FewStepScheduler"]`` and loads it only if the caller imported that module
+(``from fastgen import FewStepScheduler`` does). Text-to-image teachers keep their pipeline class::
+
+    from fastgen import FewStepScheduler
+    pipe = DiffusionPipeline.from_pretrained(folder)          # e.g. StableDiffusionPipeline
+    images = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images
+
+(an SD3 teacher saved without T5 needs ``text_encoder_3=None, tokenizer_3=None`` there, as the teacher does;
+``StableDiffusion3Pipeline`` passes no generator to ``scheduler.step``, so a multistep "renoise" student draws
+its fresh noise from torch's global RNG: seed it with ``torch.manual_seed``).
+Pixel teachers (``UNet2DModel``) are written as a ``FewStepPipeline``, which diffusers' generic loader cannot
+resolve (it looks pipeline classes up in the ``diffusers`` module)::
+
+    pipe = fastgen.FewStepPipeline.from_pretrained(folder)    # or diffusers.DDPMPipeline.from_pretrained(folder)
+
+LoRA export (``lora=True``): only ``pytorch_lora_weights.safetensors`` (diffusers' layout) and
+``scheduler/scheduler_config.json``::
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_folder)
+    pipe.load_lora_weights(folder)
+    pipe.scheduler = fastgen.FewStepScheduler.from_pretrained(folder, subfolder="scheduler")
+
+Every export is written into a hidden sibling folder and renamed into place at the end, so a failure leaves
+nothing half-written; a non-empty ``out_dir`` is replaced only if an earlier export wrote it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from fastgen.pipelines.few_step import FewStepPipeline
+from fastgen.samplers.scheduler import FewStepScheduler
+from fastgen.teacher import Teacher
+
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: str | os.PathLike,
+                   trained_timesteps: Mapping[int | str, Sequence[float]], rule: str = "renoise",
+                   boundary: dict | None = None, lora: bool = False) -> Path:
+    """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
+    added through ``model.add_adapter``) as a diffusers folder; return its path.
+
+    Args:
+        teacher: the loaded teacher (its pipeline supplies every other component and the noise schedule).
+        student_model: the trained network; it is not modified.
+        out_dir: the folder to create (or to replace, if an earlier export wrote it).
+        trained_timesteps: native times per step count, e.g. ``{1: [399], 4: [999, 749, 499, 249]}``.
+        rule: the student's sampling rule, ``"renoise"`` or ``"ddim"`` (see ``FewStepScheduler``).
+        boundary: consistency boundary parameters (``{"sigma_data": ..., "timestep_scaling": ...}``) or ``None``.
+        lora: write only the LoRA adapter (text-to-image teachers) instead of the full pipeline.
+    """
+    if teacher.schedule.family == "edm":
+        raise NotImplementedError(
+            "export of an EDM teacher: FewStepScheduler does not yet apply EDM's input preconditioning "
+            "(c_in in scale_model_input, c_noise as the timesteps), so a diffusers pipeline would not reproduce the "
+            "student; sample it in-process with fastgen.samplers instead"
+        )
+    _check_student(teacher, student_model)
+    scheduler = FewStepScheduler(schedule=teacher.schedule.describe(), trained_timesteps=_timesteps(trained_timesteps),
+                                 rule=rule, boundary=boundary)
+    if lora:
+        save_lora = _lora_saver(teacher)
+        adapter = _adapter_name(student_model)
+        _check_base_weights(teacher, student_model)
+        write = partial(_write_lora, save_lora, teacher.denoiser_component, student_model, adapter, scheduler)
+    else:
+        write = partial(_write_full, teacher, student_model, scheduler)
+    out = Path(out_dir).expanduser().absolute()
+    _check_target(out)
+    return _write_atomically(out, write)
+
+
+def _timesteps(trained_timesteps: Mapping[int | str, Sequence[float]]) -> dict[str, list[float]]:
+    """``{4: [999, 749, ...]}`` → ``{"4": [999.0, 749.0, ...]}`` (JSON keys), sorted by step count."""
+    out = {}
+    for n, ts in trained_timesteps.items():
+        try:
+            steps = int(n)
+        except (TypeError, ValueError):
+            raise ValueError(f"trained_timesteps key {n!r} is not a step count; "
+                             "expected e.g. {4: [999, 749, 499, 249]}") from None
+        out[steps] = [float(t) for t in ts]
+    return {str(n): out[n] for n in sorted(out)}
+
+
+def _public_config(model: torch.nn.Module) -> dict:
+    """The model's diffusers config without private keys, JSON-normalised (tuples become lists)."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}, default=str))
+
+
+def _check_student(teacher: Teacher, student_model: torch.nn.Module) -> None:
+    expected = type(teacher.model)
+    if type(student_model) is not expected:
+        raise TypeError(
+            f"student_model is a {type(student_model).__name__}; expected the teacher's {expected.__name__} "
+            "(add LoRA adapters with `model.add_adapter(LoraConfig(...))`, not by wrapping the model in a PeftModel)"
+        )
+    teacher_config, student_config = _public_config(teacher.model), _public_config(student_model)
+    differ = sorted(k for k in teacher_config.keys() | student_config.keys()
+                    if teacher_config.get(k) != student_config.get(k))
+    if differ:
+        raise ValueError(f"student_model config differs from the teacher's in {differ}; expected the same config")
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``export_student`` (its scheduler is a ``FewStepScheduler``)."""
+    try:
+        return json.loads((folder / SCHEDULER_CONFIG).read_text()).get("_class_name") == "FewStepScheduler"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export folder {out} is a file; expected a folder path")
+    if out.is_dir() and any(out.iterdir()) and not _is_export(out):
+        raise FileExistsError(
+            f"export folder {out} is not empty and was not written by fastgen export (no FewStepScheduler in "
+            f"{SCHEDULER_CONFIG}); choose a new or empty folder, or remove this one first"
+        )
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a hidden sibling folder, fsync it, then swap it in for ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (folders only where the OS allows it)."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        if path.is_dir() and os.name != "posix":
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in its plain diffusers class: active LoRA adapters fused into the weights and
+    the peft layers removed (``model`` itself is left as it is)."""
+    plain = copy.deepcopy(model)
+    if getattr(plain, "peft_config", None):
+        plain.fuse_lora()
+        plain.unload_lora()
+    return plain.eval()
+
+
+def _with_components(pipeline, **replacements):
+    """A pipeline of ``pipeline``'s class sharing its components and settings, with ``replacements`` swapped in.
+    (``DiffusionPipeline.from_pipe`` would also cast every component to one dtype.)"""
+    cls = type(pipeline)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in {**pipeline.config, **pipeline.components}.items() if k in params}
+    return cls(**{**kwargs, **replacements})
+
+
+def _write_full(teacher: Teacher, student_model: torch.nn.Module, scheduler: FewStepScheduler, folder: Path) -> None:
+    model = _merged_copy(student_model)
+    if teacher.text_conditioned:
+        pipe = _with_components(teacher.pipeline, **{teacher.denoiser_component: model}, scheduler=scheduler)
+    else:
+        pipe = FewStepPipeline(unet=model, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _lora_saver(teacher: Teacher) -> Callable:
+    """The teacher pipeline's ``save_lora_weights``, checked to take the denoiser's LoRA layers."""
+    pipeline_cls = type(teacher.pipeline)
+    component = teacher.denoiser_component
+    save = getattr(pipeline_cls, "save_lora_weights", None)
+    if not teacher.text_conditioned or save is None or not hasattr(pipeline_cls, "load_lora_weights") \
+            or f"{component}_lora_layers" not in inspect.signature(save).parameters:
+        raise ValueError(
+            f"LoRA export needs a text-to-image teacher pipeline with a LoRA loader (StableDiffusion, SDXL, SD3); "
+            f"{pipeline_cls.__name__} from {teacher.source} has none. Export the full model instead "
+            "(lora=False), which merges the adapter into the weights"
+        )
+    return save
+
+
+def _adapter_name(model: torch.nn.Module) -> str:
+    """The one active LoRA adapter of ``model``."""
+    if not getattr(model, "peft_config", None):
+        raise ValueError("student_model has no LoRA adapter (add one with `model.add_adapter(LoraConfig(...))`); "
+                         "export it with lora=False")
+    active = model.active_adapters()
+    if len(active) != 1:
+        raise ValueError(f"student_model has active adapters {active}; expected exactly one for LoRA export")
+    return active[0]
+
+
+def _check_base_weights(teacher: Teacher, student_model: torch.nn.Module) -> None:
+    """A LoRA export ships only the adapter: refuse it if the student's other weights left the teacher's
+    (compared exactly, in the teacher's dtype)."""
+    reference = teacher.model.state_dict()
+    for key, value in student_model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        base = reference.get(key.replace(".base_layer.", "."))
+        if base is None or not torch.equal(value.to(device=base.device, dtype=base.dtype), base):
+            raise ValueError(
+                f"student_model's non-LoRA weight {key!r} differs from the teacher's, and a LoRA export would drop "
+                "it; export the full model (lora=False)"
+            )
+
+
+def _lora_layers(model: torch.nn.Module, adapter: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's weights in peft's key format (``...to_q.lora_A.weight``) and its ``LoraConfig`` as a dict,
+    with each layer's scaling (``lora_alpha / r``) folded into ``lora_B`` and ``lora_alpha`` set to ``r``: loaders
+    that ignore the saved config and assume ``alpha = r`` (older diffusers, most UIs) then get the same output."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(model, adapter_name=adapter)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.scaling:
+            prefix = f"{name}.lora_B."
+            for key in [k for k in layers if k.startswith(prefix)]:
+                layers[key] = layers[key] * module.scaling[adapter]
+    config = model.peft_config[adapter].to_dict()
+    config.update(lora_alpha=config["r"], alpha_pattern=dict(config.get("rank_pattern") or {}), use_rslora=False)
+    return layers, config
+
+
+def _write_lora(save_lora: Callable, component: str, student_model: torch.nn.Module, adapter: str,
+                scheduler: FewStepScheduler, folder: Path) -> None:
+    layers, metadata = _lora_layers(student_model, adapter)
+    kwargs = {f"{component}_lora_layers": layers}
+    if f"{component}_lora_adapter_metadata" in inspect.signature(save_lora).parameters:  # diffusers >= 0.34
+        kwargs[f"{component}_lora_adapter_metadata"] = metadata
+    save_lora(folder, **kwargs, safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
