@@ -46,6 +46,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+PRESETS = Path(__file__).parent / "configs"
+
+
+def _config_path(name: str | None) -> Path | None:
+    """A YAML file, or the name of a bundled preset (``toy_consistency``, ``sd15_progressive``, ...)."""
+    if name is None or Path(name).is_file():
+        return None if name is None else Path(name)
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    raise SystemExit(f"error: --config {name!r} is neither a file nor a preset; presets are {known}")
+
+
 def cmd_distill(args) -> int:
     from fastgen.config import load_config, DistillConfig
     from fastgen.trainer import Trainer
@@ -55,7 +69,7 @@ def cmd_distill(args) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.trust_pickle:
         overrides.append("trust_pickle=true")
-    config = load_config(DistillConfig, args.config, overrides + list(args.overrides))
+    config = load_config(DistillConfig, _config_path(args.config), overrides + list(args.overrides))
     if args.lora and config.student.lora_rank == 0:
         raise SystemExit("error: --lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
@@ -75,9 +89,19 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_not_built(args) -> int:
-    print(f"error: `fastgen {args.command}` is not built yet in this version of fastgen.", file=sys.stderr)
-    return 2
+def cmd_eval(args) -> int:
+    from fastgen.eval.evaluate import build_metrics, evaluate
+
+    prompts = _read_prompts(args)
+    metrics = build_metrics(args.metrics, features=args.features, ref=args.ref,
+                            inception_weights=args.inception_weights, resize=args.resize, prompts=prompts,
+                            clip_model=args.clip_model, clip_weights=args.clip_weights)
+    evaluate(args.model, args.steps, args.out, args.num_samples, metrics, teacher_dir=args.teacher,
+             prompts=prompts, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.out)
+    print((out / "sweep.md").read_text())
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="distil a teacher into a few-step student, then export it to RUN/export")
     distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
     distill.add_argument("--method", help="objective: progressive, consistency")
-    distill.add_argument("--config", help="YAML config; flags and key=value overrides apply on top")
+    distill.add_argument("--config", help="YAML file or preset name (toy_consistency, toy_progressive, "
+                         "sd15_consistency, sd15_progressive); flags and key=value overrides apply on top")
     distill.add_argument("--data", help="a folder of images, a prompts .txt file, or 'teacher'")
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
     distill.add_argument("--steps", type=int, help="student sampling steps (student.num_steps)")
@@ -121,8 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) weights")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", help="FID/KID/CLIP against the number of steps (not built yet)")
-    evaluate.set_defaults(func=cmd_not_built)
+    evaluate = sub.add_parser("eval", help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")
+    evaluate.add_argument("--model", required=True, help="diffusers folder: an exported student or any teacher")
+    evaluate.add_argument("--steps", type=_int_list, required=True, help="step counts, e.g. 1,2,4")
+    evaluate.add_argument("--ref", help="reference: Inception statistics .npz or a folder of images "
+                          "(default with --features toy: fresh toy images)")
+    evaluate.add_argument("--num-samples", type=int, default=1000, help="samples per point (default: %(default)s)")
+    evaluate.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["fid"],
+                          help="comma-separated: fid,kid,clip (default: fid)")
+    evaluate.add_argument("--features", choices=["inception", "toy"], default="inception",
+                          help="feature network of FID/KID (toy: the bundled toy feature network)")
+    evaluate.add_argument("--teacher", help="also sweep this teacher with DDIM at the same step counts")
+    evaluate.add_argument("--out", default="fastgen_eval", help="output folder (default: %(default)s)")
+    evaluate.add_argument("--inception-weights", help="path of weights-inception-2015-12-05-6726825d.pth")
+    evaluate.add_argument("--resize", choices=["tf", "clean"], default="tf", help="resize protocol to 299x299")
+    evaluate.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name")
+    evaluate.add_argument("--clip-weights", help="local open_clip checkpoint of --clip-model")
+    evaluate.add_argument("--prompt", help="one prompt for text-to-image models")
+    evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score)")
+    evaluate.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export", help="export a run's student to a diffusers folder")
     export.add_argument("--run", required=True, help="the run folder of `fastgen distill`")

@@ -212,7 +212,7 @@ def _pipeline_class(folder: Path):
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
-    """Load a diffusers pipeline folder (or hub id, when online) as a ``Teacher``.
+    """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher) as a ``Teacher``.
 
     The folder is checked before any weights load (model index, denoiser class, scheduler family and
     prediction type). Weights must be safetensors: a component with only pickled files (``.bin``…, which
@@ -220,6 +220,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     """
     from diffusers import DiffusionPipeline
 
+    if str(path) == "toy":
+        from fastgen.toy import toy_teacher_path
+
+        path = toy_teacher_path()
     folder = Path(path).expanduser()
     absent = {}
     pipeline_class = DiffusionPipeline

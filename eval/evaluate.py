@@ -1,0 +1,147 @@
+"""``fastgen eval``: metrics of a model (and optionally its teacher) against the number of sampling steps.
+
+Metrics are callables ``images -> float`` on images in [-1, 1], built once (reference statistics and
+features are computed a single time) and handed to ``fastgen.eval.sweep.run_sweep``:
+
+- ``fid`` — Fréchet distance on Inception pool3 features (torch-fidelity's extractor) against a
+  reference ``.npz`` (``fastgen.eval.reference``) or a folder of images; or on the toy feature network
+  (``--features toy``) against fresh toy images or a folder.
+- ``kid`` — KID (unbiased MMD², cubic kernel) against a folder of reference images.
+- ``clip`` — CLIP score ``100 max(cos, 0)`` (and the raw mean cosine as ``clip_cosine_raw``) of the
+  images against their prompts, with a local open_clip checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastgen.eval.fid import frechet_distance, image_features, image_statistics
+from fastgen.eval.kid import kid
+from fastgen.eval.sweep import run_sweep
+
+METRICS = ("fid", "kid", "clip")
+FEATURES = ("inception", "toy")
+RANGE = (-1.0, 1.0)
+
+
+class ToyExtractor:
+    """The toy feature network as an extractor of uint8 batches (the interface of ``InceptionExtractor``)."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from fastgen.eval.toy_fid import toy_features
+
+        return toy_features(images.float() / 127.5 - 1.0)
+
+
+def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str | None = None,
+                  inception_weights: str | None = None, resize: str = "tf", prompts: Sequence[str] | None = None,
+                  clip_model: str = "ViT-g-14", clip_weights: str | None = None, batch_size: int = 50
+                  ) -> dict[str, Callable[[torch.Tensor], float]]:
+    """The metric callables of a sweep; each checks its inputs up front, before any sampling."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"--metrics: unknown {unknown}; expected some of {list(METRICS)}")
+    if features not in FEATURES:
+        raise ValueError(f"--features is {features!r}; expected one of {list(FEATURES)}")
+    out: dict[str, Callable] = {}
+    extractor = None
+    if "fid" in metrics or "kid" in metrics:
+        if features == "toy":
+            extractor = ToyExtractor()
+        else:
+            from fastgen.eval.inception import InceptionExtractor
+
+            extractor = InceptionExtractor(inception_weights, resize=resize)
+    if "fid" in metrics:
+        reference = _fid_reference(features, ref, extractor, batch_size)
+
+        def fid(images: torch.Tensor) -> float:
+            stats = image_statistics(images, extractor, batch_size, value_range=RANGE)
+            return frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov)
+
+        out["fid"] = fid
+    if "kid" in metrics:
+        if ref is None or not Path(ref).is_dir():
+            raise ValueError(f"--metrics kid needs --ref to be a folder of reference images (got {ref!r}): KID "
+                             "compares feature samples, which a statistics .npz does not hold")
+        ref_features = image_features(ref, extractor, batch_size)
+
+        def kid_mean(images: torch.Tensor) -> float:
+            gen = image_features(images, extractor, batch_size, value_range=RANGE)
+            size = min(1000, len(gen), len(ref_features))
+            return kid(gen, ref_features, subset_size=size).mean
+
+        out["kid"] = kid_mean
+    if "clip" in metrics:
+        if not prompts:
+            raise ValueError("--metrics clip needs prompts (--prompts FILE): the score compares images with their prompts")
+        from fastgen.eval.clip_score import CLIPScorer
+
+        scorer = CLIPScorer(clip_model, clip_weights)
+        scores: dict[int, object] = {}
+
+        def _score(images):
+            key = id(images)
+            if key not in scores:
+                scores.clear()
+                scores[key] = scorer(images, [prompts[i % len(prompts)] for i in range(len(images))], value_range=RANGE)
+            return scores[key]
+
+        out["clip"] = lambda images: _score(images).clip_score
+        out["clip_cosine_raw"] = lambda images: _score(images).clip_cosine_raw
+    return out
+
+
+def _fid_reference(features: str, ref: str | None, extractor, batch_size: int):
+    """Reference mean and covariance: a statistics ``.npz`` (metadata checked), a folder, or toy images."""
+    if ref is None:
+        if features != "toy":
+            raise ValueError("--metrics fid with Inception features needs --ref (a statistics .npz or a folder of images)")
+        from fastgen.eval.toy_fid import toy_reference_stats
+
+        return toy_reference_stats()
+    path = Path(ref)
+    if path.suffix == ".npz":
+        if features == "toy":
+            raise ValueError(f"--ref {ref} is an Inception statistics file; with --features toy pass a folder or nothing")
+        from fastgen.eval.reference import EXTRACTOR_FIELDS, load_reference
+
+        meta = extractor.metadata()
+        reference = load_reference(path, **{k: meta[k] for k in EXTRACTOR_FIELDS})
+        return _Moments(reference.mu, reference.sigma)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ref {ref} does not exist; expected a statistics .npz or a folder of images")
+    stats = image_statistics(str(path), extractor, batch_size)
+    return _Moments(stats.mean, stats.cov)
+
+
+class _Moments:
+    """A reference's mean and covariance (what ``frechet_distance`` needs)."""
+
+    def __init__(self, mean, cov):
+        self.mean, self.cov = np.asarray(mean), np.asarray(cov)
+
+
+def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samples: int,
+             metrics: dict[str, Callable], teacher_dir: str | None = None, prompts: Sequence[str] | None = None,
+             guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[dict]:
+    """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``."""
+    from fastgen.generate import generate
+    from fastgen.teacher import load_teacher
+
+    curves = {}
+    model = load_teacher(model_dir)
+    curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
+                                         guidance_scale=guidance_scale, batch_size=batch_size)
+    if teacher_dir is not None:
+        teacher = load_teacher(teacher_dir)
+        curves["teacher DDIM"] = lambda n: generate(teacher, num_samples, n, seed=seed, prompts=prompts,
+                                                    guidance_scale=guidance_scale, batch_size=batch_size)
+    return run_sweep(curves, list(steps), metrics, out_dir)
+
+
+__all__ = ["FEATURES", "METRICS", "build_metrics", "evaluate"]

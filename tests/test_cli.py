@@ -1,0 +1,96 @@
+"""The ``fastgen`` command line: commands, presets, sample, distill → export → sample, eval."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tiny import make_ddpm_folder
+
+from fastgen.cli import PRESETS, main
+from fastgen.config import DistillConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def ddpm(tmp_path_factory):
+    return make_ddpm_folder(tmp_path_factory.mktemp("cli") / "teacher", sample_size=8)
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "fastgen", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "distill", "sample", "eval", "export"):
+        assert command in out
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+def test_presets_load_and_validate(preset):
+    config = load_config(DistillConfig, PRESETS / f"{preset}.yaml", ["teacher=somewhere", "data=images"])
+    config.validate()
+    assert config.method in ("progressive", "consistency")
+
+
+def test_sample_writes_a_grid(ddpm, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(ddpm), "--steps", "3", "--num", "4", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.size == (2 * 8 + 3, 2 * 8 + 3)  # 2x2 grid of 8x8 with 1-pixel padding
+
+
+def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
+                 "--output", str(run), "--steps", "2", "--max-steps", "2", "teacher_samples=8",
+                 "teacher_sample_steps=2", "train.batch_size=4", "train.log_every=1"])
+    assert code == 0 and "student exported to" in capsys.readouterr().out
+    assert (run / "export" / "model_index.json").is_file()
+    again = tmp_path / "again"
+    assert main(["export", "--run", str(run), "--output", str(again), "--no-ema"]) == 0
+    out = tmp_path / "student.png"
+    assert main(["sample", "--model", str(again), "--steps", "2", "--num", "4", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_cli_errors_are_plain(ddpm, tmp_path):
+    with pytest.raises(SystemExit, match="neither a file nor a preset; presets are"):
+        main(["distill", "--config", "no_such_preset", "--teacher", str(ddpm), "--method", "consistency"])
+    with pytest.raises(SystemExit, match="student.lora_rank is 0"):
+        main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--output", str(tmp_path / "r"), "--lora"])
+    with pytest.raises(ValueError, match="kid needs --ref to be a folder"):
+        main(["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "kid", "--features", "toy"])
+    with pytest.raises(ValueError, match="clip needs prompts"):
+        main(["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "clip"])
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
+        main(["eval", "--model", str(ddpm), "--steps", "1", "--inception-weights", str(tmp_path / "missing.pth"),
+              "--ref", str(tmp_path)])
+
+
+def test_eval_toy_features_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "toy", "--teacher", "toy", "--steps", "1,2", "--features", "toy",
+                 "--num-samples", "24", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["curve"], r["steps"]) for r in rows] == [("model", "1"), ("model", "2"),
+                                                       ("teacher DDIM", "1"), ("teacher DDIM", "2")]
+    fids = [float(r["fid"]) for r in rows]
+    assert all(f > 0 for f in fids)
+    assert fids[0] == pytest.approx(fids[2])  # same model, same seed: the sweep is deterministic
+    assert (out / "sweep.png").stat().st_size > 0 and "| model |" in (out / "sweep.md").read_text()
+    assert "sweep.md" in capsys.readouterr().out
+
+
+def test_eval_fid_reference_from_an_image_folder_with_kid(tmp_path):
+    from fastgen.toy import toy_images
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, image in enumerate(toy_images(40, seed=3)):
+        array = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(array).save(ref / f"{i:03d}.png")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "toy", "--steps", "8", "--features", "toy", "--metrics", "fid,kid",
+                 "--ref", str(ref), "--num-samples", "40", "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader((out / "sweep.csv").open()))
+    assert float(row["fid"]) > 0 and abs(float(row["kid"])) < 10
+    assert Path(out / "sweep.md").read_text().count("|") > 4
