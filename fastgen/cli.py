@@ -42,26 +42,13 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from fastgen.demo import run_demo
 
-    run_demo(Path(args.out), num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    run_demo(Path(args.out), method=args.method, max_steps=args.max_steps, num_samples=args.num_samples,
+             steps=args.steps, seed=args.seed)
     return 0
 
 
-PRESETS = Path(__file__).parent / "configs"
-
-
-def _config_path(name: str | None) -> Path | None:
-    """A YAML file, or the name of a bundled preset (``toy_consistency``, ``sd15_progressive``, ...)."""
-    if name is None or Path(name).is_file():
-        return None if name is None else Path(name)
-    preset = PRESETS / f"{name}.yaml"
-    if preset.is_file():
-        return preset
-    known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    raise SystemExit(f"error: --config {name!r} is neither a file nor a preset; presets are {known}")
-
-
 def cmd_distill(args) -> int:
-    from fastgen.config import load_config, DistillConfig
+    from fastgen.config import DistillConfig, config_file, load_config
     from fastgen.trainer import Trainer
 
     flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "output": args.output,
@@ -69,7 +56,7 @@ def cmd_distill(args) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.trust_pickle:
         overrides.append("trust_pickle=true")
-    config = load_config(DistillConfig, _config_path(args.config), overrides + list(args.overrides))
+    config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
     if args.lora and config.student.lora_rank == 0:
         raise SystemExit("error: --lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
@@ -108,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="sample the bundled toy teacher at few and many steps and score it by toy FID (CPU, minutes)")
+    demo = sub.add_parser("demo", help="distil, evaluate and export the bundled toy teacher (CPU, minutes)")
     demo.add_argument("--out", default="fastgen_demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--method", choices=["consistency", "progressive"], default="consistency")
+    demo.add_argument("--max-steps", type=int, help="training steps (default: the preset's)")
     demo.add_argument("--num-samples", type=int, default=1000, help="samples per toy-FID point")
-    demo.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="step counts, e.g. 1,2,4")
+    demo.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

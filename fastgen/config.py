@@ -506,3 +506,17 @@ def _type_name(tp: Any) -> str:
         inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
         return f"{origin.__name__}[{inner}]"
     return getattr(tp, "__name__", repr(tp))
+
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def config_file(name: str | Path | None) -> Path | None:
+    """A YAML file, or the name of a bundled preset (``toy_consistency``, ``sd15_progressive``, ...)."""
+    if name is None or Path(name).is_file():
+        return None if name is None else Path(name)
+    preset = PRESETS_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} is neither a file nor a preset; presets are {known}")

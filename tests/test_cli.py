@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from tiny import make_ddpm_folder
 
-from fastgen.cli import PRESETS, main
-from fastgen.config import DistillConfig, load_config
+from fastgen.cli import main
+from fastgen.config import PRESETS_DIR, ConfigError, DistillConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,9 @@ def test_help_lists_every_command():
         assert command in out
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
 def test_presets_load_and_validate(preset):
-    config = load_config(DistillConfig, PRESETS / f"{preset}.yaml", ["teacher=somewhere", "data=images"])
+    config = load_config(DistillConfig, PRESETS_DIR / f"{preset}.yaml", ["teacher=somewhere", "data=images"])
     config.validate()
     assert config.method in ("progressive", "consistency")
 
@@ -53,7 +53,7 @@ def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys):
 
 
 def test_cli_errors_are_plain(ddpm, tmp_path):
-    with pytest.raises(SystemExit, match="neither a file nor a preset; presets are"):
+    with pytest.raises(ConfigError, match="neither a file nor a preset; presets are"):
         main(["distill", "--config", "no_such_preset", "--teacher", str(ddpm), "--method", "consistency"])
     with pytest.raises(SystemExit, match="student.lora_rank is 0"):
         main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--output", str(tmp_path / "r"), "--lora"])
