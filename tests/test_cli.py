@@ -94,3 +94,26 @@ def test_eval_fid_reference_from_an_image_folder_with_kid(tmp_path):
     (row,) = list(csv.DictReader((out / "sweep.csv").open()))
     assert float(row["fid"]) > 0 and abs(float(row["kid"])) < 10
     assert Path(out / "sweep.md").read_text().count("|") > 4
+
+
+@pytest.mark.parametrize("method,extra", [("progressive", ["objective.start_steps=4"]), ("consistency", [])])
+def test_a_ddpm_folder_trained_elsewhere_distils_from_its_images_and_loads_in_stock_diffusers(
+        ddpm, tmp_path, method, extra):
+    """A plain DDPMPipeline folder + a folder of its training images → distill → export → stock diffusers."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMPipeline
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(ddpm), "--method", method, "--data", str(images), "--output", str(run),
+                 "--steps", "2", "--max-steps", "2", "train.batch_size=4", *extra]) == 0
+    pipe = DDPMPipeline.from_pretrained(run / "export")
+    assert type(pipe.scheduler).__name__ == "FewStepScheduler"
+    out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
+    assert pipe.scheduler.timesteps.tolist() == [999.0, 499.0]  # trailing grid, and LCM's grid, at 2 steps
