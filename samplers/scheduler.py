@@ -40,6 +40,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         rule: ``"renoise"`` (predict x0, add fresh noise) or ``"ddim"`` (deterministic DDIM step).
         boundary: ``{"sigma_data": 0.5, "timestep_scaling": 10.0}`` for consistency students, whose x0 is
             ``c_skip x_t + c_out x0_net`` (``fastgen.denoiser.boundary_coefficients``); ``None`` otherwise.
+        num_train_timesteps: recorded for pipelines that read it; defaults to the schedule's.
     """
 
     config_name = "scheduler_config.json"
@@ -48,7 +49,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, schedule: dict[str, Any] | None = None,
                  trained_timesteps: dict[str, list[float]] | None = None, rule: str = "renoise",
-                 boundary: dict[str, float] | None = None):
+                 boundary: dict[str, float] | None = None, num_train_timesteps: int | None = None):
         if schedule is None or not trained_timesteps:
             raise ValueError("FewStepScheduler needs `schedule` (a NoiseSchedule description) and "
                              "`trained_timesteps` (e.g. {'4': [999, 749, 499, 249]})")
@@ -58,6 +59,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             if len(ts) != int(n):
                 raise ValueError(f"trained_timesteps[{n!r}] has {len(ts)} values, expected {n}")
         self.schedule = schedule_from_description(schedule)
+        if num_train_timesteps is None:  # read by some pipelines (e.g. SDXL's denoising_end)
+            self.register_to_config(num_train_timesteps=self.schedule.num_train_timesteps)
         self.timesteps = None
         self.num_inference_steps = None
         self.init_noise_sigma = 1.0
