@@ -8,6 +8,8 @@
   text encoders and cached, so that training holds no text encoder; data-free (``x0 = None``);
 - ``"teacher"`` → samples of the teacher's own DDIM ODE with the noise they started from (ODE pairs
   ``noise → x0``, e.g. for DMD's regression loss), generated once and cached;
+- ``"toy"`` → images of the procedural toy world (``fastgen.toy.ToyShapes``, ``TOY_DATA_SIZE`` of them),
+  the training data of the bundled toy teacher;
 - ``None`` → data-free.
 
 Conditions follow the teacher: class-conditional teachers get ``{"class_labels": ...}`` (from sub-folders
@@ -158,7 +160,7 @@ class DataSource:
 def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int, seed: int, cache_dir: str | Path,
                num_teacher_samples: int = 1024, teacher_steps: int = 32, class_labels: bool = False,
                resize: bool = False) -> DataSource:
-    """The ``DataSource`` for ``spec``: an image folder, a ``.txt`` prompts file, ``"teacher"`` or ``None``.
+    """The ``DataSource`` for ``spec``: an image folder, a ``.txt`` prompts file, ``"teacher"``, ``"toy"`` or ``None``.
 
     The string ``"teacher"`` always means teacher samples (write ``./teacher`` for a folder of that name).
     ``class_labels`` must be set exactly for class-conditional teachers. ``resize`` center-crops and
@@ -179,6 +181,8 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
     uncond = null_cond(teacher, cache_dir)
     if spec is None:
         return DataSource(batch_size, seed, uncond=uncond, random_classes=teacher.num_classes)
+    if spec == "toy":
+        return DataSource(batch_size, seed, x0=toy_data(teacher), uncond=uncond)
     if spec == "teacher":
         pairs = teacher_samples(teacher, cache_dir, num_teacher_samples, teacher_steps, seed, uncond, batch_size)
         labels = pairs.get("class_labels")
@@ -196,6 +200,20 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
                                 "'teacher' or None")
     raise ValueError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected an image folder, "
                      "a .txt prompts file, 'teacher' or None")
+
+
+TOY_DATA_SIZE = 8192
+
+
+def toy_data(teacher: Teacher) -> torch.Tensor:
+    """``TOY_DATA_SIZE`` toy images for a 16x16 RGB pixel teacher (seed 0, as the toy teacher was trained)."""
+    from fastgen.toy import TOY_IMAGE_SIZE, toy_images
+
+    expected = (3, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE)
+    if teacher.is_latent or teacher.sample_shape != expected:
+        raise ValueError(f"data 'toy' gives {expected} pixel images; the teacher from {teacher.source} takes "
+                         f"{teacher.sample_shape}{' latents' if teacher.is_latent else ''}")
+    return toy_images(TOY_DATA_SIZE)
 
 
 # -- caches -----------------------------------------------------------------------------------------------

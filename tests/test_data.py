@@ -277,3 +277,17 @@ def test_data_free_unconditional_and_batch_to(teachers, tmp_path):
     moved = nested.to("meta")
     assert moved.x0.is_meta and moved.cond["a"].is_meta and moved.cond["b"]["c"].is_meta and moved.noise.is_meta
     assert moved.uncond is None and not nested.x0.is_meta
+
+
+def test_toy_world_images(teachers, tmp_path):
+    from fastgen.toy import toy_images
+
+    toy = load_teacher("toy")
+    source = build_data("toy", toy, batch_size=16, seed=0, cache_dir=tmp_path)
+    assert source.needs_data and len(source) == fastgen.data.TOY_DATA_SIZE
+    first = source.batch(0).x0
+    assert first.shape == (16, 3, 16, 16) and float(first.min()) >= -1.0 and float(first.max()) <= 1.0
+    pool = toy_images(fastgen.data.TOY_DATA_SIZE)
+    assert bool((pool[None] == first[:, None]).flatten(2).all(2).any(1).all()), "batches are drawn from the toy pool"
+    with pytest.raises(ValueError, match=r"data 'toy' gives \(3, 16, 16\) pixel images"):
+        build_data("toy", teachers("ddpm"), batch_size=4, seed=0, cache_dir=tmp_path)
