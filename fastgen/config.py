@@ -137,6 +137,9 @@ class StudentConfig:
     """Sampling steps the student is trained for."""
     timesteps: list[int] | None = None
     """Trained timesteps in the teacher's native time; None = the objective's default."""
+    prediction_type: str | None = None
+    """The student's output type (e.g. "sample" or "v_prediction" for an epsilon teacher, whose 1-step
+    x0 divides by alpha(t_max)); None = the teacher's. The export records it."""
     lora_rank: int = 0
     """0 = full fine-tune; >0 = a peft LoRA adapter of this rank."""
     lora_alpha: float | None = None

@@ -28,6 +28,7 @@ from fastgen.config import DistillConfig, config_to_dict, save_config
 from fastgen.data import build_data
 from fastgen.denoiser import Denoiser
 from fastgen.losses import build_objective
+from fastgen.schedules import NoiseSchedule, schedule_from_description
 from fastgen.teacher import load_teacher
 
 
@@ -67,12 +68,26 @@ def make_student(teacher_model: torch.nn.Module, config: DistillConfig) -> torch
     if s.lora_rank > 0:
         from peft import LoraConfig
 
+        if not hasattr(student, "add_adapter"):
+            raise ValueError(f"student.lora_rank = {s.lora_rank}: a LoRA student needs a denoiser with diffusers' "
+                             f"adapter support (add_adapter), which {type(student).__name__} lacks; "
+                             "use a full fine-tune (student.lora_rank=0)")
         student.requires_grad_(False)
         student.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or s.lora_rank,
                                        init_lora_weights="gaussian", target_modules=list(s.lora_targets)))
     else:
         student.requires_grad_(True)
     return student
+
+
+def student_schedule(schedule: NoiseSchedule, prediction_type: str | None) -> NoiseSchedule:
+    """The teacher's schedule, with the student's own output type when ``student.prediction_type`` is set."""
+    if prediction_type is None or prediction_type == schedule.prediction_type:
+        return schedule
+    if prediction_type not in schedule.supported_predictions:
+        raise ValueError(f"student.prediction_type is {prediction_type!r}; a {schedule.family} teacher's student "
+                         f"takes one of {list(schedule.supported_predictions)}")
+    return schedule_from_description({**schedule.describe(), "prediction_type": prediction_type})
 
 
 class Trainer:
@@ -92,9 +107,13 @@ class Trainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         self.teacher = load_teacher(config.teacher, device=acc.device, dtype=weight_dtype,
                                     trust_pickle=config.trust_pickle)
-        student_model = make_student(self.teacher.model, config)
+        # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
+        full = self.teacher if weight_dtype == torch.float32 else load_teacher(config.teacher,
+                                                                                trust_pickle=config.trust_pickle)
+        student_model = make_student(full.model, config)
+        del full
         configure_network(student_model, t.attention, t.gradient_checkpointing)
-        self.student = Denoiser(student_model, self.teacher.schedule)
+        self.student = Denoiser(student_model, student_schedule(self.teacher.schedule, config.student.prediction_type))
         self.objective = build_objective(config.method, self.teacher.denoiser, self.student, config.objective,
                                          config.student.num_steps, config.student.timesteps, t.max_steps)
         with acc.main_process_first():
@@ -185,6 +204,7 @@ class Trainer:
             if not phase.runs_at(self.step):
                 continue
             opt = self.optimizers[phase.name]
+            opt.zero_grad(set_to_none=True)  # drop gradients other phases' losses left (generator through critic)
             nets = [self._network(n) for n in phase.networks]
             totals: dict[str, float] = {}
             finite = True
@@ -273,6 +293,7 @@ class Trainer:
             acc.scaler.load_state_dict(state["scaler"])
         if state.get("ema") is not None and self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(acc.device)  # load_state_dict replaces the shadow weights with the checkpoint's CPU tensors
         self.objective.load_state_dict(state.get("objective") or {})
         self.batches_used = state["data_position"]
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
@@ -292,8 +313,11 @@ class Trainer:
             return None
         from fastgen.pipelines import export_student
 
-        return export_student(self.teacher, self.student_weights(ema), out_dir, **self.objective.export_config(),
-                              lora=lora)
+        teacher = self.teacher
+        if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
+            teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
+        return export_student(teacher, self.student_weights(ema), out_dir, **self.objective.export_config(),
+                              lora=lora, prediction_type=self.student.schedule.prediction_type)
 
     @torch.no_grad()
     def save_samples(self, num: int = 16) -> Path | None:
@@ -377,4 +401,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
         averaged.load_state_dict(state["ema"])
         averaged.copy_to(trainable)
     export = json.loads((run_dir / "export_config.json").read_text())
-    return export_student(teacher, student.eval(), out_dir, **export, lora=lora)
+    prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type
+    return export_student(teacher, student.eval(), out_dir, **export, lora=lora, prediction_type=prediction_type)

@@ -52,7 +52,7 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 
 def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: str | os.PathLike,
                    trained_timesteps: Mapping[int | str, Sequence[float]], rule: str = "renoise",
-                   boundary: dict | None = None, lora: bool = False) -> Path:
+                   boundary: dict | None = None, lora: bool = False, prediction_type: str | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
     added through ``model.add_adapter``) as a diffusers folder; return its path.
 
@@ -64,6 +64,7 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: st
         rule: the student's sampling rule, ``"renoise"`` or ``"ddim"`` (see ``FewStepScheduler``).
         boundary: consistency boundary parameters (``{"sigma_data": ..., "timestep_scaling": ...}``) or ``None``.
         lora: write only the LoRA adapter (text-to-image teachers) instead of the full pipeline.
+        prediction_type: the student's output type when it differs from the teacher's (``student.prediction_type``).
     """
     if teacher.schedule.family == "edm":
         raise NotImplementedError(
@@ -72,7 +73,8 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: st
             "student; sample it in-process with fastgen.samplers instead"
         )
     _check_student(teacher, student_model)
-    scheduler = FewStepScheduler(schedule=teacher.schedule.describe(), trained_timesteps=_timesteps(trained_timesteps),
+    schedule = {**teacher.schedule.describe(), **({"prediction_type": prediction_type} if prediction_type else {})}
+    scheduler = FewStepScheduler(schedule=schedule, trained_timesteps=_timesteps(trained_timesteps),
                                  rule=rule, boundary=boundary)
     if lora:
         save_lora = _lora_saver(teacher)

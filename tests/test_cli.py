@@ -117,3 +117,23 @@ def test_a_ddpm_folder_trained_elsewhere_distils_from_its_images_and_loads_in_st
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
     assert pipe.scheduler.timesteps.tolist() == [999.0, 499.0]  # trailing grid, and LCM's grid, at 2 steps
+
+
+def test_student_prediction_type_is_trained_and_exported(ddpm, tmp_path):
+    import json
+
+    from fastgen.generate import generate
+    from fastgen.teacher import load_teacher
+
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
+                 "--output", str(run), "--max-steps", "1", "teacher_samples=4", "teacher_sample_steps=2",
+                 "train.batch_size=4", "student.prediction_type=v_prediction"]) == 0
+    config = json.loads((run / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["schedule"]["prediction_type"] == "v_prediction"
+    student = load_teacher(run / "export")
+    assert student.schedule.prediction_type == "v_prediction"
+    assert generate(student, 2, 1).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="student.prediction_type is 'flow'; a vp teacher's student takes one of"):
+        main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
+              "--output", str(tmp_path / "bad"), "--max-steps", "1", "student.prediction_type=flow"])
