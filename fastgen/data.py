@@ -394,7 +394,7 @@ def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, s
     unconditional branch for a text teacher. Cached; regenerated when the teacher, count, steps or seed
     differ from the cached file's metadata."""
     metadata = {"teacher": teacher_fingerprint(teacher), "count": str(count), "steps": str(steps), "seed": str(seed)}
-    path = cache_dir / f"teacher-samples-{digest(teacher.source)}.safetensors"
+    path = cache_dir / f"teacher-samples-{digest(teacher.source, seed)}.safetensors"  # one file per rank's seed
     if path.is_file():
         with safe_open(path, "pt") as cached:
             if cached.metadata() == metadata:

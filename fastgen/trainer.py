@@ -133,7 +133,7 @@ class Trainer:
         self.step = 0
         self.batches_used = 0
         self.nonfinite_total = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = {phase.name: 0 for phase in self.phases}
         if resume:
             self.load(resume)
         if acc.is_main_process:
@@ -229,7 +229,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 self._count_nonfinite(phase.name, totals.get("loss", math.nan))
                 continue
-            self.nonfinite_in_a_row = 0
+            self.nonfinite_in_a_row[phase.name] = 0
             if t.grad_clip is not None:
                 params = [p for n in phase.networks for p in self._trainable(n)]
                 totals["grad_norm"] = float(acc.clip_grad_norm_(params, t.grad_clip))
@@ -242,15 +242,15 @@ class Trainer:
 
     def _count_nonfinite(self, phase: str, value: float) -> None:
         self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 1
+        self.nonfinite_in_a_row[phase] += 1
         if self.accelerator.is_main_process:
             with (self.run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "event": "nonfinite_loss_skipped", "phase": phase,
                                     "loss": str(value)}) + "\n")
         limit = self.config.train.max_nonfinite
-        if self.nonfinite_in_a_row >= limit:
+        if self.nonfinite_in_a_row[phase] >= limit:
             raise NonFiniteLossError(
-                f"the {phase!r} loss was not finite in {self.nonfinite_in_a_row} steps in a row (last at step "
+                f"the {phase!r} loss was not finite in {self.nonfinite_in_a_row[phase]} steps in a row (last at step "
                 f"{self.step}; train.max_nonfinite = {limit}); lower train.lr, enable train.grad_clip or use "
                 "bf16 instead of fp16"
             )

@@ -1,0 +1,64 @@
+"""Data-parallel training through ``accelerate launch`` on two CPU processes: the ranks stay in step.
+
+``accelerate launch --cpu`` starts a single process unless it is given an MPI host file, so the test
+launches through torchrun (``--multi_gpu``) with ``ACCELERATE_USE_CPU=true``: each process then joins a
+gloo process group on the CPU, as ``--cpu`` would under mpirun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny import make_ddpm_folder
+
+from fastgen.checkpoint import latest_checkpoint, load_checkpoint
+
+HELPER = Path(__file__).with_name("run_distill.py")
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    return make_ddpm_folder(tmp_path_factory.mktemp("distributed") / "teacher", sample_size=8)
+
+
+def test_two_processes_end_with_identical_state(teacher, tmp_path):
+    run, dump, max_steps = tmp_path / "run", tmp_path / "state", 4
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(HELPER), str(dump),
+               f"teacher={teacher}", "method=consistency", "data=teacher", f"output={run}", "seed=3",
+               "teacher_samples=16", "teacher_sample_steps=2", "train.batch_size=4", "train.grad_accum=2",
+               "train.lr=1e-3", f"train.max_steps={max_steps}", "train.log_every=1", "train.checkpoint_every=2",
+               "train.sample_every=2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf"),  # no user accelerate config
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    files = [dump / f"rank{k}.safetensors" for k in (0, 1)]
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert f.metadata() == {"num_processes": "2", "step": str(max_steps)}, "not a 2-process run"
+    rank0, rank1 = (load_file(str(f)) for f in files)
+    assert rank0.keys() == rank1.keys()
+    assert {key.split(".")[0] for key in rank0} == {"networks", "optimizers", "ema", "objective"}
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+
+    teacher_weights = load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(rank0[f"networks.student.{k}"], v) for k, v in teacher_weights.items())  # it trained
+    # the main process alone writes the run's files, once
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, max_steps + 1))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    step, state = load_checkpoint(latest_checkpoint(run))
+    assert step == max_steps and state["data_position"] == 2 * max_steps
+    for key, value in state["networks"]["student"].items():
+        assert torch.equal(value, rank0[f"networks.student.{key}"]), key

@@ -1,0 +1,526 @@
+"""The training loop end to end on a tiny DDPM teacher: run outputs, exact resume (also after SIGKILL and
+after a failed checkpoint write), the non-finite guard, multi-phase objectives and the references'
+pitfalls, precision/attention/LoRA options, and the errors users see."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_ddpm_folder
+
+import fastgen.checkpoint
+from fastgen.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from fastgen.config import ConfigError, DistillConfig, load_config
+from fastgen.losses import OBJECTIVES, Objective, Phase
+from fastgen.trainer import NonFiniteLossError, Trainer, export_run
+
+SHAPE = (3, 8, 8)
+"""Sample shape of the tiny teacher."""
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    return make_ddpm_folder(tmp_path_factory.mktemp("trainer") / "teacher", sample_size=8)
+
+
+@pytest.fixture(scope="session")
+def sd_teacher(tmp_path_factory):
+    from tiny import make_sd_folder
+
+    return make_sd_folder(tmp_path_factory.mktemp("trainer-sd") / "teacher")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """accelerate keeps process-wide state (mixed precision among it); each test starts from scratch."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def make_config(teacher, output, *overrides, method="consistency", data="teacher") -> DistillConfig:
+    base = [f"teacher={teacher}", f"method={method}", f"output={output}", "seed=3", "teacher_samples=16",
+            "teacher_sample_steps=2", "train.batch_size=4", "train.log_every=1", "train.lr=1e-3"]
+    if data is not None:
+        base.append(f"data={data}")
+    return load_config(DistillConfig, None, base + list(overrides))
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in params]).clone()
+
+
+def changed_at(history: list[torch.Tensor], step: int) -> bool:
+    """Whether training step ``step`` changed the weights (``history[0]``: before the first step)."""
+    return not torch.equal(history[step], history[step + 1])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same(a, b, path="state"):
+    """Bit-for-bit equality of two nested training states."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max |diff| {(a.float() - b.float()).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# ----------------------------------------------------------------------------- test objectives
+
+
+@dataclass
+class ProbeConfig:
+    nan_steps: list[int] = field(default_factory=list)
+    critic_scale: float = 1.0
+
+
+class RegressionProbe(Objective):
+    """Data-free regression of the student's x0 on a fixed map of its input; the loss is NaN at
+    ``nan_steps``. Records the student's weights after every step and whether autocast was on."""
+
+    name = "probe"
+    Config = ProbeConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.snapshots = [flat(self.student.parameters())]
+        self.autocast = []
+
+    def loss(self, phase, batch, step):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        x_t = torch.randn(4, *SHAPE)
+        loss = (self.student(x_t, torch.full((4,), 500.0)) - 0.5 * x_t).float().square().mean()
+        if step in self.config.nan_steps:
+            loss = loss * math.nan
+        return {"loss": loss}
+
+    def on_step_end(self, step):
+        self.snapshots.append(flat(self.student.parameters()))
+
+
+class CriticProbe(Objective):
+    """DMD2-like two time-scale objective: a critic of its own trained every step (a huge loss), the
+    generator every 2nd step through the critic. Records the weights of the student, the critic and the
+    student EMA after every step, and every phase that found gradients already present at its start."""
+
+    name = "critic_probe"
+    Config = ProbeConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.critic = torch.nn.Conv2d(3, 3, 1)
+        self.ema = None  # set by the test to the trainer's EMA
+        self.leaked = []
+        self.student_after, self.critic_after, self.ema_after = [], [], []
+        self._record()
+
+    def networks(self):
+        return {"critic": self.critic}
+
+    def phases(self):
+        return [Phase("critic", ("critic",)), Phase("generator", ("student",), every=2)]
+
+    def loss(self, phase, batch, step):
+        own = self.critic if phase == "critic" else self.student
+        if any(p.grad is not None and p.grad.abs().sum() > 0 for p in own.parameters()):
+            self.leaked.append((step, phase))
+        x_t = torch.randn(4, *SHAPE)
+        t = torch.full((4,), 500.0)
+        if phase == "critic":
+            with torch.no_grad():
+                fake = self.student(x_t, t)
+            return {"loss": self.config.critic_scale * self.critic(fake).square().mean()}
+        return {"loss": (self.critic(self.student(x_t, t)) - x_t).square().mean()}
+
+    def on_step_end(self, step):
+        self._record()
+
+    def _record(self):
+        self.student_after.append(flat(self.student.parameters()))
+        self.critic_after.append(flat(self.critic.parameters()))
+        if self.ema is not None:
+            self.ema_after.append(flat(self.ema.shadow_params))
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, RegressionProbe.name, RegressionProbe)
+    monkeypatch.setitem(OBJECTIVES, CriticProbe.name, CriticProbe)
+
+
+# ----------------------------------------------------------------------------- run outputs
+
+
+def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher, tmp_path):
+    from fastgen.teacher import load_teacher
+
+    run = tmp_path / "run"
+    config = make_config(teacher, run, "train.max_steps=5", "train.log_every=2", "train.checkpoint_every=1",
+                         "train.keep_checkpoints=2", "train.sample_every=2", "student.num_steps=2",
+                         "student.timesteps=[899,399]")
+    trainer = Trainer(config)
+    before = flat(trainer.student.parameters())
+    trainer.fit()
+    assert trainer.step == 5
+    assert not torch.equal(before, flat(trainer.student.parameters()))
+
+    assert load_config(DistillConfig, run / "config.yaml") == config
+
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [2, 4, 5]  # every log_every steps, and the last one
+    for r in records:
+        assert math.isfinite(r["generator/loss"]) and math.isfinite(r["generator/grad_norm"]), r
+        assert r["nonfinite_skipped"] == 0
+
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000005"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    step, state = load_checkpoint(latest_checkpoint(run))
+    assert step == 5 and state["data_position"] == 5
+    assert_same(state["networks"]["student"], trainer.state()["networks"]["student"])
+
+    from PIL import Image
+
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    assert Image.open(run / "samples" / "step-00000004.png").size[0] >= 8
+
+    export_config = json.loads((run / "export_config.json").read_text())
+    assert export_config["trained_timesteps"]["2"] == [899.0, 399.0]  # the trained ones, not the defaults
+    assert export_config["rule"] == "renoise" and export_config["boundary"]["sigma_data"] == 0.5
+
+    exported = load_teacher(trainer.export(tmp_path / "export"))
+    assert exported.pipeline.scheduler.config.trained_timesteps == export_config["trained_timesteps"]
+    ema_weights = trainer.student_weights(ema=True).state_dict()
+    raw_weights = trainer.student_weights(ema=False).state_dict()
+    exported_weights = exported.model.state_dict()
+    assert_same(exported_weights, ema_weights)
+    assert any(not torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)
+    # exporting the run from its last checkpoint gives the same student
+    from_run = load_teacher(export_run(run, tmp_path / "export-run"))
+    assert_same(from_run.model.state_dict(), exported_weights)
+
+
+# ----------------------------------------------------------------------------- exact resume and crashes
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("consistency", []),
+    ("progressive", ["objective.start_steps=8", "objective.steps_per_round=2", "student.num_steps=2"]),
+], ids=["consistency", "progressive"])
+def test_resume_continues_exactly(teacher, tmp_path, method, overrides):
+    straight = Trainer(make_config(teacher, tmp_path / "straight", "train.max_steps=6", "train.checkpoint_every=3",
+                                   *overrides, method=method))
+    straight.fit()
+
+    first = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=3", *overrides, method=method))
+    first.fit()
+    if method == "progressive":
+        assert first.objective.round == 1  # the round state crosses the checkpoint
+    resumed = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=6", *overrides, method=method),
+                      resume="latest")
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == 6
+    assert_same(resumed.state(), straight.state())
+    assert_same(load_checkpoint(latest_checkpoint(tmp_path / "resumed"))[1],
+                load_checkpoint(latest_checkpoint(tmp_path / "straight"))[1])
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher, tmp_path):
+    max_steps = 16
+    args = ["--teacher", str(teacher), "--method", "consistency", "--data", "teacher", "--max-steps", str(max_steps),
+            "seed=3", "teacher_samples=16", "teacher_sample_steps=2", "train.batch_size=4", "train.lr=1e-3",
+            "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "fastgen", "distill", "--output", str(run), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    chance = random.Random()
+    kill_at = chance.randint(2, max_steps - 6)
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = list_checkpoints(run)
+            if done and int(done[-1].name.removeprefix("step-")) >= kill_at:
+                time.sleep(chance.uniform(0, 0.05))  # anywhere in the next step or checkpoint write
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run was to be killed after step {kill_at} but ended with {proc.returncode}: {log.read_text()[-2000:]}")
+    killed_at = int(latest_checkpoint(run).name.removeprefix("step-"))
+    assert kill_at <= killed_at < max_steps
+
+    from fastgen.cli import main  # the same command, resumed in this process (saves a second start-up)
+
+    assert main(command[3:] + ["--resume", "latest"]) == 0
+    step, state = load_checkpoint(latest_checkpoint(run))
+    assert step == max_steps
+
+    straight = Trainer(make_config(teacher, tmp_path / "straight", f"train.max_steps={max_steps}"))
+    straight.fit()
+    reference = straight.state()
+    assert_same(state["networks"], reference["networks"], f"state after a kill at step {killed_at}: networks")
+    assert_same(state["ema"], reference["ema"], "ema")
+    assert_same(state["optimizers"], reference["optimizers"], "optimizers")
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_works(teacher, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = make_config(teacher, run, "train.max_steps=4", "train.checkpoint_every=1")
+    real_save_file = fastgen.checkpoint.save_file
+    saves = []
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        saves.append(filename)
+        real_save_file(tensors, filename, *args, **kwargs)
+        if len(saves) == 2:  # the second checkpoint dies after its tensors are written, before its JSON
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fastgen.checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        Trainer(config).fit()
+    monkeypatch.undo()
+
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]  # no half-written folder
+    assert load_checkpoint(latest_checkpoint(run))[0] == 1
+    # a crash that left a temporary folder behind (SIGKILL during a write) is ignored as well
+    stale = run / "checkpoints" / ".tmp-step-00000002"
+    stale.mkdir()
+    (stale / "state.safetensors").write_bytes(b"truncated")
+
+    resumed = Trainer(make_config(teacher, run, "train.max_steps=4", "train.checkpoint_every=1"), resume="latest")
+    assert resumed.step == 1
+    resumed.fit()
+    assert not stale.exists()
+    straight = Trainer(make_config(teacher, tmp_path / "straight", "train.max_steps=4"))
+    straight.fit()
+    assert_same(resumed.state(), straight.state())
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def test_nonfinite_steps_are_skipped_counted_and_the_run_continues(teacher, tmp_path, probes):
+    run = tmp_path / "run"
+    nan_steps = [1, 2, 4]
+    trainer = Trainer(make_config(teacher, run, "train.max_steps=6", "train.max_nonfinite=3",
+                                  f"objective.nan_steps={nan_steps}", method="probe", data=None))
+    trainer.fit()
+    assert trainer.step == 6
+    for step in range(6):
+        assert changed_at(trainer.objective.snapshots, step) == (step not in nan_steps), f"weights at step {step}"
+    assert trainer.ema.optimization_step == 3
+    assert {int(s["step"]) for s in trainer.optimizers["generator"].state_dict()["state"].values()} == {3}
+    assert trainer.nonfinite_total == 3 and trainer.nonfinite_in_a_row == 0
+
+    lines = read_metrics(run)
+    events = [r for r in lines if r.get("event") == "nonfinite_loss_skipped"]
+    assert [(r["step"], r["phase"], r["loss"]) for r in events] == [(s, "generator", "nan") for s in nan_steps]
+    records = [r for r in lines if "event" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["nonfinite_skipped"] for r in records] == [0, 1, 2, 2, 3, 3]
+    for r in records:
+        # a skipped step logs no loss; every logged loss is finite
+        assert ("generator/loss" in r) == (r["step"] - 1 not in nan_steps)
+        assert math.isfinite(r.get("generator/loss", 0.0))
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(teacher, tmp_path, probes):
+    trainer = Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=8", "train.max_nonfinite=3",
+                                  "objective.nan_steps=[2,3,4,5,6,7]", method="probe", data=None))
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    assert "'generator'" in message and "3 steps in a row" in message and "step 4" in message
+    assert "train.max_nonfinite = 3" in message
+    assert trainer.step == 4
+
+
+# ----------------------------------------------------------------------------- phases and pitfalls
+
+
+def test_phases_step_their_own_optimizers_with_clipping_ema_only_on_generator_steps(teacher, tmp_path, probes):
+    max_steps, clip = 5, 1e-3
+    trainer = Trainer(make_config(teacher, tmp_path / "run", f"train.max_steps={max_steps}", f"train.grad_clip={clip}",
+                                  "objective.critic_scale=1e6", method="critic_probe", data=None))
+    objective = trainer.objective
+    objective.ema = trainer.ema
+    objective.ema_after = [flat(trainer.ema.shadow_params)]
+    steps = []  # (training step, phase, norm of the gradient the optimizer applied)
+
+    def recording(name, optimizer):
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            steps.append((trainer.step, name, float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in params])))))
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+
+    for name, optimizer in trainer.optimizers.items():
+        recording(name, optimizer)
+    trainer.fit()
+
+    assert trainer.step == max_steps
+    assert [s for s, name, _ in steps if name == "critic"] == [0, 1, 2, 3, 4]
+    assert [s for s, name, _ in steps if name == "generator"] == [0, 2, 4]
+    # clipping applies to every phase: the critic's huge gradient reaches its optimizer clipped
+    assert all(norm <= clip * (1 + 1e-4) for _, _, norm in steps), steps
+    assert read_metrics(tmp_path / "run")[0]["critic/grad_norm"] > 1e3 * clip
+    # no phase starts with gradients left over from another (the generator loss runs through the critic)
+    assert objective.leaked == []
+    for step in range(max_steps):
+        generator_step = step % 2 == 0
+        assert changed_at(objective.critic_after, step), f"critic unchanged at step {step}"
+        assert changed_at(objective.student_after, step) == generator_step, f"student at step {step}"
+        assert changed_at(objective.ema_after, step) == generator_step, f"EMA at step {step}"
+    assert trainer.ema.optimization_step == 3
+    # the last step (max_steps - 1 = 4, a generator step) was trained and saved
+    step, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert step == max_steps
+    assert_same(state["networks"]["student"], trainer.accelerator.unwrap_model(trainer.student.model).state_dict())
+    assert set(state["networks"]) == {"student", "critic"} and set(state["optimizers"]) == {"critic", "generator"}
+
+
+# ----------------------------------------------------------------------------- precision, attention, LoRA
+
+
+def test_bf16_autocast_trains_a_float32_student(teacher, tmp_path, probes):
+    from fastgen.teacher import load_teacher
+
+    trainer = Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=2", "train.mixed_precision=bf16",
+                                  method="probe", data=None))
+    assert trainer.teacher.model.dtype == torch.bfloat16
+    # the student starts from the teacher's full-precision weights, not from their bf16 rounding
+    assert_same(trainer.student.model.state_dict(), load_teacher(teacher).model.state_dict())
+    trainer.fit()
+    assert all(trainer.objective.autocast) and len(trainer.objective.autocast) == 2
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.ema.shadow_params)
+    assert not torch.equal(trainer.objective.snapshots[0], trainer.objective.snapshots[-1])
+    assert math.isfinite(read_metrics(tmp_path / "run")[-1]["generator/loss"])
+
+
+def test_bf16_run_of_a_text_teacher_exports_full_precision_components(sd_teacher, tmp_path):
+    from fastgen.teacher import load_teacher
+
+    trainer = Trainer(make_config(sd_teacher, tmp_path / "run", "train.max_steps=2", "train.mixed_precision=bf16"))
+    trainer.fit()
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+    assert all(math.isfinite(r["generator/loss"]) for r in read_metrics(tmp_path / "run"))
+    exported = load_teacher(trainer.export(tmp_path / "export")).pipeline
+    original = load_teacher(sd_teacher).pipeline
+    for name in ("text_encoder", "vae"):
+        assert_same(getattr(exported, name).state_dict(), getattr(original, name).state_dict(), name)
+    assert_same(exported.unet.state_dict(), trainer.student_weights().state_dict(), "unet")
+
+
+def test_gradient_checkpointing_and_sdpa_train_like_the_default(teacher, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    results = {}
+    for name, overrides in {"default": [], "checkpointing": ["train.gradient_checkpointing=true"],
+                            "sdpa": ["train.attention=sdpa"]}.items():
+        trainer = Trainer(make_config(teacher, tmp_path / name, "train.max_steps=2", *overrides))
+        if name == "checkpointing":
+            assert trainer.student.model.is_gradient_checkpointing
+        if name == "sdpa":
+            processors = [m.processor for m in trainer.student.model.modules() if hasattr(m, "set_processor")]
+            assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+        before = flat(trainer.student.parameters())
+        trainer.fit()
+        results[name] = flat(trainer.student.parameters())
+        assert not torch.equal(before, results[name])
+    torch.testing.assert_close(results["checkpointing"], results["default"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["sdpa"], results["default"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_without_xformers_is_a_clear_error(teacher, tmp_path):
+    with pytest.raises(ValueError, match="train.attention is 'xformers' but xformers is not installed.*sdpa"):
+        Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=1", "train.attention=xformers"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+def test_lora_student_trains_only_the_adapter(sd_teacher, tmp_path):
+    from fastgen.teacher import load_teacher
+
+    trainer = Trainer(make_config(sd_teacher, tmp_path / "run", "train.max_steps=2", "student.lora_rank=4",
+                                  "student.lora_targets=[to_q,to_v]"))
+    model = trainer.accelerator.unwrap_model(trainer.student.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n and (".to_q." in n or ".to_v." in n) for n in trainable)
+    optimized = {id(p) for group in trainer.optimizers["generator"].param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if n in trainable}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.fit()
+    after = dict(model.named_parameters())
+    base = load_teacher(sd_teacher).model.state_dict()
+    for n, p in after.items():
+        if n not in trainable:
+            assert torch.equal(p, before[n]), f"base weight {n} changed"
+            assert torch.equal(p, base[n.replace(".base_layer.", ".")]), f"base weight {n} differs from the teacher"
+    assert any(not torch.equal(after[n], before[n]) for n in trainable if ".lora_B." in n)
+    assert len(trainer.ema.shadow_params) == len(trainable)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+def test_lora_on_a_model_without_adapter_support_is_a_clear_error(teacher, tmp_path):
+    with pytest.raises(ValueError, match="student.lora_rank = 4: .*UNet2DModel lacks.*student.lora_rank=0"):
+        Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=1", "student.lora_rank=4"))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_a_method_that_needs_data_without_data_says_so(teacher, tmp_path):
+    with pytest.raises(ValueError, match="method 'consistency' needs data.*'teacher'"):
+        Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=1", data=None))
+    with pytest.raises(ValueError, match="method 'consistensy' is unknown; expected one of .*'consistency'"):
+        Trainer(make_config(teacher, tmp_path / "run", "train.max_steps=1", method="consistensy"))
+
+
+def test_unknown_override_names_the_closest_key(teacher, tmp_path):
+    from fastgen.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises((ConfigError, SystemExit)) as caught:
+        main(["distill", "--teacher", str(teacher), "--method", "consistency", "--data", "teacher",
+              "--output", str(out), "train.max_step=3"])
+    assert "train.max_step" in str(caught.value) and "did you mean 'train.max_steps'" in str(caught.value)
+    assert not out.exists()
