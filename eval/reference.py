@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fastgen.atomic import atomic_path
 from fastgen.eval.fid import FeatureStats, frechet_distance, image_statistics
 
 EXTRACTOR_FIELDS = ("extractor", "feature_layer", "feature_dim", "resize", "weights_sha256")
@@ -66,17 +66,9 @@ def save_reference(path: str | os.PathLike, stats: FeatureStats, metadata: dict)
     reference = ReferenceStats(stats.mean, stats.cov, {**metadata, "num_images": stats.count})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            np.savez(handle, mu=reference.mu, sigma=reference.sigma,
-                     metadata=np.array(json.dumps(reference.metadata, sort_keys=True)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, mu=reference.mu, sigma=reference.sigma,
+                 metadata=np.array(json.dumps(reference.metadata, sort_keys=True)))
     return reference
 
 

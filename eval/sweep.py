@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from fastgen.atomic import write_bytes
+
 RESERVED_COLUMNS = ("curve", "steps")
 
 
@@ -44,10 +46,10 @@ def run_sweep(curves: Mapping[str, Callable[[int], Any]], steps: Sequence[int],
                 for metric_name, metric in metrics.items():
                     row[metric_name] = _as_float(metric(images), metric_name, curve_name, num_steps)
                 rows.append(row)
-                _write_atomic(out_dir / "sweep.csv", _csv_text(rows, columns))
-                _write_atomic(out_dir / "sweep.md", _markdown_text(rows, columns, float_format))
+                write_bytes(out_dir / "sweep.csv", _csv_text(rows, columns))
+                write_bytes(out_dir / "sweep.md", _markdown_text(rows, columns, float_format))
                 bar.update(1)
-    _write_atomic(out_dir / "sweep.png", _plot_png(rows, list(curves), list(steps), list(metrics)))
+    write_bytes(out_dir / "sweep.png", _plot_png(rows, list(curves), list(steps), list(metrics)))
     return rows
 
 
@@ -108,9 +110,3 @@ def _plot_png(rows: list[dict], curve_names: list[str], steps: list[int], metric
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

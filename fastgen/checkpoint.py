@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastgen.atomic import fsync
+
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "state.safetensors"
@@ -164,15 +166,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         _write_json(tmp / TREE_FILE, tree)
         _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step})
         for file in (TENSORS_FILE, TREE_FILE, META_FILE):
-            _fsync(tmp / file)
-        _fsync(tmp)
+            fsync(tmp / file)
+        fsync(tmp)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(root)
+    fsync(root)
 
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != final:
@@ -221,17 +223,6 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, allow_nan=False, separators=(",", ":")), encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's contents to disk (folders only where the OS allows it)."""
-    if path.is_dir() and os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

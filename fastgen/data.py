@@ -35,7 +35,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -45,6 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fastgen.atomic import atomic_path
 from fastgen.denoiser import Cond, cat_cond, slice_cond
 from fastgen.generate import init_noise_scale
 from fastgen.samplers import sample_ddim
@@ -259,16 +259,9 @@ def unflatten_cond(flat: Mapping[str, torch.Tensor]) -> dict:
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file to a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write a safetensors file atomically (``fastgen.atomic``)."""
+    with atomic_path(path) as tmp:
         save_file({key: value.contiguous() for key, value in tensors.items()}, tmp, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def null_cond(teacher: Teacher, cache_dir: Path) -> Cond | None:

@@ -43,6 +43,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from fastgen.atomic import fsync_tree
 from fastgen.pipelines.few_step import FewStepPipeline
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.teacher import Teacher
@@ -146,7 +147,7 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -157,18 +158,6 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under ``folder`` to disk (folders only where the OS allows it)."""
-    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        if path.is_dir() and os.name != "posix":
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _merged_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -200,7 +200,7 @@ def test_save_config_failure_leaves_previous_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fastgen.config.os.replace", broken_replace)
+    monkeypatch.setattr("fastgen.atomic.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         save_config(DistillConfig(teacher="new"), path)
     monkeypatch.undo()
