@@ -143,6 +143,10 @@ def train_teacher(images, args) -> tuple[UNet2DModel, DDPMScheduler]:
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
+    """Make the files in ``tmp`` world-readable (safetensors writes 0600) and move ``tmp`` to ``final``."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
