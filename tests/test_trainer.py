@@ -524,3 +524,16 @@ def test_unknown_override_names_the_closest_key(teacher, tmp_path):
               "--output", str(out), "train.max_step=3"])
     assert "train.max_step" in str(caught.value) and "did you mean 'train.max_steps'" in str(caught.value)
     assert not out.exists()
+
+
+def test_tensorboard_tracker_receives_the_logged_losses(teacher, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    Trainer(make_config(teacher, run, "train.max_steps=3", "train.trackers=[tensorboard]")).fit()
+    assert list((run / "fastgen").glob("events.out.tfevents.*")), "no tensorboard event file in RUN/fastgen"
+    accumulator = EventAccumulator(str(run / "fastgen"))
+    accumulator.Reload()
+    losses = accumulator.Scalars("generator/loss")
+    assert [e.step for e in losses] == [1, 2, 3] and all(math.isfinite(e.value) for e in losses)
