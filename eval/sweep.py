@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from tqdm.auto import tqdm
 
 from fastgen.atomic import write_bytes
@@ -100,8 +101,11 @@ def _plot_png(rows: list[dict], curve_names: list[str], steps: list[int], metric
             value = {row["steps"]: row[metric_name] for row in rows if row["curve"] == curve_name}
             ax.plot(ordered, [value[n] for n in ordered], marker="o", label=curve_name)
         ax.set_xscale("log", base=2)
+        values = [row[metric_name] for row in rows]
+        if min(values) > 0 and max(values) > 10 * min(values):  # FID spans decades between 1 and 64 steps
+            ax.set_yscale("log")
         ax.set_xticks(ordered, [str(n) for n in ordered])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(metric_name)
         ax.set_title(metric_name)
