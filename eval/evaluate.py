@@ -82,14 +82,13 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         from fastgen.eval.clip_score import CLIPScorer
 
         scorer = CLIPScorer(clip_model, clip_weights)
-        scores: dict[int, object] = {}
+        last: list = [None, None]  # (images, score): both CLIP metrics of one sweep point share one pass
 
         def _score(images):
-            key = id(images)
-            if key not in scores:
-                scores.clear()
-                scores[key] = scorer(images, [prompts[i % len(prompts)] for i in range(len(images))], value_range=RANGE)
-            return scores[key]
+            if last[0] is not images:
+                prompts_for = [prompts[i % len(prompts)] for i in range(len(images))]
+                last[:] = [images, scorer(images, prompts_for, value_range=RANGE)]
+            return last[1]
 
         out["clip"] = lambda images: _score(images).clip_score
         out["clip_cosine_raw"] = lambda images: _score(images).clip_cosine_raw

@@ -105,3 +105,26 @@ def test_bad_input(scorer, images, tiny_checkpoint, tmp_path):
         CLIPScorer("ViT-g-14", pretrained="laion2b_s12b_b42k")
     with pytest.raises(ValueError, match="a local-dir: folder holds its own weights"):
         CLIPScorer(f"local-dir:{tmp_path}", pretrained=tiny_checkpoint)
+
+
+def test_fastgen_eval_clip_metric_matches_the_scorer(tiny_checkpoint, scorer, tmp_path):
+    import csv
+
+    from tiny import make_sd_folder
+
+    from fastgen.cli import main
+    from fastgen.generate import generate
+    from fastgen.teacher import load_teacher
+
+    sd = make_sd_folder(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(sd), "--steps", "2", "--metrics", "clip", "--clip-model", TINY_NAME,
+                 "--clip-weights", str(tiny_checkpoint), "--prompts-file", str(prompts), "--num-samples", "4",
+                 "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader((out / "sweep.csv").open()))
+    images = generate(load_teacher(sd), 4, 2, seed=0, prompts=PROMPTS[:2])
+    expected = scorer(images, [PROMPTS[i % 2] for i in range(4)], value_range=(-1, 1))
+    assert float(row["clip"]) == pytest.approx(expected.clip_score, rel=1e-5)
+    assert float(row["clip_cosine_raw"]) == pytest.approx(expected.clip_cosine_raw, rel=1e-5, abs=1e-7)
