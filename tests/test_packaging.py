@@ -30,9 +30,10 @@ def test_every_module_of_every_subpackage_is_in_the_wheel(wheel_names):
             assert f"{installed}/{module}" in wheel_names, f"{source}/{module} missing from the wheel"
 
 
-def test_bundled_toy_assets_are_in_the_wheel(wheel_names):
-    assets = ROOT / "fastgen" / "assets"
-    files = [p.relative_to(ROOT).as_posix() for p in assets.rglob("*") if p.is_file()]
+def test_bundled_toy_assets_and_presets_are_in_the_wheel(wheel_names):
+    bundled = [*(ROOT / "fastgen" / "assets").rglob("*"), *(ROOT / "fastgen" / "configs").glob("*.yaml")]
+    files = [p.relative_to(ROOT).as_posix() for p in bundled if p.is_file()]
+    assert any(f.startswith("fastgen/configs/toy_") for f in files)
     assert any(f.endswith("toy_teacher/unet/diffusion_pytorch_model.safetensors") for f in files)
     assert any(f.startswith("fastgen/assets/toy_features/") for f in files)
     for f in files:
