@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=["consistency", "progressive"], default="consistency")
     demo.add_argument("--max-steps", type=int, help="training steps (default: the preset's)")
     demo.add_argument("--num-samples", type=int, default=1000, help="samples per toy-FID point")
-    demo.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
+    demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: the toy network is too small to gain from more, and "
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")
     evaluate.add_argument("--model", required=True, help="diffusers folder: an exported student or any teacher")
-    evaluate.add_argument("--steps", type=_int_list, required=True, help="step counts, e.g. 1,2,4")
+    evaluate.add_argument("--steps", type=int_list, required=True, help="step counts, e.g. 1,2,4")
     evaluate.add_argument("--ref", help="reference: Inception statistics .npz or a folder of images "
                           "(default with --features toy: fresh toy images)")
     evaluate.add_argument("--num-samples", type=int, default=1000, help="samples per point (default: %(default)s)")

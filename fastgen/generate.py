@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from fastgen.denoiser import BoundaryDenoiser
 from fastgen.samplers import Guidance, get_sampler
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.teacher import Teacher
@@ -29,6 +30,10 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     """``num`` images in [-1, 1] (decoded for latent models), deterministic given ``seed``."""
     name, timesteps = sampling_plan(model, steps, sampler)
     sample = get_sampler(name)
+    denoiser = model.denoiser
+    boundary = getattr(model.pipeline.scheduler.config, "boundary", None)
+    if isinstance(model.pipeline.scheduler, FewStepScheduler) and boundary:  # a consistency student's f(x, t)
+        denoiser = BoundaryDenoiser(denoiser, **boundary)
     generator = torch.Generator().manual_seed(seed)
     device = model.model.device
     images = []
@@ -43,7 +48,7 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
                 guidance = Guidance(model.null_cond(n), guidance_scale)
         elif class_labels is not None:
             cond = model.class_cond([class_labels[(start + i) % len(class_labels)] for i in range(n)])
-        out = sample(model.denoiser, x, timesteps, cond=cond, guidance=guidance, generator=generator)
+        out = sample(denoiser, x, timesteps, cond=cond, guidance=guidance, generator=generator)
         images.append(model.decode(out).float().cpu())
     return torch.cat(images).clamp(-1, 1)
 

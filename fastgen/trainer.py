@@ -129,7 +129,7 @@ class Trainer:
         if t.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self._trainable("student"), decay=t.ema_decay)
+            self.ema = EMAModel(self._trainable("student"), decay=t.ema_decay, foreach=True)
         self.step = 0
         self.batches_used = 0
         self.nonfinite_total = 0

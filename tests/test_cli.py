@@ -149,3 +149,19 @@ def test_student_prediction_type_is_trained_and_exported(ddpm, tmp_path):
     with pytest.raises(ValueError, match="student.prediction_type is 'flow'; a vp teacher's student takes one of"):
         main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
               "--output", str(tmp_path / "bad"), "--max-steps", "1", "student.prediction_type=flow"])
+
+
+def test_generate_applies_a_consistency_students_boundary_condition(ddpm, tmp_path):
+    """At t = 0 the boundary condition makes f(x, 0) = x: a student 'trained' for [0] returns its input noise."""
+    import torch
+
+    from fastgen.generate import generate
+    from fastgen.pipelines import export_student
+    from fastgen.teacher import load_teacher
+
+    teacher = load_teacher(ddpm)
+    out = export_student(teacher, teacher.model, tmp_path / "student", {1: [0.0]},
+                         boundary={"sigma_data": 0.5, "timestep_scaling": 10.0})
+    images = generate(load_teacher(out), 3, 1, seed=5)
+    noise = torch.randn((3, *teacher.sample_shape), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(images, noise.clamp(-1, 1))

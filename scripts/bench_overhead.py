@@ -1,0 +1,249 @@
+"""Trainer overhead: time per step of ``fastgen.trainer.Trainer`` against a hand-written loop, side by side.
+
+    python scripts/bench_overhead.py                      # toy teacher, consistency and progressive
+    python scripts/bench_overhead.py --profile            # also cProfile both loops (top functions by cumulative time)
+
+Both loops train the same objective (``fastgen.losses.build_objective``) on their own copy of the same
+teacher (``fastgen.trainer.make_student``), on the same ``DataSource`` batches, in fp32 on the CPU.
+
+- Trainer: ``Trainer(config).fit()`` as a user runs it: accelerate, metrics.jsonl written every step
+  (``train.log_every=1``), the progress bar, EMA (diffusers' ``EMAModel``), the non-finite guard, per-step
+  re-seeding; one checkpoint, at the end, which is not timed.
+- Hand-written: ``loss = objective.loss(...)["loss"]``, ``loss.backward()``, ``clip_grad_norm_``, a plain
+  ``torch.optim.AdamW`` step, ``zero_grad``, the student's EMA by the same rule as ``EMAModel``
+  (decay ``min(ema_decay, (1 + n) / (10 + n))``, 0 at the first step) as one ``torch._foreach_lerp_``, and
+  ``objective.on_step_end``; no accelerate, no logging, no checkpoints.
+
+What is timed: one step is the interval between the ends of two consecutive ``objective.on_step_end`` calls,
+i.e. one full iteration of ``Trainer.fit``'s loop (re-seeding, ``_train_step``, ``on_step_end``, the step
+counter, progress bar, metrics line and tracker call) or of the hand-written loop. The two alternate inside
+one ``fit()``: after every ``--block-steps`` trainer steps, ``--block-steps`` hand-written steps run (the
+clock restarts after them), so machine noise hits both alike. The first ``--warmup`` steps of each are not
+timed. Two clocks: wall (``time.perf_counter``) and this process's CPU time (``time.process_time``); with
+one torch thread all the work runs on the calling thread, so the CPU clock leaves out the time spent waiting
+for a core that other processes hold and is the steadier figure on a shared machine. Reported per method
+and clock: the median step of each loop, their ratio, and the spread of the per-block ratios (median of
+trainer block i over median of the hand-written block that follows it); also the median minor page faults
+per step of each loop (``getrusage``), which expose glibc returning freed heap to the OS between steps
+(see docs/benchmarks.md; ``MALLOC_*`` variables and ``LD_PRELOAD`` are recorded with the results).
+Results go to ``--out`` (JSON) and a Markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fastgen.config import DistillConfig, config_from_dict
+from fastgen.denoiser import Denoiser
+from fastgen.losses import build_objective
+from fastgen.trainer import Trainer, make_student
+
+CLOCKS = ("wall", "cpu")
+COUNTERS = (*CLOCKS, "minor_faults")
+LOOP_MACHINERY = (r"trainer\.py|bench_overhead\.py|training_utils\.py|accelerate/|tqdm/|json/|clip_grad|random\.py|"
+                  r"optimizer\.py|_foreach|manual_seed|isfinite|\.item|method 'write'|built-in method io\.open")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="toy",
+                   help="teacher diffusers folder; 'toy': the bundled toy teacher (default: %(default)s)")
+    p.add_argument("--methods", default="consistency,progressive", help="comma-separated objectives (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps of each loop before the first block (default: %(default)s)")
+    p.add_argument("--blocks", type=int, default=30, help="timed blocks of each loop, alternating (default: %(default)s)")
+    p.add_argument("--block-steps", type=int, default=10, help="steps per block (default: %(default)s)")
+    p.add_argument("--teacher-samples", type=int, default=256,
+                   help="teacher samples in the data cache (default: %(default)s)")
+    p.add_argument("--teacher-sample-steps", type=int, default=8,
+                   help="DDIM steps of those samples (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
+    p.add_argument("--work-dir", type=Path, help="where the run folders go (default: a temporary folder, removed)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench_overhead.json"),
+                   help="results file, JSON (default: %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile both loops' timed steps and print the top functions (timings of a profiled run "
+                        "are skewed, so --out is not written)")
+    return p.parse_args(argv)
+
+
+def distill_config(args, method: str, run_dir: Path) -> DistillConfig:
+    return config_from_dict(DistillConfig, {
+        "teacher": args.teacher, "method": method, "output": str(run_dir), "data": "teacher", "seed": args.seed,
+        "teacher_samples": args.teacher_samples, "teacher_sample_steps": args.teacher_sample_steps,
+        "train": {"max_steps": args.warmup + args.blocks * args.block_steps, "batch_size": args.batch_size,
+                  "log_every": 1, "checkpoint_every": 0, "sample_every": 0, "mixed_precision": "no"},
+    })
+
+
+class HandLoop:
+    """The trainer's objective on a fresh student copy, trained by a plain PyTorch loop."""
+
+    def __init__(self, trainer: Trainer):
+        config, teacher = trainer.config, trainer.teacher
+        self.train = config.train
+        self.student = Denoiser(make_student(teacher.model, config), teacher.schedule)
+        self.objective = build_objective(config.method, teacher.denoiser, self.student, config.objective,
+                                         config.student.num_steps, config.student.timesteps, config.train.max_steps)
+        (self.phase,) = self.objective.phases()
+        self.data = trainer.data
+        self.params = [p for p in self.student.model.parameters() if p.requires_grad]
+        t = self.train
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.ema = [p.detach().clone() for p in self.params]
+        self.step = 0
+
+    def run(self, steps: int, stamps: list[tuple[float, float, int]]) -> None:
+        """Train ``steps`` steps, appending the clock after each to ``stamps``."""
+        t = self.train
+        for _ in range(steps):
+            loss = self.objective.loss(self.phase.name, self.data.batch(self.step), self.step)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            decay = 0.0 if self.step == 0 else min(t.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
+            self.objective.on_step_end(self.step)
+            self.step += 1
+            stamps.append(clock())
+
+
+def clock() -> tuple[float, float, int]:
+    """Wall and CPU seconds of this process, and its minor page faults so far."""
+    return time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def intervals(stamps: list[tuple[float, float, int]]) -> dict[str, list[float]]:
+    """Per-step differences between consecutive stamps, for each counter."""
+    return {name: [b[i] - a[i] for a, b in zip(stamps, stamps[1:])] for i, name in enumerate(COUNTERS)}
+
+
+def bench_method(args, method: str, run_dir: Path) -> dict:
+    """Run ``fit()`` with the hand-written loop's blocks interleaved; summarise the per-step times."""
+    trainer = Trainer(distill_config(args, method, run_dir))
+    hand = HandLoop(trainer)
+    blocks: dict[str, list[dict[str, list[float]]]] = {"trainer": [], "hand-written": []}
+    profiles = {name: cProfile.Profile() for name in blocks} if args.profile else {}
+    stamps = [clock()]
+    objective_step_end = trainer.objective.on_step_end
+
+    def on_step_end(step: int) -> None:
+        objective_step_end(step)
+        stamps.append(clock())
+        done = step + 1
+        if done < args.warmup or (done - args.warmup) % args.block_steps:
+            return
+        warming_up = done == args.warmup
+        if not warming_up:
+            if profiles:
+                profiles["trainer"].disable()
+            blocks["trainer"].append(intervals(stamps))
+            if profiles:
+                profiles["hand-written"].enable()
+        hand_stamps = [clock()]
+        hand.run(args.warmup if warming_up else args.block_steps, hand_stamps)
+        if not warming_up:
+            if profiles:
+                profiles["hand-written"].disable()
+            blocks["hand-written"].append(intervals(hand_stamps))
+        if profiles and done < trainer.config.train.max_steps:
+            profiles["trainer"].enable()
+        stamps[:] = [clock()]
+
+    trainer.objective.on_step_end = on_step_end
+    trainer.fit()
+    result = {name: summarize([b[name] for b in blocks["trainer"]], [b[name] for b in blocks["hand-written"]])
+              for name in CLOCKS}
+    result["minor_faults_per_step"] = {loop: statistics.median(n for b in loop_blocks for n in b["minor_faults"])
+                                       for loop, loop_blocks in blocks.items()}
+    if profiles:
+        result["profiles"] = {name: top_functions(profile) for name, profile in profiles.items()}
+    return result
+
+
+def summarize(trainer_blocks: list[list[float]], hand_blocks: list[list[float]]) -> dict:
+    """Medians in ms, the ratio of the medians, and the spread of the per-block ratios."""
+    trainer_ms = 1e3 * statistics.median(s for block in trainer_blocks for s in block)
+    hand_ms = 1e3 * statistics.median(s for block in hand_blocks for s in block)
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(trainer_blocks, hand_blocks)]
+    return {
+        "trainer_ms_per_step": round(trainer_ms, 3),
+        "hand_written_ms_per_step": round(hand_ms, 3),
+        "overhead_ms_per_step": round(trainer_ms - hand_ms, 3),
+        "ratio": round(trainer_ms / hand_ms, 4),
+        "block_ratios": [round(r, 4) for r in ratios],
+        "block_ratio_median": round(statistics.median(ratios), 4),
+        "block_ratio_min": round(min(ratios), 4),
+        "block_ratio_max": round(max(ratios), 4),
+        "timed_steps_each": sum(map(len, trainer_blocks)),
+    }
+
+
+def top_functions(profile: cProfile.Profile) -> str:
+    """The top functions by cumulative time, then those of the loop machinery (not the objective's compute)."""
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")
+    stats.print_stats(15)
+    stats.print_stats(LOOP_MACHINERY, 30)
+    return out.getvalue()
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| method | clock | trainer ms/step | hand-written ms/step | overhead ms/step | ratio | "
+             "block ratios: median [min, max] | minor page faults/step: trainer, hand-written |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for method, by_clock in results.items():
+        faults = by_clock["minor_faults_per_step"]
+        for name in CLOCKS:
+            r = by_clock[name]
+            lines.append(f"| {method} | {name} | {r['trainer_ms_per_step']:.1f} | {r['hand_written_ms_per_step']:.1f} | "
+                         f"{r['overhead_ms_per_step']:.2f} | {r['ratio']:.3f} | {r['block_ratio_median']:.3f} "
+                         f"[{r['block_ratio_min']:.3f}, {r['block_ratio_max']:.3f}] | "
+                         f"{faults['trainer']:.0f}, {faults['hand-written']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_overhead-") as tmp:
+        work_dir = args.work_dir or Path(tmp)
+        for method in args.methods.split(","):
+            results[method] = bench_method(args, method, work_dir / method)
+    for method, r in results.items():
+        for name, text in r.pop("profiles", {}).items():
+            print(f"--- {method}, {name}: top functions by cumulative time over the timed steps\n{text}")
+    report = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile"},
+        "results": results,
+    }
+    print(markdown_table(results))
+    if not args.profile:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
