@@ -129,7 +129,8 @@ class Trainer:
         if t.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self._trainable("student"), decay=t.ema_decay, foreach=True)
+            self.student_params = self._trainable("student")
+            self.ema = EMAModel(self.student_params, decay=t.ema_decay, foreach=True)
         self.step = 0
         self.batches_used = 0
         self.nonfinite_total = 0
@@ -159,11 +160,12 @@ class Trainer:
             else:
                 _set_module(self.objective, name, wrapped[name])
         self.optimizers = {}
+        self.phase_params = {}  # built once: the training step clips and averages these lists
         for phase in self.phases:
             unknown = set(phase.networks) - names
             if unknown:
                 raise ValueError(f"phase {phase.name!r} trains {sorted(unknown)}, which the objective does not own")
-            params = [p for n in phase.networks for p in self._trainable(n)]
+            params = self.phase_params[phase.name] = [p for n in phase.networks for p in self._trainable(n)]
             opt = torch.optim.AdamW(params, lr=phase.lr or t.lr, betas=phase.betas or tuple(t.betas),
                                     weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay)
             self.optimizers[phase.name] = self.accelerator.prepare(opt)
@@ -231,12 +233,11 @@ class Trainer:
                 continue
             self.nonfinite_in_a_row[phase.name] = 0
             if t.grad_clip is not None:
-                params = [p for n in phase.networks for p in self._trainable(n)]
-                totals["grad_norm"] = float(acc.clip_grad_norm_(params, t.grad_clip))
+                totals["grad_norm"] = float(acc.clip_grad_norm_(self.phase_params[phase.name], t.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if self.ema is not None and "student" in phase.networks:
-                self.ema.step(self._trainable("student"))
+                self.ema.step(self.student_params)
             logged.update({f"{phase.name}/{k}": v for k, v in totals.items()})
         return logged
 
