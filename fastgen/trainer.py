@@ -175,7 +175,7 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
         metrics_file = self.run_dir / "metrics.jsonl"
-        logged: dict[str, float] = {}
+        logged: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
         while self.step < t.max_steps:
             torch.manual_seed(step_seed(self.config.seed, self.step, acc.process_index))
@@ -183,13 +183,15 @@ class Trainer:
             self.objective.on_step_end(self.step)
             self.step += 1
             bar.update(1)
-            if acc.is_main_process and (self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps):
-                record = {"step": self.step, "time": round(time.perf_counter() - start, 3), **logged,
-                          "nonfinite_skipped": self.nonfinite_total}
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k.endswith("/loss")})
-            acc.log(logged, step=self.step)
+            if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
+                values = {k: float(v) for k, v in logged.items()}  # the only host sync of the logged terms
+                if acc.is_main_process:
+                    record = {"step": self.step, "time": round(time.perf_counter() - start, 3), **values,
+                              "nonfinite_skipped": self.nonfinite_total}
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
+                acc.log(values, step=self.step)
             if t.sample_every and self.step % t.sample_every == 0:
                 self.save_samples()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
@@ -197,9 +199,10 @@ class Trainer:
         bar.close()
         self.save()
         acc.end_training()
-        return logged
+        return {k: float(v) for k, v in logged.items()}
 
-    def _train_step(self) -> dict[str, float]:
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        """One step of every phase due now; returns the logged terms as detached tensors (no host sync)."""
         acc, t = self.accelerator, self.config.train
         logged = {}
         for phase in self.phases:
@@ -208,7 +211,7 @@ class Trainer:
             opt = self.optimizers[phase.name]
             opt.zero_grad(set_to_none=True)  # drop gradients other phases' losses left (generator through critic)
             nets = [self._network(n) for n in phase.networks]
-            totals: dict[str, float] = {}
+            totals: dict[str, torch.Tensor] = {}
             finite = True
             for micro in range(t.grad_accum):
                 batch = self.data.batch(self.batches_used).to(acc.device)
@@ -226,16 +229,15 @@ class Trainer:
                     if finite:
                         acc.backward(loss / t.grad_accum)
                 for key, value in out.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach().float()) / t.grad_accum
+                    totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accum
             if not finite:
                 opt.zero_grad(set_to_none=True)
-                self._count_nonfinite(phase.name, totals.get("loss", math.nan))
+                self._count_nonfinite(phase.name, float(totals.get("loss", math.nan)))
                 continue
             self.nonfinite_in_a_row[phase.name] = 0
             if t.grad_clip is not None:
-                totals["grad_norm"] = float(acc.clip_grad_norm_(self.phase_params[phase.name], t.grad_clip))
+                totals["grad_norm"] = acc.clip_grad_norm_(self.phase_params[phase.name], t.grad_clip)
             opt.step()
-            opt.zero_grad(set_to_none=True)
             if self.ema is not None and "student" in phase.networks:
                 self.ema.step(self.student_params)
             logged.update({f"{phase.name}/{k}": v for k, v in totals.items()})
