@@ -46,7 +46,6 @@ from safetensors.torch import load_file, save_file
 
 from fastgen.atomic import atomic_path
 from fastgen.denoiser import Cond, cat_cond, slice_cond
-from fastgen.generate import init_noise_scale
 from fastgen.samplers import sample_ddim
 from fastgen.teacher import Teacher
 
@@ -396,7 +395,7 @@ def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, s
     timesteps = teacher.schedule.timesteps(steps)
     generator = torch.Generator().manual_seed(derive_seed(seed, "teacher-samples"))
     noise = torch.randn((count, *teacher.sample_shape), generator=generator)
-    noise = noise * init_noise_scale(teacher, float(timesteps[0]))
+    noise = noise * teacher.schedule.prior_scale(timesteps[0])
     pairs = {"noise": noise}
     if teacher.num_classes:
         pairs["class_labels"] = torch.randint(teacher.num_classes, (count,), generator=generator)

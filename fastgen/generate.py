@@ -40,7 +40,7 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         x = torch.randn((n, *model.sample_shape), generator=generator).to(device)
-        x = x * init_noise_scale(model, timesteps[0])
+        x = x * model.schedule.prior_scale(timesteps[0])
         cond, guidance = None, None
         if prompts is not None:
             cond = model.encode_prompts([prompts[(start + i) % len(prompts)] for i in range(n)])
@@ -51,14 +51,6 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
         out = sample(denoiser, x, timesteps, cond=cond, guidance=guidance, generator=generator)
         images.append(model.decode(out).float().cpu())
     return torch.cat(images).clamp(-1, 1)
-
-
-def init_noise_scale(model: Teacher, t0: float) -> float:
-    """The prior's scale at the first timestep: 1 for VP and flow (unit Gaussian), sigma_max for EDM."""
-    schedule = model.schedule
-    if schedule.family == "edm":
-        return float(schedule.sigma(torch.tensor(t0)))
-    return 1.0
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:

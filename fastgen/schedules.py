@@ -143,6 +143,11 @@ class NoiseSchedule:
         """The ``n`` descending native times a sampler visits (the last step then goes to x0)."""
         raise NotImplementedError
 
+    def prior_scale(self, t) -> float:
+        """Scale of the Gaussian a sampler starting at ``t`` draws: 1 (VP and flow start from a unit
+        Gaussian; a student conditioned at ``t < T`` is fed pure noise too)."""
+        return 1.0
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able description from which ``schedule_from_description`` rebuilds this schedule."""
         raise NotImplementedError
@@ -292,6 +297,10 @@ class EDMSchedule(NoiseSchedule):
     def from_x0(self, x0, x_t, t):
         c_skip, c_out = self._c_skip_out(_as_tensor(t, x_t), x_t)
         return (x0 - c_skip * x_t) / c_out
+
+    def prior_scale(self, t) -> float:
+        """``sigma(t)``: EDM samples start from ``N(0, sigma_max²)``."""
+        return float(self.sigma(torch.as_tensor(t, dtype=torch.float32).reshape(-1)[0]))
 
     def sample_t(self, n, generator=None, device=None, t_min=None, t_max=None, p_mean=-1.2, p_std=1.2):
         """Log-normal training sigmas, ``ln sigma ~ N(P_mean, P_std²)`` (Karras et al. 2022, Table 1),

@@ -81,9 +81,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
             timesteps = self.config.trained_timesteps[key]
         self.timesteps = torch.tensor([float(t) for t in timesteps], dtype=torch.float32, device=device)
         self.num_inference_steps = len(self.timesteps)
-        first = self.timesteps[:1].cpu()
-        self.init_noise_sigma = float(self.schedule.sigma(first) / self.schedule.alpha(first)) \
-            if self.schedule.family == "edm" else 1.0
+        self.init_noise_sigma = self.schedule.prior_scale(self.timesteps[0].cpu())
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

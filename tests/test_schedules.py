@@ -177,3 +177,14 @@ def test_errors_name_what_was_expected():
         _vp()[1].sample_t(4, t_max=2000)
     with pytest.raises(ValueError, match="shift: expected a positive number"):
         FlowSchedule(shift=0)
+
+
+def test_prior_scale_is_the_starting_noise_level():
+    from fastgen.samplers.scheduler import FewStepScheduler
+
+    edm, vp, flow = EDMSchedule(), _vp()[1], FlowSchedule()
+    assert edm.prior_scale(edm.timesteps(4)[0]) == pytest.approx(80.0)
+    assert vp.prior_scale(999.0) == 1.0 and flow.prior_scale(1000.0) == 1.0
+    sched = FewStepScheduler(schedule=edm.describe(), trained_timesteps={"1": [10.0]})
+    sched.set_timesteps(1)
+    assert sched.init_noise_sigma == pytest.approx(10.0)
