@@ -87,9 +87,9 @@ class ProgressiveDistillation(Objective):
             z_mid = ddim_step(self.schedule, z_t, x0_t, t, mid)
             x0_mid = denoise(self.round_teacher, z_mid, mid, batch.cond, guidance)
             z_s = ddim_step(self.schedule, z_mid, x0_mid, mid, s)
-            z_s = torch.where(last.view(-1, *[1] * (x0.ndim - 1)), x0_mid, z_s)
-            target = progressive_target(self.schedule, z_t, z_s, t, s)
-            target = torch.where(last.view(-1, *[1] * (x0.ndim - 1)), x0_mid, target)
+            # a pair ending on the clean sample has the teacher's x0 at `mid` as its target
+            target = torch.where(last.view(-1, *[1] * (x0.ndim - 1)), x0_mid,
+                                 progressive_target(self.schedule, z_t, z_s, t, s))
         pred = self.student(z_t, t, batch.cond)
         weight = (self.schedule.logsnr(t).exp()).clamp(min=1.0)
         per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
