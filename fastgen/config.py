@@ -137,6 +137,11 @@ class StudentConfig:
     """LoRA scaling numerator; None = ``lora_rank``."""
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """Module names that receive LoRA adapters."""
+    experts: int = 1
+    """Networks of the student, each owning a noise interval (high noise first); 1 = one network."""
+    expert_boundaries: list[float] | None = None
+    """The ``experts - 1`` times (teacher's native time, decreasing) between the experts' intervals;
+    None = halfway between the steps that split ``timesteps`` (or the schedule's grid) into equal groups."""
 
 
 @dataclass
@@ -200,6 +205,9 @@ class DistillConfig:
             (s.timesteps is None or len(s.timesteps) == s.num_steps, "student.timesteps", s.timesteps,
              f"{s.num_steps} timesteps (one per student.num_steps)"),
             (s.lora_rank >= 0, "student.lora_rank", s.lora_rank, ">= 0"),
+            (s.experts >= 1, "student.experts", s.experts, ">= 1"),
+            (s.expert_boundaries is None or len(s.expert_boundaries) == s.experts - 1, "student.expert_boundaries",
+             s.expert_boundaries, f"{s.experts - 1} times (student.experts - 1)"),
             (s.lora_alpha is None or s.lora_alpha > 0, "student.lora_alpha", s.lora_alpha, "> 0 or None"),
             (t.max_steps >= 0, "train.max_steps", t.max_steps, ">= 0"),
             (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError
-from fastgen.denoiser import Cond, Denoiser
+from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -30,6 +30,14 @@ class Teacher:
     denoiser: Denoiser
     schedule: NoiseSchedule
     source: str
+
+    def __call__(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
+        """The teacher's x0-prediction ``denoiser(x_t, t, cond)``."""
+        return self.denoiser(x_t, t, cond)
+
+    def guided(self, x_t: torch.Tensor, t, cond: Cond | None, uncond: Cond | None, scale) -> torch.Tensor:
+        """Classifier-free guided x0 (``BaseDenoiser.guided``, Ho–Salimans form)."""
+        return self.denoiser.guided(x_t, t, cond, uncond, scale)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -146,6 +154,47 @@ class Teacher:
         cfg = self.vae.config
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.float()
         return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+class DenoiserTeacher:
+    """A bare denoiser (e.g. ``fastgen.analytic.GaussianMixtureDenoiser``) seen as a ``Teacher``: no pipeline,
+    no encoders; samples of ``sample_shape`` (the denoiser's ``shape`` unless given), unconditional or
+    class-conditional (``num_classes``; the analytic mixture's label ``-1`` is its unconditional branch)."""
+
+    is_latent = False
+    text_conditioned = False
+    pipeline = None
+
+    def __init__(self, denoiser: BaseDenoiser, sample_shape: tuple[int, ...] | None = None, num_classes: int = 0):
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.source = type(denoiser).__name__
+        self.num_classes = num_classes
+        shape = sample_shape or getattr(denoiser, "shape", None)
+        self.sample_shape = tuple(shape) if shape is not None else None
+
+    __call__ = Teacher.__call__
+    guided = Teacher.guided
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return getattr(self.denoiser, "model", self.denoiser)
+
+    def class_cond(self, labels: torch.Tensor) -> Cond:
+        return {"class_labels": torch.as_tensor(labels, dtype=torch.long)}
+
+    def null_cond(self, n: int) -> Cond | None:
+        return {"class_labels": torch.full((n,), -1, dtype=torch.long)} if self.num_classes else None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    encode = decode
+
+
+def as_teacher(teacher) -> Teacher | DenoiserTeacher:
+    """A ``Teacher`` as it is; a bare denoiser wrapped as a ``DenoiserTeacher``."""
+    return DenoiserTeacher(teacher) if isinstance(teacher, BaseDenoiser) else teacher
 
 
 def _read_index(folder: Path) -> dict[str, list]:

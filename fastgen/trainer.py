@@ -27,7 +27,10 @@ from fastgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from fastgen.config import DistillConfig, config_to_dict, save_config
 from fastgen.data import build_data
 from fastgen.denoiser import Denoiser
+from fastgen.experts import ExpertsDenoiser, default_boundaries
 from fastgen.losses import build_objective
+from fastgen.networks import (NetworkFactory, configure_network, load_network_state, network_module, network_state,
+                              trainable_parameters)
 from fastgen.schedules import NoiseSchedule, schedule_from_description
 from fastgen.teacher import load_teacher
 
@@ -39,26 +42,6 @@ class NonFiniteLossError(RuntimeError):
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one training step on one process."""
     return (seed * 1_000_003 + step * 9_973 + rank * 7_919) % (2**63 - 1)
-
-
-def configure_network(model: torch.nn.Module, attention: str, gradient_checkpointing: bool) -> None:
-    """Attention backend through diffusers' processors, and gradient checkpointing."""
-    if attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        if hasattr(model, "set_attn_processor"):
-            model.set_attn_processor(AttnProcessor2_0())
-    elif attention == "xformers":
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise ValueError("train.attention is 'xformers' but xformers is not installed; "
-                             "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
-        model.enable_xformers_memory_efficient_attention()
-    if gradient_checkpointing:
-        if not getattr(model, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.enable_gradient_checkpointing()
 
 
 def make_student(teacher_model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
@@ -104,18 +87,33 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
+        torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         self.teacher = load_teacher(config.teacher, device=acc.device, dtype=weight_dtype,
                                     trust_pickle=config.trust_pickle)
         # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
         full = self.teacher if weight_dtype == torch.float32 else load_teacher(config.teacher,
                                                                                 trust_pickle=config.trust_pickle)
-        student_model = make_student(full.model, config)
-        del full
-        configure_network(student_model, t.attention, t.gradient_checkpointing)
-        self.student = Denoiser(student_model, student_schedule(self.teacher.schedule, config.student.prediction_type))
-        self.objective = build_objective(config.method, self.teacher.denoiser, self.student, config.objective,
-                                         config.student.num_steps, config.student.timesteps, t.max_steps)
+        schedule = student_schedule(self.teacher.schedule, config.student.prediction_type)
+        self.student_names = ["student"] if config.student.experts == 1 else [
+            f"student.{k}" for k in range(config.student.experts)]
+        experts = []
+        for _ in self.student_names:
+            model = make_student(full.model, config)
+            configure_network(model, t.attention, t.gradient_checkpointing)
+            experts.append(Denoiser(model, schedule))
+        if len(experts) == 1:
+            self.student = experts[0]
+        else:
+            s = config.student
+            grid = s.timesteps or self.teacher.schedule.timesteps(s.num_steps).tolist()
+            self.student = ExpertsDenoiser(experts, s.expert_boundaries or default_boundaries(grid, s.experts))
+        # students first: LoRA networks the objective adds on the teacher's weights stay out of their copies
+        factory = NetworkFactory(self.teacher, t.attention, t.gradient_checkpointing, source=full.model)
+        self.objective = build_objective(config.method, self.teacher, self.student, config.objective,
+                                         config.student.num_steps, config.student.timesteps, t.max_steps,
+                                         factory=factory)
+        del full, factory
         with acc.main_process_first():
             self.data = build_data(config.data, self.teacher, t.batch_size, config.seed * 1000 + acc.process_index,
                                    self.run_dir / "cache", num_teacher_samples=config.teacher_samples,
@@ -125,12 +123,11 @@ class Trainer:
             raise ValueError(f"method {config.method!r} needs data: pass --data with a folder of images or "
                              "'teacher' (samples generated by the teacher)")
         self._build_optimizers()
-        self.ema = None
+        self.emas = {}  # one EMA per student network (per expert)
         if t.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.student_params = self._trainable("student")
-            self.ema = EMAModel(self.student_params, decay=t.ema_decay, foreach=True)
+            self.emas = {n: EMAModel(self.trainable[n], decay=t.ema_decay, foreach=True) for n in self.student_names}
         self.step = 0
         self.batches_used = 0
         self.nonfinite_total = 0
@@ -142,33 +139,70 @@ class Trainer:
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
 
     # -- networks and optimizers --------------------------------------------------------------------
-    def _network(self, name: str):
-        return self.student.model if name == "student" else _module(getattr(self.objective, name))
+    def _attr(self, name: str):
+        """The ``Denoiser`` or module behind a network name (``student``, ``student.k``, objective networks)."""
+        if name in self.student_names:
+            return self.student if name == "student" else self.student.experts[int(name.split(".")[1])]
+        return getattr(self.objective, name)
 
-    def _trainable(self, name: str) -> list[torch.nn.Parameter]:
-        return [p for p in self._network(name).parameters() if p.requires_grad]
+    def _network(self, name: str) -> torch.nn.Module:
+        return network_module(self._attr(name))
+
+    def _set_network(self, name: str, module: torch.nn.Module) -> None:
+        attr = self._attr(name)
+        if isinstance(attr, Denoiser):
+            attr.model = module
+        else:
+            setattr(self.objective, name, module)
+
+    def _phase_networks(self, phase) -> list[str]:
+        """The networks a phase trains; ``"student"`` names every expert of a student of experts."""
+        names = []
+        for name in phase.networks:
+            names += self.student_names if name == "student" else [name]
+        return names
 
     def _build_optimizers(self) -> None:
         t = self.config.train
         self.phases = self.objective.phases()
-        names = {"student", *self.objective.networks()}
-        wrapped = {}
-        for name in sorted(names):
-            wrapped[name] = self.accelerator.prepare(self._network(name))
-            if name == "student":
-                self.student.model = wrapped[name]
-            else:
-                _set_module(self.objective, name, wrapped[name])
+        self.network_names = [*self.student_names, *sorted(self.objective.networks())]
+        known = {*self.network_names, "student"}
+        # built once: the training step clips, averages and excludes these lists
+        self.trainable = {name: trainable_parameters(self._attr(name)) for name in self.network_names}
+        for name in self.network_names:
+            self._set_network(name, self.accelerator.prepare(self._network(name)))
         self.optimizers = {}
-        self.phase_params = {}  # built once: the training step clips and averages these lists
+        self.phase_params = {}
+        self.excluded = {}  # per phase: the trainable networks it does not own
         for phase in self.phases:
-            unknown = set(phase.networks) - names
+            unknown = set(phase.networks) - known
             if unknown:
-                raise ValueError(f"phase {phase.name!r} trains {sorted(unknown)}, which the objective does not own")
-            params = self.phase_params[phase.name] = [p for n in phase.networks for p in self._trainable(n)]
+                raise ValueError(f"phase {phase.name!r} trains {sorted(unknown)}, which the objective does not own; "
+                                 f"expected names among {sorted(known)}")
+            owned = self._phase_networks(phase)
+            self.excluded[phase.name] = [n for n in self.network_names if n not in owned]
+            params = self.phase_params[phase.name] = [p for n in owned for p in self.trainable[n]]
             opt = torch.optim.AdamW(params, lr=phase.lr or t.lr, betas=phase.betas or tuple(t.betas),
                                     weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay)
             self.optimizers[phase.name] = self.accelerator.prepare(opt)
+
+    @contextlib.contextmanager
+    def _owned_by(self, phase):
+        """Only ``phase``'s networks take gradients while it runs: every other trainable network has
+        ``requires_grad`` off (gradients still flow through its inputs) and, under DDP, skips gradient
+        synchronisation; restored afterwards."""
+        excluded = self.excluded[phase.name]
+        with contextlib.ExitStack() as stack:
+            for name in excluded:
+                stack.enter_context(self.accelerator.no_sync(self._network(name)))
+                for p in self.trainable[name]:
+                    p.requires_grad_(False)
+            try:
+                yield
+            finally:
+                for name in excluded:
+                    for p in self.trainable[name]:
+                        p.requires_grad_(True)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -209,27 +243,28 @@ class Trainer:
             if not phase.runs_at(self.step):
                 continue
             opt = self.optimizers[phase.name]
-            opt.zero_grad(set_to_none=True)  # drop gradients other phases' losses left (generator through critic)
-            nets = [self._network(n) for n in phase.networks]
+            opt.zero_grad(set_to_none=True)
+            nets = [self._network(n) for n in self._phase_networks(phase)]
             totals: dict[str, torch.Tensor] = {}
             finite = True
-            for micro in range(t.grad_accum):
-                batch = self.data.batch(self.batches_used).to(acc.device)
-                self.batches_used += 1
-                sync = micro == t.grad_accum - 1
-                with contextlib.ExitStack() as stack:
-                    if not sync:
-                        for net in nets:
-                            stack.enter_context(acc.no_sync(net))
-                    with acc.autocast():
-                        out = self.objective.loss(phase.name, batch, self.step)
-                    loss = out["loss"]
-                    ok = torch.isfinite(loss.detach()).float().reshape(1)
-                    finite = finite and bool(acc.gather(ok).min() > 0)
-                    if finite:
-                        acc.backward(loss / t.grad_accum)
-                for key, value in out.items():
-                    totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accum
+            with self._owned_by(phase):
+                for micro in range(t.grad_accum):
+                    batch = self.data.batch(self.batches_used).to(acc.device)
+                    self.batches_used += 1
+                    sync = micro == t.grad_accum - 1
+                    with contextlib.ExitStack() as stack:
+                        if not sync:
+                            for net in nets:
+                                stack.enter_context(acc.no_sync(net))
+                        with acc.autocast():
+                            out = self.objective.loss(phase.name, batch, self.step)
+                        loss = out["loss"]
+                        ok = torch.isfinite(loss.detach()).float().reshape(1)
+                        finite = finite and bool(acc.gather(ok).min() > 0)
+                        if finite:
+                            acc.backward(loss / t.grad_accum)
+                    for key, value in out.items():
+                        totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accum
             if not finite:
                 opt.zero_grad(set_to_none=True)
                 self._count_nonfinite(phase.name, float(totals.get("loss", math.nan)))
@@ -238,8 +273,9 @@ class Trainer:
             if t.grad_clip is not None:
                 totals["grad_norm"] = acc.clip_grad_norm_(self.phase_params[phase.name], t.grad_clip)
             opt.step()
-            if self.ema is not None and "student" in phase.networks:
-                self.ema.step(self.student_params)
+            for name in self._phase_networks(phase):
+                if name in self.emas:
+                    self.emas[name].step(self.trainable[name])
             logged.update({f"{phase.name}/{k}": v for k, v in totals.items()})
         return logged
 
@@ -261,12 +297,11 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
         acc = self.accelerator
-        names = {"student", *self.objective.networks()}
         return {
-            "networks": {n: acc.unwrap_model(self._network(n)).state_dict() for n in sorted(names)},
+            "networks": {n: network_state(self._attr(n)) for n in self.network_names},
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": {n: ema.state_dict() for n, ema in self.emas.items()} or None,
             "objective": self.objective.state_dict(),
             "data_position": self.batches_used,
             "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row],
@@ -288,26 +323,31 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}")
         step, state = load_checkpoint(path)
         acc = self.accelerator
+        if sorted(state["networks"]) != sorted(self.network_names):
+            raise ValueError(f"checkpoint {path} holds networks {sorted(state['networks'])}; this run trains "
+                             f"{sorted(self.network_names)} (a different method or student.experts?)")
         for name, sd in state["networks"].items():
-            acc.unwrap_model(self._network(name)).load_state_dict(sd)
+            load_network_state(self._attr(name), sd)
         for name, sd in state["optimizers"].items():
             self.optimizers[name].load_state_dict(sd)
         if state.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
-        if state.get("ema") is not None and self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-            self.ema.to(acc.device)  # load_state_dict replaces the shadow weights with the checkpoint's CPU tensors
+        for name, sd in (state.get("ema") or {}).items():
+            if name in self.emas:
+                self.emas[name].load_state_dict(sd)
+                self.emas[name].to(acc.device)  # load_state_dict puts the checkpoint's CPU tensors in the shadow
         self.objective.load_state_dict(state.get("objective") or {})
         self.batches_used = state["data_position"]
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
         self.step = step
 
     # -- outputs ------------------------------------------------------------------------------------
-    def student_weights(self, ema: bool = True) -> torch.nn.Module:
-        """A plain copy of the student network, with the EMA weights when kept and asked for."""
-        model = copy.deepcopy(self.accelerator.unwrap_model(self.student.model))
-        if ema and self.ema is not None:
-            self.ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    def student_weights(self, ema: bool = True, name: str = "student") -> torch.nn.Module:
+        """A plain copy of a student network (an expert: ``student.k``), with its EMA weights when kept and
+        asked for."""
+        model = copy.deepcopy(self.accelerator.unwrap_model(self._network(name)))
+        if ema and name in self.emas:
+            self.emas[name].copy_to([p for p in model.parameters() if p.requires_grad])
         return model.eval()
 
     def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
@@ -316,6 +356,9 @@ class Trainer:
             return None
         from fastgen.pipelines import export_student
 
+        if len(self.student_names) > 1:
+            raise ValueError(f"student.experts = {len(self.student_names)}: exporting a student of experts is not "
+                             "built yet; sample it with the run's checkpoints, or train one network (student.experts=1)")
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
@@ -351,18 +394,6 @@ def _batch_size(cond) -> int:
     raise ValueError("condition holds no tensor")
 
 
-def _module(attr):
-    return attr.model if isinstance(attr, Denoiser) else attr
-
-
-def _set_module(objective, name: str, module) -> None:
-    attr = getattr(objective, name)
-    if isinstance(attr, Denoiser):
-        attr.model = module
-    else:
-        setattr(objective, name, module)
-
-
 def _flat_config(tree: dict, prefix: str = "") -> dict:
     """Trackers take flat scalar hyper-parameters."""
     flat = {}
@@ -393,6 +424,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if path is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
     _, state = load_checkpoint(path)
+    if "student" not in state["networks"]:
+        raise ValueError(f"checkpoint {path} holds a student of experts ({sorted(state['networks'])}); exporting "
+                         "one is not built yet")
     teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
     student = make_student(teacher.model, config)
     student.load_state_dict(state["networks"]["student"])
@@ -401,7 +435,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
             raise ValueError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
         trainable = [p for p in student.parameters() if p.requires_grad]
         averaged = EMAModel(trainable)
-        averaged.load_state_dict(state["ema"])
+        averaged.load_state_dict(state["ema"]["student"])
         averaged.copy_to(trainable)
     export = json.loads((run_dir / "export_config.json").read_text())
     prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type

@@ -9,6 +9,7 @@ from fastgen.denoiser import BaseDenoiser
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.progressive import ProgressiveDistillation
+from fastgen.networks import NetworkFactory
 
 OBJECTIVES: dict[str, type[Objective]] = {
     ProgressiveDistillation.name: ProgressiveDistillation,
@@ -16,14 +17,17 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(method: str, teacher: BaseDenoiser, student: BaseDenoiser, args: dict[str, Any] | None = None,
-                    num_steps: int = 1, timesteps: list[float] | None = None, max_steps: int | None = None) -> Objective:
-    """The objective ``method`` with its ``Config`` filled from ``args`` (unknown keys name the closest one)."""
+def build_objective(method: str, teacher, student: BaseDenoiser, args: dict[str, Any] | None = None,
+                    num_steps: int = 1, timesteps: list[float] | None = None, max_steps: int | None = None,
+                    factory: NetworkFactory | None = None) -> Objective:
+    """The objective ``method`` with its ``Config`` filled from ``args`` (unknown keys name the closest one).
+    ``teacher``: a ``Teacher`` (or a bare denoiser); ``factory`` builds its extra networks (default: from the
+    teacher, float32, default attention)."""
     if method not in OBJECTIVES:
         raise ValueError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}")
     cls = OBJECTIVES[method]
     config = config_from_dict(cls.Config, dict(args or {}), prefix="objective")
-    return cls(teacher, student, config, num_steps, timesteps, max_steps)
+    return cls(teacher, student, config, num_steps, timesteps, max_steps, factory=factory)
 
 
 __all__ = ["OBJECTIVES", "Objective", "Phase", "build_objective"]

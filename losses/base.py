@@ -10,7 +10,11 @@ An objective
 - returns ``loss(phase, batch, step) -> {"loss": scalar to minimise, <term>: logged value, ...}``;
 - names the student's sampling rule and trained timesteps (what export writes into the scheduler).
 
-It never builds optimizers, calls ``backward``, moves devices or writes checkpoints (EDM's losses are
+It is given the ``Teacher`` itself (``self.teacher``: callable as its denoiser, plus sample shape, null
+condition, class labels, VAE and prompt encoding; a bare denoiser is wrapped as a ``DenoiserTeacher``) and a
+``NetworkFactory`` (``self.factory``) through which it declares its extra networks by kind: a trainable copy
+of the teacher, a LoRA adapter on the teacher's own weights, a small head. It never builds optimizers,
+calls ``backward``, moves devices, unwraps distributed wrappers or writes checkpoints (EDM's losses are
 small callables in the same spirit). Configuration is a dataclass ``Config`` filled from the
 ``objective:`` mapping of the run config, so unknown keys fail with the closest valid key.
 """
@@ -24,7 +28,9 @@ import torch
 from torch import nn
 
 from fastgen.denoiser import BaseDenoiser, Denoiser
-from fastgen.samplers.solvers import SAMPLERS
+from fastgen.networks import NetworkFactory
+from fastgen.samplers.scheduler import RULES
+from fastgen.teacher import as_teacher
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,16 @@ class Objective:
     rule: ClassVar[str] = "renoise"
     needs_data: ClassVar[bool] = False
 
-    def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: Any, num_steps: int = 1,
-                 timesteps: list[float] | None = None, max_steps: int | None = None):
+    def __init__(self, teacher, student: BaseDenoiser, config: Any, num_steps: int = 1,
+                 timesteps: list[float] | None = None, max_steps: int | None = None,
+                 factory: NetworkFactory | None = None):
         if num_steps < 1:
             raise ValueError(f"student.num_steps is {num_steps}; expected >= 1")
-        self.teacher = teacher
+        if self.rule not in RULES:  # the export's FewStepScheduler must replay what is trained
+            raise ValueError(f"{type(self).__name__}.rule is {self.rule!r}, which the exported scheduler cannot "
+                             f"replay; expected one of {list(RULES)}")
+        self.teacher = as_teacher(teacher)
+        self.factory = factory or NetworkFactory(self.teacher)
         self.student = student
         self.config = config
         self.num_steps = num_steps
@@ -68,8 +79,6 @@ class Objective:
         self.timesteps = [float(t) for t in (timesteps or self.default_timesteps(num_steps))]
         if len(self.timesteps) != num_steps:
             raise ValueError(f"student.timesteps has {len(self.timesteps)} values; expected num_steps = {num_steps}")
-        if self.rule not in SAMPLERS:
-            raise ValueError(f"{type(self).__name__}.rule is {self.rule!r}; expected one of {sorted(SAMPLERS)}")
 
     @property
     def schedule(self):
@@ -77,12 +86,14 @@ class Objective:
 
     # -- what the trainer asks --------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
-        """Trainable networks the objective owns besides the student, keyed by their attribute names
-        on the objective (the trainer puts the distributed wrapper back under the same name; a
-        ``Denoiser`` attribute gets its ``.model`` wrapped)."""
+        """Trainable networks the objective owns besides the student (built through ``self.factory``),
+        keyed by their attribute names on the objective (the trainer puts the distributed wrapper back
+        under the same name; a ``Denoiser`` attribute gets its ``.model`` wrapped)."""
         return {}
 
     def phases(self) -> list[Phase]:
+        """While a phase runs, only the networks it names take gradients: every other trainable network
+        is excluded (no ``.grad``, no all-reduce, no clipping); gradients through its inputs still flow."""
         return [Phase("generator", ("student",))]
 
     def loss(self, phase: str, batch, step: int) -> dict[str, torch.Tensor]:

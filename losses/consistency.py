@@ -43,9 +43,9 @@ class ConsistencyDistillation(Objective):
     needs_data = True
 
     def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: ConsistencyConfig, num_steps: int = 1,
-                 timesteps: list[float] | None = None, max_steps: int | None = None):
+                 timesteps: list[float] | None = None, max_steps: int | None = None, factory=None):
         self._check(config, teacher)
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps)
+        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         self.boundary = {"sigma_data": config.sigma_data, "timestep_scaling": config.timestep_scaling}
         self.online = BoundaryDenoiser(student, **self.boundary)
         self.target = None

@@ -47,8 +47,8 @@ class ProgressiveDistillation(Objective):
     needs_data = True
 
     def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: ProgressiveConfig, num_steps: int = 1,
-                 timesteps: list[float] | None = None, max_steps: int | None = None):
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps)
+                 timesteps: list[float] | None = None, max_steps: int | None = None, factory=None):
+        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         rounds = math.log2(config.start_steps / num_steps) if config.start_steps >= num_steps else -1
         if rounds < 1 or not rounds.is_integer():
             raise ValueError(
@@ -64,7 +64,7 @@ class ProgressiveDistillation(Objective):
             )
         self.steps_per_round = per_round
         self.round = 0
-        self.round_teacher = teacher
+        self.round_teacher = self.teacher
 
     @property
     def teacher_steps(self) -> int:

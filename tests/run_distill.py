@@ -8,6 +8,7 @@ this process's final training state (networks, optimizers, EMA, objective) to
 import sys
 from pathlib import Path
 
+from probes import register
 from safetensors.torch import save_file
 
 from fastgen.checkpoint import flatten_state
@@ -17,6 +18,7 @@ from fastgen.trainer import Trainer
 
 def main(argv: list[str]) -> int:
     dump = Path(argv[0])
+    register()  # the engine's probe objectives (tests/probes.py), beside the package's own
     trainer = Trainer(load_config(DistillConfig, None, argv[1:]))
     trainer.fit()
     acc = trainer.accelerator

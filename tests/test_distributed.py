@@ -62,3 +62,26 @@ def test_two_processes_end_with_identical_state(teacher, tmp_path):
     assert step == max_steps and state["data_position"] == 2 * max_steps
     for key, value in state["networks"]["student"].items():
         assert torch.equal(value, rank0[f"networks.student.{key}"]), key
+
+
+def test_two_processes_train_a_head_on_a_critic_feature_with_the_critic_excluded_from_generator_steps(teacher,
+                                                                                                      tmp_path):
+    """The generator phase runs through a critic's first layer and a head on its activation (the critic's
+    second layer takes no part): DDP raises its unused-parameter error there unless the excluded networks
+    stay out of gradient synchronisation; both ranks end identical, and every network trained."""
+    run, dump, max_steps = tmp_path / "run", tmp_path / "state", 4
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(HELPER), str(dump),
+               f"teacher={teacher}", "method=feature_head_probe", f"output={run}", "seed=3", "train.batch_size=4",
+               "train.lr=1e-3", f"train.max_steps={max_steps}", "train.log_every=1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf"),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rank0, rank1 = (load_file(str(dump / f"rank{k}.safetensors")) for k in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+    assert {k.split(".")[1] for k in rank0 if k.startswith("networks.")} == {"student", "critic", "head"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("critic/loss" in r for r in records) and sum("generator/loss" in r for r in records) == 2

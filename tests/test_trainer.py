@@ -136,6 +136,7 @@ class CriticProbe(Objective):
         self.critic = torch.nn.Conv2d(3, 3, 1)
         self.ema = None  # set by the test to the trainer's EMA
         self.leaked = []
+        self.critic_grad_after_generator = []  # per generator step: is every critic .grad still None?
         self.student_after, self.critic_after, self.ema_after = [], [], []
         self._record()
 
@@ -155,9 +156,14 @@ class CriticProbe(Objective):
             with torch.no_grad():
                 fake = self.student(x_t, t)
             return {"loss": self.config.critic_scale * self.critic(fake).square().mean()}
+        self.critic.zero_grad(set_to_none=True)  # the critic phase of this step ran first
+        self._generator_ran = True
         return {"loss": (self.critic(self.student(x_t, t)) - x_t).square().mean()}
 
     def on_step_end(self, step):
+        if getattr(self, "_generator_ran", False):
+            self.critic_grad_after_generator.append(all(p.grad is None for p in self.critic.parameters()))
+            self._generator_ran = False
         self._record()
 
     def _record(self):
@@ -342,7 +348,7 @@ def test_nonfinite_steps_are_skipped_counted_and_the_run_continues(teacher, tmp_
     assert trainer.step == 6
     for step in range(6):
         assert changed_at(trainer.objective.snapshots, step) == (step not in nan_steps), f"weights at step {step}"
-    assert trainer.ema.optimization_step == 3
+    assert trainer.emas["student"].optimization_step == 3
     assert {int(s["step"]) for s in trainer.optimizers["generator"].state_dict()["state"].values()} == {3}
     assert trainer.nonfinite_total == 3 and trainer.nonfinite_in_a_row == {"generator": 0}
 
@@ -377,8 +383,8 @@ def test_phases_step_their_own_optimizers_with_clipping_ema_only_on_generator_st
     trainer = Trainer(make_config(teacher, tmp_path / "run", f"train.max_steps={max_steps}", f"train.grad_clip={clip}",
                                   "objective.critic_scale=1e6", method="critic_probe", data=None))
     objective = trainer.objective
-    objective.ema = trainer.ema
-    objective.ema_after = [flat(trainer.ema.shadow_params)]
+    objective.ema = trainer.emas["student"]
+    objective.ema_after = [flat(trainer.emas["student"].shadow_params)]
     steps = []  # (training step, phase, norm of the gradient the optimizer applied)
 
     def recording(name, optimizer):
@@ -402,14 +408,16 @@ def test_phases_step_their_own_optimizers_with_clipping_ema_only_on_generator_st
     # clipping applies to every phase: the critic's huge gradient reaches its optimizer clipped
     assert all(norm <= clip * (1 + 1e-4) for _, _, norm in steps), steps
     assert read_metrics(tmp_path / "run")[0]["critic/grad_norm"] > 1e3 * clip
-    # no phase starts with gradients left over from another (the generator loss runs through the critic)
+    # no phase starts with gradients left over from another (the generator loss runs through the critic),
+    # and the generator phase, which backpropagates through the critic, writes no gradient into it
     assert objective.leaked == []
+    assert objective.critic_grad_after_generator == [True, True, True]
     for step in range(max_steps):
         generator_step = step % 2 == 0
         assert changed_at(objective.critic_after, step), f"critic unchanged at step {step}"
         assert changed_at(objective.student_after, step) == generator_step, f"student at step {step}"
         assert changed_at(objective.ema_after, step) == generator_step, f"EMA at step {step}"
-    assert trainer.ema.optimization_step == 3
+    assert trainer.emas["student"].optimization_step == 3
     # the last step (max_steps - 1 = 4, a generator step) was trained and saved
     step, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert step == max_steps
@@ -431,7 +439,7 @@ def test_bf16_autocast_trains_a_float32_student(teacher, tmp_path, probes):
     trainer.fit()
     assert all(trainer.objective.autocast) and len(trainer.objective.autocast) == 2
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.ema.shadow_params)
+    assert all(p.dtype == torch.float32 for p in trainer.emas["student"].shadow_params)
     assert not torch.equal(trainer.objective.snapshots[0], trainer.objective.snapshots[-1])
     assert math.isfinite(read_metrics(tmp_path / "run")[-1]["generator/loss"])
 
@@ -496,7 +504,7 @@ def test_lora_student_trains_only_the_adapter(sd_teacher, tmp_path):
             assert torch.equal(p, before[n]), f"base weight {n} changed"
             assert torch.equal(p, base[n.replace(".base_layer.", ".")]), f"base weight {n} differs from the teacher"
     assert any(not torch.equal(after[n], before[n]) for n in trainable if ".lora_B." in n)
-    assert len(trainer.ema.shadow_params) == len(trainable)
+    assert len(trainer.emas["student"].shadow_params) == len(trainable)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")

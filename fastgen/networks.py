@@ -1,0 +1,183 @@
+"""The networks an objective trains besides the student, built by the trainer the way it builds the student.
+
+An objective declares what it needs by kind, through the ``NetworkFactory`` it is given:
+
+- ``factory.copy()``: a trainable full-precision copy of the teacher network (a fake score, a critic);
+- ``factory.lora(name, rank)``: a peft LoRA adapter on the teacher's *own* frozen weights. One copy of the
+  base serves the teacher and every adapter: the adapter is switched on for its own calls only
+  (``AdapterDenoiser``), and the teacher's calls run on the base alone. This is the memory mode that lets
+  DMD2 on SDXL-size networks fit one GPU;
+- ``factory.module(m)``: a small network of the objective's own (a discriminator head on features).
+
+Every network gets the run's attention backend and gradient checkpointing; mixed precision comes from the
+trainer's autocast, the trainable weights stay float32. Distributed wrappers are the trainer's business.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from fastgen.denoiser import BaseDenoiser, Denoiser
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def configure_network(model: nn.Module, attention: str = "default", gradient_checkpointing: bool = False) -> None:
+    """Attention backend through diffusers' processors, and gradient checkpointing."""
+    if attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        if hasattr(model, "set_attn_processor"):
+            model.set_attn_processor(AttnProcessor2_0())
+    elif attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("train.attention is 'xformers' but xformers is not installed; "
+                             "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
+        model.enable_xformers_memory_efficient_attention()
+    if gradient_checkpointing:
+        if not getattr(model, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.enable_gradient_checkpointing()
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The network inside a distributed wrapper (DDP's ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def activate_adapter(model: nn.Module, name: str | None) -> None:
+    """Run ``model`` with LoRA adapter ``name`` alone (``None``: the base weights alone).
+
+    peft's switches also set ``requires_grad`` of the adapters they touch; the trainer decides which
+    networks take gradients, so the flags are put back as they were."""
+    model = _inner(model)
+    if getattr(model, "_fastgen_active_adapter", None) == name:
+        return
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    flags = [p.requires_grad for p in params]
+    for layer in _tuner_layers(model):
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    model._fastgen_active_adapter = name
+
+
+class AdapterDenoiser(Denoiser):
+    """A ``Denoiser`` over a shared base network that switches LoRA adapter ``adapter`` on for its own calls
+    (``None``: the base alone, as the teacher runs when adapters live on its network)."""
+
+    def __init__(self, model: nn.Module, schedule, adapter: str | None):
+        super().__init__(model, schedule)
+        self.adapter = adapter
+
+    def output(self, x_t, t, cond=None):
+        activate_adapter(self.model, self.adapter)
+        return super().output(x_t, t, cond)
+
+
+class NetworkFactory:
+    """Builds an objective's extra networks from the teacher.
+
+    ``source``: the full-precision teacher network to copy (the trainer loads one when the teacher runs in
+    fp16/bf16); ``None`` = the teacher's own network.
+    """
+
+    def __init__(self, teacher, attention: str = "default", gradient_checkpointing: bool = False,
+                 source: nn.Module | None = None):
+        self.teacher = teacher
+        self.attention = attention
+        self.gradient_checkpointing = gradient_checkpointing
+        self.source = source
+
+    def copy(self) -> Denoiser:
+        """A trainable float32 copy of the teacher network with the teacher's schedule."""
+        model = self.source if self.source is not None else self.teacher.model
+        if not isinstance(model, nn.Module) or isinstance(model, BaseDenoiser):
+            raise TypeError(f"NetworkFactory.copy: the teacher {type(model).__name__} has no diffusers network to "
+                            "copy; give the objective a factory that builds its networks")
+        model = copy.deepcopy(model).float().train().requires_grad_(True)
+        configure_network(model, self.attention, self.gradient_checkpointing)
+        return Denoiser(model, self.teacher.schedule)
+
+    def lora(self, name: str, rank: int, alpha: float | None = None,
+             targets: Iterable[str] = DEFAULT_LORA_TARGETS) -> AdapterDenoiser:
+        """A LoRA adapter ``name`` of rank ``rank`` on the teacher's own frozen network (Hu et al. 2021,
+        "LoRA", eq. 3: ``W + (alpha / r) B A``, ``B = 0`` at the start, so the adapted network starts equal to
+        the teacher). The teacher's denoiser is switched to the base alone for its own calls."""
+        from peft import LoraConfig
+
+        base = self.teacher.model
+        if not hasattr(base, "add_adapter"):
+            raise ValueError(f"a LoRA network needs a denoiser with diffusers' adapter support (add_adapter), which "
+                             f"{type(base).__name__} lacks; use a full copy instead")
+        if rank < 1:
+            raise ValueError(f"LoRA rank of network {name!r} is {rank}; expected >= 1")
+        if getattr(base, "peft_config", None) and name in base.peft_config:
+            raise ValueError(f"the teacher network already has an adapter named {name!r}")
+        activate_adapter(base, None)
+        base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                                    target_modules=list(targets)), adapter_name=name)
+        for n, p in base.named_parameters():
+            if f".{name}." in n:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        base._fastgen_active_adapter = "unknown"  # add_adapter changed what runs: switch on the next call
+        den = self.teacher.denoiser
+        if not isinstance(den, AdapterDenoiser):
+            self.teacher.denoiser = AdapterDenoiser(base, den.schedule, None)
+        configure_network(base, self.attention, self.gradient_checkpointing)
+        return AdapterDenoiser(base, self.teacher.schedule, name)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """A network of the objective's own, trainable and in float32."""
+        return module.float().train().requires_grad_(True)
+
+
+# -- what the trainer asks of a network ------------------------------------------------------------------
+
+
+def network_module(attr: Any) -> nn.Module:
+    """The module the trainer wraps and optimises for an objective attribute (a ``Denoiser``'s network)."""
+    return attr.model if isinstance(attr, Denoiser) else attr
+
+
+def trainable_parameters(attr: Any) -> list[nn.Parameter]:
+    """The parameters a network trains: an adapter's own weights for an ``AdapterDenoiser``, else every
+    parameter that requires grad."""
+    if isinstance(attr, AdapterDenoiser):
+        return [p for n, p in _inner(attr.model).named_parameters() if f".{attr.adapter}." in n]
+    return [p for p in network_module(attr).parameters() if p.requires_grad]
+
+
+def network_state(attr: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a network: an adapter's weights alone (the base is the teacher's)."""
+    state = _inner(network_module(attr)).state_dict()
+    if isinstance(attr, AdapterDenoiser):
+        return {k: v for k, v in state.items() if f".{attr.adapter}." in k}
+    return state
+
+
+def load_network_state(attr: Any, state: dict[str, torch.Tensor]) -> None:
+    module = _inner(network_module(attr))
+    if not isinstance(attr, AdapterDenoiser):
+        module.load_state_dict(state)
+        return
+    expected = set(network_state(attr))
+    if set(state) != expected:
+        raise ValueError(f"checkpoint of adapter {attr.adapter!r}: keys differ from the network's "
+                         f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})")
+    module.load_state_dict(state, strict=False)
