@@ -2,12 +2,18 @@
 
 Teacher, student, fake score and critic are all ``Denoiser``s, so every objective is written against
 x0-predictions and the schedule's ``(alpha, sigma)`` and never against a particular output type.
+
+``Denoiser`` can also return the activations of named blocks of the network from the same forward pass
+(``denoiser(x_t, t, cond, features=("mid_block",))``), captured with forward hooks, e.g. as the input of
+the discriminator heads of adversarial distillation (Sauer et al. 2023, "Adversarial diffusion
+distillation", §3.2; Yin et al. 2024, "Improved distribution matching distillation", §4.2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +60,59 @@ def slice_cond(cond: Cond | None, index) -> Cond | None:
         else:
             out[key] = value
     return out
+
+
+Features = bool | str | Sequence[str] | None
+"""Which block activations a ``Denoiser`` call returns: ``None``/``False`` none, ``True`` the family's
+bottleneck (``Denoiser.default_features``), or dotted module paths such as ``"down_blocks.1"``."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def image_stream(module: nn.Module, output) -> torch.Tensor:
+    """The image-stream tensor of a block's output. A tensor is itself; SD3's ``JointTransformerBlock``
+    returns ``(encoder_hidden_states, hidden_states)`` and yields ``hidden_states`` (tokens ``(B, N, D)``);
+    any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
+    and a diffusers output object yield their first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if type(module).__name__ == "JointTransformerBlock":
+        return output[1]
+    return output[0]
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks on the blocks ``names`` (dotted paths in ``unwrap(model)``) that fill the yielded dict
+    with each block's ``image_stream`` output (not detached: gradients flow through it); a block run twice
+    keeps its last output. The hooks are removed on exit, also when the body raises."""
+    inner = unwrap(model)
+    modules = dict(inner.named_modules())
+    for name in names:
+        if not name or name not in modules:
+            top = [child for child, _ in inner.named_children()]
+            raise ValueError(f"features: {name!r} is not a module of {type(inner).__name__}; expected a dotted "
+                             f"module path under one of {top} (e.g. 'mid_block', 'down_blocks.1')")
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            def hook(module, args, output, name=name):
+                found[name] = image_stream(module, output)
+            handles.append(modules[name].register_forward_hook(hook))
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def batch_times(t, x: torch.Tensor) -> torch.Tensor:
@@ -109,17 +168,51 @@ class Denoiser(BaseDenoiser):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def output(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
-        """The network's own output (of type ``schedule.prediction_type``), in ``x_t``'s dtype."""
+    @property
+    def default_features(self) -> tuple[str, ...]:
+        """The bottleneck that ``features=True`` returns: ``mid_block`` of a UNet, the middle block
+        ``transformer_blocks.{n // 2}`` of a transformer."""
+        inner = unwrap(self.model)
+        if getattr(inner, "mid_block", None) is not None:
+            return ("mid_block",)
+        blocks = getattr(inner, "transformer_blocks", None)
+        if blocks:
+            return (f"transformer_blocks.{len(blocks) // 2}",)
+        raise ValueError(f"features=True: {type(inner).__name__} has neither a mid_block nor transformer_blocks; "
+                         "expected the block names to be given explicitly")
+
+    def feature_names(self, features: Features) -> tuple[str, ...]:
+        """``features`` (see ``Features``) as a tuple of module paths; empty for none."""
+        if features is None or features is False:
+            return ()
+        if features is True:
+            return self.default_features
+        return (features,) if isinstance(features, str) else tuple(features)
+
+    def output(self, x_t: torch.Tensor, t, cond: Cond | None = None, features: Features = None):
+        """The network's own output (of type ``schedule.prediction_type``), in ``x_t``'s dtype; with
+        ``features``, ``(output, {name: activation})`` from the same forward pass (``capture``)."""
         t = batch_times(t, x_t)
         x_in, t_in = self.schedule.model_input(x_t, t)
         kwargs = {self.input_name: x_in.to(self.dtype), "timestep": t_in, "return_dict": False}
-        out = self.model(**kwargs, **(cond or {}))[0]
-        return out.to(x_t.dtype)
+        names = self.feature_names(features)
+        if not names:
+            return self.model(**kwargs, **(cond or {}))[0].to(x_t.dtype)
+        with capture(self.model, names) as found:
+            out = self.model(**kwargs, **(cond or {}))[0].to(x_t.dtype)
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise ValueError(f"features: blocks {missing} did not run in the forward pass of "
+                             f"{type(unwrap(self.model)).__name__}; expected blocks on its path")
+        return out, {name: found[name] for name in names}
 
-    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, features: Features = None):
+        """``x0``; with ``features`` (``Features``), ``(x0, {name: activation})`` from the same pass."""
         t = batch_times(t, x_t)
-        return self.schedule.to_x0(self.output(x_t, t, cond), x_t, t)
+        if not self.feature_names(features):
+            return self.schedule.to_x0(self.output(x_t, t, cond), x_t, t)
+        out, found = self.output(x_t, t, cond, features)
+        return self.schedule.to_x0(out, x_t, t), found
 
 
 def boundary_coefficients(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
