@@ -13,7 +13,8 @@ Images reach an extractor (e.g. :class:`fastgen.eval.inception.InceptionExtracto
 - a tensor ``(N, C, H, W)``, C = 3 (or 1, repeated to RGB): uint8 in [0, 255], or float with an explicit
   ``value_range=(-1, 1)`` / ``(0, 1)`` (any ``(low, high)``), mapped to uint8 by ``round(255 (x - low) /
   (high - low))`` after clamping;
-- a folder of PNG/JPG files (sorted by name, converted to RGB, all of one size);
+- a folder of images read as training reads them (``fastgen.data.find_images``: PNG/JPEG/WEBP, searched
+  recursively, sorted by relative path, hidden files skipped), converted to RGB, all of one size;
 - a generator callable ``fn(batch_size) -> images`` (a tensor as above) with ``num_images`` in total.
 """
 
@@ -27,9 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID between N(mu1, sigma1) and N(mu2, sigma2), computed in float64."""
@@ -131,12 +129,13 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float] | None = Non
 
 
 def _folder_files(folder: Path) -> list[Path]:
+    """The images under ``folder`` as training reads them (``fastgen.data.find_images``: recursive, PNG, JPEG
+    and WEBP, hidden files skipped)."""
+    from fastgen.data import find_images
+
     if not folder.is_dir():
         raise FileNotFoundError(f"images: folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"images: folder {folder} holds no files ending in {IMAGE_SUFFIXES}")
-    return files
+    return find_images(folder)
 
 
 def _load_folder_batch(files: list[Path], size: tuple[int, int]) -> torch.Tensor:

@@ -18,12 +18,13 @@ def int_list(text: str) -> list[int]:
 
 
 def _read_prompts(args) -> list[str] | None:
+    from fastgen.data import read_prompts
+
     if getattr(args, "prompts_file", None):
-        path = Path(args.prompts_file)
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: prompts file {path} is empty; expected one prompt per line")
-        return prompts
+        try:
+            return read_prompts(Path(args.prompts_file))
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     return [args.prompt] if getattr(args, "prompt", None) else None
 
 
@@ -54,7 +55,8 @@ def cmd_distill(args) -> int:
     from fastgen.config import DistillConfig, config_file, load_config
     from fastgen.trainer import Trainer
 
-    flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "output": args.output,
+    flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "prompts": args.prompts,
+             "output": args.output,
              "student.num_steps": args.steps, "train.max_steps": args.max_steps}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.trust_pickle:
@@ -115,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--method", help="objective: progressive, consistency")
     distill.add_argument("--config", help="YAML file or preset name (toy_consistency, toy_progressive, "
                          "sd15_consistency, sd15_progressive); flags and key=value overrides apply on top")
-    distill.add_argument("--data", help="a folder of images, a prompts .txt file, or 'teacher'")
+    distill.add_argument("--data", help="a folder of images, captioned images (.tar, .parquet, a folder with "
+                         "metadata.jsonl, hf:owner/name), a prompts .txt file, or 'teacher'")
+    distill.add_argument("--prompts", help="prompts file of teacher samples (--data teacher) or of data-free "
+                         "training (no --data); the key `prompts`")
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
     distill.add_argument("--steps", type=int, help="student sampling steps (student.num_steps)")
     distill.add_argument("--max-steps", type=int, help="training steps (train.max_steps)")

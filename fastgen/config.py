@@ -168,7 +168,6 @@ class TrainConfig:
     checkpoint_every: int = 0
     """0 = only at the end."""
     keep_checkpoints: int = 2
-    num_workers: int = 0
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
 
@@ -183,6 +182,13 @@ class DistillConfig:
     """Distillation objective name; required at run time."""
     output: str = "runs/fastgen"
     data: str | None = None
+    """Training data (``fastgen.data.build_data``): an image folder, captioned images (``.tar``, ``.parquet``,
+    a folder with ``metadata.jsonl``, ``hf:owner/name``), a ``.txt`` prompts file, "teacher" or None."""
+    prompts: str | None = None
+    """A prompts file (one a line) for data "teacher" (the prompts of the teacher samples) or None (data-free
+    training on those prompts)."""
+    caption_column: str | None = None
+    """The caption column of captioned images; None = "text", else "caption", else "txt"."""
     seed: int = 0
     trust_pickle: bool = False
     """Allow pickled (.bin/.pt) teacher weights; unpickling runs code."""
@@ -190,6 +196,8 @@ class DistillConfig:
     """With data "teacher": how many teacher samples to generate and cache."""
     teacher_sample_steps: int = 32
     """With data "teacher": DDIM steps of the teacher for those samples."""
+    teacher_sample_guidance: float = 1.0
+    """With data "teacher": CFG scale of those samples, Ho–Salimans ``u + s (c - u)`` (1 = none)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +230,6 @@ class DistillConfig:
             (t.sample_every >= 0, "train.sample_every", t.sample_every, ">= 0"),
             (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
-            (t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0"),
         ]
         problems = [f"{key}: expected {expected}, got {value!r}" for ok, key, value, expected in rules if not ok]
         if problems:

@@ -1,16 +1,25 @@
 """What the trainer feeds an objective: clean samples, conditions and the unconditional branch.
 
-``build_data(spec, teacher, ...)`` turns one of four specs into a ``DataSource``:
+``build_data(spec, teacher, ...)`` turns one of these specs into a ``DataSource``:
 
 - a folder of images (PNG/JPEG/WEBP, searched recursively) → ``x0`` in the denoiser's space: pixels in
   [-1, 1], or latents for latent teachers (encoded once with the teacher's VAE and cached);
+- captioned images, read with Hugging Face ``datasets`` (as diffusers' training scripts read them): a
+  folder with a ``metadata.jsonl`` (or ``.csv``) naming each ``file_name`` and its caption (the
+  ``imagefolder`` convention; for a text-conditioned teacher), webdataset shards (``.tar``), parquet
+  files (a file or a glob such as ``shards/*.tar``), or ``hf:owner/name``, a hub dataset (online only)
+  → ``x0`` as above and, as each sample's condition, its own caption embedded with the teacher's text
+  encoders; both encoded once and cached;
 - a ``.txt`` prompts file (one prompt per line) → text conditions, encoded once with the teacher's own
   text encoders and cached, so that training holds no text encoder; data-free (``x0 = None``);
 - ``"teacher"`` → samples of the teacher's own DDIM ODE with the noise they started from (ODE pairs
-  ``noise → x0``, e.g. for DMD's regression loss), generated once and cached;
+  ``noise → x0``, e.g. for DMD's regression loss), generated once and cached; conditioned on random
+  class labels for a class-conditional teacher, on the prompts of ``prompts`` (a prompts file) for a text
+  teacher, guided with the Ho–Salimans scale ``teacher_guidance``;
 - ``"toy"`` → images of the procedural toy world (``fastgen.toy.ToyShapes``, ``TOY_DATA_SIZE`` of them),
   the training data of the bundled toy teacher;
-- ``None`` → data-free.
+- ``None`` → data-free: on the prompts of ``prompts`` when given (as a ``.txt`` spec), random class
+  labels for a class-conditional teacher, or nothing.
 
 Conditions follow the teacher: class-conditional teachers get ``{"class_labels": ...}`` (from sub-folders
 named by class index for image folders, otherwise drawn at random) and ``uncond = None``; text-conditioned
@@ -30,6 +39,7 @@ a temporary file and renamed into place, so none is ever half-written.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -46,13 +56,21 @@ from safetensors.torch import load_file, save_file
 
 from fastgen.atomic import atomic_path
 from fastgen.denoiser import Cond, cat_cond, slice_cond
-from fastgen.samplers import sample_ddim
+from fastgen.samplers import Guidance, sample_ddim
 from fastgen.teacher import Teacher
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 GRAYSCALE_MODES = ("1", "L", "LA")
 PROMPT_CHUNK = 64
 """Prompts encoded per call of the text encoders."""
+CAPTION_COLUMNS = ("text", "caption", "txt")
+"""Caption columns tried in order when none is named: ``imagefolder``'s convention, a common alternative
+and webdataset's ``.txt`` members."""
+CAPTIONED_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}
+"""``datasets`` builders of captioned files by suffix."""
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+"""A folder holding one of these is an ``imagefolder`` of captioned images."""
+HUB_PREFIX = "hf:"
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +122,21 @@ class DataSource:
     """An endless, seeded stream of ``Batch``es over a fixed set of samples, or data-free."""
 
     def __init__(self, batch_size: int, seed: int, x0: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 cond: Cond | None = None, uncond: Cond | None = None, random_classes: int = 0):
-        """``x0``, ``noise`` and ``cond`` hold one row per sample of the set; ``uncond`` holds one row, repeated
-        to the batch size (and used as ``cond`` when there is none); ``random_classes > 0`` draws random
-        class labels for each batch (data-free class-conditional)."""
+                 cond: Cond | None = None, uncond: Cond | None = None, random_classes: int = 0,
+                 cond_index: torch.Tensor | None = None):
+        """``x0``, ``noise`` and ``cond`` hold one row per sample of the set, or ``cond_index`` gives the row of
+        ``cond`` of each sample (samples sharing a caption or prompt share a row); ``uncond`` holds one row,
+        repeated to the batch size (and used as ``cond`` when there is none); ``random_classes > 0`` draws
+        random class labels for each batch (data-free class-conditional)."""
         self.batch_size, self.seed = batch_size, seed
         self.x0, self.noise, self.cond, self.uncond = x0, noise, cond, uncond
-        self.random_classes = random_classes
-        self.size = len(x0) if x0 is not None else _num_rows(cond) if cond is not None else 0
+        self.random_classes, self.cond_index = random_classes, cond_index
+        if x0 is not None:
+            self.size = len(x0)
+        elif cond_index is not None:
+            self.size = len(cond_index)
+        else:
+            self.size = _num_rows(cond) if cond is not None else 0
 
     def __len__(self) -> int:
         """Samples in one epoch (prompts for a prompts file); 0 when there is no underlying set."""
@@ -142,7 +167,10 @@ class DataSource:
         if not self.size:
             return Batch(None, uncond, uncond)
         index = self.indices(k)
-        cond = slice_cond(self.cond, index) if self.cond is not None else uncond
+        if self.cond is None:
+            cond = uncond
+        else:
+            cond = slice_cond(self.cond, index if self.cond_index is None else self.cond_index[index])
         return Batch(
             self.x0[index] if self.x0 is not None else None,
             cond,
@@ -158,13 +186,18 @@ class DataSource:
 
 def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int, seed: int, cache_dir: str | Path,
                num_teacher_samples: int = 1024, teacher_steps: int = 32, class_labels: bool = False,
-               resize: bool = False) -> DataSource:
-    """The ``DataSource`` for ``spec``: an image folder, a ``.txt`` prompts file, ``"teacher"``, ``"toy"`` or ``None``.
+               resize: bool = False, prompts: str | os.PathLike | None = None, teacher_guidance: float = 1.0,
+               caption_column: str | None = None) -> DataSource:
+    """The ``DataSource`` for ``spec`` (module docstring): an image folder, captioned images (a folder with
+    ``metadata.jsonl``, ``.tar``/``.parquet`` files or a glob of them, ``hf:owner/name``), a ``.txt``
+    prompts file, ``"teacher"``, ``"toy"`` or ``None``.
 
     The string ``"teacher"`` always means teacher samples (write ``./teacher`` for a folder of that name).
     ``class_labels`` must be set exactly for class-conditional teachers. ``resize`` center-crops and
-    resizes images of another size instead of refusing them. ``num_teacher_samples`` and
-    ``teacher_steps`` apply to ``"teacher"``.
+    resizes images of another size instead of refusing them. ``num_teacher_samples``, ``teacher_steps`` and
+    ``teacher_guidance`` (Ho–Salimans CFG scale, 1 = none) apply to ``"teacher"``; ``prompts`` (a prompts
+    file) to ``"teacher"`` and ``None``; ``caption_column`` (default: the first of ``CAPTION_COLUMNS``
+    present) to captioned images.
     """
     for name, value in (("batch_size", batch_size), ("num_teacher_samples", num_teacher_samples),
                         ("teacher_steps", teacher_steps)):
@@ -176,17 +209,36 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
     if teacher.num_classes and not class_labels:
         raise ValueError(f"the teacher from {teacher.source} is class-conditional ({teacher.num_classes} classes); "
                          "expected class_labels=True")
+    if prompts is not None and spec not in (None, "teacher"):
+        raise ValueError(f"prompts = {prompts} applies to data 'teacher' or None, but data is {spec}; expected "
+                         "no prompts file (captions come with captioned data, prompts files can be the data)")
+    if teacher_guidance != 1.0 and (spec != "teacher" or not teacher.text_conditioned or teacher.num_classes):
+        raise ValueError(f"teacher_sample_guidance = {teacher_guidance} guides teacher samples of a "
+                         f"text-conditioned teacher; data is {spec} and the teacher from {teacher.source} is a "
+                         f"{type(teacher.model).__name__}; expected 1")
     cache_dir = Path(cache_dir)
     uncond = null_cond(teacher, cache_dir)
+    prompt_file = None if prompts is None else Path(prompts).expanduser()
     if spec is None:
+        if prompt_file is not None:
+            return DataSource(batch_size, seed, cond=prompt_conds(prompt_file, teacher, cache_dir), uncond=uncond)
         return DataSource(batch_size, seed, uncond=uncond, random_classes=teacher.num_classes)
     if spec == "toy":
         return DataSource(batch_size, seed, x0=toy_data(teacher), uncond=uncond)
     if spec == "teacher":
-        pairs = teacher_samples(teacher, cache_dir, num_teacher_samples, teacher_steps, seed, uncond, batch_size)
+        prompt_cond = None if prompt_file is None else prompt_conds(prompt_file, teacher, cache_dir)
+        pairs = teacher_samples(teacher, cache_dir, num_teacher_samples, teacher_steps, seed, uncond, batch_size,
+                                prompt_cond, teacher_guidance)
+        if prompt_cond is not None:
+            return DataSource(batch_size, seed, x0=pairs["x0"], noise=pairs["noise"], cond=prompt_cond,
+                              cond_index=pairs["prompt_index"], uncond=uncond)
         labels = pairs.get("class_labels")
         return DataSource(batch_size, seed, x0=pairs["x0"], noise=pairs["noise"],
                           cond=None if labels is None else {"class_labels": labels}, uncond=uncond)
+    captioned = captioned_source(spec, teacher)
+    if captioned is not None:
+        x0, cond, index = captioned_data(*captioned, teacher, cache_dir, batch_size, resize, caption_column)
+        return DataSource(batch_size, seed, x0=x0, cond=cond, cond_index=index, uncond=uncond)
     path = Path(spec).expanduser()
     if path.is_dir():
         x0, labels = image_data(path, teacher, cache_dir, batch_size, resize)
@@ -194,11 +246,11 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
                           uncond=uncond)
     if path.is_file() and path.suffix.lower() == ".txt":
         return DataSource(batch_size, seed, cond=prompt_conds(path, teacher, cache_dir), uncond=uncond)
+    expected = ("an image folder, captioned images (.tar, .parquet, a folder with metadata.jsonl, hf:owner/name), "
+                "a .txt prompts file, 'teacher' or None")
     if not path.exists():
-        raise FileNotFoundError(f"data {spec} does not exist; expected an image folder, a .txt prompts file, "
-                                "'teacher' or None")
-    raise ValueError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected an image folder, "
-                     "a .txt prompts file, 'teacher' or None")
+        raise FileNotFoundError(f"data {spec} does not exist; expected {expected}")
+    raise ValueError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected {expected}")
 
 
 TOY_DATA_SIZE = 8192
@@ -292,12 +344,17 @@ def prompt_conds(file: Path, teacher: Teacher, cache_dir: Path) -> Cond:
     path = cache_dir / f"prompts-{digest(teacher_fingerprint(teacher), prompts)}.safetensors"
     if not path.is_file():
         logger.info("encoding %d prompts from %s", len(prompts), file)
-        cond = None
-        for start in range(0, len(prompts), PROMPT_CHUNK):
-            chunk = flatten_cond(teacher.encode_prompts(prompts[start:start + PROMPT_CHUNK]))
-            cond = chunk if cond is None else cat_cond(cond, chunk)
-        save_atomic(cond, path)
+        save_atomic(encode_texts(teacher, prompts), path)
     return unflatten_cond(load_file(path))
+
+
+def encode_texts(teacher: Teacher, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The teacher's conditions of ``texts`` (one row each, flattened for safetensors), ``PROMPT_CHUNK`` at a time."""
+    cond = None
+    for start in range(0, len(texts), PROMPT_CHUNK):
+        chunk = flatten_cond(teacher.encode_prompts(texts[start:start + PROMPT_CHUNK]))
+        cond = chunk if cond is None else cat_cond(cond, chunk)
+    return cond
 
 
 # -- images -----------------------------------------------------------------------------------------------
@@ -312,8 +369,7 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = False) -> torch.Tensor:
-    """One image as a ``(channels, H, W)`` tensor in [-1, 1] for ``size = (H, W)``; grayscale, palette and
-    alpha images become RGB for a 3-channel teacher; a 1-channel teacher takes grayscale images only."""
+    """One image file as a ``(channels, H, W)`` tensor in [-1, 1] (``image_tensor``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -321,17 +377,26 @@ def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = 
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {file}: {err}") from None
+    return image_tensor(image, size, channels, resize, f"image {file}")
+
+
+def image_tensor(image, size: tuple[int, int], channels: int, resize: bool = False, name: str = "image"):
+    """A PIL image as a ``(channels, H, W)`` tensor in [-1, 1] for ``size = (H, W)``; grayscale, palette and
+    alpha images become RGB for a 3-channel teacher; a 1-channel teacher takes grayscale images only.
+    ``name`` says which image in errors."""
+    from PIL import Image, ImageOps
+
     if channels == 3:
         image = image.convert("RGB")
     elif channels == 1 and image.mode in GRAYSCALE_MODES:
         image = image.convert("L")
     else:
-        raise ValueError(f"image {file} has mode {image.mode} ({len(image.getbands())} channels); the teacher "
+        raise ValueError(f"{name} has mode {image.mode} ({len(image.getbands())} channels); the teacher "
                          f"expects {channels}-channel images")
     height, width = size
     if image.size != (width, height):
         if not resize:
-            raise ValueError(f"image {file} is {image.width}x{image.height} (width x height); the teacher expects "
+            raise ValueError(f"{name} is {image.width}x{image.height} (width x height); the teacher expects "
                              f"{width}x{height}; resize the images or pass resize=True to center-crop and resize")
         image = ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(height, width, channels)
@@ -378,14 +443,126 @@ def image_data(folder: Path, teacher: Teacher, cache_dir: Path, batch_size: int,
     return x0, labels
 
 
+# -- captioned images -------------------------------------------------------------------------------------
+def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, str, dict, list | None] | None:
+    """``(spec, datasets builder, load_dataset arguments, cache identity)`` when ``spec`` is captioned images,
+    else ``None``. The identity (file names, sizes and mtimes) names the cache before anything is read;
+    ``None`` for a hub dataset, whose identity is its ``datasets`` fingerprint."""
+    text = str(spec)
+    if text.startswith(HUB_PREFIX):
+        found = ("hub", "", {"path": text[len(HUB_PREFIX):]}, None)
+    elif glob.has_magic(text):
+        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(text)))
+        suffixes = {f.suffix.lower() for f in files}
+        if not files or len(suffixes) > 1 or not suffixes <= set(CAPTIONED_BUILDERS):
+            raise ValueError(f"data {spec} matches {len(files)} files with suffixes {sorted(suffixes)}; expected "
+                             f"files of one of the suffixes {sorted(CAPTIONED_BUILDERS)}")
+        found = (text, CAPTIONED_BUILDERS[suffixes.pop()], {"data_files": [str(f) for f in files]}, _listing(files))
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix.lower() in CAPTIONED_BUILDERS:
+            found = (text, CAPTIONED_BUILDERS[path.suffix.lower()], {"data_files": [str(path)]}, _listing([path]))
+        elif (path.is_dir() and teacher.text_conditioned
+              and any((path / name).is_file() for name in METADATA_FILES)):
+            files = [p for p in path.rglob("*") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = (text, "imagefolder", {"data_dir": str(path)}, _listing(files, path))
+        else:
+            return None
+    if not teacher.text_conditioned:
+        raise ValueError(f"captioned data {spec} given to the teacher from {teacher.source}, a "
+                         f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
+                         "teacher, or an image folder")
+    return found
+
+
+def _listing(files: list[Path], root: Path | None = None) -> list:
+    return sorted([f.relative_to(root).as_posix() if root else str(f.resolve()), f.stat().st_size,
+                   f.stat().st_mtime_ns] for f in files)
+
+
+def load_captioned(builder: str, arguments: dict, cache_dir: Path):
+    """The ``train`` split through ``datasets.load_dataset`` (its Arrow files kept under ``cache_dir``)."""
+    import datasets
+
+    if builder == "hub":
+        return datasets.load_dataset(**arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+    return datasets.load_dataset(builder, **arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+
+
+def captioned_columns(dataset, spec, caption_column: str | None) -> tuple[str, str]:
+    """``(image column, caption column)`` of a captioned dataset: the first column of ``datasets.Image``
+    type, and ``caption_column`` or else the first of ``CAPTION_COLUMNS`` present."""
+    import datasets
+
+    columns = list(dataset.features)
+    images = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if not images:
+        raise ValueError(f"captioned data {spec} has no image column: its columns are {columns}; expected one "
+                         "of type datasets.Image (image files, or images of a .tar/.parquet)")
+    for name in (caption_column,) if caption_column else CAPTION_COLUMNS:
+        if name in columns:
+            return images[0], name
+    raise ValueError(f"caption_column = {caption_column!r}: captioned data {spec} has no column "
+                     f"{caption_column or ' or '.join(CAPTION_COLUMNS)}; columns found: {columns}; expected "
+                     "caption_column to name the caption column")
+
+
+def captioned_data(spec, builder: str, arguments: dict, identity: list | None, teacher: Teacher, cache_dir: Path,
+                   batch_size: int, resize: bool = False, caption_column: str | None = None
+                   ) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+    """``(x0, cond, cond_index)`` of captioned images: ``x0`` as ``image_data`` gives it, ``cond`` one row per
+    distinct caption (the teacher's ``encode_prompts``), ``cond_index`` each image's caption row. Encoded
+    once and cached by the data's identity, the teacher, ``resize`` and ``caption_column``."""
+    def cache_path(key):
+        return cache_dir / f"captioned-{digest(teacher_fingerprint(teacher), resize, caption_column, key)}.safetensors"
+
+    path = cache_path(identity) if identity is not None else None
+    if path is None or not path.is_file():
+        dataset = load_captioned(builder, arguments, cache_dir)
+        if path is None:
+            path = cache_path([str(spec), dataset._fingerprint])
+    if not path.is_file():
+        image_column, text_column = captioned_columns(dataset, spec, caption_column)
+        captions = dataset[text_column]
+        for row, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise ValueError(f"captioned data {spec}: row {row} has caption {caption!r} in column "
+                                 f"{text_column!r}; expected a string")
+        distinct = list(dict.fromkeys(captions))
+        rows = {caption: k for k, caption in enumerate(distinct)}
+        logger.info("encoding %d images and %d captions of %s", len(captions), len(distinct), spec)
+        channels = teacher.vae.config.in_channels if teacher.is_latent else teacher.sample_shape[0]
+        images = dataset.select_columns([image_column])
+        device = teacher.model.device
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([image_tensor(image, teacher.image_size, channels, resize,
+                                               f"image of row {start + k} of {spec}")
+                                  for k, image in enumerate(images[start:start + batch_size][image_column])])
+            chunks.append(teacher.encode(pixels.to(device)).float().cpu())
+        cond = {f"cond.{key}": value for key, value in encode_texts(teacher, distinct).items()}
+        index = torch.tensor([rows[caption] for caption in captions], dtype=torch.long)
+        save_atomic({"x0": torch.cat(chunks), "cond_index": index, **cond}, path)
+    cached = unflatten_cond(load_file(path))
+    return cached["x0"], cached["cond"], cached["cond_index"]
+
+
 # -- teacher samples --------------------------------------------------------------------------------------
 def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, seed: int, uncond: Cond | None,
-                    batch_size: int) -> dict[str, torch.Tensor]:
-    """``{"noise", "x0"[, "class_labels"]}``: ``count`` deterministic DDIM solutions (``steps`` steps) of the
-    teacher's ODE from seeded noise, with random labels for a class-conditional teacher and the
-    unconditional branch for a text teacher. Cached; regenerated when the teacher, count, steps or seed
-    differ from the cached file's metadata."""
-    metadata = {"teacher": teacher_fingerprint(teacher), "count": str(count), "steps": str(steps), "seed": str(seed)}
+                    batch_size: int, prompt_cond: Cond | None = None, guidance: float = 1.0
+                    ) -> dict[str, torch.Tensor]:
+    """``{"noise", "x0"[, "class_labels" | "prompt_index"]}``: ``count`` deterministic DDIM solutions
+    (``steps`` steps) of the teacher's ODE from seeded noise, conditioned on random labels for a
+    class-conditional teacher, on the rows ``prompt_index`` of ``prompt_cond`` (every prompt once per
+    round, in a seeded order) when given, else on the unconditional branch; guided by
+    ``u + guidance (c - u)`` (Ho & Salimans 2022) when ``guidance != 1``. Cached; regenerated when the
+    teacher, count, steps, seed, prompts or guidance differ from the cached file's metadata."""
+    prompts_key = "" if prompt_cond is None else digest(*(
+        [k, list(v.shape), hashlib.sha256(v.float().numpy().tobytes()).hexdigest()]
+        for k, v in sorted(flatten_cond(prompt_cond).items())))
+    metadata = {"teacher": teacher_fingerprint(teacher), "count": str(count), "steps": str(steps), "seed": str(seed),
+                "prompts": prompts_key, "guidance": repr(float(guidance))}
     path = cache_dir / f"teacher-samples-{digest(teacher.source, seed)}.safetensors"  # one file per rank's seed
     if path.is_file():
         with safe_open(path, "pt") as cached:
@@ -399,15 +576,24 @@ def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, s
     pairs = {"noise": noise}
     if teacher.num_classes:
         pairs["class_labels"] = torch.randint(teacher.num_classes, (count,), generator=generator)
+    elif prompt_cond is not None:
+        num_prompts = _num_rows(prompt_cond)
+        rounds = [torch.randperm(num_prompts, generator=generator) for _ in range(-(-count // num_prompts))]
+        pairs["prompt_index"] = torch.cat(rounds)[:count]
     device = teacher.model.device
     chunks = []
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
+        unconds = slice_cond(uncond, torch.zeros(n, dtype=torch.long))
         if teacher.num_classes:
             cond = {"class_labels": pairs["class_labels"][start:start + n]}
+        elif prompt_cond is not None:
+            cond = slice_cond(prompt_cond, pairs["prompt_index"][start:start + n])
         else:
-            cond = slice_cond(uncond, torch.zeros(n, dtype=torch.long))
-        x0 = sample_ddim(teacher.denoiser, noise[start:start + n].to(device), timesteps, cond=_to(cond, device))
+            cond = unconds
+        guide = None if guidance == 1.0 else Guidance(_to(unconds, device), guidance)
+        x0 = sample_ddim(teacher.denoiser, noise[start:start + n].to(device), timesteps, cond=_to(cond, device),
+                         guidance=guide)
         chunks.append(x0.float().cpu())
     pairs["x0"] = torch.cat(chunks)
     save_atomic(pairs, path, metadata)

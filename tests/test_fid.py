@@ -177,6 +177,25 @@ def test_tensor_folder_and_generator_sources_agree(uint8_images, tmp_path):
     np.testing.assert_array_equal(image_features(str(tmp_path), pixel_extractor, num_images=4), reference[:4])
 
 
+def test_folder_is_read_as_training_reads_it(uint8_images, tmp_path):
+    """One folder reader for FID and training data: recursive, WEBP included, hidden files skipped."""
+    from fastgen.data import find_images
+
+    layout = ["a.png", "nested/b.webp", "nested/deeper/c.png", "d.jpg"]
+    for index, name in enumerate(layout):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(uint8_images[index].permute(1, 2, 0).numpy())
+        image.save(tmp_path / name, **({"lossless": True} if name.endswith(".webp") else {}))
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "skip.png")
+    files = find_images(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == sorted(layout)
+    decoded = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    features = image_features(tmp_path, pixel_extractor)
+    np.testing.assert_array_equal(features, np.asarray(pixel_extractor(decoded)))
+    assert features.shape[0] == 4
+
+
 def test_image_source_errors(uint8_images, tmp_path):
     with pytest.raises(ValueError, match="num_images=None, expected a positive int for a generator"):
         image_statistics(lambda n: uint8_images[:n], pixel_extractor)
@@ -188,7 +207,7 @@ def test_image_source_errors(uint8_images, tmp_path):
         image_statistics(uint8_images, pixel_extractor, batch_size=0)
     with pytest.raises(TypeError, match="got list"):
         image_statistics([1, 2], pixel_extractor)
-    with pytest.raises(ValueError, match="holds no files ending in"):
+    with pytest.raises(ValueError, match=r"holds no images; expected files ending in \.png, \.jpg"):
         image_statistics(tmp_path, pixel_extractor)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (9, 8)).save(tmp_path / "b.jpg")
