@@ -56,6 +56,16 @@ def test_cli_errors_are_plain(ddpm, tmp_path):
         main(["distill", "--config", "no_such_preset", "--teacher", str(ddpm), "--method", "consistency"])
     with pytest.raises(SystemExit, match="student.lora_rank is 0"):
         main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--output", str(tmp_path / "r"), "--lora"])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    with pytest.raises(SystemExit, match=r"error: prompts file .*blank\.txt is empty"):
+        main(["sample", "--model", str(ddpm), "--steps", "1", "--out", str(tmp_path / "x.png"),
+              "--prompts-file", str(blank)])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"prompts file .*prompts\.txt given to the teacher .* takes no prompts"):
+        main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher", "--prompts",
+              str(prompts), "--output", str(tmp_path / "p"), "--max-steps", "1"])
     with pytest.raises(ValueError, match="kid needs --ref to be a folder"):
         main(["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "kid", "--features", "toy"])
     with pytest.raises(ValueError, match="clip needs prompts"):
