@@ -87,6 +87,8 @@ class Batch:
     """The unconditional branch for the same batch size (empty prompt), or ``None``."""
     noise: torch.Tensor | None = None
     """For teacher samples: the noise each ``x0`` was generated from by the teacher's ODE."""
+    size: int = 0
+    """Samples in the batch (the only record of it in a data-free unconditional batch)."""
 
     def to(self, device) -> Batch:
         """A copy with every tensor (recursively through nested conditions) on ``device``."""
@@ -163,9 +165,9 @@ class DataSource:
         if self.random_classes:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, "labels", k))
             labels = torch.randint(self.random_classes, (self.batch_size,), generator=generator)
-            return Batch(None, {"class_labels": labels}, uncond)
+            return Batch(None, {"class_labels": labels}, uncond, size=self.batch_size)
         if not self.size:
-            return Batch(None, uncond, uncond)
+            return Batch(None, uncond, uncond, size=self.batch_size)
         index = self.indices(k)
         if self.cond is None:
             cond = uncond
@@ -176,6 +178,7 @@ class DataSource:
             cond,
             uncond,
             self.noise[index] if self.noise is not None else None,
+            self.batch_size,
         )
 
     def batches(self, start_index: int = 0) -> Iterator[Batch]:

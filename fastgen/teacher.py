@@ -31,9 +31,9 @@ class Teacher:
     schedule: NoiseSchedule
     source: str
 
-    def __call__(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
-        """The teacher's x0-prediction ``denoiser(x_t, t, cond)``."""
-        return self.denoiser(x_t, t, cond)
+    def __call__(self, x_t: torch.Tensor, t, cond: Cond | None = None, **kwargs) -> torch.Tensor:
+        """The teacher's x0-prediction ``denoiser(x_t, t, cond)`` (``features=`` passes through)."""
+        return self.denoiser(x_t, t, cond, **kwargs)
 
     def guided(self, x_t: torch.Tensor, t, cond: Cond | None, uncond: Cond | None, scale) -> torch.Tensor:
         """Classifier-free guided x0 (``BaseDenoiser.guided``, Ho–Salimans form)."""

@@ -8,12 +8,16 @@ from fastgen.config import config_from_dict
 from fastgen.denoiser import BaseDenoiser
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
+from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
 from fastgen.losses.progressive import ProgressiveDistillation
 from fastgen.networks import NetworkFactory
 
 OBJECTIVES: dict[str, type[Objective]] = {
     ProgressiveDistillation.name: ProgressiveDistillation,
     ConsistencyDistillation.name: ConsistencyDistillation,
+    DMD.name: DMD,
+    DMD2.name: DMD2,
+    DecoupledDMD.name: DecoupledDMD,
 }
 
 

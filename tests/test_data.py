@@ -272,7 +272,7 @@ def test_class_conditional(teachers, tmp_path):
 def test_data_free_unconditional_and_batch_to(teachers, tmp_path):
     source = build_data(None, teachers("ddpm"), batch_size=2, seed=0, cache_dir=tmp_path)
     assert len(source) == 0 and not source.needs_data
-    assert source.batch(0) == Batch(None, None, None)
+    assert source.batch(0) == Batch(None, None, None, size=2)
     nested = Batch(torch.zeros(2), {"a": torch.zeros(2), "b": {"c": torch.zeros(2)}}, None, torch.zeros(2))
     moved = nested.to("meta")
     assert moved.x0.is_meta and moved.cond["a"].is_meta and moved.cond["b"]["c"].is_meta and moved.noise.is_meta

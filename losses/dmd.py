@@ -1,0 +1,345 @@
+"""Distribution matching distillation: DMD (Yin et al. 2024a, "One-step Diffusion with Distribution
+Matching Distillation"), DMD2 (Yin et al. 2024b, "Improved Distribution Matching Distillation for Fast
+Image Synthesis") and Decoupled DMD ("Decoupled DMD: CFG Augmentation as the Spear, Distribution Matching
+as the Shield", 2025).
+
+The student G maps noise to a sample ``x = x0_G(z)``. Its update follows the gradient of the KL divergence
+between the student's and the teacher's distributions, diffused to a level ``tau`` (DMD, eq. 7): with
+``x_tau = alpha_tau sg(x) + sigma_tau eps``, ``tau ~ U[0.02 T, 0.98 T]``,
+
+    grad = (x0_F(x_tau) - x0_T^g(x_tau)) / mean|x - x0_T^g(x_tau)|          (DMD eq. 8, per sample)
+    L_G  = 0.5 ||x - sg(x - grad)||^2                                       (mean over elements)
+
+where ``x0_T^g`` is the teacher guided in the Ho–Salimans form ``u + g (c - u)`` and F the fake score, a
+copy of the teacher (or a LoRA adapter on its weights) trained by denoising score matching on ``sg(x)``
+in the teacher's own output space (epsilon, v or velocity MSE, what the teacher was trained with), over
+the whole time range. Everything is written against x0-predictions, so any schedule and output type works.
+
+- **DMD** adds a regression loss on teacher ODE pairs (``--data teacher``: the cached noise and the
+  sample the teacher's ODE made of it): ``||x0_G(noise) - x_ODE||^2`` (L2 here; the paper uses LPIPS,
+  weight 0.25), on the first step's x0 of a multi-step student (the one made from the ODE's own noise);
+  the fake score is updated once per generator update.
+- **DMD2** drops the regression, updates the fake score ``critic_every`` times per generator update
+  (5 for SDXL, 10 for SD1.5), and adds a GAN: a head on the fake score's bottleneck classifies noised
+  real samples against generated ones (``losses.adversarial``), weights 5e-3 (G) / 1e-2 (D). Multi-step
+  students are trained by backward simulation: for a step ``i`` drawn per batch, the student's own
+  ``i`` earlier steps run without gradient from pure noise and are renoised with fresh noise to
+  ``t_i``; ``multistep_input: data`` noises real samples instead.
+- **Decoupled DMD** splits the guided gradient: the CFG augmentation ``(g - 1)(x0_T(c) - x0_T(u))``,
+  evaluated only at levels cleaner than the student's own input, and the distribution matching term
+  ``x0_T(c) - x0_F(c)`` at any level, each with its own level range and weight; the DM term (the
+  "shield") can be replaced by the GAN term or a mean/variance penalty.
+
+A one-step student's input time is ``student.timesteps`` (DMD2 conditions SDXL's one-step student at 399,
+SiD conditions SD at 625): it always starts from pure noise, so a time below the top keeps the conversion
+of an epsilon output to x0 away from the division by ``alpha(T) ~ 0``. Published defaults in
+``losses/README.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgen.denoiser import cat_cond
+from fastgen.losses.adversarial import (GAN_LOSSES, PLACEMENTS, FeatureDiscriminator, discriminator_loss,
+                                        generator_loss, make_head, r1_penalty)
+from fastgen.losses.base import Objective, Phase
+from fastgen.samplers.solvers import renoise_step, sample_renoise
+from fastgen.schedules import expand_to
+
+MULTISTEP_INPUTS = ("backward", "data")
+
+
+@dataclass
+class DMDConfig:
+    guidance_scale: float = 1.0
+    """Ho–Salimans CFG scale of the teacher in the DMD gradient (DMD2: SD1.5 1.75, SDXL 8); 1 = none."""
+    t_range: tuple[float, float] = (0.02, 0.98)
+    """Levels ``tau`` of the DMD gradient, as fractions of the teacher's time range."""
+    fake_t_range: tuple[float, float] = (0.0, 1.0)
+    """Levels at which the fake score is trained (DMD2: the whole range)."""
+    critic_every: int = 1
+    """Fake-score (critic) updates per generator update (two time-scale rule; DMD2: 5–10)."""
+    fake_lora_rank: int = 0
+    """0: the fake score is a full trainable copy of the teacher; > 0: a LoRA adapter of this rank on the
+    teacher's own weights (one copy of the base in memory)."""
+    fake_lr: float | None = None
+    """Learning rate of the fake score and the GAN head; None = train.lr (DMD2 uses the same)."""
+    regression_weight: float = 0.25
+    """Weight of DMD's regression loss on teacher ODE pairs (needs ``--data teacher``); 0 = off."""
+    gan_weight: float = 0.0
+    """Weight of the generator's GAN term (DMD2: 5e-3); with ``gan_critic_weight`` > 0 needs real samples."""
+    gan_critic_weight: float = 0.0
+    """Weight of the discriminator's classification loss in the critic phase (DMD2: 1e-2)."""
+    gan_features: str = "fake"
+    """Where the head reads features: "fake" (the fake score's bottleneck, DMD2) or "teacher" (frozen)."""
+    gan_loss: str = "nonsaturating"
+    """"nonsaturating" (softplus, DMD2) or "hinge"."""
+    gan_t_range: tuple[float, float] = (0.0, 1.0)
+    """Levels at which real and generated samples are noised before the head (fractions of the range)."""
+    r1_weight: float = 0.0
+    """R1 penalty on real samples (gamma / 2); 0 = off."""
+    multistep_input: str = "backward"
+    """How a multi-step student's input at step i > 0 is made: "backward" simulation or noised "data"."""
+
+
+@dataclass
+class DMD2Config(DMDConfig):
+    regression_weight: float = 0.0
+    critic_every: int = 5
+    gan_weight: float = 5e-3
+    gan_critic_weight: float = 1e-2
+
+
+class DMD(Objective):
+    """DMD; ``DMD2`` and ``DecoupledDMD`` change defaults and the gradient only."""
+
+    name = "dmd"
+    Config = DMDConfig
+    rule = "renoise"
+
+    def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
+        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+        self._check(config)
+        self.fake = self.factory.lora("fake", config.fake_lora_rank) if config.fake_lora_rank else self.factory.copy()
+        self.head = None
+        if self.uses_gan:
+            probe = torch.zeros(1, *self.teacher.sample_shape, device=self.device)
+            cond = self.teacher.null_cond(1) if self.teacher.text_conditioned else (
+                self.teacher.class_cond([0]) if self.teacher.num_classes else None)
+            owner = "fake" if config.gan_features == "fake" else "teacher"
+            self.discriminator = FeatureDiscriminator(self, owner)
+            t = torch.full((1,), float(self.schedule.t_max))
+            self.head = self.factory.module(make_head(getattr(self, owner), probe, t, cond))
+        self.needs_data = self.uses_gan or config.regression_weight > 0 or (
+            config.multistep_input == "data" and num_steps > 1)
+
+    def _check(self, c: DMDConfig) -> None:
+        rules = [
+            (c.guidance_scale >= 0.0, "guidance_scale", c.guidance_scale, ">= 0 (1 = no guidance)"),
+            (c.critic_every >= 1, "critic_every", c.critic_every, ">= 1"),
+            (c.fake_lora_rank >= 0, "fake_lora_rank", c.fake_lora_rank, ">= 0"),
+            (min(c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight) >= 0, "*_weight",
+             (c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight), "non-negative weights"),
+            (c.gan_features in PLACEMENTS, "gan_features", c.gan_features, f"one of {list(PLACEMENTS)}"),
+            (c.gan_loss in GAN_LOSSES, "gan_loss", c.gan_loss, f"one of {list(GAN_LOSSES)}"),
+            (c.multistep_input in MULTISTEP_INPUTS, "multistep_input", c.multistep_input,
+             f"one of {list(MULTISTEP_INPUTS)}"),
+        ]
+        for name in ("t_range", "fake_t_range", "gan_t_range"):
+            lo, hi = getattr(c, name)
+            rules.append((0.0 <= lo <= hi <= 1.0, name, [lo, hi], "0 <= low <= high <= 1 (fractions of the range)"))
+        bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        guided = c.guidance_scale != 1.0
+        if guided and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
+            raise ValueError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
+                             f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    @property
+    def uses_gan(self) -> bool:
+        return self.config.gan_weight > 0 or self.config.gan_critic_weight > 0
+
+    def networks(self):
+        return {"fake": self.fake, **({"head": self.head} if self.head is not None else {})}
+
+    def phases(self):
+        c = self.config
+        critic = ("fake", "head") if self.head is not None else ("fake",)
+        return [Phase("generator", ("student",), every=c.critic_every),
+                Phase("critic", critic, lr=c.fake_lr)]
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def sample_t(self, n: int, fractions, device) -> torch.Tensor:
+        """Times uniform on a fraction ``(lo, hi)`` of the teacher's time range (the schedule's own sampler)."""
+        s = self.schedule
+        span = s.t_max - s.t_min
+        return s.sample_t(n, device=device, t_min=s.t_min + fractions[0] * span, t_max=s.t_min + fractions[1] * span)
+
+    def generate(self, batch, grad: bool = True):
+        """Student samples for ``batch``'s conditions: ``(x, t_in)`` with ``t_in`` the input time of the step
+        that made them (one step drawn per batch; earlier steps by backward simulation without gradient)."""
+        n, device = batch.size, self.device
+        ts = self.timesteps
+        i = int(torch.randint(len(ts), ()))
+        z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
+        x_t = z
+        if i > 0:
+            with torch.no_grad():
+                if self.config.multistep_input == "data":
+                    x_t = self.schedule.add_noise(batch.x0, torch.randn_like(batch.x0), ts[i])
+                else:
+                    x0 = sample_renoise(self.student, z, ts[:i], cond=batch.cond)
+                    x_t = renoise_step(self.schedule, x0, ts[i], torch.randn_like(x0))
+        t_in = torch.full((n,), float(ts[i]), device=z.device)
+        with torch.set_grad_enabled(grad):
+            x = self.student(x_t, t_in, batch.cond)
+        return x, t_in
+
+    def dmd_gradient(self, x: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, batch) -> torch.Tensor:
+        """DMD's normalised gradient (eq. 8) at ``x_tau = add_noise(x, eps, tau)``, without graph."""
+        with torch.no_grad():
+            x_tau = self.schedule.add_noise(x, eps, tau)
+            real = self.teacher.guided(x_tau, tau, batch.cond, batch.uncond, self.config.guidance_scale)
+            fake = self.fake(x_tau, tau, batch.cond)
+            return normalised(fake - real, x - real)
+
+    def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+        tau = self.sample_t(x.shape[0], self.config.t_range, x.device)
+        grad = self.dmd_gradient(x.detach().float(), tau, torch.randn_like(x), batch)
+        return {"dm": matching_loss(x, grad)}
+
+    def fake_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Denoising score matching of the fake score on generated samples, in the teacher's output space."""
+        t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device)
+        eps = torch.randn_like(x)
+        x_t = self.schedule.add_noise(x, eps, t)
+        target = self.schedule.from_x0(x, x_t, t)
+        return (self.fake.output(x_t, t, batch.cond).float() - target.float()).square().mean()
+
+    # -- the contract -------------------------------------------------------------------------------
+    def loss(self, phase, batch, step):
+        c = self.config
+        if phase == "generator":
+            x, t_in = self.generate(batch, grad=True)
+            terms = self.generator_terms(x, t_in, batch)
+            if c.regression_weight > 0:
+                if batch.noise is None:
+                    raise ValueError("objective.regression_weight > 0 needs teacher ODE pairs: pass --data teacher "
+                                     "(or set objective.regression_weight=0)")
+                t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
+                terms["regression"] = (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
+            if c.gan_weight > 0:
+                t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
+                terms["gan"] = generator_loss(self.discriminator.logits(x, t_gan, batch.cond), c.gan_loss)
+            weights = {"regression": c.regression_weight, "gan": c.gan_weight}
+            total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+        with torch.no_grad():
+            x, _ = self.generate(batch, grad=False)
+        terms = {"fake": self.fake_loss(x.float(), batch)}
+        if c.gan_critic_weight > 0:
+            terms["gan"] = self.discriminator_terms(x.float(), batch)
+        total = terms["fake"] + c.gan_critic_weight * terms.get("gan", 0.0)
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+
+    def discriminator_terms(self, x: torch.Tensor, batch) -> torch.Tensor:
+        c = self.config
+        if batch.x0 is None:
+            raise ValueError("the GAN term needs real samples: pass --data (images, captioned images or 'teacher') "
+                             "or set objective.gan_weight=0 and objective.gan_critic_weight=0")
+        real = batch.x0.float().requires_grad_(c.r1_weight > 0)
+        n = x.shape[0]
+        t = self.sample_t(2 * n, c.gan_t_range, x.device)
+        logits = self.discriminator.logits(torch.cat([real, x]), t, cat_cond(batch.cond, batch.cond))
+        loss = discriminator_loss(logits[:n], logits[n:], c.gan_loss)
+        if c.r1_weight > 0:
+            loss = loss + c.r1_weight * r1_penalty(logits[:n], real)
+        return loss
+
+
+class DMD2(DMD):
+    name = "dmd2"
+    Config = DMD2Config
+
+
+@dataclass
+class DecoupledDMDConfig(DMD2Config):
+    ca_weight: float = 1.0
+    """Weight of the CFG-augmentation term (the "spear")."""
+    ca_t_range: tuple[float, float] = (0.02, 0.98)
+    """Levels of the CA term, as fractions of the range, capped at the student's own input time."""
+    dm_weight: float = 1.0
+    """Weight of the regulariser (the "shield")."""
+    regularizer: str = "dm"
+    """"dm": distribution matching ``x0_T(c) - x0_F(c)`` at any level in ``t_range``; "gan": the GAN term
+    alone (``gan_weight``); "moments": a penalty on the batch mean and variance against the teacher's x0."""
+    gan_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+
+
+REGULARIZERS = ("dm", "gan", "moments")
+
+
+class DecoupledDMD(DMD2):
+    name = "decoupled_dmd"
+    Config = DecoupledDMDConfig
+
+    def _check(self, c):
+        super()._check(c)
+        lo, hi = c.ca_t_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"objective.ca_t_range is {[lo, hi]}; expected 0 <= low <= high <= 1")
+        if c.regularizer not in REGULARIZERS:
+            raise ValueError(f"objective.regularizer is {c.regularizer!r}; expected one of {list(REGULARIZERS)}")
+        if c.regularizer == "gan" and not (c.gan_weight > 0 and c.gan_critic_weight > 0):
+            raise ValueError("objective.regularizer is 'gan'; expected objective.gan_weight > 0 and "
+                             "objective.gan_critic_weight > 0")
+
+    def ca_times(self, t_in: torch.Tensor) -> torch.Tensor:
+        """CA levels: uniform on the configured fraction of the range, capped at the student's input time."""
+        s = self.schedule
+        span = s.t_max - s.t_min
+        lo = torch.full_like(t_in, s.t_min + self.config.ca_t_range[0] * span)
+        hi = torch.minimum(t_in, torch.full_like(t_in, s.t_min + self.config.ca_t_range[1] * span))
+        t = lo + (hi - lo).clamp(min=0) * torch.rand_like(t_in)
+        return t.round() if s.family == "vp" else t
+
+    def ca_gradient(self, x, tau, eps, batch):
+        """``-(g - 1)(x0_T(c) - x0_T(u))`` at ``tau``, normalised like DMD's (descending it moves ``x`` along
+        the guidance direction)."""
+        g = self.config.guidance_scale
+        with torch.no_grad():
+            x_tau = self.schedule.add_noise(x, eps, tau)
+            x0 = self.teacher(torch.cat([x_tau, x_tau]), torch.cat([tau, tau]), cat_cond(batch.cond, batch.uncond))
+            cond, uncond = x0.chunk(2)
+            return normalised(-(g - 1.0) * (cond - uncond), x - cond)
+
+    def dm_gradient(self, x, tau, eps, batch):
+        """``x0_F(c) - x0_T(c)`` at ``tau`` (the unguided DMD gradient), normalised."""
+        with torch.no_grad():
+            x_tau = self.schedule.add_noise(x, eps, tau)
+            real = self.teacher(x_tau, tau, batch.cond)
+            return normalised(self.fake(x_tau, tau, batch.cond) - real, x - real), real
+
+    def generator_terms(self, x, t_in, batch):
+        c = self.config
+        xd = x.detach().float()
+        terms = {}
+        if c.guidance_scale != 1.0 and c.ca_weight > 0:
+            terms["ca"] = c.ca_weight * matching_loss(x, self.ca_gradient(xd, self.ca_times(t_in),
+                                                                          torch.randn_like(xd), batch))
+        if c.regularizer in ("dm", "moments"):
+            tau = self.sample_t(x.shape[0], c.t_range, x.device)
+            grad, real = self.dm_gradient(xd, tau, torch.randn_like(xd), batch)
+            if c.regularizer == "dm":
+                terms["dm"] = c.dm_weight * matching_loss(x, grad)
+            else:
+                terms["moments"] = c.dm_weight * moment_penalty(x, real)
+        return terms
+
+
+def normalised(direction: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``direction / mean|residual|`` per sample (DMD eq. 8's weighting), non-finite entries zeroed."""
+    scale = residual.abs().flatten(1).mean(1).clamp(min=1e-12)
+    return torch.nan_to_num(direction / expand_to(scale, direction))
+
+
+def matching_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 ||x - sg(x - grad)||^2`` (mean): its gradient with respect to ``x`` is ``grad / numel``."""
+    return 0.5 * (x.float() - (x.detach().float() - grad)).square().mean()
+
+
+def moment_penalty(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Squared differences of the per-channel batch mean and standard deviation of ``x`` from ``reference``'s."""
+    dims = [0, *range(2, x.ndim)]
+    ref = reference.detach().float()
+    return ((x.float().mean(dims) - ref.mean(dims)).square().mean()
+            + (x.float().std(dims) - ref.std(dims)).square().mean())
