@@ -84,9 +84,9 @@ class AdapterDenoiser(Denoiser):
         super().__init__(model, schedule)
         self.adapter = adapter
 
-    def output(self, x_t, t, cond=None, **kwargs):
+    def output(self, x_t, t, cond=None, features=None):
         activate_adapter(self.model, self.adapter)
-        return super().output(x_t, t, cond, **kwargs)
+        return super().output(x_t, t, cond, features)
 
 
 class NetworkFactory:

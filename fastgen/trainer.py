@@ -215,7 +215,7 @@ class Trainer:
         start = time.perf_counter()
         while self.step < t.max_steps:
             torch.manual_seed(step_seed(self.config.seed, self.step, acc.process_index))
-            logged = self._train_step()
+            logged.update(self._train_step())  # each phase's latest terms, also of phases not due this step
             self.objective.on_step_end(self.step)
             self.step += 1
             bar.update(1)

@@ -244,3 +244,100 @@ def test_bad_dmd_settings_name_the_key():
     with pytest.raises(ValueError, match="objective.regularizer"):
         build_objective("decoupled_dmd", teacher, MLPDenoiser(schedule), {"regularizer": "l1"},
                         factory=Factory(lambda: teacher))
+
+
+class Recorder(torch.nn.Module):
+    """A student whose x0 is a constant; it records the input of each of its calls."""
+
+    def __init__(self, schedule, value=1.5):
+        super().__init__()
+        self.schedule, self.value, self.calls = schedule, value, []
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, cond=None):
+        self.calls.append((x_t.detach().clone(), torch.as_tensor(t).reshape(-1)[:1].clone()))
+        return torch.full_like(x_t, self.value) + 0 * self.p
+
+
+def test_backward_simulation_renoises_the_students_own_earlier_steps_with_fresh_noise():
+    schedule = FlowSchedule(1000)
+    teacher = mixture(schedule)
+    student = Recorder(schedule)
+    objective = build_objective("dmd2", teacher, student, NO_GAN, num_steps=2, factory=Factory(lambda: teacher))
+    t0, t1 = objective.timesteps
+    torch.manual_seed(0)
+    inputs = {}
+    for _ in range(40):
+        student.calls.clear()
+        x, t_in = objective.generate(batch(4000), grad=True)
+        assert x.requires_grad
+        inputs.setdefault(float(t_in[0]), student.calls[-1][0])
+        if float(t_in[0]) == t1:  # two calls: the earlier step without gradient, then step 1
+            assert [float(t[0]) for _, t in student.calls] == [t0, t1]
+    assert set(inputs) == {t0, t1}  # both steps are trained
+    assert abs(inputs[t0].std().item() - 1) < 0.05 and abs(inputs[t0].mean().item()) < 0.05  # pure noise
+    a, s = schedule.alpha(torch.tensor(t1)).item(), schedule.sigma(torch.tensor(t1)).item()
+    x_t1 = inputs[t1]
+    assert abs(x_t1.mean().item() - a * 1.5) < 0.05 and abs(x_t1.std().item() - s) < 0.05
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from tiny import make_sd_folder
+
+    return make_sd_folder(tmp_path_factory.mktemp("dmd") / "sd")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_dmd2_trains_a_text_teacher_with_a_gan_head_on_a_lora_fake_score_and_exports(sd_folder, tmp_path):
+    import json
+
+    from fastgen.checkpoint import latest_checkpoint, load_checkpoint
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.generate import generate
+    from fastgen.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red disc\na blue cross\n")
+    config = load_config(DistillConfig, None, [
+        f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path / 'run'}", "data=teacher", f"prompts={prompts}",
+        "teacher_samples=8", "teacher_sample_steps=2", "train.batch_size=2", "train.max_steps=4", "train.log_every=1",
+        "objective.critic_every=2", "objective.fake_lora_rank=4", "objective.guidance_scale=2.0",
+        "student.num_steps=2"])
+    trainer = Trainer(config)
+    head_before = [p.detach().clone() for p in trainer.objective.head.parameters()]
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"generator/dm", "generator/gan", "critic/fake", "critic/gan"} <= set(records[-1])
+    assert all(torch.isfinite(torch.tensor(v)) for r in records for k, v in r.items() if "/" in k)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.objective.head.parameters()))
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert set(state["networks"]) == {"student", "fake", "head"}
+    assert all(".fake." in k for k in state["networks"]["fake"])  # the adapter, not a second UNet
+    student = load_teacher(trainer.export(tmp_path / "export"))
+    images = generate(student, 2, 2, prompts=["a red disc"])
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+def test_dmd_regression_on_teacher_pairs_through_the_trainer(tmp_path):
+    import json
+
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.trainer import Trainer
+
+    folder = make_ddpm_folder(tmp_path / "ddpm", sample_size=8)
+    config = load_config(DistillConfig, None, [
+        f"teacher={folder}", "method=dmd", f"output={tmp_path / 'run'}", "data=teacher", "teacher_samples=8",
+        "teacher_sample_steps=2", "train.batch_size=4", "train.max_steps=2", "train.log_every=1",
+        "student.timesteps=[399]"])
+    Trainer(config).fit()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["generator/regression"] > 0 and "critic/fake" in last and "generator/gan" not in last
