@@ -215,19 +215,25 @@ class Denoiser(BaseDenoiser):
         return self.schedule.to_x0(out, x_t, t), found
 
 
-def boundary_coefficients(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """Consistency-model boundary condition in LCM's form (Song et al. 2023, eq. 7; Luo et al. 2023,
-    "Latent consistency models", §4.1): with ``u = timestep_scaling * t``,
+def boundary_coefficients(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
+                          t_min: float = 0.0):
+    """Consistency-model boundary condition (Song et al. 2023, eq. 7 and Appendix C) in LCM's form
+    (Luo et al. 2023, "Latent consistency models", §4.1), shifted to the schedule's clean end ``t_min``:
+    with ``u = timestep_scaling * (t - t_min)``,
     ``c_skip = sigma_data² / (u² + sigma_data²)`` and ``c_out = u / sqrt(u² + sigma_data²)``, so that
-    ``c_skip(0) = 1, c_out(0) = 0``."""
-    u = timestep_scaling * torch.as_tensor(t, dtype=torch.float32)
+    ``c_skip(t_min) = 1, c_out(t_min) = 0``. VP and flow schedules end at ``t_min = 0`` (LCM's form as
+    published); EDM ends at ``t_min = sigma_min``, where ``c_skip`` with ``timestep_scaling = 1`` is Song et
+    al.'s ``sigma_data² / ((sigma - sigma_min)² + sigma_data²)``. ``c_out`` multiplies an x0-prediction (not
+    a raw network output), so it tends to 1, not ``sigma_data``, far from the boundary."""
+    u = timestep_scaling * (torch.as_tensor(t, dtype=torch.float32) - t_min)
     c_skip = sigma_data**2 / (u**2 + sigma_data**2)
     c_out = u / (u**2 + sigma_data**2).sqrt()
     return c_skip, c_out
 
 
 class BoundaryDenoiser(BaseDenoiser):
-    """``f(x_t, t) = c_skip(t) x_t + c_out(t) D(x_t, t)``: a consistency student's output."""
+    """``f(x_t, t) = c_skip(t) x_t + c_out(t) D(x_t, t)``: a consistency student's output, with the
+    boundary at the clean end ``schedule.t_min`` of the inner denoiser's schedule."""
 
     def __init__(self, inner: BaseDenoiser, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
         super().__init__()
@@ -237,5 +243,5 @@ class BoundaryDenoiser(BaseDenoiser):
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
         t = batch_times(t, x_t)
-        c_skip, c_out = boundary_coefficients(t, self.sigma_data, self.timestep_scaling)
+        c_skip, c_out = boundary_coefficients(t, self.sigma_data, self.timestep_scaling, self.schedule.t_min)
         return expand_to(c_skip, x_t) * x_t + expand_to(c_out, x_t) * self.inner(x_t, t, cond)

@@ -1,14 +1,32 @@
 """Consistency distillation (Song et al. 2023, "Consistency models", Algorithm 2) in the latent
-consistency form (Luo et al. 2023, "Latent consistency models", Algorithm 1).
+consistency form (Luo et al. 2023, "Latent consistency models", Algorithm 1), on any noise schedule.
 
-The student is boundary-conditioned, ``f(x, t) = c_skip(t) x + c_out(t) x0_G(x, t)`` (``c_skip(0) = 1``).
-On a skip grid ``t_n = (n + 1) k - 1`` (LCM: ``k = 20``, 50 points for T = 1000), a pair ``t > s = t - k``
-(``s`` clamped at 0) is drawn; ``x_t = alpha_t x + sigma_t eps`` from data; one teacher ODE step (DDIM, or
-Heun) from ``x_t`` gives ``x_s``, with classifier-free guidance drawn per sample from a range for text
-teachers; the loss is ``d(f_G(x_t, t), sg f_target(x_s, s))`` with ``d`` L2 or pseudo-Huber
-``sqrt(|a - b|² + c²) - c`` (Song & Dhariwal 2023, eq. 4), and the target network an EMA of the student
-(rate 0.95), or the online student without gradient (``target_ema: null``, LCM-LoRA). Multistep
-sampling predicts ``f`` and renoises.
+The student is boundary-conditioned, ``f(x, t) = c_skip(t) x + c_out(t) x0_G(x, t)`` with
+``c_skip = 1, c_out = 0`` at the schedule's clean end ``t_0 = schedule.t_min``
+(``fastgen.denoiser.boundary_coefficients``: LCM's form shifted to ``t_min``, ``0`` for VP and flow,
+``sigma_min`` for EDM as in Song et al. 2023, Appendix C). Training runs on a grid
+``t_0 < t_1 < ... < t_N`` of the teacher's native time (``ConsistencyDistillation.grid``), always asked
+of the schedule:
+
+- ``skip = k`` (default 20): every k-th point, counted from the clean end, of the teacher's own
+  ``T``-point sampling grid ``schedule.timesteps(T)`` (``T = num_train_timesteps``). VP: LCM's DDIM skip
+  grid ``t_n = n k - 1`` ([19, 39, ..., 999] for T = 1000, 50 points); flow: every k-th point of the
+  1000-step shifted Euler grid of ``FlowMatchEulerDiscreteScheduler`` (``t = 1000 sigma``, sigma after the
+  shift), from ``t ≈ 60`` to ``1000`` for shift 3; EDM: every k-th of 1000 Karras sigmas.
+- ``grid_points = N`` instead: the teacher's own N-point sampling grid ``schedule.timesteps(N)``. EDM:
+  the Karras grid ``sigma_min = t_1 < ... < t_N = sigma_max`` with the schedule's ``rho`` (7), Song et al.'s
+  CD discretisation (openai/consistency_models: N = 18 for CIFAR-10, 40 for ImageNet-64); flow: the
+  N-step shifted Euler grid; VP: trailing spacing (equal to ``skip = T / N`` when N divides T).
+
+``t_0 = t_min`` is put below the grid unless the grid already ends there (EDM's Karras grid). A pair
+``t = t_n > s = t_{n-1}`` (n ≥ 1) is drawn uniformly; ``x_t = alpha_t x + sigma_t eps`` from data; one
+teacher ODE step (DDIM = Euler for flow and EDM in x0 form, or Heun) from ``x_t`` gives ``x_s``, with
+classifier-free guidance drawn per sample from a range for text teachers; the loss is
+``d(f_G(x_t, t), sg f_target(x_s, s))`` with ``d`` L2 or pseudo-Huber ``sqrt(|a - b|² + c²) - c``
+(Song & Dhariwal 2023, eq. 4), and the target network an EMA of the student (rate 0.95), or the online
+student without gradient (``target_ema: null``, LCM-LoRA). At ``s = t_0`` the target is ``x_s`` itself
+(the boundary). Multistep sampling predicts ``f`` and renoises; the student's timesteps are grid points
+(LCMScheduler's choice, ``default_timesteps``).
 """
 
 from __future__ import annotations
@@ -25,15 +43,16 @@ from fastgen.samplers.solvers import Guidance, ddim_step, denoise
 
 @dataclass
 class ConsistencyConfig:
-    skip: int = 20                     # k: grid spacing in the teacher's native time (LCM: 20 → 50 points)
+    skip: int = 20                     # k: every k-th point of schedule.timesteps(T) (LCM: 20 → 50 points)
+    grid_points: int | None = None     # N: schedule.timesteps(N) instead (EDM, Song et al.: 18 or 40 Karras points)
     solver: str = "ddim"               # teacher ODE step: "ddim" or "heun"
     distance: str = "huber"            # "l2" or "huber" (pseudo-Huber)
     huber_c: float = 0.001             # pseudo-Huber c (LCM)
     target_ema: float | None = 0.95    # EMA rate of the target network; None = online student without grad
     guidance_min: float = 1.0          # Ho–Salimans CFG scale range of the teacher step (LCM: w in [5, 15]
     guidance_max: float = 1.0          # in c + w (c - u), i.e. scale in [6, 16]); 1 = no guidance
-    sigma_data: float = 0.5            # boundary condition c_skip, c_out (LCM)
-    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5            # boundary condition c_skip, c_out (LCM), u = timestep_scaling (t - t_min)
+    timestep_scaling: float = 10.0     # LCM: 10 on VP/flow native time; EDM, Song et al.'s c_skip: 1
 
 
 class ConsistencyDistillation(Objective):
@@ -65,28 +84,51 @@ class ConsistencyDistillation(Objective):
             raise ValueError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
                              "expected 1 <= guidance_min <= guidance_max")
         T = teacher.schedule.num_train_timesteps
-        if teacher.schedule.family != "vp" or not 1 <= config.skip < T:
-            raise ValueError(f"consistency distillation needs a discrete VP teacher and 1 <= objective.skip < {T}; "
-                             f"got family {teacher.schedule.family!r}, skip {config.skip}")
+        if not 1 <= config.skip < T:
+            raise ValueError(f"objective.skip is {config.skip}; expected 1 <= skip < {T} "
+                             "(every skip-th of the teacher's num_train_timesteps grid points)")
+        if config.grid_points is not None and config.grid_points < 1:
+            raise ValueError(f"objective.grid_points is {config.grid_points}; expected a number of points >= 1 "
+                             "or null (use objective.skip)")
 
-    @property
     def grid(self) -> torch.Tensor:
-        """``t_n = (n + 1) k - 1``: LCM's DDIM skip grid ([19, 39, ..., 999] for k = 20, T = 1000)."""
-        T = self.schedule.num_train_timesteps
-        return torch.arange(1, T // self.config.skip + 1, dtype=torch.float32) * self.config.skip - 1
+        """The ascending grid ``t_0 = t_min < t_1 < ... < t_N`` in the teacher's native time: every
+        ``skip``-th point of ``schedule.timesteps(T)`` from the clean end, or ``schedule.timesteps(grid_points)``
+        (e.g. VP, k = 20: [0, 19, 39, ..., 999]; EDM, N = 18: the Karras sigmas from 0.002 to 80)."""
+        schedule, cfg = self.schedule, self.config
+        if cfg.grid_points is None:
+            points = schedule.timesteps(schedule.num_train_timesteps).flip(0)[cfg.skip - 1::cfg.skip]
+        else:
+            try:
+                points = schedule.timesteps(cfg.grid_points).flip(0)
+            except ValueError as err:
+                raise ValueError(f"objective.grid_points is {cfg.grid_points}: {err}") from None
+        t_min = torch.tensor([schedule.t_min])
+        if torch.isclose(points[0], t_min[0]):  # the grid already ends at the boundary (EDM's Karras grid)
+            points = points[1:]
+        grid = torch.cat([t_min, points.float()])
+        if len(grid) < 2 or not bool((grid[1:] > grid[:-1]).all()):
+            raise ValueError(f"objective.skip = {cfg.skip}, grid_points = {cfg.grid_points}: the teacher's grid "
+                             f"{points.tolist()} is not strictly increasing above t_min = {schedule.t_min}; "
+                             "expected distinct points above the clean end")
+        return grid
 
     def default_timesteps(self, num_steps):
-        """LCMScheduler's choice: every ``len(grid) // n``-th grid point from the top (e.g. 999, 759, 519, 279)."""
-        grid = self.grid.flip(0)
-        stride = max(len(grid) // num_steps, 1)
-        return grid[::stride][:num_steps].tolist()
+        """LCMScheduler's choice: every ``N // n``-th grid point from the top (e.g. 999, 759, 519, 279)."""
+        points = self.grid()[1:].flip(0)
+        if num_steps > len(points):
+            raise ValueError(f"student.num_steps is {num_steps}, but the consistency grid has {len(points)} points "
+                             "above the clean end; expected num_steps <= that (lower objective.skip or raise "
+                             "objective.grid_points)")
+        stride = max(len(points) // num_steps, 1)
+        return points[::stride][:num_steps].tolist()
 
     def loss(self, phase, batch, step):
         x0 = batch.x0
         b = x0.shape[0]
-        grid = self.grid.to(x0.device)
-        t = grid[torch.randint(0, len(grid), (b,), device=x0.device)]
-        s = (t - self.config.skip).clamp(min=0)
+        grid = self.grid().to(x0.device)
+        n = torch.randint(0, len(grid) - 1, (b,), device=x0.device) + 1
+        t, s = grid[n], grid[n - 1]
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
         with torch.no_grad():
             x_s = self._teacher_step(x_t, t, s, batch)
@@ -134,8 +176,9 @@ class ConsistencyDistillation(Objective):
 
     def export_config(self):
         """A consistency function is trained on the whole grid, so it serves any step count: export the
-        LCM-style timesteps for 1, 2, 4 and 8 steps besides the trained ``num_steps``."""
+        LCM-style timesteps for 1, 2, 4 and 8 steps (as many as the grid holds) besides the trained ``num_steps``."""
         config = super().export_config()
         for n in (1, 2, 4, 8):
-            config["trained_timesteps"].setdefault(str(n), self.default_timesteps(n))
+            if n < len(self.grid()):
+                config["trained_timesteps"].setdefault(str(n), self.default_timesteps(n))
         return {**config, "boundary": dict(self.boundary)}

@@ -9,7 +9,14 @@ that a single DDIM step ``t -> t''`` needs to land on ``z_t''`` (eq. 8):
 
 and the loss is ``max(SNR_t, 1) ||x0_G(z_t) - x~||²`` ("truncated SNR" weighting, §4). When the
 student has converged it becomes the teacher and ``N`` halves (``start_steps -> ... -> num_steps``).
-Grids are the schedule's own (trailing for VP), and the ``N/2`` grid is every other point of the ``N`` grid.
+Grids are the schedule's own ``schedule.timesteps(N)`` (VP: trailing; flow: the shifted Euler grid of
+``FlowMatchEulerDiscreteScheduler``; EDM: Karras sigmas), and the ``N/2`` grid is every other point of the
+``N`` grid. A pair ending on the clean sample has the teacher's x0 at its midpoint as target.
+
+Every family: the DDIM step is the Euler step of flow (``alpha = 1 - sigma``) and EDM (``alpha = 1``) in x0
+form, eq. 8 only needs ``sigma_t > 0`` and distinct SNRs at ``t`` and ``t''`` (its denominator is
+``(alpha_t'' sigma_t - sigma_t'' alpha_t) / sigma_t``), which every grid point has, including flow's
+``t = T`` where ``alpha = 0``; ``SNR = alpha² / sigma²`` (EDM: ``1 / sigma²``) is 0 there, so the weight is 1.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         trained_timesteps: ``{"1": [399], "4": [999, 749, 499, 249]}`` — native times per step count.
         rule: ``"renoise"`` (predict x0, add fresh noise) or ``"ddim"`` (deterministic DDIM step).
         boundary: ``{"sigma_data": 0.5, "timestep_scaling": 10.0}`` for consistency students, whose x0 is
-            ``c_skip x_t + c_out x0_net`` (``fastgen.denoiser.boundary_coefficients``); ``None`` otherwise.
+            ``c_skip x_t + c_out x0_net`` (``fastgen.denoiser.boundary_coefficients``, with the boundary at
+            the clean end ``t_min`` of ``schedule``, as ``BoundaryDenoiser`` has it); ``None`` otherwise.
         num_train_timesteps: recorded for pipelines that read it; defaults to the schedule's.
     """
 
@@ -100,7 +101,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         t = self.timesteps[i].to(sample.device)
         x0 = self.schedule.to_x0(model_output.to(sample.dtype), sample, t)
         if self.config.boundary is not None:
-            c_skip, c_out = boundary_coefficients(t, **self.config.boundary)
+            c_skip, c_out = boundary_coefficients(t, **self.config.boundary, t_min=self.schedule.t_min)
             x0 = c_skip.to(sample) * sample + c_out.to(sample) * x0
         s = self.timesteps[i + 1].to(sample.device) if i + 1 < len(self.timesteps) else None
         if s is None:

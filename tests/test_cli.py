@@ -175,3 +175,42 @@ def test_generate_applies_a_consistency_students_boundary_condition(ddpm, tmp_pa
     images = generate(load_teacher(out), 3, 1, seed=5)
     noise = torch.randn((3, *teacher.sample_shape), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(images, noise.clamp(-1, 1))
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    from tiny import make_sd3_folder
+
+    return make_sd3_folder(tmp_path_factory.mktemp("cli-sd3") / "teacher")
+
+
+@pytest.mark.parametrize("method,extra", [("progressive", ["objective.start_steps=4"]),
+                                          ("consistency", ["objective.grid_points=8"])])
+def test_a_flow_teacher_distils_exports_and_samples(sd3, tmp_path, method, extra):
+    """A rectified-flow teacher (tiny SD3, FlowMatchEulerDiscreteScheduler with shift 3) through the CLI:
+    distil from its own samples, export, load the export in diffusers and sample it with a prompt."""
+    import json
+
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(sd3), "--method", method, "--data", "teacher", "--output", str(run),
+                 "--steps", "2", "--max-steps", "2", "teacher_samples=4", "teacher_sample_steps=2",
+                 "train.batch_size=2", *extra]) == 0
+    config = json.loads((run / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["schedule"]["family"] == "flow" and config["schedule"]["shift"] == 3.0
+    assert config["trained_timesteps"]["2"][0] == pytest.approx(1000.0)
+    assert (config["boundary"] is None) == (method == "progressive")
+    pipe = DiffusionPipeline.from_pretrained(run / "export", text_encoder_3=None, tokenizer_3=None)  # SD3 without T5
+    assert type(pipe.scheduler).__name__ == "FewStepScheduler"
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    out = pipe(prompt="a red square", num_inference_steps=2, guidance_scale=1.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+    png = tmp_path / "student.png"
+    assert main(["sample", "--model", str(run / "export"), "--steps", "2", "--num", "2", "--prompt", "a red square",
+                 "--out", str(png)]) == 0
+    assert png.is_file()
