@@ -146,6 +146,14 @@ class NetworkFactory:
         """A network of the objective's own, trainable and in float32."""
         return module.float().train().requires_grad_(True)
 
+    @staticmethod
+    def frozen(denoiser: BaseDenoiser) -> BaseDenoiser:
+        """A frozen copy of a (possibly distributed-wrapped) denoiser: an EMA target, a progressive round's
+        teacher. The copy holds the plain network, never the wrapper."""
+        if isinstance(denoiser, Denoiser):
+            denoiser = Denoiser(_inner(denoiser.model), denoiser.schedule)
+        return copy.deepcopy(denoiser).requires_grad_(False).eval()
+
 
 # -- what the trainer asks of a network ------------------------------------------------------------------
 

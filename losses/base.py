@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fastgen.denoiser import BaseDenoiser, Denoiser
+from fastgen.denoiser import BaseDenoiser
 from fastgen.networks import NetworkFactory
 from fastgen.samplers.scheduler import RULES
 from fastgen.teacher import as_teacher
@@ -121,10 +121,3 @@ class Objective:
     def export_config(self) -> dict[str, Any]:
         """What ``FewStepScheduler`` records: trained timesteps per step count, rule, boundary."""
         return {"trained_timesteps": {str(self.num_steps): self.timesteps}, "rule": self.rule, "boundary": None}
-
-
-def unwrap_denoiser(denoiser: BaseDenoiser) -> BaseDenoiser:
-    """The denoiser without a distributed wrapper (DDP's ``.module``) around its network, e.g. for a frozen copy."""
-    if isinstance(denoiser, Denoiser) and hasattr(denoiser.model, "module"):
-        return Denoiser(denoiser.model.module, denoiser.schedule)
-    return denoiser

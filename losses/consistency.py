@@ -31,13 +31,12 @@ student without gradient (``target_ema: null``, LCM-LoRA). At ``s = t_0`` the ta
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from fastgen.denoiser import BaseDenoiser, BoundaryDenoiser
-from fastgen.losses.base import Objective, unwrap_denoiser
+from fastgen.losses.base import Objective
 from fastgen.samplers.solvers import Guidance, ddim_step, denoise
 
 
@@ -69,7 +68,7 @@ class ConsistencyDistillation(Objective):
         self.online = BoundaryDenoiser(student, **self.boundary)
         self.target = None
         if config.target_ema is not None:
-            plain = copy.deepcopy(unwrap_denoiser(student)).requires_grad_(False).eval()
+            plain = self.factory.frozen(student)
             self.target = BoundaryDenoiser(plain, **self.boundary)
 
     @staticmethod
@@ -160,7 +159,7 @@ class ConsistencyDistillation(Objective):
     def on_step_end(self, step: int) -> None:
         if self.target is None:
             return
-        online = [p.detach() for p in unwrap_denoiser(self.student).parameters()]
+        online = [p.detach() for p in self.student.parameters()]
         target = list(self.target.inner.parameters())
         torch._foreach_lerp_(target, online, 1.0 - self.config.target_ema)
 

@@ -38,7 +38,7 @@ of an epsilon output to x0 away from the division by ``alpha(T) ~ 0``. Published
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -21,14 +21,13 @@ form, eq. 8 only needs ``sigma_t > 0`` and distinct SNRs at ``t`` and ``t''`` (i
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
 from fastgen.denoiser import BaseDenoiser
-from fastgen.losses.base import Objective, unwrap_denoiser
+from fastgen.losses.base import Objective
 from fastgen.samplers.solvers import Guidance, alpha_sigma, ddim_step, denoise
 
 
@@ -110,7 +109,7 @@ class ProgressiveDistillation(Objective):
     def _next_round(self) -> None:
         """The student becomes the teacher of the next round (a frozen copy of its current weights)."""
         self.round += 1
-        frozen = copy.deepcopy(unwrap_denoiser(self.student)).requires_grad_(False).eval()
+        frozen = self.factory.frozen(self.student)
         self.round_teacher = frozen
 
     def state_dict(self):

@@ -13,7 +13,7 @@ from tiny import MLPDenoiser, make_ddpm_folder
 from fastgen.analytic import GaussianMixtureDenoiser
 from fastgen.losses import build_objective
 from fastgen.losses.dmd import matching_loss
-from fastgen.schedules import FlowSchedule, schedule_from_config
+from fastgen.schedules import FlowSchedule
 from fastgen.teacher import DenoiserTeacher, load_teacher
 
 
