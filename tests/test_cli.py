@@ -136,7 +136,7 @@ def test_a_ddpm_folder_trained_elsewhere_distils_from_its_images_and_loads_in_st
     run = tmp_path / "run"
     assert main(["distill", "--teacher", str(ddpm), "--method", method, "--data", str(images), "--output", str(run),
                  "--steps", "2", "--max-steps", "2", "train.batch_size=4", *extra]) == 0
-    pipe = DDPMPipeline.from_pretrained(run / "export")
+    pipe = DDPMPipeline.from_pretrained(run / "export", use_safetensors=True, trust_remote_code=True)
     meta = json.loads((run / "export" / "fastgen_export.json").read_text())  # a stock scheduler where one replays it
     assert type(pipe.scheduler).__name__ == meta["scheduler"] and meta["method"] == method
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
