@@ -128,7 +128,8 @@ class _Moments:
 def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samples: int,
              metrics: dict[str, Callable], teacher_dir: str | None = None, prompts: Sequence[str] | None = None,
              guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[dict]:
-    """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``."""
+    """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``; an exported
+    student's model card and metadata get the model's rows."""
     from fastgen.generate import generate
     from fastgen.teacher import load_teacher
 
@@ -140,7 +141,14 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
         teacher = load_teacher(teacher_dir)
         curves["teacher DDIM"] = lambda n: generate(teacher, num_samples, n, seed=seed, prompts=prompts,
                                                     guidance_scale=guidance_scale, batch_size=batch_size)
-    return run_sweep(curves, list(steps), metrics, out_dir)
+    rows = run_sweep(curves, list(steps), metrics, out_dir)
+    from fastgen.pipelines.load import is_export
+
+    if is_export(model_dir):  # the export's model card reports what was measured
+        from fastgen.pipelines.card import add_metrics
+
+        add_metrics(model_dir, rows)
+    return rows
 
 
 __all__ = ["FEATURES", "METRICS", "build_metrics", "evaluate"]

@@ -1,8 +1,9 @@
 """fastgen: distil many-step diffusion and flow teachers into 1-4 step students that diffusers loads.
 
-Heavy imports are lazy, so ``fastgen --help`` stays fast. diffusers records a custom component by its
-module path (``["fastgen.samplers.scheduler", "FewStepScheduler"]``) and finds it only once that module is
-imported: load an exported student after ``from fastgen import FewStepScheduler``.
+Heavy imports are lazy, so ``fastgen --help`` stays fast. Load an exported student with
+``fastgen.load_pipeline(folder)`` (fastgen's own classes, no code from the folder), or without fastgen with
+``DiffusionPipeline.from_pretrained(folder, use_safetensors=True, trust_remote_code=True)`` (the flag only where
+the export ships custom code; its model card says which).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _LAZY = {
     "FewStepScheduler": "fastgen.samplers.scheduler",
     "FewStepPipeline": "fastgen.pipelines.few_step",
     "export_student": "fastgen.pipelines.export",
+    "load_pipeline": "fastgen.pipelines.load",
 }
 
 __all__ = ["__version__", *_LAZY]

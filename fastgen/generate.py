@@ -19,7 +19,7 @@ def sampling_plan(model: Teacher, steps: int, sampler: str | None = None) -> tup
     scheduler = model.pipeline.scheduler
     if isinstance(scheduler, FewStepScheduler):
         scheduler.set_timesteps(steps)
-        return sampler or scheduler.config.rule, scheduler.timesteps.tolist()
+        return sampler or scheduler.config.rule, scheduler.sigmas.tolist()
     return sampler or "ddim", model.schedule.timesteps(steps).tolist()
 
 

@@ -19,6 +19,7 @@ from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
+LIBRARIES = ("diffusers", "transformers")
 SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 
 
@@ -210,6 +211,13 @@ def _read_index(folder: Path) -> dict[str, list]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{index_file} is not valid JSON ({err}); expected a diffusers model index") from None
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    custom = sorted(name for name, (library, _) in components.items() if library not in (None, *LIBRARIES))
+    if custom or isinstance(index.get("_class_name"), list):
+        raise ValueError(
+            f"{folder} names classes outside diffusers and transformers (components {custom}, pipeline "
+            f"{index.get('_class_name')!r}) but is not a fastgen export (no fastgen_export.json); expected a "
+            "diffusers pipeline folder or a folder written by `fastgen export`"
+        )
     found = [c for c in DENOISER_COMPONENTS if c in components and components[c][0] is not None]
     if not found:
         raise ValueError(
@@ -246,28 +254,19 @@ def _refuse_pickle(folder: Path, components: dict[str, list]) -> None:
             )
 
 
-def _pipeline_class(folder: Path):
-    """The pipeline class named in ``model_index.json``: diffusers' own, or fastgen's ``FewStepPipeline``
-    (which ``DiffusionPipeline.from_pretrained`` cannot resolve, as it looks names up in diffusers only)."""
-    import diffusers
-
-    import fastgen
-
-    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    if name and not hasattr(diffusers, name) and hasattr(fastgen, name):
-        return getattr(fastgen, name)
-    return diffusers.DiffusionPipeline
-
-
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
     """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher) as a ``Teacher``.
 
     The folder is checked before any weights load (model index, denoiser class, scheduler family and
     prediction type). Weights must be safetensors: a component with only pickled files (``.bin``…, which
-    can run code on load) raises ``UnsafeCheckpointError`` unless ``trust_pickle=True``.
+    can run code on load) raises ``UnsafeCheckpointError`` unless ``trust_pickle=True``. An exported student
+    (a folder with ``fastgen_export.json``, full or LoRA) loads through ``fastgen.pipelines.load``: checked
+    metadata, fastgen's own classes, no code from the folder, safetensors only.
     """
     from diffusers import DiffusionPipeline
+
+    from fastgen.pipelines.load import is_export, load_pipeline
 
     if str(path) == "toy":
         from fastgen.toy import toy_teacher_path
@@ -275,7 +274,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
         path = toy_teacher_path()
     folder = Path(path).expanduser()
     absent = {}
-    pipeline_class = DiffusionPipeline
+    if is_export(folder):
+        pipe = load_pipeline(folder, dtype=dtype)
+        return _as_teacher(pipe, device, str(folder))
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"teacher path {folder} is a file; expected a diffusers pipeline folder")
@@ -284,15 +285,18 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
             _refuse_pickle(folder, components)
         # components saved as [null, null] (e.g. SD3 without T5) must be passed as None to load again
         absent = {name: None for name, entry in components.items() if entry[0] is None}
-        pipeline_class = _pipeline_class(folder)
         source = str(folder)
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
         raise FileNotFoundError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
 
-    pipe = pipeline_class.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
                                              **absent)
+    return _as_teacher(pipe, device, source)
+
+
+def _as_teacher(pipe, device, source: str) -> Teacher:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     name = next(c for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)

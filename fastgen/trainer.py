@@ -365,7 +365,8 @@ class Trainer:
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
         return export_student(teacher, self.student_weights(ema), out_dir, **self.objective.export_config(),
-                              lora=lora, prediction_type=self.student.schedule.prediction_type)
+                              lora=lora, prediction_type=self.student.schedule.prediction_type,
+                              method=self.config.method, settings=self.config.objective)
 
     @torch.no_grad()
     def save_samples(self, num: int = 16) -> Path | None:
@@ -441,4 +442,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
         averaged.copy_to(trainable)
     export = json.loads((run_dir / "export_config.json").read_text())
     prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type
-    return export_student(teacher, student.eval(), out_dir, **export, lora=lora, prediction_type=prediction_type)
+    return export_student(teacher, student.eval(), out_dir, **export, lora=lora, prediction_type=prediction_type,
+                          method=config.method, settings=config.objective)

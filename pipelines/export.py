@@ -1,29 +1,21 @@
-"""Export a trained student as a folder that stock diffusers loads.
+"""Export a trained student as a folder that stock diffusers loads, with or without fastgen installed.
 
 Full export (``lora=False``): the teacher pipeline with the student as its denoiser (same model class and
-config, a LoRA adapter merged into the weights) and a ``FewStepScheduler`` holding the trained timesteps,
-saved with ``save_pretrained`` as safetensors. diffusers records the scheduler in ``model_index.json`` as
-``["fastgen.samplers.scheduler", "FewStepScheduler"]`` and loads it only if the caller imported that module
-(``from fastgen import FewStepScheduler`` does). Text-to-image teachers keep their pipeline class::
+config, a LoRA adapter merged into the weights), saved as safetensors. The scheduler is a stock diffusers one
+where one replays the student exactly (``fastgen.pipelines.stock``: e.g. ``LCMScheduler`` for a renoise
+student at LCM's timesteps), else ``FewStepScheduler`` with its code in ``scheduler/scheduling_few_step.py``.
+Pixel teachers keep ``DDPMPipeline`` where it runs the student as it was trained (unconditional, no input
+preconditioning); class-conditional and EDM students get ``FewStepPipeline`` with its code in
+``pipeline_few_step.py``. Without fastgen::
 
-    from fastgen import FewStepScheduler
-    pipe = DiffusionPipeline.from_pretrained(folder)          # e.g. StableDiffusionPipeline
-    images = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images
+    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)   # no custom code in the folder
+    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, trust_remote_code=True)  # else
 
-(an SD3 teacher saved without T5 needs ``text_encoder_3=None, tokenizer_3=None`` there, as the teacher does;
-``StableDiffusion3Pipeline`` passes no generator to ``scheduler.step``, so a multistep "renoise" student draws
-its fresh noise from torch's global RNG: seed it with ``torch.manual_seed``).
-Pixel teachers (``UNet2DModel``) are written as a ``FewStepPipeline``, which diffusers' generic loader cannot
-resolve (it looks pipeline classes up in the ``diffusers`` module)::
-
-    pipe = fastgen.FewStepPipeline.from_pretrained(folder)    # or diffusers.DDPMPipeline.from_pretrained(folder)
-
-LoRA export (``lora=True``): only ``pytorch_lora_weights.safetensors`` (diffusers' layout) and
-``scheduler/scheduler_config.json``::
-
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_folder)
-    pipe.load_lora_weights(folder)
-    pipe.scheduler = fastgen.FewStepScheduler.from_pretrained(folder, subfolder="scheduler")
+With fastgen, ``fastgen.load_pipeline(folder)`` checks the folder and builds it from the installed classes,
+running no code from the folder. LoRA export (``lora=True``): ``pytorch_lora_weights.safetensors`` (diffusers'
+layout) and ``scheduler/`` for ``pipe.load_lora_weights(folder)`` on the teacher. Every export holds
+``fastgen_export.json`` (format version, student settings, teacher) and a model card ``README.md`` with usage
+snippets for both ways (``fastgen.pipelines.card``).
 
 Every export is written into a hidden sibling folder and renamed into place at the end, so a failure leaves
 nothing half-written; a non-empty ``out_dir`` is replaced only if an earlier export wrote it.
@@ -45,15 +37,20 @@ import torch
 
 from fastgen.atomic import fsync_tree
 from fastgen.pipelines.few_step import FewStepPipeline
+from fastgen.pipelines.stock import stock_scheduler
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.teacher import Teacher
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+METADATA = "fastgen_export.json"
+FORMAT, FORMAT_VERSION = "fastgen-export", 1
+SCHEDULER_MODULE, PIPELINE_MODULE = "scheduling_few_step", "pipeline_few_step"
 
 
 def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: str | os.PathLike,
                    trained_timesteps: Mapping[int | str, Sequence[float]], rule: str = "renoise",
-                   boundary: dict | None = None, lora: bool = False, prediction_type: str | None = None) -> Path:
+                   boundary: dict | None = None, lora: bool = False, prediction_type: str | None = None,
+                   method: str | None = None, settings: Mapping | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
     added through ``model.add_adapter``) as a diffusers folder; return its path.
 
@@ -66,27 +63,87 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: st
         boundary: consistency boundary parameters (``{"sigma_data": ..., "timestep_scaling": ...}``) or ``None``.
         lora: write only the LoRA adapter (text-to-image teachers) instead of the full pipeline.
         prediction_type: the student's output type when it differs from the teacher's (``student.prediction_type``).
+        method: the distillation method's name, for the model card (e.g. ``"dmd2"``).
+        settings: the method's settings, for the model card.
     """
-    if teacher.schedule.family == "edm":
-        raise NotImplementedError(
-            "export of an EDM teacher: FewStepScheduler does not yet apply EDM's input preconditioning "
-            "(c_in in scale_model_input, c_noise as the timesteps), so a diffusers pipeline would not reproduce the "
-            "student; sample it in-process with fastgen.samplers instead"
-        )
     _check_student(teacher, student_model)
     schedule = {**teacher.schedule.describe(), **({"prediction_type": prediction_type} if prediction_type else {})}
     scheduler = FewStepScheduler(schedule=schedule, trained_timesteps=_timesteps(trained_timesteps),
                                  rule=rule, boundary=boundary)
+    shipped = stock_scheduler(scheduler, teacher.pipeline.scheduler.config) or scheduler
+    meta = _metadata(teacher, scheduler, shipped, lora, method, settings)
     if lora:
         save_lora = _lora_saver(teacher)
         adapter = _adapter_name(student_model)
         _check_base_weights(teacher, student_model)
-        write = partial(_write_lora, save_lora, teacher.denoiser_component, student_model, adapter, scheduler)
+        write = partial(_write_lora, save_lora, teacher.denoiser_component, student_model, adapter, shipped)
     else:
-        write = partial(_write_full, teacher, student_model, scheduler)
+        write = partial(_write_full, teacher, student_model, shipped)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
-    return _write_atomically(out, write)
+    return _write_atomically(out, partial(_write_export, write, meta, out))
+
+
+def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool, method: str | None,
+              settings: Mapping | None) -> dict:
+    """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts."""
+    from fastgen import __version__
+
+    source = Path(teacher.source)
+    hub_id = None if source.exists() else teacher.source
+    absent = sorted(name for name, entry in _index_entries(teacher.pipeline).items() if entry is None)
+    if not teacher.text_conditioned:
+        pipeline = "FewStepPipeline" if _needs_few_step_pipeline(teacher) else "DDPMPipeline"
+    else:
+        pipeline = type(teacher.pipeline).__name__
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "fastgen_version": __version__,
+        "kind": "lora" if lora else "full", "pipeline": pipeline, "scheduler": type(shipped).__name__,
+        "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None)),
+        "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+        "teacher": hub_id or str(source.resolve()), "base_model": hub_id, "denoiser": teacher.denoiser_component,
+        "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
+        "absent": absent, "method": method, "settings": dict(settings or {}), "metrics": [],
+    }
+
+
+def _index_entries(pipeline) -> dict:
+    """The pipeline's components by name (``None`` where absent, e.g. SD3 without T5)."""
+    return {name: value for name, value in pipeline.components.items()}
+
+
+def _needs_few_step_pipeline(teacher: Teacher) -> bool:
+    """A pixel student needs ``FewStepPipeline`` where ``DDPMPipeline`` would not run it as trained: class
+    labels (it passes none) or input preconditioning (it calls neither ``scale_model_input`` nor
+    ``init_noise_sigma``: EDM)."""
+    return bool(teacher.num_classes) or teacher.schedule.family == "edm"
+
+
+def _remote_code_files(shipped, pipeline: str | None) -> list[str]:
+    files = [] if type(shipped).__name__ != "FewStepScheduler" else [f"scheduler/{SCHEDULER_MODULE}.py"]
+    return files + ([f"{PIPELINE_MODULE}.py"] if pipeline == "FewStepPipeline" else [])
+
+
+def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: Path) -> None:
+    """Write the weights (``write``), the custom code the loaders without fastgen need, the metadata and the card."""
+    from fastgen.pipelines.card import write_card
+    from fastgen.pipelines.remote_code import pipeline_source, scheduler_source
+
+    write(folder)
+    if f"scheduler/{SCHEDULER_MODULE}.py" in meta["remote_code"]:
+        (folder / "scheduler" / f"{SCHEDULER_MODULE}.py").write_text(scheduler_source())
+    if f"{PIPELINE_MODULE}.py" in meta["remote_code"]:
+        (folder / f"{PIPELINE_MODULE}.py").write_text(pipeline_source())
+    index_file = folder / "model_index.json"
+    if index_file.is_file():  # diffusers recorded the classes under their fastgen module paths
+        index = json.loads(index_file.read_text())
+        if meta["scheduler"] == "FewStepScheduler":
+            index["scheduler"] = [SCHEDULER_MODULE, "FewStepScheduler"]
+        if meta["pipeline"] == "FewStepPipeline":
+            index["_class_name"] = [PIPELINE_MODULE, "FewStepPipeline"]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    write_card(folder, meta, out)
 
 
 def _timesteps(trained_timesteps: Mapping[int | str, Sequence[float]]) -> dict[str, list[float]]:
@@ -122,9 +179,9 @@ def _check_student(teacher: Teacher, student_model: torch.nn.Module) -> None:
 
 
 def _is_export(folder: Path) -> bool:
-    """Whether ``folder`` was written by ``export_student`` (its scheduler is a ``FewStepScheduler``)."""
+    """Whether ``folder`` was written by ``export_student`` (it holds ``fastgen_export.json`` of this format)."""
     try:
-        return json.loads((folder / SCHEDULER_CONFIG).read_text()).get("_class_name") == "FewStepScheduler"
+        return json.loads((folder / METADATA).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -134,8 +191,8 @@ def _check_target(out: Path) -> None:
         raise FileExistsError(f"export folder {out} is a file; expected a folder path")
     if out.is_dir() and any(out.iterdir()) and not _is_export(out):
         raise FileExistsError(
-            f"export folder {out} is not empty and was not written by fastgen export (no FewStepScheduler in "
-            f"{SCHEDULER_CONFIG}); choose a new or empty folder, or remove this one first"
+            f"export folder {out} is not empty and was not written by fastgen export (no {METADATA}); "
+            "choose a new or empty folder, or remove this one first"
         )
 
 
@@ -179,12 +236,22 @@ def _with_components(pipeline, **replacements):
     return cls(**{**kwargs, **replacements})
 
 
-def _write_full(teacher: Teacher, student_model: torch.nn.Module, scheduler: FewStepScheduler, folder: Path) -> None:
-    model = _merged_copy(student_model)
+def _denoiser_components(teacher: Teacher, student_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The pipeline components holding the student: ``{"unet" or "transformer": merged copy}``. (A student of
+    experts gives one component per expert here, e.g. Wan 2.2's ``transformer`` and ``transformer_2``.)"""
+    return {teacher.denoiser_component: _merged_copy(student_model)}
+
+
+def _write_full(teacher: Teacher, student_model: torch.nn.Module, scheduler, folder: Path) -> None:
+    components = _denoiser_components(teacher, student_model)
     if teacher.text_conditioned:
-        pipe = _with_components(teacher.pipeline, **{teacher.denoiser_component: model}, scheduler=scheduler)
+        pipe = _with_components(teacher.pipeline, **components, scheduler=scheduler)
+    elif _needs_few_step_pipeline(teacher):
+        pipe = FewStepPipeline(**components, scheduler=scheduler)
     else:
-        pipe = FewStepPipeline(unet=model, scheduler=scheduler)
+        from diffusers import DDPMPipeline
+
+        pipe = DDPMPipeline(**components, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -248,7 +315,7 @@ def _lora_layers(model: torch.nn.Module, adapter: str) -> tuple[dict[str, torch.
 
 
 def _write_lora(save_lora: Callable, component: str, student_model: torch.nn.Module, adapter: str,
-                scheduler: FewStepScheduler, folder: Path) -> None:
+                scheduler, folder: Path) -> None:
     layers, metadata = _lora_layers(student_model, adapter)
     kwargs = {f"{component}_lora_layers": layers}
     if f"{component}_lora_adapter_metadata" in inspect.signature(save_lora).parameters:  # diffusers >= 0.34

@@ -2,8 +2,9 @@
 
 Stock ``DDPMPipeline`` runs a ``FewStepScheduler`` too, but it takes no class labels, no initial
 ``latents`` and no step callback; this pipeline follows the usual diffusers ``__call__`` conventions
-for all of them. Its class name is written into ``model_index.json`` (``_class_name``), so load it with
-``fastgen.FewStepPipeline.from_pretrained(folder)``: keep the name and module path stable.
+for all of them, and applies a scheduler's input scaling (``init_noise_sigma``, ``scale_model_input``: EDM's
+preconditioning), which ``DDPMPipeline`` does not. An export ships it as ``pipeline_few_step.py``
+(``fastgen.pipelines.remote_code``), so this module imports only torch and diffusers.
 """
 
 from __future__ import annotations
@@ -101,9 +102,8 @@ class FewStepPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)  # sets init_noise_sigma (EDM: sigma_max)
         latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             output = self.unet(model_input, t, class_labels=labels, return_dict=False)[0]

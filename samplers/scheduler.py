@@ -3,8 +3,15 @@
 It stores the exact timesteps the student was trained for, per step count, and the student's rule
 (``renoise`` for consistency/DMD/SiD students, ``ddim`` for progressive ones), so that
 ``pipe(num_inference_steps=4)`` reproduces what was trained with no ``timesteps=`` passed by hand.
-Its module path is written into ``model_index.json`` (``["fastgen.samplers.scheduler", "FewStepScheduler"]``,
-resolved once ``fastgen`` is imported): it is a file format, keep it.
+
+Where no stock diffusers scheduler replays the student, an export ships this class as
+``scheduler/scheduling_few_step.py`` (``fastgen.pipelines.remote_code`` generates it from this module and
+what it names), for loaders without fastgen (``trust_remote_code=True``): so this module and everything it
+uses import only torch, numpy and diffusers. Its config keys are a file format: keep them.
+
+The pipeline sees the schedule's model-input times (``timesteps``: the native times, or EDM's
+``c_noise = log(sigma) / 4``) and calls ``scale_model_input`` (EDM's ``c_in``) before the network, as it does
+for ``EDMEulerScheduler`` (Karras et al. 2022, Table 1); ``sigmas`` holds the native times.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if num_train_timesteps is None:  # read by some pipelines (e.g. SDXL's denoising_end)
             self.register_to_config(num_train_timesteps=self.schedule.num_train_timesteps)
         self.timesteps = None
+        self.sigmas = None
         self.num_inference_steps = None
         self.init_noise_sigma = 1.0
 
@@ -71,7 +79,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         return sorted(int(n) for n in self.config.trained_timesteps)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, **_):
-        """Select the trained timesteps for ``num_inference_steps`` (or take explicit ``timesteps``)."""
+        """Select the trained timesteps for ``num_inference_steps`` (or take explicit native ``timesteps``)."""
         if timesteps is None:
             key = str(num_inference_steps)
             if key not in self.config.trained_timesteps:
@@ -80,17 +88,22 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
                     f"{self.step_counts} steps; pass one of those or explicit `timesteps=`"
                 )
             timesteps = self.config.trained_timesteps[key]
-        self.timesteps = torch.tensor([float(t) for t in timesteps], dtype=torch.float32, device=device)
-        self.num_inference_steps = len(self.timesteps)
-        self.init_noise_sigma = self.schedule.prior_scale(self.timesteps[0].cpu())
+        self.sigmas = torch.tensor([float(t) for t in timesteps], dtype=torch.float32, device=device)
+        self.timesteps = self.schedule.model_input(torch.zeros_like(self.sigmas), self.sigmas)[1]
+        self.num_inference_steps = len(self.sigmas)
+        self.init_noise_sigma = self.schedule.prior_scale(self.sigmas[0].cpu())
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        """The network's input at ``timestep`` (one of ``timesteps``): EDM's ``c_in x``, else ``x``."""
+        if timestep is None:
+            return sample
+        t = self.sigmas[self._index(timestep)].to(sample.device)
+        return self.schedule.model_input(sample, t.expand(sample.shape[0]))[0]
 
     def _index(self, timestep) -> int:
         if self.timesteps is None:
             raise RuntimeError("FewStepScheduler.step called before set_timesteps")
-        hits = (self.timesteps.cpu() == float(timestep)).nonzero()
+        hits = (self.timesteps.cpu() == torch.as_tensor(timestep, dtype=self.timesteps.dtype).cpu()).nonzero()
         if len(hits) == 0:
             raise ValueError(f"timestep {float(timestep)} is not one of {self.timesteps.tolist()}")
         return int(hits[0])
@@ -98,12 +111,12 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         i = self._index(timestep)
-        t = self.timesteps[i].to(sample.device)
+        t = self.sigmas[i].to(sample.device)
         x0 = self.schedule.to_x0(model_output.to(sample.dtype), sample, t)
         if self.config.boundary is not None:
             c_skip, c_out = boundary_coefficients(t, **self.config.boundary, t_min=self.schedule.t_min)
             x0 = c_skip.to(sample) * sample + c_out.to(sample) * x0
-        s = self.timesteps[i + 1].to(sample.device) if i + 1 < len(self.timesteps) else None
+        s = self.sigmas[i + 1].to(sample.device) if i + 1 < len(self.sigmas) else None
         if s is None:
             prev = x0
         elif self.config.rule == "ddim":

@@ -122,6 +122,8 @@ def test_eval_fid_and_kid_against_an_image_folder_match_a_direct_computation(tmp
 def test_a_ddpm_folder_trained_elsewhere_distils_from_its_images_and_loads_in_stock_diffusers(
         ddpm, tmp_path, method, extra):
     """A plain DDPMPipeline folder + a folder of its training images → distill → export → stock diffusers."""
+    import json
+
     import numpy as np
     import torch
     from diffusers import DDPMPipeline
@@ -134,8 +136,9 @@ def test_a_ddpm_folder_trained_elsewhere_distils_from_its_images_and_loads_in_st
     run = tmp_path / "run"
     assert main(["distill", "--teacher", str(ddpm), "--method", method, "--data", str(images), "--output", str(run),
                  "--steps", "2", "--max-steps", "2", "train.batch_size=4", *extra]) == 0
-    pipe = DDPMPipeline.from_pretrained(run / "export")
-    assert type(pipe.scheduler).__name__ == "FewStepScheduler"
+    pipe = DDPMPipeline.from_pretrained(run / "export", use_safetensors=True, trust_remote_code=True)
+    meta = json.loads((run / "export" / "fastgen_export.json").read_text())  # a stock scheduler where one replays it
+    assert type(pipe.scheduler).__name__ == meta["scheduler"] and meta["method"] == method
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 8, 8, 3) and np.isfinite(out.images).all()
     assert pipe.scheduler.timesteps.tolist() == [999.0, 499.0]  # trailing grid, and LCM's grid, at 2 steps

@@ -1,10 +1,11 @@
-"""Export round trips: a perturbed copy of a tiny teacher is exported, loaded in a fresh Python process with
-diffusers' own loaders, sampled, and compared with the in-process student sampled by ``sample_renoise``."""
+"""Export round trips: a perturbed copy of a tiny teacher is exported, loaded in fresh Python processes, one in
+which importing fastgen is impossible (diffusers' own loaders and the folder's shipped code) and one with
+``fastgen.load_pipeline``, sampled, and compared with the in-process student sampled by ``sample_renoise``."""
 
 from __future__ import annotations
 
+import ast
 import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,33 +18,48 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from tiny import make_ddpm_folder, make_sd3_folder, make_sd_folder, make_sdxl_folder
 
-from fastgen import FewStepPipeline, FewStepScheduler, export_student, load_teacher
+from fastgen import FewStepPipeline, export_student, load_teacher
 from fastgen.denoiser import Denoiser
+from fastgen.generate import generate
+from fastgen.pipelines.card import snippets
+from fastgen.pipelines.export import FORMAT_VERSION, METADATA
+from fastgen.pipelines.load import load_pipeline
 from fastgen.samplers import sample_renoise
-from fastgen.schedules import EDMSchedule
 
 TRAINED = {1: [999], 2: [999, 499]}
 PROMPT = "a red square"
 SEED, GLOBAL_SEED = 0, 1234
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+KINDS = ["ddpm", "ddpm-custom", "ddpm-class", "edm", "sd", "sd-lora-merged", "sd-lora", "sdxl", "sd3"]
 
 LOADER = textwrap.dedent("""
-    import json, sys, traceback
+    import sys
+    if sys.argv[3] == "without":
+        sys.modules["fastgen"] = None  # importing fastgen (or any of it) now raises ImportError
+    import json, traceback
     import torch
     from safetensors.torch import save_file
-    from diffusers import DDPMPipeline, DiffusionPipeline
-    # diffusers loads model_index.json's ["fastgen.samplers.scheduler", "FewStepScheduler"] only once imported
-    from fastgen import FewStepPipeline, FewStepScheduler
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import get_class_from_dynamic_module
 
     def load(case):
-        if case["loader"] == "lora":
-            scheduler = FewStepScheduler.from_pretrained(case["folder"], subfolder="scheduler")
-            pipe = DiffusionPipeline.from_pretrained(case["teacher_folder"], scheduler=scheduler)
+        if sys.argv[3] == "with":
+            import fastgen
+            return fastgen.load_pipeline(case["folder"])
+        absent = {name: None for name in case.get("absent", [])}
+        if case["kind"] == "lora":
+            pipe = DiffusionPipeline.from_pretrained(case["teacher_folder"], use_safetensors=True, **absent)
             pipe.load_lora_weights(case["folder"])
+            name = json.load(open(case["folder"] + "/scheduler/scheduler_config.json"))["_class_name"]
+            if name == "FewStepScheduler":
+                cls = get_class_from_dynamic_module(case["folder"] + "/scheduler", module_file="scheduling_few_step.py",
+                                                    class_name=name, trust_remote_code=True)
+            else:
+                import diffusers
+                cls = getattr(diffusers, name)
+            pipe.scheduler = cls.from_pretrained(case["folder"], subfolder="scheduler")
             return pipe
-        loader = {"DiffusionPipeline": DiffusionPipeline, "DDPMPipeline": DDPMPipeline,
-                  "FewStepPipeline": FewStepPipeline}[case["loader"]]
-        return loader.from_pretrained(case["folder"], **{name: None for name in case.get("absent", [])})
+        return DiffusionPipeline.from_pretrained(case["folder"], use_safetensors=True, trust_remote_code=True, **absent)
 
     def run(pipe, case, steps, output_type):
         # the images and, where the pipeline exposes them, its final latents (before decoding and clamping)
@@ -53,17 +69,18 @@ LOADER = textwrap.dedent("""
         if case.get("class_labels") is not None:
             kwargs["class_labels"] = case["class_labels"]
         final = {}
-        if case["loader"] == "FewStepPipeline":
+        if type(pipe).__name__ == "FewStepPipeline":
             kwargs["callback_on_step_end"] = lambda pipe, i, t, tensors: final.update(tensors) or {}
         torch.manual_seed(case["global_seed"])  # SD3 renoises from the global RNG (no generator in step)
         return pipe(**kwargs, output_type=output_type).images, final.get("latents")
 
     cases, out = json.loads(sys.argv[1]), sys.argv[2]
-    tensors, errors = {}, {}
+    tensors, errors, classes = {}, {}, {}
     for case in cases:
         try:
             pipe = load(case)
             pipe.set_progress_bar_config(disable=True)
+            classes[case["name"]] = [type(pipe).__name__, type(pipe.scheduler).__name__]
             for steps in (1, 2):
                 key = f"{case['name']}/{steps}"
                 tensors[key + "/image"], latent = run(pipe, case, steps, "pt")
@@ -73,9 +90,31 @@ LOADER = textwrap.dedent("""
                     tensors[key + "/latent"] = latent
         except Exception:
             errors[case["name"]] = traceback.format_exc()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out + ".safetensors")
-    open(out + ".json", "w").write(json.dumps(errors))
+    save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, out + ".safetensors")
+    open(out + ".json", "w").write(json.dumps({"errors": errors, "classes": classes}))
 """)
+
+
+def run_loader(cases, root, mode: str):
+    """Run ``LOADER`` in a fresh process (``mode`` "without" fastgen or "with" it); return its outputs."""
+    result = root / f"loaded-{mode}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / f"modules-{mode}")}
+    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), str(result), mode], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(result.with_suffix(".json").read_text())
+    return load_file(f"{result}.safetensors"), report["errors"], report["classes"]
+
+
+def edm_folder(path):
+    """The tiny DDPM teacher with an ``EDMEulerScheduler`` (Karras et al. 2022 preconditioning)."""
+    folder = make_ddpm_folder(path)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+        "prediction_type": "epsilon", "num_train_timesteps": 1000}))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EDMEulerScheduler"]}))
+    return folder
 
 
 def v_prediction_ddpm_folder(path):
@@ -109,112 +148,244 @@ def with_lora(model: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
     return student
 
 
-def reference(teacher, student, steps: int, cond=None, global_renoise: bool = False):
-    """The in-process student: initial noise from ``Generator(SEED)`` as the pipelines draw it, then
-    ``sample_renoise`` with the same generator (or with the global RNG's seed, for SD3)."""
+def reference(teacher, student, trained, steps: int, cond=None, global_renoise: bool = False):
+    """The in-process student: initial noise from ``Generator(SEED)`` as the pipelines draw it (scaled by the
+    schedule's prior), then ``sample_renoise`` with the same generator (or with the global RNG's seed, for SD3)."""
     generator = torch.Generator().manual_seed(SEED)
-    x = torch.randn((1, *teacher.sample_shape), generator=generator)
+    x = torch.randn((1, *teacher.sample_shape), generator=generator) * teacher.schedule.prior_scale(trained[steps][0])
     if global_renoise:
         generator = torch.Generator().manual_seed(GLOBAL_SEED)
     with torch.no_grad():
-        latent = sample_renoise(Denoiser(student, teacher.schedule), x, TRAINED[steps], cond, generator=generator)
+        latent = sample_renoise(Denoiser(student, teacher.schedule), x, trained[steps], cond, generator=generator)
         image = (teacher.decode(latent) / 2 + 0.5).clamp(0, 1)
     return latent, image
 
 
 @pytest.fixture(scope="module")
 def round_trip(tmp_path_factory):
-    """Export every kind, load all of them in one fresh process; return the export folders, the
-    in-process references, the loaded pipelines' outputs and the loader's errors by case."""
+    """Export every kind, load all of them in a process without fastgen and in one with it; return the
+    export folders, the in-process references and students, and each loader's outputs, errors and classes."""
     root = tmp_path_factory.mktemp("export")
-    cases, refs, folders = [], {}, {}
+    cases, refs, folders, students = [], {}, {}, {}
 
-    def add(name, teacher, student, loader, folder, cond=None, **case):
+    def add(name, teacher, student, folder, cond=None, trained=TRAINED, **case):
         folders[name] = folder
-        case.update(name=name, loader=loader, folder=str(folder), seed=SEED, global_seed=GLOBAL_SEED)
+        students[name] = (teacher, student, cond, trained)
+        case.update(name=name, folder=str(folder), seed=SEED, global_seed=GLOBAL_SEED, kind=case.get("kind", "full"))
         cases.append(case)
         for steps in (1, 2):
-            refs[f"{name}/{steps}"] = reference(teacher, student, steps, cond, case.get("global_renoise", False))
+            refs[f"{name}/{steps}"] = reference(teacher, student, trained, steps, cond, case.get("global_renoise", False))
 
     ddpm = load_teacher(v_prediction_ddpm_folder(root / "ddpm"))
     student = perturbed(ddpm.model)
-    out = export_student(ddpm, student, root / "ddpm-student", TRAINED)
-    add("ddpm-fewstep", ddpm, student, "FewStepPipeline", out)
-    add("ddpm-stock", ddpm, student, "DDPMPipeline", out)
+    add("ddpm", ddpm, student, export_student(ddpm, student, root / "ddpm-student", TRAINED))
+    off_grid = {1: [999], 2: [999, 400]}  # not LCM's timesteps: FewStepScheduler ships as code
+    add("ddpm-custom", ddpm, student, export_student(ddpm, student, root / "ddpm-custom", off_grid), trained=off_grid)
 
     labelled = load_teacher(make_ddpm_folder(root / "ddpm-class", num_class_embeds=3))
     student = perturbed(labelled.model)
     out = export_student(labelled, student, root / "ddpm-class-student", TRAINED)
-    add("ddpm-class", labelled, student, "FewStepPipeline", out, labelled.class_cond(torch.tensor([2])),
-        class_labels=2)
+    add("ddpm-class", labelled, student, out, labelled.class_cond(torch.tensor([2])), class_labels=2)
+
+    edm = load_teacher(edm_folder(root / "edm"))
+    student = perturbed(edm.model)
+    sigmas = {1: [80.0], 2: [80.0, 2.0]}
+    add("edm", edm, student, export_student(edm, student, root / "edm-student", sigmas), trained=sigmas)
 
     sd_dir = make_sd_folder(root / "sd")
     sd = load_teacher(sd_dir)
     cond = sd.encode_prompts([PROMPT])
     student = perturbed(sd.model)
-    add("sd", sd, student, "DiffusionPipeline", export_student(sd, student, root / "sd-student", TRAINED), cond,
-        prompt=PROMPT)
+    add("sd", sd, student, export_student(sd, student, root / "sd-student", TRAINED), cond, prompt=PROMPT)
     student = with_lora(sd.model)
     out = export_student(sd, student, root / "sd-merged", TRAINED)
-    add("sd-lora-merged", sd, student, "DiffusionPipeline", out, cond, prompt=PROMPT)
+    add("sd-lora-merged", sd, student, out, cond, prompt=PROMPT)
     out = export_student(sd, student, root / "sd-lora", TRAINED, lora=True)
-    add("sd-lora", sd, student, "lora", out, cond, prompt=PROMPT, teacher_folder=str(sd_dir))
+    add("sd-lora", sd, student, out, cond, prompt=PROMPT, teacher_folder=str(sd_dir), kind="lora")
 
     sdxl = load_teacher(make_sdxl_folder(root / "sdxl"))
     student = perturbed(sdxl.model)
     out = export_student(sdxl, student, root / "sdxl-student", TRAINED)
-    add("sdxl", sdxl, student, "DiffusionPipeline", out, sdxl.encode_prompts([PROMPT]), prompt=PROMPT)
+    add("sdxl", sdxl, student, out, sdxl.encode_prompts([PROMPT]), prompt=PROMPT)
 
     sd3 = load_teacher(make_sd3_folder(root / "sd3"))
     student = perturbed(sd3.model)
     out = export_student(sd3, student, root / "sd3-student", TRAINED)
-    add("sd3", sd3, student, "DiffusionPipeline", out, sd3.encode_prompts([PROMPT]), prompt=PROMPT,
+    add("sd3", sd3, student, out, sd3.encode_prompts([PROMPT]), prompt=PROMPT,
         absent=["text_encoder_3", "tokenizer_3"], global_renoise=True)
 
-    result = root / "loaded"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), str(result)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    errors = json.loads(result.with_suffix(".json").read_text())
-    return folders, refs, load_file(f"{result}.safetensors"), errors
+    loaded = {mode: run_loader(cases, root, mode) for mode in ("without", "with")}
+    return folders, refs, students, loaded
 
 
-@pytest.mark.parametrize("name", ["ddpm-fewstep", "ddpm-stock", "ddpm-class", "sd", "sd-lora-merged", "sd-lora",
-                                  "sdxl", "sd3"])
+EXPECTED_CLASSES = {  # (pipeline, scheduler) that diffusers alone builds from each export
+    "ddpm": ["DDPMPipeline", "LCMScheduler"], "ddpm-custom": ["DDPMPipeline", "FewStepScheduler"],
+    "ddpm-class": ["FewStepPipeline", "LCMScheduler"], "edm": ["FewStepPipeline", "FewStepScheduler"],
+    "sd": ["StableDiffusionPipeline", "LCMScheduler"], "sd-lora-merged": ["StableDiffusionPipeline", "LCMScheduler"],
+    "sd-lora": ["StableDiffusionPipeline", "LCMScheduler"], "sdxl": ["StableDiffusionXLPipeline", "LCMScheduler"],
+    "sd3": ["StableDiffusion3Pipeline", "FewStepScheduler"],
+}
+
+
+@pytest.mark.parametrize("mode", ["without", "with"])
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("steps", [1, 2])
-def test_loaded_pipeline_reproduces_student(round_trip, name, steps):
-    _, refs, loaded, errors = round_trip
+def test_loaded_pipeline_reproduces_student(round_trip, mode, name, steps):
+    _, refs, _, loaded = round_trip
+    outputs, errors, classes = loaded[mode]
     assert name not in errors, errors.get(name)
+    if mode == "without":
+        assert classes[name] == EXPECTED_CLASSES[name]
+    else:  # fastgen's own scheduler, whatever the folder ships
+        assert classes[name][1] == "FewStepScheduler"
     ref_latent, ref_image = refs[f"{name}/{steps}"]
-    torch.testing.assert_close(loaded[f"{name}/{steps}/image"], ref_image, atol=1e-4, rtol=0)
-    if f"{name}/{steps}/latent" in loaded:  # before clamping; epsilon x0 at t = 999 reaches hundreds
-        latent = loaded[f"{name}/{steps}/latent"]
+    torch.testing.assert_close(outputs[f"{name}/{steps}/image"], ref_image, atol=1e-4, rtol=0)
+    if f"{name}/{steps}/latent" in outputs:  # before clamping; epsilon x0 at t = 999 reaches hundreds
+        latent = outputs[f"{name}/{steps}/latent"]
         torch.testing.assert_close(latent, ref_latent, atol=1e-4 * max(1.0, ref_latent.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_fastgen_sample_takes_every_kind(round_trip, name):
+    """``load_teacher`` + ``generate`` (what ``fastgen sample`` and ``fastgen eval`` run) on each export."""
+    folders, _, students, _ = round_trip
+    teacher, student, cond, trained = students[name]
+    model = load_teacher(folders[name])
+    kwargs = {"prompts": [PROMPT]} if cond is not None and "encoder_hidden_states" in cond else {}
+    if cond is not None and "class_labels" in cond:
+        kwargs["class_labels"] = [2]
+    for steps in (1, 2):
+        images = generate(model, 1, steps, seed=SEED, **kwargs)
+        _, expected = reference(teacher, student, trained, steps, cond)
+        torch.testing.assert_close((images / 2 + 0.5).clamp(0, 1), expected, atol=1e-4, rtol=0)
 
 
 def test_full_export_layout(round_trip):
     folders = round_trip[0]
-    sd = folders["sd-lora-merged"]
-    index = json.loads((sd / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionPipeline"
-    assert index["scheduler"] == ["fastgen.samplers.scheduler", "FewStepScheduler"]
-    scheduler = json.loads((sd / "scheduler" / "scheduler_config.json").read_text())
+    index = json.loads((folders["sd-lora-merged"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"] == ["diffusers", "LCMScheduler"]
+    assert not any("lora" in key for key in load_file(folders["sd-lora-merged"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    index = json.loads((folders["sd3"] / "model_index.json").read_text())
+    assert index["scheduler"] == ["scheduling_few_step", "FewStepScheduler"]
+    scheduler = json.loads((folders["sd3"] / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["trained_timesteps"] == {"1": [999.0], "2": [999.0, 499.0]} and scheduler["rule"] == "renoise"
-    assert not any("lora" in key for key in load_file(sd / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert json.loads((folders["ddpm-fewstep"] / "model_index.json").read_text())["_class_name"] == "FewStepPipeline"
+    index = json.loads((folders["ddpm-class"] / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_few_step", "FewStepPipeline"]
+    assert (folders["ddpm-class"] / "pipeline_few_step.py").is_file()
+    assert not list(folders["ddpm"].rglob("*.py"))  # stock DDPMPipeline + LCMScheduler: no code at all
     for folder in folders.values():
         files = [f for f in folder.rglob("*") if f.is_file()]
         assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
         assert not [f for f in folder.parent.iterdir() if f.name.startswith(f".{folder.name}.")]
+        assert json.loads((folder / METADATA).read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_shipped_code_is_the_package_source_and_imports_no_fastgen(round_trip):
+    from fastgen.pipelines.remote_code import pipeline_source, scheduler_source
+
+    folders = round_trip[0]
+    shipped = {name: (folder / "scheduler" / "scheduling_few_step.py").read_text()
+               for name, folder in folders.items() if (folder / "scheduler" / "scheduling_few_step.py").is_file()}
+    assert sorted(shipped) == ["ddpm-custom", "edm", "sd3"] and set(shipped.values()) == {scheduler_source()}
+    assert (folders["edm"] / "pipeline_few_step.py").read_text() == pipeline_source()
+    for source in (scheduler_source(), pipeline_source()):
+        roots = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                roots |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots.add(node.module.split(".")[0])
+        assert roots <= {"torch", "numpy", "diffusers", "__future__", "dataclasses", "typing"}, roots
 
 
 def test_lora_export_layout(round_trip):
     folder = round_trip[0]["sd-lora"]
     assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == [
-        "pytorch_lora_weights.safetensors", "scheduler/scheduler_config.json"]
+        "README.md", "fastgen_export.json", "pytorch_lora_weights.safetensors", "scheduler/scheduler_config.json"]
     keys = load_file(folder / "pytorch_lora_weights.safetensors")
     assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+
+
+def front_matter(card: str) -> dict:
+    """The YAML front matter of a model card."""
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_states_the_student(round_trip):
+    folders = round_trip[0]
+    card = (folders["sd3"] / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "diffusers" and "base_model" not in meta  # a local teacher
+    assert {"fastgen", "distillation"} <= set(meta["tags"])
+    assert "| 2 | 999, 499 |" in card and "trust_remote_code=True" in card and "Not evaluated yet" in card
+    assert "trust_remote_code" not in (folders["ddpm"] / "README.md").read_text()
+
+
+def test_model_card_snippets_run_as_written(round_trip):
+    """Both snippets of the cards of a stock, a custom-code, a custom-pipeline and a LoRA export, each in a fresh
+    process (the diffusers one with fastgen made unimportable), give the in-process student's image."""
+    folders, refs, _, _ = round_trip
+    root = folders["ddpm"].parent
+    names = ("ddpm", "ddpm-custom", "edm", "sd-lora")
+    for name in names:
+        card = (folders[name] / "README.md").read_text()
+        blocks = card.split("```python\n")[1:]
+        code = [block.split("```")[0] for block in blocks]
+        assert len(code) == 2 and "import fastgen" in code[0] and "fastgen" not in code[1]
+        meta = json.loads((folders[name] / METADATA).read_text())
+        assert code == [snippets(meta, str(folders[name]))[k] for k in ("fastgen", "diffusers")]
+        for way, snippet in zip(("fastgen", "diffusers"), code):
+            (root / f"{name}-{way}.py").write_text(snippet + f"import sys, numpy\nnumpy.save(sys.argv[1] + '-{name}.npy', numpy.asarray(image))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules-card")}
+    for way in ("fastgen", "diffusers"):  # one process per way, each snippet in a namespace of its own
+        runner = "import sys\n" + ("" if way == "fastgen" else "sys.modules['fastgen'] = None\n")
+        runner += "".join(f"exec(open({str(root / f'{name}-{way}.py')!r}).read(), {{}})\n" for name in names)
+        proc = subprocess.run([sys.executable, "-c", runner, str(root / f"card-{way}")], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    import numpy as np
+
+    for name in names:
+        images = {way: torch.from_numpy(np.load(root / f"card-{way}-{name}.npy")).float().permute(2, 0, 1)[None] / 255
+                  for way in ("fastgen", "diffusers")}  # PIL images, 8 bits
+        torch.testing.assert_close(images["fastgen"], images["diffusers"], atol=0, rtol=0)
+        if name != "sd-lora":  # the card prompts with its own text
+            torch.testing.assert_close(images["fastgen"], refs[f"{name}/1"][1], atol=1 / 255 + 1e-4, rtol=0)
+
+
+def test_fastgen_refuses_folders_that_are_not_exports(round_trip, tmp_path):
+    folders = round_trip[0]
+    with pytest.raises(ValueError, match=r"is not a fastgen export: no fastgen_export.json"):
+        load_pipeline(folders["ddpm"].parent / "ddpm")
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    meta = json.loads((folders["ddpm"] / METADATA).read_text())
+    (newer / METADATA).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ValueError, match=rf"format version {FORMAT_VERSION + 1} .*reads versions up to {FORMAT_VERSION}"):
+        load_teacher(newer)
+    foreign = tmp_path / "foreign"
+    import shutil
+
+    shutil.copytree(folders["edm"], foreign)
+    (foreign / METADATA).unlink()
+    with pytest.raises(ValueError, match=r"names classes outside diffusers.*not a fastgen export"):
+        load_teacher(foreign)
+
+
+def test_eval_adds_metrics_to_the_card(round_trip, tmp_path):
+    import shutil
+
+    from fastgen.pipelines.card import add_metrics
+
+    folder = tmp_path / "student"
+    shutil.copytree(round_trip[0]["ddpm"], folder)
+    add_metrics(folder, [{"curve": "model", "steps": 1, "fid": 12.5}, {"curve": "teacher DDIM", "steps": 1, "fid": 3.0}])
+    card = (folder / "README.md").read_text()
+    assert "| steps | fid |" in card and "| 1 | 12.5 |" in card and "| 1 | 3 |" not in card
+    assert json.loads((folder / METADATA).read_text())["metrics"] == [{"steps": 1, "fid": 12.5}]
 
 
 @pytest.fixture(scope="module")
@@ -226,14 +397,15 @@ def pixel(tmp_path_factory):
 
 def test_untrained_step_count_is_refused(pixel, tmp_path):
     folder = export_student(*pixel, tmp_path / "out", TRAINED)
-    pipe = FewStepPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
     with pytest.raises(ValueError, match=r"num_inference_steps=3: this student was trained for \[1, 2\] steps"):
         pipe(num_inference_steps=3)
 
 
 def test_few_step_pipeline_conventions(tmp_path):
     teacher = load_teacher(make_ddpm_folder(tmp_path / "teacher", num_class_embeds=3))
-    pipe = FewStepPipeline.from_pretrained(export_student(teacher, teacher.model, tmp_path / "out", TRAINED))
+    pipe = load_pipeline(export_student(teacher, teacher.model, tmp_path / "out", TRAINED))
+    assert isinstance(pipe, FewStepPipeline)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     images = pipe(batch_size=2, generator=generators, class_labels=[0, 2], output_type="np").images
@@ -262,7 +434,7 @@ def test_overwrite_protection(pixel, tmp_path):
     empty.mkdir()
     export_student(*pixel, empty, TRAINED)
     export_student(*pixel, empty, {4: [999, 749, 499, 249]})  # a previous export is replaced
-    config = json.loads((empty / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((empty / METADATA).read_text())["few_step_scheduler"]
     assert config["trained_timesteps"] == {"4": [999.0, 749.0, 499.0, 249.0]}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["empty", "foreign"]
 
@@ -271,7 +443,7 @@ def test_failure_midway_leaves_nothing_behind(pixel, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(FewStepScheduler, "save_pretrained", fail)
+    monkeypatch.setattr("fastgen.pipelines.card.model_card", fail)  # the card is written last
     with pytest.raises(RuntimeError, match="disk full"):
         export_student(*pixel, tmp_path / "new", TRAINED)
     assert list(tmp_path.iterdir()) == []
@@ -279,7 +451,7 @@ def test_failure_midway_leaves_nothing_behind(pixel, tmp_path, monkeypatch):
     monkeypatch.undo()
     previous = export_student(*pixel, tmp_path / "previous", TRAINED)
     before = sorted(str(f.relative_to(previous)) for f in previous.rglob("*"))
-    monkeypatch.setattr(FewStepScheduler, "save_pretrained", fail)
+    monkeypatch.setattr("fastgen.pipelines.card.model_card", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export_student(*pixel, previous, {1: [399]})
     assert sorted(str(f.relative_to(previous)) for f in previous.rglob("*")) == before
@@ -303,9 +475,6 @@ def test_bad_arguments_are_refused(pixel, tmp_path):
         export_student(teacher, student, tmp_path / "out", {"four": [999, 749, 499, 249]})
     with pytest.raises(ValueError, match=r"trained_timesteps\['2'\] has 1 values"):
         export_student(teacher, student, tmp_path / "out", {2: [999]})
-    edm = dataclasses.replace(teacher, schedule=EDMSchedule())
-    with pytest.raises(NotImplementedError, match="export of an EDM teacher"):
-        export_student(edm, student, tmp_path / "out", TRAINED)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -321,3 +490,33 @@ def test_lora_export_needs_an_untouched_base_and_an_adapter(sd, tmp_path):
     with pytest.raises(ValueError, match="non-LoRA weight .* differs from the teacher's.*lora=False"):
         export_student(sd, student, tmp_path / "out", TRAINED, lora=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def readme_loading_snippets() -> list[str]:
+    """The Python blocks of README's "Loading a student" section."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Loading a student\n")[1].split("\n## ")[0]
+    return [block.split("```")[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_loading_snippets_run(round_trip):
+    """README's two snippets, run in fresh processes on real exports (its folder names replaced by them): the
+    fastgen one as written, the diffusers one with fastgen made unimportable; each on a full export with shipped
+    code (SD3) and a LoRA export with a stock scheduler (SD)."""
+    folders = round_trip[0]
+    with_fastgen, without = readme_loading_snippets()
+    root = folders["sd"].parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules-readme")}
+    for full, lora, teacher in [("sd3", "sd-lora", "sd")]:
+        for prefix, snippet in [("", with_fastgen), ("import sys; sys.modules['fastgen'] = None\n", without)]:
+            code = prefix + snippet.replace("students/lcm-4step-lora", str(folders[lora])) \
+                .replace("students/lcm-4step", str(folders[full])).replace("teachers/sd", str(root / teacher))
+            if full == "sd3":  # the tiny SD3 teacher was saved without T5
+                code = code.replace("trust_remote_code=True)", "trust_remote_code=True, text_encoder_3=None, "
+                                    "tokenizer_3=None)")
+            code = code.replace("num_inference_steps=4", "num_inference_steps=2")
+            proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]

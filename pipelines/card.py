@@ -1,0 +1,152 @@
+"""The model card of an export: ``README.md`` with Hugging Face's YAML front matter, from ``fastgen_export.json``.
+
+It states the method and its settings, the teacher, the trained step counts and their timesteps, the metrics
+``fastgen eval`` measured (``add_metrics``) and two usage snippets that run as written: one with fastgen
+(``fastgen.load_pipeline``), one with diffusers alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from fastgen.atomic import write_bytes
+
+CARD = "README.md"
+PROMPT = "a photo of a cat"
+
+
+def _call(meta: dict) -> str:
+    """The pipeline call of the snippets, at the smallest trained step count."""
+    steps = min(int(n) for n in meta["few_step_scheduler"]["trained_timesteps"])
+    args = {"text": f'prompt="{PROMPT}", guidance_scale=1.0, ', "class": "class_labels=0, "}.get(meta["conditioning"], "")
+    return f"image = pipe({args}num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images[0]"
+
+
+def _absent(meta: dict) -> str:
+    return "".join(f", {name}=None" for name in meta["absent"])
+
+
+def snippets(meta: dict, folder: str) -> dict[str, str]:
+    """``{"fastgen": ..., "diffusers": ...}``: Python code loading the export in ``folder`` and sampling once."""
+    with_fastgen = f'import torch\nimport fastgen\n\npipe = fastgen.load_pipeline("{folder}")\n{_call(meta)}\n'
+    remote = ", trust_remote_code=True" if meta["remote_code"] else ""
+    if meta["kind"] == "full":
+        without = (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                   f'pipe = DiffusionPipeline.from_pretrained("{folder}", use_safetensors=True{remote}{_absent(meta)})\n')
+    else:
+        scheduler = meta["scheduler"]
+        if meta["remote_code"]:
+            imports = "from diffusers import DiffusionPipeline\nfrom diffusers.utils import get_class_from_dynamic_module\n"
+            load_class = (f'{scheduler} = get_class_from_dynamic_module("{folder}/scheduler", '
+                          f'module_file="scheduling_few_step.py", class_name="{scheduler}", trust_remote_code=True)\n')
+        else:
+            imports, load_class = f"from diffusers import DiffusionPipeline, {scheduler}\n", ""
+        without = (f"import torch\n{imports}\n{load_class}"
+                   f'pipe = DiffusionPipeline.from_pretrained("{meta["teacher"]}", use_safetensors=True{_absent(meta)})\n'
+                   f'pipe.load_lora_weights("{folder}")\n'
+                   f'pipe.scheduler = {scheduler}.from_pretrained("{folder}", subfolder="scheduler")\n')
+    return {"fastgen": with_fastgen, "diffusers": without + _call(meta) + "\n"}
+
+
+def _front_matter(meta: dict) -> str:
+    lines = ["---", "library_name: diffusers"]
+    if meta["base_model"]:
+        lines.append(f"base_model: {meta['base_model']}")
+    pipeline_tag = "text-to-image" if meta["conditioning"] == "text" else "unconditional-image-generation"
+    lines.append(f"pipeline_tag: {pipeline_tag}")
+    tags = ["fastgen", "distillation", "few-step", *([meta["method"]] if meta["method"] else [])]
+    if meta["kind"] == "lora":
+        tags.append("lora")
+    lines += ["tags:", *(f"- {tag}" for tag in tags), "---"]
+    return "\n".join(lines)
+
+
+def _metrics_table(metrics: Sequence[dict]) -> str:
+    if not metrics:
+        return "Not evaluated yet (`fastgen eval --model FOLDER ...` adds its results here)."
+    columns = [c for c in metrics[0] if c != "curve"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in metrics:
+        rows.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                                      for c in columns) + " |")
+    return "\n".join(rows)
+
+
+def model_card(meta: dict, folder: str) -> str:
+    """The text of ``README.md`` for the export described by ``meta``, loaded from ``folder`` in its snippets."""
+    scheduler = meta["few_step_scheduler"]
+    title = f"{meta['method'] or 'Few-step'} student of {meta['teacher']}"
+    settings = meta["settings"] or {}
+    setting_rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(settings.items()))
+    steps = "\n".join(f"| {n} | {', '.join(f'{t:g}' for t in ts)} |"
+                      for n, ts in sorted(scheduler["trained_timesteps"].items(), key=lambda kv: int(kv[0])))
+    if meta["remote_code"]:
+        loading = (f"No stock diffusers scheduler replays this student exactly, so the folder ships its code "
+                   f"({', '.join(f'`{f}`' for f in meta['remote_code'])}, generated from fastgen "
+                   f"{meta['fastgen_version']}): without fastgen, load it with `trust_remote_code=True`.")
+    else:
+        loading = f"Stock diffusers runs it as trained (`{meta['pipeline']}` with `{meta['scheduler']}`): no custom code."
+    code = snippets(meta, folder)
+    return f"""{_front_matter(meta)}
+
+# {title}
+
+Distilled with [fastgen](https://pypi.org/project/fastgen-distill/) {meta['fastgen_version']}
+({'LoRA adapter' if meta['kind'] == 'lora' else 'full weights'}).
+
+- Method: {meta['method'] or 'not recorded'}; sampling rule `{scheduler['rule']}`
+  ({'consistency boundary condition ' + json.dumps(scheduler['boundary']) if scheduler['boundary'] else 'no boundary condition'});
+  student prediction type `{scheduler['schedule']['prediction_type']}` on a `{scheduler['schedule']['family']}` schedule.
+- Teacher: `{meta['teacher']}`.
+- Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}
+
+## Settings
+
+| setting | value |
+|---|---|
+{setting_rows or '| (none recorded) | |'}
+
+## Trained step counts
+
+| steps | timesteps (the teacher's native time) |
+|---|---|
+{steps}
+
+Other step counts were not trained.
+
+## Metrics
+
+{_metrics_table(meta['metrics'])}
+
+## Usage
+
+With fastgen installed (`pip install fastgen-distill`); this runs no code from the folder:
+
+```python
+{code['fastgen']}```
+
+With diffusers alone:
+
+```python
+{code['diffusers']}```
+"""
+
+
+def write_card(folder: Path, meta: dict, final: Path | None = None) -> Path:
+    """Write ``README.md`` into ``folder`` (its snippets name ``final``, where the folder will live)."""
+    path = Path(folder) / CARD
+    write_bytes(path, model_card(meta, str(final or folder)).encode())
+    return path
+
+
+def add_metrics(folder: str | Path, rows: Sequence[dict]) -> None:
+    """Record ``fastgen eval`` results (rows of the sweep's ``"model"`` curve) in the export's metadata and card."""
+    from fastgen.pipelines.export import METADATA
+
+    folder = Path(folder)
+    meta = json.loads((folder / METADATA).read_text())
+    meta["metrics"] = [{k: v for k, v in row.items() if k != "curve"} for row in rows if row.get("curve") == "model"]
+    write_bytes(folder / METADATA, (json.dumps(meta, indent=2) + "\n").encode())
+    write_card(folder, meta)
