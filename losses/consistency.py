@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen.errors import UsageError
 from fastgen.denoiser import BaseDenoiser, BoundaryDenoiser
 from fastgen.losses.base import Objective, unwrap_denoiser
 from fastgen.samplers.solvers import Guidance, ddim_step, denoise
@@ -56,17 +57,17 @@ class ConsistencyDistillation(Objective):
     @staticmethod
     def _check(config: ConsistencyConfig, teacher: BaseDenoiser) -> None:
         if config.solver not in ("ddim", "heun"):
-            raise ValueError(f"objective.solver is {config.solver!r}; expected 'ddim' or 'heun'")
+            raise UsageError(f"objective.solver is {config.solver!r}; expected 'ddim' or 'heun'")
         if config.distance not in ("l2", "huber"):
-            raise ValueError(f"objective.distance is {config.distance!r}; expected 'l2' or 'huber'")
+            raise UsageError(f"objective.distance is {config.distance!r}; expected 'l2' or 'huber'")
         if config.target_ema is not None and not 0.0 <= config.target_ema < 1.0:
-            raise ValueError(f"objective.target_ema is {config.target_ema}; expected a rate in [0, 1) or null")
+            raise UsageError(f"objective.target_ema is {config.target_ema}; expected a rate in [0, 1) or null")
         if not 1.0 <= config.guidance_min <= config.guidance_max:
-            raise ValueError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
+            raise UsageError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
                              "expected 1 <= guidance_min <= guidance_max")
         T = teacher.schedule.num_train_timesteps
         if teacher.schedule.family != "vp" or not 1 <= config.skip < T:
-            raise ValueError(f"consistency distillation needs a discrete VP teacher and 1 <= objective.skip < {T}; "
+            raise UsageError(f"consistency distillation needs a discrete VP teacher and 1 <= objective.skip < {T}; "
                              f"got family {teacher.schedule.family!r}, skip {config.skip}")
 
     @property
@@ -78,6 +79,10 @@ class ConsistencyDistillation(Objective):
     def default_timesteps(self, num_steps):
         """LCMScheduler's choice: every ``len(grid) // n``-th grid point from the top (e.g. 999, 759, 519, 279)."""
         grid = self.grid.flip(0)
+        if num_steps > len(grid):
+            raise UsageError(f"student.num_steps is {num_steps}, but the consistency grid (objective.skip = "
+                             f"{self.config.skip}) has {len(grid)} points; expected at most {len(grid)} steps, or a "
+                             "smaller objective.skip")
         stride = max(len(grid) // num_steps, 1)
         return grid[::stride][:num_steps].tolist()
 
