@@ -35,8 +35,9 @@ class MissingPathError(UserError, FileNotFoundError):
     """A path the user gave does not exist."""
 
 
-class EnvironmentMissingError(UserError, RuntimeError):
-    """The environment lacks what an option needs (an optional package, a GPU)."""
+class EnvironmentMissingError(UserError, ValueError):
+    """The environment lacks what an option needs (an optional package, a GPU); a ``ValueError`` as the option's
+    value is what cannot be used."""
 
 
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
