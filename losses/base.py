@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from fastgen.denoiser import BaseDenoiser, Denoiser
+from fastgen.errors import UsageError
 from fastgen.networks import NetworkFactory
 from fastgen.samplers.scheduler import RULES
 from fastgen.teacher import as_teacher
-from fastgen.errors import UsageError
 
 
 @dataclass(frozen=True)
