@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from fastgen.errors import UsageError
 from fastgen.eval.fid import frechet_distance, image_features, image_statistics
 from fastgen.eval.kid import kid
 from fastgen.eval.sweep import run_sweep
@@ -44,9 +45,9 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
     """The metric callables of a sweep; each checks its inputs up front, before any sampling."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"--metrics: unknown {unknown}; expected some of {list(METRICS)}")
+        raise UsageError(f"--metrics: unknown {unknown}; expected some of {list(METRICS)}")
     if features not in FEATURES:
-        raise ValueError(f"--features is {features!r}; expected one of {list(FEATURES)}")
+        raise UsageError(f"--features is {features!r}; expected one of {list(FEATURES)}")
     out: dict[str, Callable] = {}
     extractor = None
     if "fid" in metrics or "kid" in metrics:
@@ -66,7 +67,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         out["fid"] = fid
     if "kid" in metrics:
         if ref is None or not Path(ref).is_dir():
-            raise ValueError(f"--metrics kid needs --ref to be a folder of reference images (got {ref!r}): KID "
+            raise UsageError(f"--metrics kid needs --ref to be a folder of reference images (got {ref!r}): KID "
                              "compares feature samples, which a statistics .npz does not hold")
         ref_features = image_features(ref, extractor, batch_size)
 
@@ -78,7 +79,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         out["kid"] = kid_mean
     if "clip" in metrics:
         if not prompts:
-            raise ValueError("--metrics clip needs prompts (--prompts FILE): the score compares images with their prompts")
+            raise UsageError("--metrics clip needs prompts (--prompts FILE): the score compares images with their prompts")
         from fastgen.eval.clip_score import CLIPScorer
 
         scorer = CLIPScorer(clip_model, clip_weights)
@@ -99,14 +100,14 @@ def _fid_reference(features: str, ref: str | None, extractor, batch_size: int):
     """Reference mean and covariance: a statistics ``.npz`` (metadata checked), a folder, or toy images."""
     if ref is None:
         if features != "toy":
-            raise ValueError("--metrics fid with Inception features needs --ref (a statistics .npz or a folder of images)")
+            raise UsageError("--metrics fid with Inception features needs --ref (a statistics .npz or a folder of images)")
         from fastgen.eval.toy_fid import toy_reference_stats
 
         return toy_reference_stats()
     path = Path(ref)
     if path.suffix == ".npz":
         if features == "toy":
-            raise ValueError(f"--ref {ref} is an Inception statistics file; with --features toy pass a folder or nothing")
+            raise UsageError(f"--ref {ref} is an Inception statistics file; with --features toy pass a folder or nothing")
         from fastgen.eval.reference import EXTRACTOR_FIELDS, load_reference
 
         meta = extractor.metadata()
@@ -130,11 +131,13 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
              guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[dict]:
     """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``; an exported
     student's model card and metadata get the model's rows."""
-    from fastgen.generate import generate
+    from fastgen.generate import generate, sampling_plan
     from fastgen.teacher import load_teacher
 
     curves = {}
     model = load_teacher(model_dir)
+    for n in steps:  # an untrained step count fails here, before any sampling
+        sampling_plan(model, n)
     curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
                                          guidance_scale=guidance_scale, batch_size=batch_size)
     if teacher_dir is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from fastgen.errors import InputError
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 EXTRACTOR_NAME = "torch-fidelity-inception-v3-2015-12-05"
 FEATURE_LAYER = "2048"
@@ -77,7 +79,11 @@ class InceptionExtractor:
                 f"{WEIGHTS_FILENAME} (torch-fidelity's release file) to {default_weights_path()} "
                 f"($TORCH_HOME/hub/checkpoints/), or pass its path as weights_path= / --inception-weights PATH."
             )
-        torch.load(path, map_location="cpu", weights_only=True)  # refuses pickles that are not plain tensors
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)  # refuses pickles that are not plain tensors
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+            raise InputError(f"Inception weights {path} cannot be read ({' '.join(str(err).split())[:200]}); expected "
+                             f"the complete {WEIGHTS_FILENAME} (plain tensors, nothing else pickled)") from err
         self.network = FeatureExtractorInceptionV3(
             EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=str(path)
         ).to(device)

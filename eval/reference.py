@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fastgen.atomic import atomic_path
+from fastgen.errors import InputError, MissingPathError
 from fastgen.eval.fid import FeatureStats, frechet_distance, image_statistics
 
 EXTRACTOR_FIELDS = ("extractor", "feature_layer", "feature_dim", "resize", "weights_sha256")
 METADATA_FIELDS = EXTRACTOR_FIELDS + ("num_images",)
 
 
-class ReferenceMismatchError(ValueError):
+class ReferenceMismatchError(InputError):
     """Reference statistics were made under another protocol than the one asked for."""
 
 
@@ -76,15 +78,20 @@ def load_reference(path: str | os.PathLike, **expected) -> ReferenceStats:
     """Read reference statistics; every keyword (a :data:`METADATA_FIELDS` name) must match the stored value."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics: {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
+        raise MissingPathError(f"reference statistics: {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"reference statistics: {path} cannot be read ({err}); expected a .npz written by "
+                         "fastgen.eval.reference.save_reference") from err
+    with data:
         missing = [key for key in ("mu", "sigma", "metadata") if key not in data.files]
         if missing:
-            raise ValueError(f"reference statistics: {path} lacks {missing}, expected mu, sigma and metadata "
+            raise InputError(f"reference statistics: {path} lacks {missing}, expected mu, sigma and metadata "
                              f"(written by fastgen.eval.reference.save_reference)")
         reference = ReferenceStats(data["mu"], data["sigma"], json.loads(str(data["metadata"])))
     absent = [field for field in METADATA_FIELDS if field not in reference.metadata]
     if absent:
-        raise ValueError(f"reference statistics: {path} metadata lacks {absent}, expected {METADATA_FIELDS}")
+        raise InputError(f"reference statistics: {path} metadata lacks {absent}, expected {METADATA_FIELDS}")
     reference.check(**expected)
     return reference

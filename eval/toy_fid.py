@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from fastgen.errors import InputError
 from fastgen.eval.fid import FeatureStats, frechet_distance
 from fastgen.toy import TOY_IMAGE_SIZE, ToyFeatureNet, ToyShapes, load_toy_feature_net
 
@@ -26,7 +27,8 @@ def _check_images(images) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"toy_features: images is a {type(images).__name__}, expected a torch.Tensor (N, 3, 16, 16)")
     if images.ndim != 4 or tuple(images.shape[1:]) != EXPECTED_SHAPE:
-        raise ValueError(f"toy_features: images have shape {tuple(images.shape)}, expected (N, 3, 16, 16)")
+        raise InputError(f"toy features (--features toy) take the toy world's 16x16 RGB images, expected (N, 3, 16, 16); "
+                         f"got images of shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"toy_features: images have dtype {images.dtype}, expected a float tensor in [-1, 1]")
     if images.numel():

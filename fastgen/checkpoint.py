@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastgen.atomic import fsync
+from fastgen.errors import InputError, MissingPathError
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -44,8 +46,12 @@ _STEP_DIR = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError):
     """A pickled weights file was given without the explicit trust flag."""
+
+
+class IncompleteFileError(InputError):
+    """A weights or checkpoint file is truncated or corrupt (e.g. a copy or download that stopped midway)."""
 
 
 # ----------------------------------------------------------------------------- flatten / unflatten
@@ -197,8 +203,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint folder written by :func:`save_checkpoint`; returns ``(step, state)`` on CPU."""
+def checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a checkpoint folder, checked cheaply (no tensors read) to be complete; the error lists the
+    run's complete checkpoints."""
     path = Path(path)
     if not (path / META_FILE).is_file():
         if (path / CHECKPOINTS_DIR).is_dir():
@@ -209,16 +216,71 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
             run_dir = path.parent
         available = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {META_FILE})"
-        raise FileNotFoundError(f"checkpoint {path} {what}; available in {run_dir / CHECKPOINTS_DIR}: {available}")
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        raise MissingPathError(f"checkpoint {path} {what}; available in {run_dir / CHECKPOINTS_DIR}: {available}")
+    for name in (TREE_FILE, TENSORS_FILE):
+        if not (path / name).is_file():
+            raise IncompleteFileError(f"checkpoint file {path / name} is missing; the checkpoint is incomplete")
+    check_safetensors(path / TENSORS_FILE)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint folder written by :func:`save_checkpoint`; returns ``(step, state)`` on CPU."""
+    path = checkpoint_path(path)
+    meta = _read_json(path / META_FILE)
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path}: checkpoint format version {meta['format_version']} is newer than this fastgen "
             f"supports ({FORMAT_VERSION}); upgrade fastgen"
         )
-    tree = json.loads((path / TREE_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(path / TENSORS_FILE), device="cpu")
+    tree = _read_json(path / TREE_FILE)
+    tensors = read_safetensors(path / TENSORS_FILE)
     return int(meta["step"]), unflatten_state(tensors, tree)
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IncompleteFileError(f"checkpoint file {file} is not valid JSON ({err}); the file is incomplete or "
+                                  "corrupt") from err
+
+
+def check_safetensors(file: str | Path) -> None:
+    """Raise :class:`IncompleteFileError` naming ``file`` unless its header parses and its size covers every
+    tensor it lists (a truncated copy or download fails here, before any weights load)."""
+    file = Path(file)
+    size = file.stat().st_size
+    problem = None
+    with file.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            problem = f"its header needs {8 + (length or 0)} bytes but the file has {size}"
+        else:
+            try:
+                header = json.loads(f.read(length))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                problem = "its header is not valid safetensors JSON"
+            else:
+                if 8 + length + end > size:
+                    problem = f"it is {size} bytes but its tensors end at byte {8 + length + end}"
+    if problem:
+        raise IncompleteFileError(f"weights file {file} is incomplete or corrupt ({problem}); it was probably cut "
+                                  "off while copying or downloading: copy or save it again")
+
+
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """``load_file`` on the CPU after :func:`check_safetensors`; safetensors' own errors name the file."""
+    from safetensors import SafetensorError
+
+    check_safetensors(file)
+    try:
+        return load_file(str(file), device="cpu")
+    except SafetensorError as err:
+        raise IncompleteFileError(f"weights file {file} cannot be read ({err}); expected a complete "
+                                  ".safetensors file") from err
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -249,7 +311,7 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"{path}: unsupported weights file extension {suffix or '(none)'!r}; expected .safetensors "
             f"(or, with trust_pickle=True, one of {', '.join(PICKLE_SUFFIXES)})"
         )
@@ -259,15 +321,20 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
             f".safetensors, or pass trust_pickle=True (CLI: --trust-pickle) if you trust where it came from"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise MissingPathError(f"weights file {path} does not exist")
     if suffix in SAFE_SUFFIXES:
-        return load_file(str(path), device="cpu")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise IncompleteFileError(f"weights file {path} cannot be unpickled ({' '.join(str(err).split())[:200]}); "
+                                  "it is incomplete, corrupt or needs classes beyond tensors: convert it to "
+                                  ".safetensors") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors, got {type(loaded).__name__}")
+        raise InputError(f"{path}: expected a mapping of parameter names to tensors, got {type(loaded).__name__}")
     bad = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors; not tensors: {', '.join(bad[:5])}")
+        raise InputError(f"{path}: expected a mapping of parameter names to tensors; not tensors: {', '.join(bad[:5])}")
     return loaded

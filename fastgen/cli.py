@@ -1,10 +1,38 @@
-"""The ``fastgen`` command: ``demo``, ``distill``, ``sample``, ``eval``, ``export``."""
+"""The ``fastgen`` command: ``demo``, ``distill``, ``sample``, ``eval``, ``export``.
+
+A mistake in the input (a path, a file, a flag, a config value, a missing optional package) prints one line,
+``error: <message>``, on stderr and exits with status 2 for usage errors (as argparse does) or 1 otherwise;
+``--debug`` (or ``FASTGEN_DEBUG=1``) shows the traceback. Any other exception is a bug: its traceback is
+printed with one line saying so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import traceback
 from pathlib import Path
+
+from fastgen.errors import USER_ERRORS, MissingPathError, UsageError, check_output_path, describe
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def int_list(text: str) -> list[int]:
@@ -21,20 +49,30 @@ def _read_prompts(args) -> list[str] | None:
     from fastgen.data import read_prompts
 
     if getattr(args, "prompts_file", None):
-        try:
-            return read_prompts(Path(args.prompts_file))
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise MissingPathError(f"--prompts-file {path} does not exist; expected a text file, one prompt per line")
+        return read_prompts(path)
     return [args.prompt] if getattr(args, "prompt", None) else None
+
+
+def _model_path(model: str, flag: str = "--model") -> str:
+    """``model`` checked to exist when it is a path (not ``toy`` or a hub id ``owner/name``)."""
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if model != "toy" and not looks_like_hub_id and not Path(model).expanduser().exists():
+        raise MissingPathError(f"{flag} {model} does not exist; expected a diffusers pipeline folder")
+    return model
 
 
 def cmd_sample(args) -> int:
     from fastgen.generate import generate, save_grid
     from fastgen.teacher import load_teacher
 
-    model = load_teacher(args.model, trust_pickle=args.trust_pickle)
+    check_output_path(args.out, "--out")
+    prompts = _read_prompts(args)
+    model = load_teacher(_model_path(args.model), trust_pickle=args.trust_pickle)
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
-                      prompts=_read_prompts(args), guidance_scale=args.guidance, batch_size=args.batch_size)
+                      prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size)
     path = save_grid(images, args.out, upscale=args.upscale)
     print(f"wrote {len(images)} samples ({args.steps} steps) to {path}")
     return 0
@@ -45,6 +83,7 @@ def cmd_demo(args) -> int:
 
     from fastgen.demo import run_demo
 
+    check_output_path(args.out, "--out")
     torch.set_num_threads(args.threads)
     run_demo(Path(args.out), method=args.method, max_steps=args.max_steps, num_samples=args.num_samples,
              steps=args.steps, seed=args.seed)
@@ -63,9 +102,16 @@ def cmd_distill(args) -> int:
         overrides.append("trust_pickle=true")
     config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
     if args.lora and config.student.lora_rank == 0:
-        raise SystemExit("error: --lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
+        raise UsageError("--lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
-    trainer = Trainer(config, resume=args.resume)
+    run_dir = check_output_path(config.output, "output")
+    existed = run_dir.exists()
+    try:
+        trainer = Trainer(config, resume=args.resume)
+    except BaseException:
+        if not existed:  # what only building the data can find (an unreadable image) must not leave a folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     trainer.fit()
     out = trainer.export(Path(config.output) / "export", lora=args.lora)
     if out is not None:
@@ -76,6 +122,7 @@ def cmd_distill(args) -> int:
 def cmd_export(args) -> int:
     from fastgen.trainer import export_run
 
+    check_output_path(args.output, "--output")
     out = export_run(args.run, args.output, lora=args.lora, ema=args.ema, checkpoint=args.checkpoint)
     print(f"exported {args.run} to {out}")
     return 0
@@ -84,35 +131,51 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from fastgen.eval.evaluate import build_metrics, evaluate
 
+    check_output_path(args.out, "--out")
+    model = _model_path(args.model)
+    teacher = _model_path(args.teacher, "--teacher") if args.teacher else None
+    if args.num_samples < 2 and {"fid", "kid"} & set(args.metrics):
+        raise UsageError(f"--num-samples {args.num_samples}: FID and KID need at least 2 samples per point")
     prompts = _read_prompts(args)
     metrics = build_metrics(args.metrics, features=args.features, ref=args.ref,
                             inception_weights=args.inception_weights, resize=args.resize, prompts=prompts,
                             clip_model=args.clip_model, clip_weights=args.clip_weights)
-    evaluate(args.model, args.steps, args.out, args.num_samples, metrics, teacher_dir=args.teacher,
-             prompts=prompts, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
+    existed = out.exists()
+    try:
+        evaluate(model, args.steps, out, args.num_samples, metrics, teacher_dir=teacher,
+                 prompts=prompts, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    except BaseException:
+        if not existed:  # a failure found while sampling (e.g. a model the features do not fit) leaves no folder
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print((out / "sweep.md").read_text())
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastgen", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="fastgen", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of errors (also FASTGEN_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of errors (also FASTGEN_DEBUG=1)")
 
-    demo = sub.add_parser("demo", help="distil, evaluate and export the bundled toy teacher (CPU, minutes)")
+    demo = sub.add_parser("demo", parents=[debug], help="distil, evaluate and export the bundled toy teacher (CPU, minutes)")
     demo.add_argument("--out", default="fastgen_demo", help="output folder (default: %(default)s)")
     demo.add_argument("--method", choices=["consistency", "progressive"], default="consistency")
-    demo.add_argument("--max-steps", type=int, help="training steps (default: the preset's)")
-    demo.add_argument("--num-samples", type=int, default=1000, help="samples per toy-FID point")
+    demo.add_argument("--max-steps", type=positive_int, help="training steps (default: the preset's)")
+    demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
     demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=1,
+    demo.add_argument("--threads", type=positive_int, default=1,
                       help="torch CPU threads (default 1: the toy network is too small to gain from more, and "
                            "measured 30x slower with 2 threads while another process held a core)")
     demo.set_defaults(func=cmd_demo)
 
-    distill = sub.add_parser("distill", help="distil a teacher into a few-step student, then export it to RUN/export")
+    distill = sub.add_parser("distill", parents=[debug], help="distil a teacher into a few-step student, then export it to RUN/export")
     distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
     distill.add_argument("--method", help="objective: progressive, consistency")
     distill.add_argument("--config", help="YAML file or preset name (toy_consistency, toy_progressive, "
@@ -122,18 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--prompts", help="prompts file of teacher samples (--data teacher) or of data-free "
                          "training (no --data); the key `prompts`")
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
-    distill.add_argument("--steps", type=int, help="student sampling steps (student.num_steps)")
-    distill.add_argument("--max-steps", type=int, help="training steps (train.max_steps)")
+    distill.add_argument("--steps", type=positive_int, help="student sampling steps (student.num_steps)")
+    distill.add_argument("--max-steps", type=positive_int, help="training steps (train.max_steps)")
     distill.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
     distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
     distill.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) teacher weights")
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
     distill.set_defaults(func=cmd_distill)
 
-    sample = sub.add_parser("sample", help="write a grid of samples from a diffusers pipeline folder")
+    sample = sub.add_parser("sample", parents=[debug], help="write a grid of samples from a diffusers pipeline folder")
     sample.add_argument("--model", required=True, help="diffusers pipeline folder (teacher or exported student)")
-    sample.add_argument("--steps", type=int, required=True, help="sampling steps")
-    sample.add_argument("--num", type=int, default=16, help="number of samples (default: %(default)s)")
+    sample.add_argument("--steps", type=positive_int, required=True, help="sampling steps")
+    sample.add_argument("--num", type=positive_int, default=16, help="number of samples (default: %(default)s)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="output PNG")
     sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
@@ -141,17 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", help="one prompt for text-to-image models")
     sample.add_argument("--prompts-file", help="a file of prompts, one per line")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
-    sample.add_argument("--batch-size", type=int, default=64)
-    sample.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale of the grid")
+    sample.add_argument("--batch-size", type=positive_int, default=64)
+    sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")
     sample.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) weights")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")
+    evaluate = sub.add_parser("eval", parents=[debug], help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")
     evaluate.add_argument("--model", required=True, help="diffusers folder: an exported student or any teacher")
     evaluate.add_argument("--steps", type=int_list, required=True, help="step counts, e.g. 1,2,4")
     evaluate.add_argument("--ref", help="reference: Inception statistics .npz or a folder of images "
                           "(default with --features toy: fresh toy images)")
-    evaluate.add_argument("--num-samples", type=int, default=1000, help="samples per point (default: %(default)s)")
+    evaluate.add_argument("--num-samples", type=positive_int, default=1000, help="samples per point (default: %(default)s)")
     evaluate.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["fid"],
                           help="comma-separated: fid,kid,clip (default: fid)")
     evaluate.add_argument("--features", choices=["inception", "toy"], default="inception",
@@ -166,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score)")
     evaluate.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.set_defaults(func=cmd_eval)
 
-    export = sub.add_parser("export", help="export a run's student to a diffusers folder")
+    export = sub.add_parser("export", parents=[debug], help="export a run's student to a diffusers folder")
     export.add_argument("--run", required=True, help="the run folder of `fastgen distill`")
     export.add_argument("--output", required=True, help="the folder to write")
     export.add_argument("--lora", action="store_true", help="write only the LoRA adapter (LoRA students)")
@@ -181,8 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one command; returns the exit status (user errors are reported on one line, see the module doc)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or argparse's one-line usage error
+        return exit_.code if isinstance(exit_.code, int) else 2
+    debug = args.debug or os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if debug:
+            raise
+        traceback.print_exc()
+        print("error: this is a bug in fastgen, not a mistake in your input; please report it with the traceback "
+              "above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from fastgen.atomic import write_bytes
+from fastgen.errors import UsageError
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ _FLOAT_RE = re.compile(
 _BOOL_STRINGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config key, value or cross-field rule is invalid; the message names the dotted key."""
 
 
@@ -79,7 +80,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         try:
             from_file = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+            raise ConfigError(_yaml_message(path, err)) from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start}); expected a YAML config") from err
         if from_file is None:
             from_file = {}
         if not isinstance(from_file, Mapping):
@@ -217,7 +220,7 @@ class DistillConfig:
             (s.expert_boundaries is None or len(s.expert_boundaries) == s.experts - 1, "student.expert_boundaries",
              s.expert_boundaries, f"{s.experts - 1} times (student.experts - 1)"),
             (s.lora_alpha is None or s.lora_alpha > 0, "student.lora_alpha", s.lora_alpha, "> 0 or None"),
-            (t.max_steps >= 0, "train.max_steps", t.max_steps, ">= 0"),
+            (t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 (0 would export the untrained student)"),
             (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
             (t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1"),
             (t.lr > 0, "train.lr", t.lr, "> 0"),
@@ -370,7 +373,7 @@ def _parse_override(cls: type, override: str) -> tuple[str, Any]:
     try:
         value = parse_value(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{override}': invalid YAML value: {err}") from err
+        raise ConfigError(f"override '{override}': invalid YAML value ({_yaml_problem(err)})") from err
     tp = _field_type(cls, key)
     section = _section_type(tp)
     if section is not None and not isinstance(value, Mapping) and not (value is None and section is not tp):
@@ -492,6 +495,19 @@ def _unknown_key(cls: type, prefix: str, key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's reason without its multi-line source excerpt."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+
+
+def _yaml_message(path: str | Path, err: yaml.YAMLError) -> str:
+    """``file:line:column: invalid YAML: reason`` on one line (lines and columns counted from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: invalid YAML: {_yaml_problem(err)}"
+
+
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
 
@@ -528,4 +544,8 @@ def config_file(name: str | Path | None) -> Path | None:
     if preset.is_file():
         return preset
     known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {str(name)!r} is neither a file nor a preset; presets are {known}")
+    if Path(name).is_dir():
+        raise ConfigError(f"config {str(name)!r} is a folder; expected a YAML file or a preset ({', '.join(known)})")
+    close = difflib.get_close_matches(Path(name).stem, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config {str(name)!r} is neither a file nor a preset; presets are {known}{hint}")

@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from fastgen.atomic import atomic_path
 from fastgen.denoiser import Cond, cat_cond, slice_cond
+from fastgen.errors import InputError, MissingPathError, UsageError
 from fastgen.samplers import Guidance, sample_ddim
 from fastgen.teacher import Teacher
 
@@ -205,20 +206,8 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
     for name, value in (("batch_size", batch_size), ("num_teacher_samples", num_teacher_samples),
                         ("teacher_steps", teacher_steps)):
         if value < 1:
-            raise ValueError(f"{name} = {value}; expected a positive integer")
-    if class_labels and not teacher.num_classes:
-        raise ValueError(f"class_labels=True, but the teacher from {teacher.source} has no class embedding "
-                         "(num_class_embeds is unset); expected class_labels=False")
-    if teacher.num_classes and not class_labels:
-        raise ValueError(f"the teacher from {teacher.source} is class-conditional ({teacher.num_classes} classes); "
-                         "expected class_labels=True")
-    if prompts is not None and spec not in (None, "teacher"):
-        raise ValueError(f"prompts = {prompts} applies to data 'teacher' or None, but data is {spec}; expected "
-                         "no prompts file (captions come with captioned data, prompts files can be the data)")
-    if teacher_guidance != 1.0 and (spec != "teacher" or not teacher.text_conditioned or teacher.num_classes):
-        raise ValueError(f"teacher_sample_guidance = {teacher_guidance} guides teacher samples of a "
-                         f"text-conditioned teacher; data is {spec} and the teacher from {teacher.source} is a "
-                         f"{type(teacher.model).__name__}; expected 1")
+            raise UsageError(f"{name} = {value}; expected a positive integer")
+    check_data(spec, teacher, class_labels, prompts, teacher_guidance)
     cache_dir = Path(cache_dir)
     uncond = null_cond(teacher, cache_dir)
     prompt_file = None if prompts is None else Path(prompts).expanduser()
@@ -247,13 +236,45 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
         x0, labels = image_data(path, teacher, cache_dir, batch_size, resize)
         return DataSource(batch_size, seed, x0=x0, cond=None if labels is None else {"class_labels": labels},
                           uncond=uncond)
+    return DataSource(batch_size, seed, cond=prompt_conds(path, teacher, cache_dir), uncond=uncond)
+
+
+def check_data(spec: str | os.PathLike | None, teacher: Teacher, class_labels: bool = False,
+               prompts: str | os.PathLike | None = None, teacher_guidance: float = 1.0) -> bool:
+    """Check the arguments of :func:`build_data` against ``teacher``, listing files but reading no image and
+    writing no cache (the trainer calls it before it creates the run folder). Returns whether the batches
+    will carry clean samples ``x0``."""
+    if class_labels and not teacher.num_classes:
+        raise InputError(f"class_labels=True, but the teacher from {teacher.source} has no class embedding "
+                         "(num_class_embeds is unset); expected class_labels=False")
+    if teacher.num_classes and not class_labels:
+        raise InputError(f"the teacher from {teacher.source} is class-conditional ({teacher.num_classes} classes); "
+                         "expected class_labels=True")
+    if prompts is not None and spec not in (None, "teacher"):
+        raise UsageError(f"prompts = {prompts} applies to data 'teacher' or None, but data is {spec}; expected "
+                         "no prompts file (captions come with captioned data, prompts files can be the data)")
+    if teacher_guidance != 1.0 and (spec != "teacher" or not teacher.text_conditioned or teacher.num_classes):
+        raise UsageError(f"teacher_sample_guidance = {teacher_guidance} guides teacher samples of a "
+                         f"text-conditioned teacher; data is {spec} and the teacher from {teacher.source} is a "
+                         f"{type(teacher.model).__name__}; expected 1")
+    if prompts is not None:
+        _check_prompts(Path(prompts).expanduser(), teacher)
+    if spec is None:
+        return False
+    if spec in ("toy", "teacher") or captioned_source(spec, teacher) is not None:
+        return True
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        find_images(path)
+        return True
     if path.is_file() and path.suffix.lower() == ".txt":
-        return DataSource(batch_size, seed, cond=prompt_conds(path, teacher, cache_dir), uncond=uncond)
+        _check_prompts(path, teacher)
+        return False
     expected = ("an image folder, captioned images (.tar, .parquet, a folder with metadata.jsonl, hf:owner/name), "
-                "a .txt prompts file, 'teacher' or None")
+                "a .txt prompts file, 'teacher', 'toy' or None")
     if not path.exists():
-        raise FileNotFoundError(f"data {spec} does not exist; expected {expected}")
-    raise ValueError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected {expected}")
+        raise MissingPathError(f"data {spec} does not exist; expected {expected}")
+    raise InputError(f"data {spec} is a {path.suffix or 'suffix-less'} file; expected {expected}")
 
 
 TOY_DATA_SIZE = 8192
@@ -265,7 +286,7 @@ def toy_data(teacher: Teacher) -> torch.Tensor:
 
     expected = (3, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE)
     if teacher.is_latent or teacher.sample_shape != expected:
-        raise ValueError(f"data 'toy' gives {expected} pixel images; the teacher from {teacher.source} takes "
+        raise InputError(f"data 'toy' gives {expected} pixel images; the teacher from {teacher.source} takes "
                          f"{teacher.sample_shape}{' latents' if teacher.is_latent else ''}")
     return toy_images(TOY_DATA_SIZE)
 
@@ -333,17 +354,24 @@ def read_prompts(file: Path) -> list[str]:
     """Non-blank lines of ``file``, stripped."""
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {file} is empty; expected one prompt per line")
+        raise InputError(f"prompts file {file} is empty; expected one prompt per line")
     return prompts
+
+
+def _check_prompts(file: Path, teacher: Teacher) -> list[str]:
+    """The prompts of ``file``, checked to exist and to suit ``teacher``."""
+    if not teacher.text_conditioned:
+        raise InputError(f"prompts file {file} given to the teacher from {teacher.source}, a "
+                         f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
+                         "teacher, or data that is an image folder, 'teacher' or None")
+    if not file.is_file():
+        raise MissingPathError(f"prompts file {file} does not exist; expected a text file, one prompt per line")
+    return read_prompts(file)
 
 
 def prompt_conds(file: Path, teacher: Teacher, cache_dir: Path) -> Cond:
     """The teacher's conditions for every prompt in ``file`` (one row each), encoded once and cached."""
-    if not teacher.text_conditioned:
-        raise ValueError(f"prompts file {file} given to the teacher from {teacher.source}, a "
-                         f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
-                         "teacher, or data that is an image folder, 'teacher' or None")
-    prompts = read_prompts(file)
+    prompts = _check_prompts(file, teacher)
     path = cache_dir / f"prompts-{digest(teacher_fingerprint(teacher), prompts)}.safetensors"
     if not path.is_file():
         logger.info("encoding %d prompts from %s", len(prompts), file)
@@ -366,7 +394,7 @@ def find_images(folder: Path) -> list[Path]:
     files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
              and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     if not files:
-        raise ValueError(f"image folder {folder} holds no images; expected files ending in "
+        raise InputError(f"image folder {folder} holds no images; expected files ending in "
                          f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)")
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -379,7 +407,7 @@ def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = 
         with Image.open(file) as opened:
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {file}: {err}") from None
+        raise InputError(f"cannot read image {file}: {err}") from None
     return image_tensor(image, size, channels, resize, f"image {file}")
 
 
@@ -394,12 +422,12 @@ def image_tensor(image, size: tuple[int, int], channels: int, resize: bool = Fal
     elif channels == 1 and image.mode in GRAYSCALE_MODES:
         image = image.convert("L")
     else:
-        raise ValueError(f"{name} has mode {image.mode} ({len(image.getbands())} channels); the teacher "
+        raise InputError(f"{name} has mode {image.mode} ({len(image.getbands())} channels); the teacher "
                          f"expects {channels}-channel images")
     height, width = size
     if image.size != (width, height):
         if not resize:
-            raise ValueError(f"{name} is {image.width}x{image.height} (width x height); the teacher expects "
+            raise InputError(f"{name} is {image.width}x{image.height} (width x height); the teacher expects "
                              f"{width}x{height}; resize the images or pass resize=True to center-crop and resize")
         image = ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(height, width, channels)
@@ -413,7 +441,7 @@ def folder_labels(folder: Path, files: list[Path], num_classes: int) -> torch.Te
         parts = file.relative_to(folder).parts
         name = parts[0] if len(parts) > 1 else ""
         if not (name.isdigit() and int(name) < num_classes):
-            raise ValueError(f"image {file} is not in a class sub-folder (found {name or 'none'!r}); a "
+            raise InputError(f"image {file} is not in a class sub-folder (found {name or 'none'!r}); a "
                              f"class-conditional teacher ({num_classes} classes) expects images in sub-folders "
                              f"named by class index 0..{num_classes - 1}")
         labels.append(int(name))
@@ -458,7 +486,7 @@ def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, st
         files = sorted(Path(f) for f in glob.glob(os.path.expanduser(text)))
         suffixes = {f.suffix.lower() for f in files}
         if not files or len(suffixes) > 1 or not suffixes <= set(CAPTIONED_BUILDERS):
-            raise ValueError(f"data {spec} matches {len(files)} files with suffixes {sorted(suffixes)}; expected "
+            raise InputError(f"data {spec} matches {len(files)} files with suffixes {sorted(suffixes)}; expected "
                              f"files of one of the suffixes {sorted(CAPTIONED_BUILDERS)}")
         found = (text, CAPTIONED_BUILDERS[suffixes.pop()], {"data_files": [str(f) for f in files]}, _listing(files))
     else:
@@ -473,7 +501,7 @@ def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, st
         else:
             return None
     if not teacher.text_conditioned:
-        raise ValueError(f"captioned data {spec} given to the teacher from {teacher.source}, a "
+        raise InputError(f"captioned data {spec} given to the teacher from {teacher.source}, a "
                          f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
                          "teacher, or an image folder")
     return found
@@ -501,12 +529,12 @@ def captioned_columns(dataset, spec, caption_column: str | None) -> tuple[str, s
     columns = list(dataset.features)
     images = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
     if not images:
-        raise ValueError(f"captioned data {spec} has no image column: its columns are {columns}; expected one "
+        raise InputError(f"captioned data {spec} has no image column: its columns are {columns}; expected one "
                          "of type datasets.Image (image files, or images of a .tar/.parquet)")
     for name in (caption_column,) if caption_column else CAPTION_COLUMNS:
         if name in columns:
             return images[0], name
-    raise ValueError(f"caption_column = {caption_column!r}: captioned data {spec} has no column "
+    raise InputError(f"caption_column = {caption_column!r}: captioned data {spec} has no column "
                      f"{caption_column or ' or '.join(CAPTION_COLUMNS)}; columns found: {columns}; expected "
                      "caption_column to name the caption column")
 
@@ -530,7 +558,7 @@ def captioned_data(spec, builder: str, arguments: dict, identity: list | None, t
         captions = dataset[text_column]
         for row, caption in enumerate(captions):
             if not isinstance(caption, str):
-                raise ValueError(f"captioned data {spec}: row {row} has caption {caption!r} in column "
+                raise InputError(f"captioned data {spec}: row {row} has caption {caption!r} in column "
                                  f"{text_column!r}; expected a string")
         distinct = list(dict.fromkeys(captions))
         rows = {caption: k for k, caption in enumerate(distinct)}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastgen.denoiser import BaseDenoiser, Cond, batch_times, slice_cond
+from fastgen.errors import UsageError
 
 
 def expert_index(t: torch.Tensor, boundaries: Sequence[float]) -> torch.Tensor:
@@ -26,7 +27,7 @@ def default_boundaries(timesteps: Sequence[float], num_experts: int) -> list[flo
     boundary lies halfway between the last step of one group and the first of the next."""
     n = len(timesteps)
     if not 1 <= num_experts <= n:
-        raise ValueError(f"student.experts is {num_experts}; expected 1 to student.num_steps = {n} experts "
+        raise UsageError(f"student.experts is {num_experts}; expected 1 to student.num_steps = {n} experts "
                          "(each owns at least one step) or explicit student.expert_boundaries")
     cuts = [round(k * n / num_experts) for k in range(1, num_experts)]
     return [(float(timesteps[c - 1]) + float(timesteps[c])) / 2 for c in cuts]
@@ -39,7 +40,7 @@ class ExpertsDenoiser(BaseDenoiser):
         super().__init__()
         boundaries = [float(b) for b in boundaries]
         if len(boundaries) != len(experts) - 1 or any(a <= b for a, b in zip(boundaries, boundaries[1:])):
-            raise ValueError(f"student.expert_boundaries is {boundaries}; expected {len(experts) - 1} strictly "
+            raise UsageError(f"student.expert_boundaries is {boundaries}; expected {len(experts) - 1} strictly "
                              "decreasing times (high noise first)")
         self.experts = nn.ModuleList(experts)
         self.boundaries = boundaries

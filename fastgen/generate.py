@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from fastgen.denoiser import BoundaryDenoiser
+from fastgen.errors import UsageError
 from fastgen.samplers import Guidance, get_sampler
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.teacher import Teacher
@@ -18,6 +19,9 @@ def sampling_plan(model: Teacher, steps: int, sampler: str | None = None) -> tup
     timesteps and rule (``FewStepScheduler``); a teacher uses its schedule's grid and DDIM by default."""
     scheduler = model.pipeline.scheduler
     if isinstance(scheduler, FewStepScheduler):
+        if steps not in scheduler.step_counts:
+            raise UsageError(f"{steps} steps: the student in {model.source} was trained for {scheduler.step_counts} "
+                             "steps; expected one of those")
         scheduler.set_timesteps(steps)
         return sampler or scheduler.config.rule, scheduler.sigmas.tolist()
     return sampler or "ddim", model.schedule.timesteps(steps).tolist()
@@ -28,6 +32,8 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
              prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
              class_labels: Sequence[int] | None = None) -> torch.Tensor:
     """``num`` images in [-1, 1] (decoded for latent models), deterministic given ``seed``."""
+    if num < 1:
+        raise UsageError(f"{num} samples: expected at least 1")
     name, timesteps = sampling_plan(model, steps, sampler)
     sample = get_sampler(name)
     denoiser = model.denoiser

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastgen.denoiser import BaseDenoiser, Denoiser
+from fastgen.errors import EnvironmentMissingError, UsageError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -37,12 +38,13 @@ def configure_network(model: nn.Module, attention: str = "default", gradient_che
         import importlib.util
 
         if importlib.util.find_spec("xformers") is None:
-            raise ValueError("train.attention is 'xformers' but xformers is not installed; "
-                             "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
+            raise EnvironmentMissingError("train.attention is 'xformers' but xformers is not installed; "
+                                          "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
         model.enable_xformers_memory_efficient_attention()
     if gradient_checkpointing:
         if not getattr(model, "_supports_gradient_checkpointing", False):
-            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+            raise UsageError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; "
+                             "expected false")
         model.enable_gradient_checkpointing()
 
 
@@ -122,10 +124,10 @@ class NetworkFactory:
 
         base = self.teacher.model
         if not hasattr(base, "add_adapter"):
-            raise ValueError(f"a LoRA network needs a denoiser with diffusers' adapter support (add_adapter), which "
+            raise UsageError(f"a LoRA network needs a denoiser with diffusers' adapter support (add_adapter), which "
                              f"{type(base).__name__} lacks; use a full copy instead")
         if rank < 1:
-            raise ValueError(f"LoRA rank of network {name!r} is {rank}; expected >= 1")
+            raise UsageError(f"LoRA rank of network {name!r} is {rank}; expected >= 1")
         if getattr(base, "peft_config", None) and name in base.peft_config:
             raise ValueError(f"the teacher network already has an adapter named {name!r}")
         activate_adapter(base, None)

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fastgen.errors import UsageError
 def _as_tensor(t, like: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t.float()
@@ -192,7 +193,7 @@ class VPSchedule(NoiseSchedule):
         for n = 4, so that even one step starts from the last trained time."""
         T = self.num_train_timesteps
         if not 1 <= n <= T:
-            raise ValueError(f"timesteps: n = {n}, expected 1 <= n <= {T}")
+            raise UsageError(f"{n} steps: expected 1 to {T} (the teacher's num_train_timesteps)")
         return (torch.round(T - torch.arange(n) * (T / n)) - 1).float()
 
     def describe(self) -> dict[str, Any]:

@@ -8,14 +8,16 @@ text/time conditions) and ``SD3Transformer2DModel`` rectified-flow teachers.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError
+from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError, check_safetensors
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
+from fastgen.errors import InputError, MissingPathError
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -86,7 +88,8 @@ class Teacher:
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """The teacher's own text encoders (``pipeline.encode_prompt``) → denoiser keyword arguments."""
         if not self.text_conditioned:
-            raise ValueError(f"{type(self.model).__name__} teacher from {self.source} takes no prompts")
+            raise InputError(f"{type(self.model).__name__} model from {self.source} takes no prompts; expected no "
+                             "--prompt or --prompts-file, or a text-to-image model")
         prompts = list(prompts)
         device = self.model.device
         kind = type(self.model).__name__
@@ -202,14 +205,16 @@ def _read_index(folder: Path) -> dict[str, list]:
     """Check a pipeline folder before loading any weights; return its components ``{name: [library, class]}``."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"teacher folder {folder} has no model_index.json; expected a diffusers pipeline folder "
             "(what `pipeline.save_pretrained` writes)"
         )
     try:
         index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{index_file} is not valid JSON ({err}); expected a diffusers model index") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{index_file} is not valid JSON ({err}); expected a diffusers model index") from None
+    if not isinstance(index, dict):
+        raise InputError(f"{index_file} holds {type(index).__name__}, not a mapping; expected a diffusers model index")
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
     custom = sorted(name for name, (library, _) in components.items() if library not in (None, *LIBRARIES))
     if custom or isinstance(index.get("_class_name"), list):
@@ -220,21 +225,33 @@ def _read_index(folder: Path) -> dict[str, list]:
         )
     found = [c for c in DENOISER_COMPONENTS if c in components and components[c][0] is not None]
     if not found:
-        raise ValueError(
+        raise InputError(
             f"teacher folder {folder} has no denoiser: components are {sorted(components)}, "
             f"expected one of {list(DENOISER_COMPONENTS)}"
         )
     model_class = components[found[0]][1]
     if model_class not in SUPPORTED_MODELS:
-        raise ValueError(
+        raise InputError(
             f"teacher folder {folder}: denoiser class {model_class!r} is not supported; "
             f"expected one of {list(SUPPORTED_MODELS)}"
         )
     if "scheduler" not in components:
-        raise ValueError(f"teacher folder {folder} has no scheduler; expected a `scheduler` component")
+        raise InputError(f"teacher folder {folder} has no scheduler; expected a `scheduler` component")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():  # fail before loading weights on an unknown or unsupported schedule
-        schedule_from_config(json.loads(scheduler_file.read_text()), components["scheduler"][1])
+        try:
+            scheduler_config = json.loads(scheduler_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{scheduler_file} is not valid JSON ({err}); expected a diffusers scheduler "
+                             "config") from None
+        try:
+            schedule_from_config(scheduler_config, components["scheduler"][1])
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"teacher folder {folder}: {scheduler_file.name}: {err}") from err
+    for name, entry in components.items():  # a truncated weights file names itself before diffusers loads it
+        if entry[0] is not None and (folder / name).is_dir():
+            for file in sorted((folder / name).glob("*.safetensors")):
+                check_safetensors(file)
     return components
 
 
@@ -289,10 +306,14 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
-        raise FileNotFoundError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
+        raise MissingPathError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
 
-    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
-                                             **absent)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
+                                                 **absent)
+    except (OSError, EOFError, pickle.UnpicklingError) as err:  # what diffusers raises for missing or broken files
+        reason = " ".join(str(err).split())[:300]
+        raise InputError(f"teacher {source} cannot be loaded: {reason}") from err
     return _as_teacher(pipe, device, source)
 
 

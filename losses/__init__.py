@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from fastgen.config import config_from_dict
 from fastgen.denoiser import BaseDenoiser
+from fastgen.errors import UsageError
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
@@ -28,7 +30,9 @@ def build_objective(method: str, teacher, student: BaseDenoiser, args: dict[str,
     ``teacher``: a ``Teacher`` (or a bare denoiser); ``factory`` builds its extra networks (default: from the
     teacher, float32, default attention)."""
     if method not in OBJECTIVES:
-        raise ValueError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}")
+        close = difflib.get_close_matches(method, sorted(OBJECTIVES), n=1)
+        raise UsageError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
     cls = OBJECTIVES[method]
     config = config_from_dict(cls.Config, dict(args or {}), prefix="objective")
     return cls(teacher, student, config, num_steps, timesteps, max_steps, factory=factory)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastgen.denoiser import BaseDenoiser
+from fastgen.errors import UsageError
 from fastgen.networks import NetworkFactory
 from fastgen.samplers.scheduler import RULES
 from fastgen.teacher import as_teacher
@@ -66,7 +67,7 @@ class Objective:
                  timesteps: list[float] | None = None, max_steps: int | None = None,
                  factory: NetworkFactory | None = None):
         if num_steps < 1:
-            raise ValueError(f"student.num_steps is {num_steps}; expected >= 1")
+            raise UsageError(f"student.num_steps is {num_steps}; expected >= 1")
         if self.rule not in RULES:  # the export's FewStepScheduler must replay what is trained
             raise ValueError(f"{type(self).__name__}.rule is {self.rule!r}, which the exported scheduler cannot "
                              f"replay; expected one of {list(RULES)}")
@@ -78,7 +79,8 @@ class Objective:
         self.max_steps = max_steps
         self.timesteps = [float(t) for t in (timesteps or self.default_timesteps(num_steps))]
         if len(self.timesteps) != num_steps:
-            raise ValueError(f"student.timesteps has {len(self.timesteps)} values; expected num_steps = {num_steps}")
+            raise UsageError(f"student.timesteps has {len(self.timesteps)} values; expected student.num_steps = "
+                             f"{num_steps}")
 
     @property
     def schedule(self):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import BaseDenoiser, BoundaryDenoiser
+from fastgen.errors import UsageError
 from fastgen.losses.base import Objective
 from fastgen.samplers.solvers import Guidance, ddim_step, denoise
 
@@ -74,20 +75,20 @@ class ConsistencyDistillation(Objective):
     @staticmethod
     def _check(config: ConsistencyConfig, teacher: BaseDenoiser) -> None:
         if config.solver not in ("ddim", "heun"):
-            raise ValueError(f"objective.solver is {config.solver!r}; expected 'ddim' or 'heun'")
+            raise UsageError(f"objective.solver is {config.solver!r}; expected 'ddim' or 'heun'")
         if config.distance not in ("l2", "huber"):
-            raise ValueError(f"objective.distance is {config.distance!r}; expected 'l2' or 'huber'")
+            raise UsageError(f"objective.distance is {config.distance!r}; expected 'l2' or 'huber'")
         if config.target_ema is not None and not 0.0 <= config.target_ema < 1.0:
-            raise ValueError(f"objective.target_ema is {config.target_ema}; expected a rate in [0, 1) or null")
+            raise UsageError(f"objective.target_ema is {config.target_ema}; expected a rate in [0, 1) or null")
         if not 1.0 <= config.guidance_min <= config.guidance_max:
-            raise ValueError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
+            raise UsageError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
                              "expected 1 <= guidance_min <= guidance_max")
         T = teacher.schedule.num_train_timesteps
         if not 1 <= config.skip < T:
-            raise ValueError(f"objective.skip is {config.skip}; expected 1 <= skip < {T} "
+            raise UsageError(f"objective.skip is {config.skip}; expected 1 <= skip < {T} "
                              "(every skip-th of the teacher's num_train_timesteps grid points)")
         if config.grid_points is not None and config.grid_points < 1:
-            raise ValueError(f"objective.grid_points is {config.grid_points}; expected a number of points >= 1 "
+            raise UsageError(f"objective.grid_points is {config.grid_points}; expected a number of points >= 1 "
                              "or null (use objective.skip)")
 
     def grid(self) -> torch.Tensor:
@@ -101,13 +102,13 @@ class ConsistencyDistillation(Objective):
             try:
                 points = schedule.timesteps(cfg.grid_points).flip(0)
             except ValueError as err:
-                raise ValueError(f"objective.grid_points is {cfg.grid_points}: {err}") from None
+                raise UsageError(f"objective.grid_points is {cfg.grid_points}: {err}") from None
         t_min = torch.tensor([schedule.t_min])
         if torch.isclose(points[0], t_min[0]):  # the grid already ends at the boundary (EDM's Karras grid)
             points = points[1:]
         grid = torch.cat([t_min, points.float()])
         if len(grid) < 2 or not bool((grid[1:] > grid[:-1]).all()):
-            raise ValueError(f"objective.skip = {cfg.skip}, grid_points = {cfg.grid_points}: the teacher's grid "
+            raise UsageError(f"objective.skip = {cfg.skip}, grid_points = {cfg.grid_points}: the teacher's grid "
                              f"{points.tolist()} is not strictly increasing above t_min = {schedule.t_min}; "
                              "expected distinct points above the clean end")
         return grid
@@ -116,9 +117,9 @@ class ConsistencyDistillation(Objective):
         """LCMScheduler's choice: every ``N // n``-th grid point from the top (e.g. 999, 759, 519, 279)."""
         points = self.grid()[1:].flip(0)
         if num_steps > len(points):
-            raise ValueError(f"student.num_steps is {num_steps}, but the consistency grid has {len(points)} points "
-                             "above the clean end; expected num_steps <= that (lower objective.skip or raise "
-                             "objective.grid_points)")
+            raise UsageError(f"student.num_steps is {num_steps}, but the consistency grid (objective.skip = "
+                             f"{self.config.skip}, grid_points = {self.config.grid_points}) has {len(points)} points; "
+                             f"expected at most {len(points)} steps, or a smaller objective.skip")
         stride = max(len(points) // num_steps, 1)
         return points[::stride][:num_steps].tolist()
 

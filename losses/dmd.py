@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import cat_cond
+from fastgen.errors import UsageError
 from fastgen.losses.adversarial import (GAN_LOSSES, PLACEMENTS, FeatureDiscriminator, discriminator_loss,
                                         generator_loss, make_head, r1_penalty)
 from fastgen.losses.base import Objective, Phase
@@ -133,10 +134,10 @@ class DMD(Objective):
             rules.append((0.0 <= lo <= hi <= 1.0, name, [lo, hi], "0 <= low <= high <= 1 (fractions of the range)"))
         bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
         if bad:
-            raise ValueError("; ".join(bad))
+            raise UsageError("; ".join(bad))
         guided = c.guidance_scale != 1.0
         if guided and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
-            raise ValueError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
+            raise UsageError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
 
     @property
@@ -212,7 +213,7 @@ class DMD(Objective):
             terms = self.generator_terms(x, t_in, batch)
             if c.regression_weight > 0:
                 if batch.noise is None:
-                    raise ValueError("objective.regression_weight > 0 needs teacher ODE pairs: pass --data teacher "
+                    raise UsageError("objective.regression_weight > 0 needs teacher ODE pairs: pass --data teacher "
                                      "(or set objective.regression_weight=0)")
                 t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
                 terms["regression"] = (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
@@ -233,7 +234,7 @@ class DMD(Objective):
     def discriminator_terms(self, x: torch.Tensor, batch) -> torch.Tensor:
         c = self.config
         if batch.x0 is None:
-            raise ValueError("the GAN term needs real samples: pass --data (images, captioned images or 'teacher') "
+            raise UsageError("the GAN term needs real samples: pass --data (images, captioned images or 'teacher') "
                              "or set objective.gan_weight=0 and objective.gan_critic_weight=0")
         real = batch.x0.float().requires_grad_(c.r1_weight > 0)
         n = x.shape[0]
@@ -276,11 +277,11 @@ class DecoupledDMD(DMD2):
         super()._check(c)
         lo, hi = c.ca_t_range
         if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"objective.ca_t_range is {[lo, hi]}; expected 0 <= low <= high <= 1")
+            raise UsageError(f"objective.ca_t_range is {[lo, hi]}; expected 0 <= low <= high <= 1")
         if c.regularizer not in REGULARIZERS:
-            raise ValueError(f"objective.regularizer is {c.regularizer!r}; expected one of {list(REGULARIZERS)}")
+            raise UsageError(f"objective.regularizer is {c.regularizer!r}; expected one of {list(REGULARIZERS)}")
         if c.regularizer == "gan" and not (c.gan_weight > 0 and c.gan_critic_weight > 0):
-            raise ValueError("objective.regularizer is 'gan'; expected objective.gan_weight > 0 and "
+            raise UsageError("objective.regularizer is 'gan'; expected objective.gan_weight > 0 and "
                              "objective.gan_critic_weight > 0")
 
     def ca_times(self, t_in: torch.Tensor) -> torch.Tensor:

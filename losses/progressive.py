@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import BaseDenoiser
+from fastgen.errors import UsageError
 from fastgen.losses.base import Objective
 from fastgen.samplers.solvers import Guidance, alpha_sigma, ddim_step, denoise
 
@@ -57,14 +58,14 @@ class ProgressiveDistillation(Objective):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         rounds = math.log2(config.start_steps / num_steps) if config.start_steps >= num_steps else -1
         if rounds < 1 or not rounds.is_integer():
-            raise ValueError(
+            raise UsageError(
                 f"objective.start_steps = {config.start_steps} and student.num_steps = {num_steps}: expected "
                 "start_steps = num_steps * 2^k for some k >= 1 (e.g. 64 -> 4 is 4 halvings)"
             )
         self.num_rounds = int(rounds)
         per_round = config.steps_per_round or (max_steps or 0) // self.num_rounds
         if per_round < 1:
-            raise ValueError(
+            raise UsageError(
                 f"objective.steps_per_round resolves to {per_round}; give it explicitly or make train.max_steps "
                 f">= the {self.num_rounds} rounds"
             )

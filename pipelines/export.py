@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fastgen.atomic import fsync_tree
+from fastgen.errors import UsageError
 from fastgen.pipelines.few_step import FewStepPipeline
 from fastgen.pipelines.stock import stock_scheduler
 from fastgen.samplers.scheduler import FewStepScheduler
@@ -262,7 +263,7 @@ def _lora_saver(teacher: Teacher) -> Callable:
     save = getattr(pipeline_cls, "save_lora_weights", None)
     if not teacher.text_conditioned or save is None or not hasattr(pipeline_cls, "load_lora_weights") \
             or f"{component}_lora_layers" not in inspect.signature(save).parameters:
-        raise ValueError(
+        raise UsageError(
             f"LoRA export needs a text-to-image teacher pipeline with a LoRA loader (StableDiffusion, SDXL, SD3); "
             f"{pipeline_cls.__name__} from {teacher.source} has none. Export the full model instead "
             "(lora=False), which merges the adapter into the weights"

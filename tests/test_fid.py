@@ -14,6 +14,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
+from fastgen.errors import InputError
 from fastgen.eval.fid import FeatureStats, frechet_distance, image_features, image_statistics, to_uint8
 from fastgen.eval.inception import (
     WEIGHTS_FILENAME,
@@ -309,8 +310,9 @@ class _Payload:
 
 def test_pickled_objects_and_bad_resize_are_refused(tmp_path, random_inception_weights):
     torch.save({"payload": _Payload()}, tmp_path / "pickle.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InputError, match="pickle.pth cannot be read .*Weights only load failed") as info:
         InceptionExtractor(weights_path=tmp_path / "pickle.pth")
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     with pytest.raises(ValueError, match=r"resize='bicubic', expected one of \('tf', 'clean'\)"):
         InceptionExtractor(weights_path=random_inception_weights, resize="bicubic")
 

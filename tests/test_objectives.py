@@ -149,7 +149,7 @@ def test_objective_errors_name_the_field_and_expectation():
         build_objective("progressive", teacher, student, {"start_steps": 12, "steps_per_round": 5}, num_steps=4)
     with pytest.raises(ValueError, match="objective.solver is 'rk4'; expected 'ddim' or 'heun'"):
         build_objective("consistency", teacher, student, {"solver": "rk4"})
-    with pytest.raises(ValueError, match="student.timesteps has 1 values; expected num_steps = 2"):
+    with pytest.raises(ValueError, match="student.timesteps has 1 values; expected student.num_steps = 2"):
         build_objective("consistency", teacher, student, {}, num_steps=2, timesteps=[999])
     with pytest.raises(ValueError, match=r"objective.skip is 1000; expected 1 <= skip < 1000"):
         build_objective("consistency", mixture(FlowSchedule()), student, {"skip": 1000})

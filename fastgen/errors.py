@@ -1,0 +1,79 @@
+"""Errors caused by the user's input, which the ``fastgen`` command reports as one line without a traceback.
+
+Every error that a path, a file, a config value, a flag or the environment (a missing optional package, no
+GPU for fp16) causes derives from :class:`UserError`; its message names the field or path, the value and
+what was expected. The command line prints ``error: <message>`` and exits with :attr:`UserError.exit_code`
+(2 for usage errors, as argparse does, 1 otherwise). Anything else is a bug and keeps its traceback.
+
+The subclasses also derive from the built-in type a caller would catch (``ValueError``,
+``FileNotFoundError``, ...), so ``except ValueError`` around fastgen's API keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class UserError(Exception):
+    """An error in the user's input or environment; the message says what is wrong and what was expected."""
+
+    exit_code = 1
+
+
+class UsageError(UserError, ValueError):
+    """A flag or config value is invalid (exit status 2, as argparse uses for bad arguments)."""
+
+    exit_code = 2
+
+
+class InputError(UserError, ValueError):
+    """A file or folder the user gave has the wrong content (not a pipeline, incomplete, wrong size...)."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A path the user gave does not exist."""
+
+
+class EnvironmentMissingError(UserError, ValueError):
+    """The environment lacks what an option needs (an optional package, a GPU); a ``ValueError`` as the option's
+    value is what cannot be used."""
+
+
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+"""What the command line reports as the user's error: fastgen's own, and the file-system errors of paths
+the user named (the message of a bare ``OSError`` is completed with :func:`describe`)."""
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message of a user error; a bare ``OSError`` gets its path and cause spelled out."""
+    if isinstance(err, OSError) and not isinstance(err, UserError) and err.filename is not None \
+            and str(err).startswith("[Errno"):
+        reason = (err.strerror or "").lower() or type(err).__name__
+        return f"cannot use {err.filename}: {reason}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def check_output_path(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that ``path`` (a file or folder to write, named by ``flag``) can be created:
+    its nearest existing ancestor must be a writable folder."""
+    path = Path(path).expanduser()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a folder; expected a path under a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only_mount(ancestor):
+        raise InputError(f"{flag} {path}: folder {ancestor} is not writable; expected a path you can write to")
+    return path
+
+
+def _read_only_mount(folder: Path) -> bool:
+    """Whether ``folder`` lies on a read-only file system (``os.access`` says yes to root regardless)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
