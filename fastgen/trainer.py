@@ -1,5 +1,5 @@
-"""The training loop: one loop on accelerate for every objective (DDP, FSDP and DeepSpeed come from
-``accelerate launch``).
+"""The training loop: one loop on accelerate for every objective (distributed wrappers come from
+``accelerate launch``; DDP is tested on CPU processes, FSDP and DeepSpeed are not).
 
 Per step, each of the objective's phases that runs at this step draws ``grad_accum`` batches, sums the
 scaled losses' gradients, clips the gradients of every network it trains, and steps its own optimizer;
