@@ -38,6 +38,7 @@ of an epsilon output to x0 away from the division by ``alpha(T) ~ 0``. Published
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,8 @@ class DMD(Objective):
     name = "dmd"
     Config = DMDConfig
     rule = "renoise"
+    MIN_ALPHA = 0.05
+    """An epsilon student's first step is capped at the time where ``alpha = MIN_ALPHA`` (see ``default_timesteps``)."""
 
     def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
@@ -139,6 +142,19 @@ class DMD(Objective):
         if guided and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
             raise UsageError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
+
+    def default_timesteps(self, num_steps: int) -> list[float]:
+        """The teacher's trailing grid; a one-step epsilon student's time is capped where
+        ``alpha(t) = MIN_ALPHA``: its step from pure noise turns an epsilon output into x0 by dividing by
+        ``alpha``, 0.006 at the top of a linear-beta DDPM, and a student trained there stays noise (DESIGN
+        §2). SD/SDXL's top (alpha 0.068) is kept, so are v, x0 and flow students (no division) and
+        multi-step grids (DMD2's [999, 749, 499, 249]), whose later steps renoise."""
+        ts = self.schedule.timesteps(num_steps)
+        if num_steps == 1 and self.student.schedule.prediction_type == "epsilon":
+            a2 = self.MIN_ALPHA ** 2
+            cap = self.schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor()
+            ts = torch.minimum(ts, cap)
+        return ts.tolist()
 
     @property
     def device(self) -> torch.device:

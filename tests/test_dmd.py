@@ -12,8 +12,8 @@ from tiny import MLPDenoiser, make_ddpm_folder
 
 from fastgen.analytic import GaussianMixtureDenoiser
 from fastgen.losses import build_objective
-from fastgen.losses.dmd import matching_loss
-from fastgen.schedules import FlowSchedule
+from fastgen.losses.dmd import DMD, matching_loss
+from fastgen.schedules import FlowSchedule, schedule_from_config
 from fastgen.teacher import DenoiserTeacher, load_teacher
 
 
@@ -341,3 +341,23 @@ def test_dmd_regression_on_teacher_pairs_through_the_trainer(tmp_path):
     Trainer(config).fit()
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["generator/regression"] > 0 and "critic/fake" in last and "generator/gan" not in last
+
+
+def test_a_one_step_epsilon_students_default_time_avoids_the_division_by_alpha_at_the_top():
+    def vp(beta_schedule, prediction_type="epsilon", **betas):
+        return schedule_from_config(DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type,
+                                                  **betas))
+
+    linear = vp("linear")  # the toy teacher's: alpha(999) = 0.006
+    objective = build_objective("dmd2", mixture(linear), MLPDenoiser(linear), NO_GAN, factory=Factory(lambda: None))
+    (t,) = objective.timesteps
+    assert t < 999 and abs(float(linear.alpha(torch.tensor(t))) - DMD.MIN_ALPHA) < 0.002
+    sd = vp("scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's: alpha(999) = 0.068, kept
+    assert build_objective("dmd2", mixture(sd), MLPDenoiser(sd), NO_GAN,
+                           factory=Factory(lambda: None)).timesteps == [999.0]
+    v = vp("linear", "v_prediction")  # no division for a v student
+    assert build_objective("dmd2", mixture(v), MLPDenoiser(v), NO_GAN,
+                           factory=Factory(lambda: None)).timesteps == [999.0]
+    four = build_objective("dmd2", mixture(linear), MLPDenoiser(linear), NO_GAN, num_steps=4,
+                           factory=Factory(lambda: None))
+    assert four.timesteps == [999.0, 749.0, 499.0, 249.0]  # DMD2's multi-step grid as published
