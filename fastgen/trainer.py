@@ -220,11 +220,12 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
         metrics_file = self.run_dir / "metrics.jsonl"
-        logged: dict[str, torch.Tensor] = {}
+        logged: dict[str, torch.Tensor] = {}  # the latest terms of every phase that ran since the last record
+        values: dict[str, float] = {}
         start = time.perf_counter()
         while self.step < t.max_steps:
             torch.manual_seed(step_seed(self.config.seed, self.step, acc.process_index))
-            logged.update(self._train_step())  # each phase's latest terms, also of phases not due this step
+            logged.update(self._train_step())
             self.objective.on_step_end(self.step)
             self.step += 1
             bar.update(1)
@@ -237,6 +238,7 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
                 acc.log(values, step=self.step)
+                logged = {}
             if t.sample_every and self.step % t.sample_every == 0:
                 self.save_samples()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
@@ -244,7 +246,7 @@ class Trainer:
         bar.close()
         self.save()
         acc.end_training()
-        return {k: float(v) for k, v in logged.items()}
+        return values
 
     def _train_step(self) -> dict[str, torch.Tensor]:
         """One step of every phase due now; returns the logged terms as detached tensors (no host sync)."""

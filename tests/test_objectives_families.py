@@ -175,12 +175,12 @@ def test_consistency_grids_are_the_teachers_own():
     torch.testing.assert_close(grid, reference.sigmas[:-1].flip(0).float())
     assert len(grid) == 18 and grid[0] == edm.schedule.t_min
     assert edm.timesteps == [float(grid[-1]), float(grid[-9])]
-    with pytest.raises(ValueError, match="student.num_steps is 4, but the consistency grid has 3 points"):
+    with pytest.raises(ValueError, match=r"student.num_steps is 4, but the consistency grid .* has 3 points"):
         consistency(EDMSchedule(), {"grid_points": 4}, num_steps=4)
     assert sorted(consistency(EDMSchedule(), {"grid_points": 4}).export_config()["trained_timesteps"]) == ["1", "2"]
     with pytest.raises(ValueError, match=r"objective.grid_points is 0; expected a number of points >= 1"):
         consistency(flow, {"grid_points": 0})
-    with pytest.raises(ValueError, match=r"objective.grid_points is 2000: timesteps: n = 2000"):
+    with pytest.raises(ValueError, match=r"objective.grid_points is 2000: 2000 steps: expected 1 to 1000"):
         consistency(vp, {"grid_points": 2000})
 
 
@@ -255,6 +255,6 @@ def test_few_step_scheduler_replays_the_boundary_of_every_family(family, tmp_pat
         sched.set_timesteps(timesteps=timesteps)
         x, g = noise.clone(), torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for t in sched.timesteps:
-                x = sched.step(student.inner.output(x, t), t, x, generator=g).prev_sample
+            for t_in, t in zip(sched.timesteps, sched.sigmas):  # what the network is fed; native times
+                x = sched.step(student.inner.output(x, t), t_in, x, generator=g).prev_sample
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
