@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import cat_cond
+from fastgen.errors import UsageError
 from fastgen.losses.adversarial import discriminator_loss, generator_loss
 from fastgen.losses.dmd import DMD2, DMD2Config
 
@@ -70,7 +71,7 @@ class ASD(DMD2):
         ]
         bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
         if bad:
-            raise ValueError("; ".join(bad))
+            raise UsageError("; ".join(bad))
 
     @property
     def uses_gan(self) -> bool:
@@ -119,7 +120,7 @@ class ASD(DMD2):
 def enhance_first_frames(x: torch.Tensor, more: torch.Tensor, num_frames: int, first_frames: int) -> torch.Tensor:
     """``x`` with its first ``first_frames`` of ``num_frames`` frames (along axis 1) taken from ``more``."""
     if x.shape[1] % num_frames:
-        raise ValueError(f"objective.num_frames is {num_frames}, which does not divide the sample's first axis "
+        raise UsageError(f"objective.num_frames is {num_frames}, which does not divide the sample's first axis "
                          f"({x.shape[1]})")
     split = first_frames * (x.shape[1] // num_frames)
     return torch.cat([more[:, :split], x[:, split:]], 1)

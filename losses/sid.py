@@ -44,6 +44,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastgen.denoiser import Cond, slice_cond
+from fastgen.errors import UsageError
 from fastgen.losses.dmd import DMD, DMDConfig
 from fastgen.schedules import expand_to
 
@@ -107,7 +108,7 @@ class SiD(DMD):
         ]
         bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
         if bad:
-            raise ValueError("; ".join(bad))
+            raise UsageError("; ".join(bad))
 
     def default_timesteps(self, num_steps: int) -> list[float]:
         if num_steps > 1:
