@@ -8,10 +8,12 @@ from typing import Any
 from fastgen.config import config_from_dict
 from fastgen.denoiser import BaseDenoiser
 from fastgen.errors import UsageError
+from fastgen.losses.asd import ASD
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
 from fastgen.losses.progressive import ProgressiveDistillation
+from fastgen.losses.sid import SiD, SiDA, FewStepSiD
 from fastgen.networks import NetworkFactory
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -20,6 +22,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     DMD.name: DMD,
     DMD2.name: DMD2,
     DecoupledDMD.name: DecoupledDMD,
+    SiD.name: SiD,
+    SiDA.name: SiDA,
+    FewStepSiD.name: FewStepSiD,
+    ASD.name: ASD,
 }
 
 

@@ -103,6 +103,8 @@ class DMD(Objective):
     rule = "renoise"
     MIN_ALPHA = 0.05
     """An epsilon student's first step is capped at the time where ``alpha = MIN_ALPHA`` (see ``default_timesteps``)."""
+    metric_terms: tuple[str, ...] = ()
+    """Generator terms logged beside the loss but not added to it (SiD's count of dropped samples)."""
 
     def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
@@ -180,12 +182,13 @@ class DMD(Objective):
         span = s.t_max - s.t_min
         return s.sample_t(n, device=device, t_min=s.t_min + fractions[0] * span, t_max=s.t_min + fractions[1] * span)
 
-    def generate(self, batch, grad: bool = True):
+    def generate(self, batch, grad: bool = True, timesteps: list[float] | None = None, step: int | None = None):
         """Student samples for ``batch``'s conditions: ``(x, t_in)`` with ``t_in`` the input time of the step
-        that made them (one step drawn per batch; earlier steps by backward simulation without gradient)."""
+        that made them (one step drawn per batch, or ``step``; earlier steps by backward simulation without
+        gradient), on ``timesteps`` (default: the trained ones; ASD passes each step count's grid)."""
         n, device = batch.size, self.device
-        ts = self.timesteps
-        i = int(torch.randint(len(ts), ()))
+        ts = self.timesteps if timesteps is None else timesteps
+        i = int(torch.randint(len(ts), ())) if step is None else step
         z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
         x_t = z
         if i > 0:
@@ -237,7 +240,7 @@ class DMD(Objective):
                 t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
                 terms["gan"] = generator_loss(self.discriminator.logits(x, t_gan, batch.cond), c.gan_loss)
             weights = {"regression": c.regression_weight, "gan": c.gan_weight}
-            total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            total = sum(weights.get(k, 1.0) * v for k, v in terms.items() if k not in self.metric_terms)
             return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
         with torch.no_grad():
             x, _ = self.generate(batch, grad=False)
