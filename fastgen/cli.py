@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
                         help="default: the exported student's rule, else ddim")
     sample.add_argument("--prompt", help="one prompt for text-to-image models")
-    sample.add_argument("--prompts-file", help="a file of prompts, one per line")
+    sample.add_argument("--prompts-file", help="a file of prompts, one per line; 'toy': every shape x colour "
+                        "prompt of the toy world")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     sample.add_argument("--batch-size", type=positive_int, default=64)
     sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")

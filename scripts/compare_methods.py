@@ -23,8 +23,9 @@ toy images. With a text-conditioned toy teacher (``--teacher toy-t2i``) student 
 toy evaluation prompts (every shape x colour, ``fastgen.eval.toy_prompts``), the teacher with ``--guidance``,
 and the tables add prompt accuracy (shape and colour both right); the training data are still the teacher's
 samples of the empty prompt (what ``data: teacher`` draws). Training wall time is that of ``Trainer.fit()``
-(the loop and its final checkpoint; not the teacher loading, data cache, export or evaluation). Writes ``compare_methods.md`` (Markdown table) and
-``compare_methods.csv`` to ``--out-dir``; run folders go to ``--work-dir``, each replaced by a new run.
+(the loop and its final checkpoint; not the teacher loading, data cache, export or evaluation). Writes
+``compare_methods.md`` (Markdown table) and ``compare_methods.csv`` to ``--out-dir``; run folders go to
+``--work-dir``, each replaced by a new run.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def write_tables(rows: list[dict], args) -> None:
              f"seed {args.seed}, on {args.teacher_samples} teacher DDIM samples ({args.teacher_sample_steps} steps), "
              f"{args.threads} torch thread(s); toy FID of {args.num_samples} samples against 5,000 toy images. "
              "Written by `scripts/compare_methods.py`.", "",
-             "| method | student steps (= NFE) | student toy FID | teacher DDIM toy FID, same NFE | training wall time (s) |"
-             + (" student prompt acc. | teacher prompt acc. |" if prompted else ""),
+             "| method | student steps (= NFE) | student toy FID | teacher DDIM toy FID, same NFE | "
+             "training wall time (s) |" + (" student prompt acc. | teacher prompt acc. |" if prompted else ""),
              "|---|---:|---:|---:|---:|" + ("---:|---:|" if prompted else "")]
     lines += [f"| {r['method']} | {r['steps']} | {r['student_toy_fid']:.2f} | {r['teacher_ddim_toy_fid']:.2f} | "
               f"{r['train_wall_s']:.0f} |"

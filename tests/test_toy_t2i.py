@@ -137,12 +137,13 @@ def test_eval_metric_prompt_acc(real):
 
 
 def test_teacher_follows_prompts():
-    """A short guided DDIM run on every shape x colour prompt is read as its prompt far above chance (1/24)."""
+    """A short guided DDIM run on every shape x colour prompt is read as its prompt far above chance (1/24 for
+    both, 1/4 shape, 1/6 colour); the empty prompt is not."""
     teacher = load_teacher("toy-t2i")
     prompts = toy_eval_prompts()
     images = generate(teacher, 2 * len(prompts), 8, seed=0, prompts=prompts, guidance_scale=3.0)
     accuracy = prompt_accuracy(images, prompts)
-    assert accuracy.shape > 0.6 and accuracy.colour > 0.5 and accuracy.joint > 0.35, accuracy
+    assert accuracy.shape > 0.4 and accuracy.colour > 0.8 and accuracy.joint > 0.3, accuracy
     unguided_empty = generate(teacher, 2 * len(prompts), 8, seed=0, prompts=[""])
     assert prompt_accuracy(unguided_empty, prompts).joint < 0.2
 
