@@ -172,8 +172,11 @@ def parse_toy_prompt(prompt: str) -> tuple[int, int]:
 def toy_tokenizer():
     """A word-level ``CLIPTokenizer`` of the toy vocabulary ("a", the colours, the shapes), built offline.
 
-    Each word is one token: the BPE merges join its characters left to right into ``word</w>``. Unknown
-    words map to ``<|endoftext|>``, which is also the padding; ``TOY_PROMPT_LENGTH`` tokens per prompt.
+    Each word has BPE merges that join its characters left to right into ``word</w>``; merges rank in the
+    order of the words, so an earlier word's merge can take precedence ("re" of "red" splits "green" into
+    four known pieces): every word still has its own token sequence, with no unknown token, which is all the
+    frozen random text encoder of the toy teacher needs. The bundled teacher was trained with exactly these
+    ids. Unknown words map to ``<|endoftext|>``, also the padding; ``TOY_PROMPT_LENGTH`` tokens per prompt.
     """
     from transformers import CLIPTokenizer
 
