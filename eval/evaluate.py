@@ -107,10 +107,10 @@ def _prompt_accuracy_metrics(features: str, prompts: Sequence[str] | None) -> di
     from fastgen.toy import parse_toy_prompt
 
     if features != "toy":
-        raise ValueError(f"--metrics prompt_acc reads toy images with the toy feature network; --features is "
+        raise UsageError(f"--metrics prompt_acc reads toy images with the toy feature network; --features is "
                          f"{features!r}, expected 'toy'")
     if not prompts:
-        raise ValueError("--metrics prompt_acc needs toy prompts (--prompts-file FILE, or --prompts-file toy for "
+        raise UsageError("--metrics prompt_acc needs toy prompts (--prompts-file FILE, or --prompts-file toy for "
                          "every shape x colour): the score compares images with their prompts")
     for prompt in prompts:
         parse_toy_prompt(prompt)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from fastgen.errors import UsageError
 from fastgen.eval.toy_fid import _check_images, _default_net
 from fastgen.toy import TOY_CLASSES, TOY_COLOURS, ToyFeatureNet, colour_index, parse_toy_prompt, toy_prompt
 
@@ -64,10 +65,10 @@ def prompt_accuracy(images: torch.Tensor, prompts: Sequence[str], batch_size: in
     """Prompt accuracy of images (N, 3, 16, 16) in [-1, 1]; image ``i`` was asked for ``prompts[i % len]``
     (the cycling of ``fastgen.generate.generate``); every prompt must read ``"a <colour> <shape>"``."""
     if isinstance(prompts, str) or not prompts:
-        raise ValueError(f"prompt_accuracy: prompts={prompts!r}, expected a non-empty sequence of prompts "
+        raise UsageError(f"prompt_accuracy: prompts={prompts!r}, expected a non-empty sequence of prompts "
                          "such as toy_eval_prompts()")
     if len(images) == 0:
-        raise ValueError("prompt_accuracy: images is empty, expected at least one image")
+        raise UsageError("prompt_accuracy: images is empty, expected at least one image")
     asked = torch.tensor([parse_toy_prompt(p) for p in prompts])
     asked = asked[torch.arange(len(images)) % len(prompts)]
     shape, colour = read_toy_images(images, batch_size, net)

@@ -23,10 +23,11 @@ from typing import Sequence
 import torch
 
 from fastgen.config import DistillConfig, config_file, load_config
+from fastgen.errors import UsageError
 from fastgen.eval.evaluate import build_metrics
 from fastgen.eval.sweep import run_sweep
-from fastgen.eval.toy_prompts import toy_eval_prompts
 from fastgen.eval.toy_fid import toy_fid
+from fastgen.eval.toy_prompts import toy_eval_prompts
 from fastgen.generate import generate, save_grid
 from fastgen.teacher import load_teacher
 from fastgen.trainer import Trainer
@@ -39,9 +40,9 @@ def run_demo(out_dir: Path, method: str = "consistency", max_steps: int | None =
              steps: Sequence[int] = (1, 2, 4, 8), teacher_steps: int = 64, seed: int = 0, teacher: str = "toy",
              guidance_scale: float = 1.0) -> list[dict]:
     if teacher not in TEACHERS:
-        raise ValueError(f"run_demo: teacher={teacher!r}, expected one of {list(TEACHERS)}")
+        raise UsageError(f"run_demo: teacher={teacher!r}, expected one of {list(TEACHERS)}")
     if guidance_scale != 1.0 and teacher != "toy-t2i":
-        raise ValueError(f"run_demo: guidance_scale={guidance_scale} needs a text-conditioned teacher; "
+        raise UsageError(f"run_demo: guidance_scale={guidance_scale} needs a text-conditioned teacher; "
                          f"teacher={teacher!r}, expected 'toy-t2i' or guidance_scale=1")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)

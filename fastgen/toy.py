@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.errors import UsageError
+
 TOY_IMAGE_SIZE = 16
 TOY_CLASSES = ("disc", "square", "triangle", "cross")
 TOY_FEATURE_CLASSES = TOY_CLASSES + ("corrupted",)
@@ -154,9 +156,9 @@ def colour_index(hue: torch.Tensor) -> torch.Tensor:
 def toy_prompt(label: int, colour: int) -> str:
     """The prompt naming shape class ``label`` in colour ``colour``: ``"a red disc"``."""
     if not 0 <= label < len(TOY_CLASSES):
-        raise ValueError(f"toy_prompt: label={label}, expected an int in [0, {len(TOY_CLASSES)})")
+        raise UsageError(f"toy_prompt: label={label}, expected an int in [0, {len(TOY_CLASSES)})")
     if not 0 <= colour < len(TOY_COLOURS):
-        raise ValueError(f"toy_prompt: colour={colour}, expected an int in [0, {len(TOY_COLOURS)})")
+        raise UsageError(f"toy_prompt: colour={colour}, expected an int in [0, {len(TOY_COLOURS)})")
     return f"a {TOY_COLOURS[colour]} {TOY_CLASSES[label]}"
 
 
@@ -164,7 +166,7 @@ def parse_toy_prompt(prompt: str) -> tuple[int, int]:
     """``(label, colour)`` of a prompt written by ``toy_prompt`` (case and surrounding spaces ignored)."""
     words = prompt.strip().lower().split()
     if len(words) != 3 or words[0] != "a" or words[1] not in TOY_COLOURS or words[2] not in TOY_CLASSES:
-        raise ValueError(f"parse_toy_prompt: prompt={prompt!r}, expected 'a <colour> <shape>' with colour in "
+        raise UsageError(f"parse_toy_prompt: prompt={prompt!r}, expected 'a <colour> <shape>' with colour in "
                          f"{TOY_COLOURS} and shape in {TOY_CLASSES}")
     return TOY_CLASSES.index(words[2]), TOY_COLOURS.index(words[1])
 
