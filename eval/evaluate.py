@@ -9,6 +9,9 @@ features are computed a single time) and handed to ``fastgen.eval.sweep.run_swee
 - ``kid`` — KID (unbiased MMD², cubic kernel) against a folder of reference images.
 - ``clip`` — CLIP score ``100 max(cos, 0)`` (and the raw mean cosine as ``clip_cosine_raw``) of the
   images against their prompts, with a local open_clip checkpoint.
+- ``prompt_acc`` — with ``--features toy``: the fraction of samples the toy feature network reads as the
+  shape and colour their toy prompt names (``fastgen.eval.toy_prompts``; also ``prompt_acc_shape`` and
+  ``prompt_acc_colour``), for the text-conditioned toy teacher and its students.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fastgen.eval.fid import frechet_distance, image_features, image_statistics
 from fastgen.eval.kid import kid
 from fastgen.eval.sweep import run_sweep
 
-METRICS = ("fid", "kid", "clip")
+METRICS = ("fid", "kid", "clip", "prompt_acc")
 FEATURES = ("inception", "toy")
 RANGE = (-1.0, 1.0)
 
@@ -93,7 +96,34 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
 
         out["clip"] = lambda images: _score(images).clip_score
         out["clip_cosine_raw"] = lambda images: _score(images).clip_cosine_raw
+    if "prompt_acc" in metrics:
+        out.update(_prompt_accuracy_metrics(features, prompts))
     return out
+
+
+def _prompt_accuracy_metrics(features: str, prompts: Sequence[str] | None) -> dict[str, Callable]:
+    """``prompt_acc`` (shape and colour), ``prompt_acc_shape`` and ``prompt_acc_colour``, sharing one pass."""
+    from fastgen.eval.toy_prompts import prompt_accuracy
+    from fastgen.toy import parse_toy_prompt
+
+    if features != "toy":
+        raise UsageError(f"--metrics prompt_acc reads toy images with the toy feature network; --features is "
+                         f"{features!r}, expected 'toy'")
+    if not prompts:
+        raise UsageError("--metrics prompt_acc needs toy prompts (--prompts-file FILE, or --prompts-file toy for "
+                         "every shape x colour): the score compares images with their prompts")
+    for prompt in prompts:
+        parse_toy_prompt(prompt)
+    last: list = [None, None]
+
+    def _score(images):
+        if last[0] is not images:
+            last[:] = [images, prompt_accuracy(images, prompts)]
+        return last[1]
+
+    return {"prompt_acc": lambda images: _score(images).joint,
+            "prompt_acc_shape": lambda images: _score(images).shape,
+            "prompt_acc_colour": lambda images: _score(images).colour}
 
 
 def _fid_reference(features: str, ref: str | None, extractor, batch_size: int):

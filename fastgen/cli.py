@@ -48,6 +48,10 @@ def int_list(text: str) -> list[int]:
 def _read_prompts(args) -> list[str] | None:
     from fastgen.data import read_prompts
 
+    if getattr(args, "prompts_file", None) == "toy":
+        from fastgen.eval.toy_prompts import toy_eval_prompts
+
+        return toy_eval_prompts()
     if getattr(args, "prompts_file", None):
         path = Path(args.prompts_file)
         if not path.is_file():
@@ -57,9 +61,9 @@ def _read_prompts(args) -> list[str] | None:
 
 
 def _model_path(model: str, flag: str = "--model") -> str:
-    """``model`` checked to exist when it is a path (not ``toy`` or a hub id ``owner/name``)."""
+    """``model`` checked to exist when it is a path (not ``toy``, ``toy-t2i`` or a hub id ``owner/name``)."""
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if model != "toy" and not looks_like_hub_id and not Path(model).expanduser().exists():
+    if model not in ("toy", "toy-t2i") and not looks_like_hub_id and not Path(model).expanduser().exists():
         raise MissingPathError(f"{flag} {model} does not exist; expected a diffusers pipeline folder")
     return model
 
@@ -86,7 +90,7 @@ def cmd_demo(args) -> int:
     check_output_path(args.out, "--out")
     torch.set_num_threads(args.threads)
     run_demo(Path(args.out), method=args.method, max_steps=args.max_steps, num_samples=args.num_samples,
-             steps=args.steps, seed=args.seed)
+             steps=args.steps, seed=args.seed, teacher=args.teacher, guidance_scale=args.guidance)
     return 0
 
 
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
     demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--teacher", choices=["toy", "toy-t2i"], default="toy",
+                      help="toy: the pixel toy teacher; toy-t2i: the text-conditioned one (default: %(default)s)")
+    demo.add_argument("--guidance", type=float, default=1.0,
+                      help="CFG scale of the toy-t2i teacher's samples, Ho-Salimans form (1 = none)")
     demo.add_argument("--threads", type=positive_int, default=1,
                       help="torch CPU threads (default 1: the toy network is too small to gain from more, and "
                            "measured 30x slower with 2 threads while another process held a core)")
@@ -202,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
                         help="default: the exported student's rule, else ddim")
     sample.add_argument("--prompt", help="one prompt for text-to-image models")
-    sample.add_argument("--prompts-file", help="a file of prompts, one per line")
+    sample.add_argument("--prompts-file", help="a file of prompts, one per line; 'toy': every shape x colour "
+                        "prompt of the toy world")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     sample.add_argument("--batch-size", type=positive_int, default=64)
     sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default with --features toy: fresh toy images)")
     evaluate.add_argument("--num-samples", type=positive_int, default=1000, help="samples per point (default: %(default)s)")
     evaluate.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["fid"],
-                          help="comma-separated: fid,kid,clip (default: fid)")
+                          help="comma-separated: fid,kid,clip,prompt_acc (default: fid)")
     evaluate.add_argument("--features", choices=["inception", "toy"], default="inception",
                           help="feature network of FID/KID (toy: the bundled toy feature network)")
     evaluate.add_argument("--teacher", help="also sweep this teacher with DDIM at the same step counts")
@@ -226,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name")
     evaluate.add_argument("--clip-weights", help="local open_clip checkpoint of --clip-model")
     evaluate.add_argument("--prompt", help="one prompt for text-to-image models")
-    evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score)")
+    evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score, "
+                          "prompt_acc); 'toy': every shape x colour prompt of the toy world")
     evaluate.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=positive_int, default=64)

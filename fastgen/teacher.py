@@ -273,7 +273,8 @@ def _refuse_pickle(folder: Path, components: dict[str, list]) -> None:
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
-    """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher) as a ``Teacher``.
+    """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher,
+    ``"toy-t2i"``: the bundled text-conditioned toy teacher) as a ``Teacher``.
 
     The folder is checked before any weights load (model index, denoiser class, scheduler family and
     prediction type). Weights must be safetensors: a component with only pickled files (``.bin``…, which
@@ -285,10 +286,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
     from fastgen.pipelines.load import is_export, load_pipeline
 
-    if str(path) == "toy":
-        from fastgen.toy import toy_teacher_path
+    if str(path) in ("toy", "toy-t2i"):
+        from fastgen.toy import toy_t2i_path, toy_teacher_path
 
-        path = toy_teacher_path()
+        path = toy_teacher_path() if str(path) == "toy" else toy_t2i_path()
     folder = Path(path).expanduser()
     absent = {}
     if is_export(folder):

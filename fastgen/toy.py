@@ -9,6 +9,11 @@ image distribution is smooth.
 ``ToyFeatureNet`` is a small CNN trained (``scripts/train_toy_teacher.py``) to tell the shape classes
 from one another and from corrupted images (noised or blurred), with an auxiliary head for the hue;
 its penultimate activations are the features of the "toy FID" (``fastgen.eval.toy_fid``).
+
+The text-to-image toy world names each image with a prompt, ``"a <colour> <shape>"`` (``toy_prompt``): the
+colour is the nearest of the six ``TOY_COLOURS`` hues, the shape its class. ``toy_tokenizer`` is the
+word-level ``CLIPTokenizer`` of that vocabulary, built offline, used by the bundled text-conditioned toy
+teacher (``toy_t2i_path``, trained by ``scripts/train_toy_t2i.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.errors import UsageError
+
 TOY_IMAGE_SIZE = 16
 TOY_CLASSES = ("disc", "square", "triangle", "cross")
 TOY_FEATURE_CLASSES = TOY_CLASSES + ("corrupted",)
@@ -30,6 +37,13 @@ SUPERSAMPLING = 4
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 TRAIN_SCRIPT = "scripts/train_toy_teacher.py"
+T2I_TRAIN_SCRIPT = "scripts/train_toy_t2i.py"
+
+TOY_COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
+"""Colour names; colour ``k`` is the hue ``k / 6`` (``colour_index`` maps a hue to the nearest one)."""
+TOY_PROMPT_LENGTH = 16
+"""Tokens per prompt of the toy tokenizer (Stable Diffusion uses 77; the toy prompts need five)."""
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def item_seed(seed: int, index: int) -> int:
@@ -134,16 +148,68 @@ class ToyShapes(torch.utils.data.Dataset):
         return torch.stack([sample_params(self.seed, i)["hue"] for i in range(self.num_images)])
 
 
+def colour_index(hue: torch.Tensor) -> torch.Tensor:
+    """Index into ``TOY_COLOURS`` of the colour nearest to each hue in [0, 1) (circular): ``round(6 hue) mod 6``."""
+    return torch.round(hue * len(TOY_COLOURS)).long() % len(TOY_COLOURS)
+
+
+def toy_prompt(label: int, colour: int) -> str:
+    """The prompt naming shape class ``label`` in colour ``colour``: ``"a red disc"``."""
+    if not 0 <= label < len(TOY_CLASSES):
+        raise UsageError(f"toy_prompt: label={label}, expected an int in [0, {len(TOY_CLASSES)})")
+    if not 0 <= colour < len(TOY_COLOURS):
+        raise UsageError(f"toy_prompt: colour={colour}, expected an int in [0, {len(TOY_COLOURS)})")
+    return f"a {TOY_COLOURS[colour]} {TOY_CLASSES[label]}"
+
+
+def parse_toy_prompt(prompt: str) -> tuple[int, int]:
+    """``(label, colour)`` of a prompt written by ``toy_prompt`` (case and surrounding spaces ignored)."""
+    words = prompt.strip().lower().split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in TOY_COLOURS or words[2] not in TOY_CLASSES:
+        raise UsageError(f"parse_toy_prompt: prompt={prompt!r}, expected 'a <colour> <shape>' with colour in "
+                         f"{TOY_COLOURS} and shape in {TOY_CLASSES}")
+    return TOY_CLASSES.index(words[2]), TOY_COLOURS.index(words[1])
+
+
+def toy_tokenizer():
+    """A word-level ``CLIPTokenizer`` of the toy vocabulary ("a", the colours, the shapes), built offline.
+
+    Each word has BPE merges that join its characters left to right into ``word</w>``; merges rank in the
+    order of the words, so an earlier word's merge can take precedence ("re" of "red" splits "green" into
+    four known pieces): every word still has its own token sequence, with no unknown token, which is all the
+    frozen random text encoder of the toy teacher needs. The bundled teacher was trained with exactly these
+    ids. Unknown words map to ``<|endoftext|>``, also the padding; ``TOY_PROMPT_LENGTH`` tokens per prompt.
+    """
+    from transformers import CLIPTokenizer
+
+    words = ("a",) + TOY_COLOURS + TOY_CLASSES
+    tokens, merges = [_BOS, _EOS], []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for piece in pieces:
+            if piece not in tokens:
+                tokens.append(piece)
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((merged, piece))
+            merged += piece
+            if merged not in tokens:
+                tokens.append(merged)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, unk_token=_EOS, bos_token=_BOS, eos_token=_EOS,
+                         pad_token=_EOS, model_max_length=TOY_PROMPT_LENGTH)
+
+
 def toy_images(n: int, size: int = TOY_IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
     """``n`` toy images (n, 3, size, size) in [-1, 1]: the first ``n`` items of ``ToyShapes(n, size, seed)``."""
     return ToyShapes(n, size, seed).tensors()[0]
 
 
-def _bundled(name: str) -> Path:
+def _bundled(name: str, script: str = TRAIN_SCRIPT) -> Path:
     path = ASSETS_DIR / name
     if not path.is_dir():
         raise FileNotFoundError(
-            f"toy asset folder {path} is missing; create it with `python {TRAIN_SCRIPT} --out-dir {ASSETS_DIR}`"
+            f"toy asset folder {path} is missing; create it with `python {script} --out-dir {ASSETS_DIR}`"
         )
     return path
 
@@ -151,6 +217,12 @@ def _bundled(name: str) -> Path:
 def toy_teacher_path() -> Path:
     """The bundled toy teacher, a diffusers ``DDPMPipeline`` folder (16x16 RGB, epsilon prediction)."""
     return _bundled("toy_teacher")
+
+
+def toy_t2i_path() -> Path:
+    """The bundled text-conditioned toy teacher, a diffusers ``StableDiffusionPipeline`` folder (16x16 RGB
+    from 4x8x8 latents, a frozen random CLIP text encoder, scaled-linear betas, epsilon prediction)."""
+    return _bundled("toy_t2i", T2I_TRAIN_SCRIPT)
 
 
 class ToyFeatureNet(nn.Module):

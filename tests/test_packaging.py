@@ -36,6 +36,9 @@ def test_bundled_toy_assets_and_presets_are_in_the_wheel(wheel_names):
     assert any(f.startswith("fastgen/configs/toy_") for f in files)
     assert any(f.endswith("toy_teacher/unet/diffusion_pytorch_model.safetensors") for f in files)
     assert any(f.startswith("fastgen/assets/toy_features/") for f in files)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "model_index.json"):
+        assert f"fastgen/assets/toy_t2i/{part}" in files, part
     for f in files:
         assert f in wheel_names, f"{f} missing from the wheel"
 
