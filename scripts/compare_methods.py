@@ -6,23 +6,22 @@ steps, beside the teacher's DDIM at the same number of network evaluations.
     python scripts/compare_methods.py --teacher toy-t2i --guidance 3 --out-dir docs/toy_t2i
 
 For every objective in ``fastgen.losses.OBJECTIVES`` and every step count ``n`` in ``--steps``, one student is
-trained for ``n`` steps (``student.num_steps = n`` at the objective's default timesteps): neither registered
-objective serves several step counts from one training (progressive halves its teacher's steps down to ``n``
-and exports that count only; consistency trains and exports the ``n`` timesteps of LCM's choice), so each
-``(method, n)`` is its own run. Every run has the same budget: ``--max-steps`` optimiser steps at
-``--batch-size``, ``--lr``, ``--seed``, the trainer's other defaults (AdamW, grad clip 1, EMA 0.999) and the
-objectives' default settings (progressive: start at 64 teacher steps, max_steps split evenly over the
-halvings; consistency: LCM's 50-point skip grid, pseudo-Huber, target EMA 0.95), on the same data: ``teacher``
-(``--teacher-samples`` DDIM samples of the teacher, ``--teacher-sample-steps`` steps, generated once and
-shared by all runs).
+trained for ``n`` steps (``student.num_steps = n``), each ``(method, n)`` its own run. A run starts from the
+method's toy preset (``fastgen/configs/toy_<method>.yaml``: its learning rate, batch, data, EMA and objective
+settings; the preset's timesteps only at its own step count, else the objective's defaults) and has the same
+budget as every other: ``--max-steps`` optimiser steps, ``--seed``; ``--batch-size`` and ``--lr`` override
+every preset when given. A method without a preset runs on the trainer's defaults. Data: the preset's (the toy
+world's images for ``toy_dmd2``), else ``teacher`` (``--teacher-samples`` DDIM samples of the teacher,
+``--teacher-sample-steps`` steps, generated once and shared by all runs).
 
 Each student is exported (EMA weights, ``Trainer.export``) and sampled with ``fastgen.generate.generate``
 (its ``FewStepScheduler``: trained timesteps and rule); the teacher with DDIM at ``n`` steps from the same
 noise. Both are scored with ``fastgen.eval.toy_fid.toy_fid`` on ``--num-samples`` images against 5,000 fresh
 toy images. With a text-conditioned toy teacher (``--teacher toy-t2i``) student and teacher are sampled on the
 toy evaluation prompts (every shape x colour, ``fastgen.eval.toy_prompts``), the teacher with ``--guidance``,
-and the tables add prompt accuracy (shape and colour both right); the training data are still the teacher's
-samples of the empty prompt (what ``data: teacher`` draws). Training wall time is that of ``Trainer.fit()``
+and the tables add prompt accuracy (shape and colour both right); runs on teacher samples or data-free draw
+them on those prompts (``prompts``), and objectives with a ``guidance_scale`` (the DMD family) guide the teacher
+by ``--guidance``. Training wall time is that of ``Trainer.fit()``
 (the loop and its final checkpoint; not the teacher loading, data cache, export or evaluation). Writes
 ``compare_methods.md`` (Markdown table) and ``compare_methods.csv`` to ``--out-dir``; run folders go to
 ``--work-dir``, each replaced by a new run.
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fastgen.cli import int_list
-from fastgen.config import DistillConfig, config_from_dict
+from fastgen.config import PRESETS_DIR, DistillConfig, config_from_dict, config_to_dict, load_config
 from fastgen.eval.toy_fid import toy_fid
 from fastgen.eval.toy_prompts import prompt_accuracy, toy_eval_prompts
 from fastgen.generate import generate
@@ -47,7 +46,8 @@ from fastgen.losses import OBJECTIVES
 from fastgen.teacher import load_teacher
 from fastgen.trainer import Trainer
 
-COLUMNS = ("method", "steps", "student_toy_fid", "teacher_ddim_toy_fid", "train_wall_s", "max_steps", "batch_size")
+COLUMNS = ("method", "steps", "student_toy_fid", "teacher_ddim_toy_fid", "train_wall_s", "max_steps", "batch_size",
+           "lr", "data")
 PROMPT_COLUMNS = ("student_prompt_acc", "teacher_ddim_prompt_acc")
 
 
@@ -62,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int_list, default=[1, 2, 4],
                    help="student step counts, one training each (default: 1,2,4)")
     p.add_argument("--max-steps", type=int, default=500, help="training steps of every run (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size (default: the method's toy preset's, else the trainer's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the method's toy preset's, else the trainer's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run and of the sampling noise (default: %(default)s)")
     p.add_argument("--teacher-samples", type=int, default=1024,
                    help="teacher DDIM samples used as training data (default: %(default)s)")
@@ -78,23 +80,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def distill(args, method: str, steps: int) -> tuple[Path, float]:
-    """Train one student; return its export folder and the wall time of ``fit()``."""
+def run_config(args, method: str, steps: int, run_dir: Path, prompts_file: Path | None) -> DistillConfig:
+    """The method's toy preset (``toy_<method>.yaml``, when there is one) under the comparison's budget: the
+    teacher, ``--max-steps``, ``student.num_steps = steps`` (the preset's timesteps only at its own step
+    count), ``--batch-size``/``--lr`` when given, the preset's data or ``teacher`` samples; a text teacher's
+    runs are conditioned on the toy prompts (``prompts`` for teacher samples and data-free runs) and a DMD-family
+    teacher is guided by ``--guidance``."""
+    tree = {}
+    if (PRESETS_DIR / f"toy_{method}.yaml").is_file():
+        tree = config_to_dict(load_config(DistillConfig, PRESETS_DIR / f"toy_{method}.yaml"))
+    student = tree.get("student", {})
+    if student.get("num_steps") != steps:
+        student["timesteps"] = None
+    train = {**tree.get("train", {}), "max_steps": args.max_steps, "log_every": 50}
+    for key in ("batch_size", "lr"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    objective = dict(tree.get("objective", {}))
+    if prompts_file is not None and "guidance_scale" in getattr(OBJECTIVES[method].Config, "__dataclass_fields__", {}):
+        objective["guidance_scale"] = args.guidance
+    data = tree.get("data") or "teacher"
+    if prompts_file is not None:  # a text teacher: its own guided samples of the toy prompts (the toy images are pixels)
+        data = "teacher"
+    return config_from_dict(DistillConfig, {
+        **tree, "teacher": args.teacher, "method": method, "output": str(run_dir), "seed": args.seed, "data": data,
+        "prompts": str(prompts_file) if prompts_file is not None else None,
+        "teacher_sample_guidance": args.guidance if prompts_file is not None else 1.0,
+        "teacher_samples": args.teacher_samples, "teacher_sample_steps": args.teacher_sample_steps,
+        "student": {**student, "num_steps": steps}, "train": train, "objective": objective,
+    })
+
+
+def distill(args, method: str, steps: int, prompts_file: Path | None) -> tuple[Path, float, DistillConfig]:
+    """Train one student; return its export folder, the wall time of ``fit()`` and its config."""
     run_dir = args.work_dir / f"{method}-{steps}step"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "cache").symlink_to((args.work_dir / "cache").absolute(), target_is_directory=True)
-    config = config_from_dict(DistillConfig, {
-        "teacher": args.teacher, "method": method, "output": str(run_dir), "data": "teacher", "seed": args.seed,
-        "teacher_samples": args.teacher_samples, "teacher_sample_steps": args.teacher_sample_steps,
-        "student": {"num_steps": steps},
-        "train": {"max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "log_every": 50},
-    })
+    config = run_config(args, method, steps, run_dir, prompts_file)
     trainer = Trainer(config)
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
-    return trainer.export(run_dir / "export"), wall
+    return trainer.export(run_dir / "export"), wall, config
 
 
 def write_tables(rows: list[dict], args) -> None:
@@ -104,20 +132,22 @@ def write_tables(rows: list[dict], args) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + (PROMPT_COLUMNS if prompted else ()), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Teacher `{args.teacher}`; every run {args.max_steps} training steps, batch {args.batch_size}, lr {args.lr:g}, "
-             f"seed {args.seed}, on {args.teacher_samples} teacher DDIM samples ({args.teacher_sample_steps} steps), "
-             f"{args.threads} torch thread(s); toy FID of {args.num_samples} samples against 5,000 toy images. "
-             "Written by `scripts/compare_methods.py`.", "",
+    lines = [f"Teacher `{args.teacher}`; every run {args.max_steps} training steps at its toy preset's settings "
+             f"(batch, lr, data below), seed {args.seed}; teacher samples: {args.teacher_samples} DDIM samples "
+             f"({args.teacher_sample_steps} steps); {args.threads} torch thread(s); toy FID of {args.num_samples} "
+             "samples against 5,000 toy images. Written by `scripts/compare_methods.py`.", "",
              "| method | student steps (= NFE) | student toy FID | teacher DDIM toy FID, same NFE | "
-             "training wall time (s) |" + (" student prompt acc. | teacher prompt acc. |" if prompted else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|---:|" if prompted else "")]
+             "training wall time (s) | batch | lr | data |"
+             + (" student prompt acc. | teacher prompt acc. |" if prompted else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if prompted else "")]
     lines += [f"| {r['method']} | {r['steps']} | {r['student_toy_fid']:.2f} | {r['teacher_ddim_toy_fid']:.2f} | "
-              f"{r['train_wall_s']:.0f} |"
+              f"{r['train_wall_s']:.0f} | {r['batch_size']} | {r['lr']:g} | {r['data']} |"
               + (f" {r['student_prompt_acc']:.3f} | {r['teacher_ddim_prompt_acc']:.3f} |" if prompted else "")
               for r in rows]
     if prompted:
         lines += ["", f"Samples on the {len(toy_eval_prompts())} toy prompts; teacher guidance {args.guidance:g}, "
-                  "students unguided; prompt accuracy: shape and colour both as prompted."]
+                  "students sampled without guidance (the DMD family learns the guided teacher: its `guidance_scale` is "
+                  "--guidance); prompt accuracy: shape and colour both as prompted."]
     (args.out_dir / "compare_methods.md").write_text("\n".join(lines) + "\n")
 
 
@@ -133,15 +163,20 @@ def main(argv=None) -> None:
                                   guidance_scale=args.guidance) for n in args.steps}
     teacher_fid = {n: toy_fid(images) for n, images in teacher_images.items()}
     teacher_acc = {n: prompt_accuracy(images, prompts).joint for n, images in teacher_images.items()} if prompts else {}
+    prompts_file = None
+    if prompts:
+        prompts_file = args.work_dir / "toy_prompts.txt"
+        prompts_file.write_text("\n".join(toy_eval_prompts()) + "\n")
     rows = []
     for method in args.methods.split(","):
         for n in args.steps:
-            export, wall = distill(args, method, n)
+            export, wall, config = distill(args, method, n, prompts_file)
             student_images = generate(load_teacher(export), args.num_samples, n, seed=args.seed, prompts=prompts)
             student_fid = toy_fid(student_images)
             rows.append({"method": method, "steps": n, "student_toy_fid": round(student_fid, 3),
                          "teacher_ddim_toy_fid": round(teacher_fid[n], 3), "train_wall_s": round(wall, 1),
-                         "max_steps": args.max_steps, "batch_size": args.batch_size})
+                         "max_steps": args.max_steps, "batch_size": config.train.batch_size,
+                         "lr": config.train.lr, "data": config.data})
             if prompts:
                 rows[-1].update(student_prompt_acc=round(prompt_accuracy(student_images, prompts).joint, 4),
                                 teacher_ddim_prompt_acc=round(teacher_acc[n], 4))
