@@ -91,6 +91,7 @@ class TeacherSpec:
     scheduler_config: dict
     pipeline_config: dict
     latent_factor: int  # pixels per latent (1 for pixel teachers)
+    others: dict = field(default_factory=dict)  # component -> (library, class, config) of the VAE, text encoders
 
     @classmethod
     def read(cls, source: str | Path) -> TeacherSpec:
@@ -109,8 +110,31 @@ class TeacherSpec:
         if (folder / "vae" / "config.json").is_file():
             vae = json.loads((folder / "vae" / "config.json").read_text())
             factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        others = {}
+        for name, entry in index.items():
+            if (isinstance(entry, list) and entry[0] in ("diffusers", "transformers") and name != component
+                    and (folder / name / "config.json").is_file()):
+                others[name] = (entry[0], entry[1], json.loads((folder / name / "config.json").read_text()))
         return cls(folder, component, model_class, model_config, index["scheduler"][1], scheduler_config,
-                   {k: v for k, v in index.items() if k.startswith("force_")}, factor)
+                   {k: v for k, v in index.items() if k.startswith("force_")}, factor, others)
+
+    def component_parameters(self) -> dict[str, int]:
+        """Parameters of the pipeline's other networks (VAE, text encoders), counted on the ``meta`` device:
+        the trainer's teacher pipeline holds them on the device at the run's precision."""
+        import diffusers
+        import transformers
+
+        counts = {}
+        for name, (library, class_name, config) in self.others.items():
+            with torch.device("meta"):
+                if library == "diffusers":
+                    model = getattr(diffusers, class_name).from_config(config)
+                else:
+                    model_class = getattr(transformers, class_name)
+                    model = model_class(model_class.config_class.from_dict(config))
+            counts[name] = sum(p.numel() for p in model.parameters())
+        return counts
+
 
     def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         """``(C, H, W)`` the denoiser sees at ``resolution`` pixels (default: the config's sample size)."""
@@ -133,7 +157,7 @@ def build_network(source: str | Path, device: str | torch.device | None = None,
     cls = getattr(diffusers, spec.model_class)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = cls.from_config(spec.model_config)
-    return model.to(dtype)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def count_parameters(source: str | Path) -> int:
@@ -188,7 +212,7 @@ class LiveBytes(TorchDispatchMode):
         self.live[key] = storage.nbytes()
         self.now += self.live[key]
         self.peak = max(self.peak, self.now)
-        weakref.finalize(storage, self._free, key)
+        weakref.finalize(storage, self._free, key).atexit = False
 
     def _free(self, key: int) -> None:
         self.now -= self.live.pop(key, 0)
@@ -258,6 +282,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     shape = spec.sample_shape(resolution)
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
+    _real_timesteps(schedule)
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode):
         full = build_network(spec.folder)
@@ -316,10 +341,13 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     peak_phase = max(phase_peaks, key=phase_peaks.get)
     saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
     other = static - sum(r[2] for r in rows) - int(saved)  # buffers, the batch, step counters
-    rows = [r for r in rows if r[2] > 0] + [("batch, buffers", "other", other)]
-    rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))
-    total = phase_peaks[peak_phase] - int(saved)
-    parameters = {"teacher": sum(p.numel() for p in base),
+    components = spec.component_parameters()
+    element = torch.tensor([], dtype=weight_dtype).element_size()
+    rows = ([r for r in rows if r[2] > 0] + [(name, "weights", n * element) for name, n in components.items()]
+            + [("batch, buffers", "other", other)])
+    rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries
+    total = phase_peaks[peak_phase] - int(saved) + sum(components.values()) * element
+    parameters = {"teacher": sum(p.numel() for p in base), **components,
                   **{name: sum(p.numel() for p in trainable[name]) for name in nets}}
     settings = {"teacher": str(config.teacher), "method": config.method, "sample_shape": list(shape),
                 "batch_size": t.batch_size, "mixed_precision": t.mixed_precision,
@@ -327,6 +355,19 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
                 "objective.fake_lora_rank": dict(config.objective).get("fake_lora_rank", 0),
                 "ema_decay": t.ema_decay, "optimizer": optimizer, "device": device}
     return Estimate(rows, parameters, int(total), peak_phase, settings)
+
+
+def _real_timesteps(schedule) -> None:
+    """Objectives read their default timestep grid's values (``.tolist()``): computed on real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    grid = schedule.timesteps
+
+    def timesteps(*args, **kwargs):
+        with unset_fake_temporarily():
+            return grid(*args, **kwargs)
+
+    schedule.timesteps = timesteps
 
 
 @contextlib.contextmanager
@@ -494,5 +535,6 @@ def format_table(est: Estimate, budget: int | None = None) -> str:
             fitting = sorted((n, k) for k, n in est.modes.items() if n <= budget)
             lines.append(f"over the budget of {human(budget)} by {human(est.total_bytes - budget)}; " + (
                 f"these settings fit: {fitting[-1][1]} ({human(fitting[-1][0])}, the largest that fits)"
-                if fitting else "no mode fits: lower train.batch_size or the resolution, or use bf16"))
+                if fitting else ("no mode fits: lower train.batch_size or the resolution" if est.modes
+                                 else "run with --modes to see which settings fit")))
     return "\n".join(lines)
