@@ -173,7 +173,7 @@ def cmd_estimate(args) -> int:
     try:
         budget = parse_bytes(args.budget) if args.budget else None
     except ValueError as err:
-        raise SystemExit(f"error: --{err}") from None
+        raise UsageError(f"--budget: {err}") from None
     est = estimate_memory(config, args.resolution, device=args.device, optimizer=args.optimizer)
     if args.modes:
         est.modes = estimate_modes(config, args.resolution, device=args.device, optimizer=args.optimizer)
@@ -188,9 +188,9 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-def add_estimate_parser(sub) -> None:
+def add_estimate_parser(sub, parents=()) -> None:
     estimate = sub.add_parser(
-        "estimate", help="expected peak memory per device of a `distill` run, before anything is allocated",
+        "estimate", parents=list(parents), help="expected peak memory per device of a `distill` run, before anything is allocated",
         description="Expected peak memory per device of `fastgen distill` with the same arguments, broken down per "
         "network (weights, gradients, optimizer states, EMA) plus the activations of one micro-batch, and the "
         "memory modes side by side (full or LoRA fake score, gradient checkpointing, LoRA student). One training "
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the EMA weights (default) or the raw ones")
     export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
     export.set_defaults(func=cmd_export)
-    add_estimate_parser(sub)
+    add_estimate_parser(sub, [debug])
     return parser
 
 

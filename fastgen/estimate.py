@@ -282,9 +282,8 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
     shape = spec.sample_shape(resolution)
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
-    _real_timesteps(schedule)
     tracker = LiveBytes()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode), _real_timesteps(config.method):
         full = build_network(spec.folder)
         teacher = ConfigTeacher(spec, full if weight_dtype == torch.float32 else
                                 copy.deepcopy(full).to(weight_dtype), shape, schedule)
@@ -357,17 +356,29 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     return Estimate(rows, parameters, int(total), peak_phase, settings)
 
 
-def _real_timesteps(schedule) -> None:
-    """Objectives read their default timestep grid's values (``.tolist()``): computed on real tensors."""
+@contextlib.contextmanager
+def _real_timesteps(method: str):
+    """Objectives read their default timesteps' values (``.tolist()``, ``float``): computed on real tensors."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    grid = schedule.timesteps
+    from fastgen.losses import OBJECTIVES
 
-    def timesteps(*args, **kwargs):
+    cls = OBJECTIVES[method]
+    original = cls.__dict__.get("default_timesteps")
+    inherited = cls.default_timesteps
+
+    def default_timesteps(self, *args, **kwargs):
         with unset_fake_temporarily():
-            return grid(*args, **kwargs)
+            return inherited(self, *args, **kwargs)
 
-    schedule.timesteps = timesteps
+    cls.default_timesteps = default_timesteps
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.default_timesteps
+        else:
+            cls.default_timesteps = original
 
 
 @contextlib.contextmanager
