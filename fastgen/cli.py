@@ -1,4 +1,4 @@
-"""The ``fastgen`` command: ``demo``, ``distill``, ``sample``, ``eval``, ``export``.
+"""The ``fastgen`` command: ``demo``, ``distill``, ``sample``, ``eval``, ``export``, ``estimate``.
 
 A mistake in the input (a path, a file, a flag, a config value, a missing optional package) prints one line,
 ``error: <message>``, on stderr and exits with status 2 for usage errors (as argparse does) or 1 otherwise;
@@ -158,6 +158,65 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# -- estimate (self-contained block) ---------------------------------------------------------------------------
+
+
+def cmd_estimate(args) -> int:
+    import json
+
+    from fastgen.config import DistillConfig, config_file, load_config
+    from fastgen.estimate import estimate_memory, estimate_modes, format_table, parse_bytes
+
+    flags = {"teacher": args.teacher, "method": args.method, "train.batch_size": args.batch_size}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
+    try:
+        budget = parse_bytes(args.budget) if args.budget else None
+    except ValueError as err:
+        raise UsageError(f"--budget: {err}") from None
+    est = estimate_memory(config, args.resolution, device=args.device, optimizer=args.optimizer)
+    if args.modes:
+        est.modes = estimate_modes(config, args.resolution, device=args.device, optimizer=args.optimizer)
+    if args.json:
+        out = est.to_json()
+        if budget is not None:
+            out["budget_bytes"] = budget
+            out["fits"] = {key: n <= budget for key, n in est.modes.items()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(est, budget))
+    return 0
+
+
+def add_estimate_parser(sub, parents=()) -> None:
+    estimate = sub.add_parser(
+        "estimate", parents=list(parents), help="expected peak memory per device of a `distill` run, before anything is allocated",
+        description="Expected peak memory per device of `fastgen distill` with the same arguments, broken down per "
+        "network (weights, gradients, optimizer states, EMA) plus the activations of one micro-batch, and the "
+        "memory modes side by side (full or LoRA fake score, gradient checkpointing, LoRA student). One training "
+        "step is simulated on fake tensors (no memory, no weights: --teacher may be a folder without weights or "
+        "one of the bundled real-size configs sd15, sdxl, sd3-medium); the activations are simulated, not "
+        "modelled. Add the CUDA context and allocator slack (~0.5-1 GiB) on a GPU.")
+    estimate.add_argument("--teacher", help="teacher diffusers folder (only its configs are read), or sd15, sdxl, "
+                          "sd3-medium, toy")
+    estimate.add_argument("--method", help="objective, as for distill")
+    estimate.add_argument("--config", help="YAML file or preset name, as for distill")
+    estimate.add_argument("--resolution", type=int, help="student resolution in pixels (default: the teacher's)")
+    estimate.add_argument("--batch-size", type=int, help="micro-batch per device (train.batch_size)")
+    estimate.add_argument("--budget", help="device memory, e.g. 24GiB or 80GB: says which modes fit")
+    estimate.add_argument("--optimizer", choices=["adamw", "fused", "8bit"], default="adamw",
+                          help="adamw: the trainer's torch AdamW (foreach on CUDA); fused: fused=True; 8bit: a "
+                          "what-if with 1-byte states (bitsandbytes), not built into the trainer")
+    estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                          help="the device the run will use (the optimizer's implementation differs)")
+    estimate.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,
+                          help="also estimate every memory mode (up to 8 more simulations; --no-modes skips them)")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object (parameters, total_bytes, "
+                          "rows, modes) instead of the table")
+    estimate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distill")
+    estimate.set_defaults(func=cmd_estimate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastgen", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", default=False,
@@ -250,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export the EMA weights (default) or the raw ones")
     export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
     export.set_defaults(func=cmd_export)
+    add_estimate_parser(sub, [debug])
     return parser
 
 

@@ -1,0 +1,551 @@
+"""Peak training memory per device, before anything is allocated (``fastgen estimate``).
+
+**How.** One training step of the run is *simulated* on fake tensors (``torch._subclasses.FakeTensorMode``:
+shapes, dtypes and storages, no data, no memory): the teacher, student and the objective's networks are
+built from the teacher's diffusers configs exactly as the trainer builds them (``make_student``,
+``NetworkFactory``, ``build_objective``), every trainable parameter is given its gradient and optimizer
+state (the steady state: the trainer's phases set their own gradients to ``None`` only at their start, so
+the student's gradients stay alive through the critic phase and the other way round), and then every
+phase of the objective runs once as ``Trainer._train_step`` runs it: ownership of the phase's networks,
+autocast at the run's precision, ``loss``, ``backward``, gradient clipping, the optimizer step and the
+student's EMA. A dispatch mode counts the bytes of every live storage (a storage counts from the op that
+made it until its last tensor dies), so the peak includes what activations autograd saves, gradient
+checkpointing's recomputation, the attention kernel's own buffers and the optimizer's temporaries. The
+activations are therefore *simulated* at the real size, not measured on a small batch nor modelled.
+
+Limits: the simulation runs PyTorch's CPU kernels' bookkeeping (autocast's CPU casting rules and CPU
+SDPA, a flash kernel that saves O(tokens) like CUDA's), so on a GPU expect a few per cent more: the CUDA
+caching allocator's fragmentation and workspaces (cuBLAS, cuDNN) and the CUDA context (≈ 0.5 GiB) are not
+in it. The trainer's AdamW uses the foreach implementation on CUDA (one temporary of the phase's
+parameters' size in its step) and the per-tensor loop on the CPU; ``device="cuda"`` or ``"cpu"`` selects
+which is simulated. Host RAM at start-up also holds the float32 teacher the copies are made from; that is
+not device memory on a GPU and is not counted. ``optimizer="8bit"`` (bitsandbytes' AdamW8bit, 1 byte per
+state) is a what-if: its states are scaled from AdamW's, the trainer builds ``torch.optim.AdamW``.
+
+Checked in ``tests/test_estimate.py`` against the peak of live tensor bytes of real tiny runs on the CPU
+(``torch.profiler``'s allocator events).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import math
+import re
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastgen.config import DistillConfig, config_from_dict, config_to_dict
+from fastgen.data import Batch
+from fastgen.denoiser import Denoiser
+from fastgen.schedules import schedule_from_config
+from fastgen.teacher import DENOISER_COMPONENTS, SUPPORTED_MODELS, Teacher
+
+REAL_SIZE = ("sd15", "sdxl", "sd3-medium")
+"""Bundled diffusers configs (no weights) of real-size networks: SD1.5's UNet (859.5 M parameters), SDXL's
+(2.57 B) and an SD3-medium transformer (2.03 B), as published with the models."""
+OPTIMIZERS = ("adamw", "fused", "8bit")
+KINDS = ("weights", "gradients", "optimizer", "ema", "activations")
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def real_size_folder(name: str) -> Path:
+    """The folder of a bundled real-size config (``sd15``, ``sdxl``, ``sd3-medium``)."""
+    if name not in REAL_SIZE:
+        raise ValueError(f"real-size config {name!r} is unknown; expected one of {list(REAL_SIZE)}")
+    return Path(__file__).parent / "assets" / "real_size" / name
+
+
+def _folder(source: str | Path) -> Path:
+    if str(source) in REAL_SIZE:
+        return real_size_folder(str(source))
+    if str(source) == "toy":
+        from fastgen.toy import toy_teacher_path
+
+        return Path(toy_teacher_path())
+    folder = Path(source).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"teacher {source}: no model_index.json; expected a diffusers pipeline folder or one "
+                                f"of {list(REAL_SIZE)}")
+    return folder
+
+
+@dataclass
+class TeacherSpec:
+    """What a teacher folder's configs say, read without loading any weights."""
+
+    folder: Path
+    component: str
+    model_class: str
+    model_config: dict
+    scheduler_class: str
+    scheduler_config: dict
+    pipeline_config: dict
+    latent_factor: int  # pixels per latent (1 for pixel teachers)
+    others: dict = field(default_factory=dict)  # component -> (library, class, config) of the VAE, text encoders
+
+    @classmethod
+    def read(cls, source: str | Path) -> TeacherSpec:
+        folder = _folder(source)
+        index = json.loads((folder / "model_index.json").read_text())
+        component = next((c for c in DENOISER_COMPONENTS if c in index), None)
+        if component is None:
+            raise ValueError(f"teacher {folder}: model_index.json names no {' or '.join(DENOISER_COMPONENTS)}")
+        model_class = index[component][1]
+        if model_class not in SUPPORTED_MODELS:
+            raise ValueError(f"teacher {folder}: denoiser class {model_class!r} is not supported; expected one of "
+                             f"{list(SUPPORTED_MODELS)}")
+        model_config = json.loads((folder / component / "config.json").read_text())
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        factor = 1
+        if (folder / "vae" / "config.json").is_file():
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+            factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        others = {}
+        for name, entry in index.items():
+            if (isinstance(entry, list) and entry[0] in ("diffusers", "transformers") and name != component
+                    and (folder / name / "config.json").is_file()):
+                others[name] = (entry[0], entry[1], json.loads((folder / name / "config.json").read_text()))
+        return cls(folder, component, model_class, model_config, index["scheduler"][1], scheduler_config,
+                   {k: v for k, v in index.items() if k.startswith("force_")}, factor, others)
+
+    def component_parameters(self) -> dict[str, int]:
+        """Parameters of the pipeline's other networks (VAE, text encoders), counted on the ``meta`` device:
+        the trainer's teacher pipeline holds them on the device at the run's precision."""
+        import diffusers
+        import transformers
+
+        counts = {}
+        for name, (library, class_name, config) in self.others.items():
+            with torch.device("meta"):
+                if library == "diffusers":
+                    model = getattr(diffusers, class_name).from_config(config)
+                else:
+                    model_class = getattr(transformers, class_name)
+                    model = model_class(model_class.config_class.from_dict(config))
+            counts[name] = sum(p.numel() for p in model.parameters())
+        return counts
+
+
+    def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        """``(C, H, W)`` the denoiser sees at ``resolution`` pixels (default: the config's sample size)."""
+        size = self.model_config.get("sample_size", 64)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if resolution is not None:
+            if resolution % self.latent_factor:
+                raise ValueError(f"resolution is {resolution}; expected a multiple of {self.latent_factor} (the "
+                                 "VAE's downsampling factor)")
+            h = w = resolution // self.latent_factor
+        return int(self.model_config["in_channels"]), h, w
+
+
+def build_network(source: str | Path, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The teacher's denoiser from its config with random weights (``device="meta"``: no memory at all)."""
+    import diffusers
+
+    spec = TeacherSpec.read(source)
+    cls = getattr(diffusers, spec.model_class)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = cls.from_config(spec.model_config)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def count_parameters(source: str | Path) -> int:
+    """Parameters of the teacher's denoiser, counted on the ``meta`` device."""
+    return sum(p.numel() for p in build_network(source, "meta").parameters())
+
+
+class ConfigTeacher(Teacher):
+    """A ``Teacher`` built from configs alone: text conditions are zeros of the encoders' output shapes."""
+
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, shape: tuple[int, int, int], schedule=None):
+        schedule = schedule or schedule_from_config(spec.scheduler_config, spec.scheduler_class)
+        pipeline = SimpleNamespace(components={spec.component: model}, config=spec.pipeline_config, vae=None)
+        super().__init__(pipeline=pipeline, denoiser=Denoiser(model, schedule), schedule=schedule,
+                         source=str(spec.folder))
+        self.spec = spec
+        self._shape = shape
+
+    @property
+    def sample_shape(self):
+        return self._shape
+
+    def encode_prompts(self, prompts):
+        n, cfg = len(prompts), self.spec.model_config
+        if self.spec.model_class == "SD3Transformer2DModel":  # 77 CLIP + 256 T5 tokens, as the SD3 pipeline
+            return {"encoder_hidden_states": torch.zeros(n, 333, cfg["joint_attention_dim"]),
+                    "pooled_projections": torch.zeros(n, cfg["pooled_projection_dim"])}
+        embeds = torch.zeros(n, 77, cfg["cross_attention_dim"])
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size/crop ids
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            return {"encoder_hidden_states": embeds,
+                    "added_cond_kwargs": {"text_embeds": torch.zeros(n, pooled), "time_ids": torch.zeros(n, 6)}}
+        return {"encoder_hidden_states": embeds}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live storages: a storage counts from the op that made it (or ``track``) until its
+    last tensor is freed. ``.item()``-like reads of fake tensors, which hold no values, answer True for a bool (a
+    finiteness check), 0 for an integer (a drawn step index) and 1.0 for a float (an optimizer's step count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.now += self.live[key]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, key).atexit = False
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 0)
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value)
+        return out
+
+
+@dataclass
+class Estimate:
+    """Expected peak memory of one device; ``rows``: ``(network, kind, bytes)``."""
+
+    rows: list[tuple[str, str, int]]
+    parameters: dict[str, int]
+    total_bytes: int
+    peak_phase: str
+    settings: dict
+    modes: dict[str, int] = field(default_factory=dict)
+    activations: str = "simulated"
+
+    def to_json(self) -> dict:
+        return {"parameters": self.parameters, "total_bytes": self.total_bytes,
+                "rows": [{"network": n, "kind": k, "bytes": b} for n, k, b in self.rows],
+                "peak_phase": self.peak_phase, "activations": self.activations, "settings": self.settings,
+                "modes": self.modes}
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
+def estimate_memory(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
+                    optimizer: str = "adamw") -> Estimate:
+    """Expected peak memory per device of ``Trainer(config)`` (one process), at ``resolution`` pixels
+    (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastgen.losses import build_objective
+    from fastgen.networks import NetworkFactory, configure_network, trainable_parameters
+    from fastgen.trainer import make_student, student_schedule
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer is {optimizer!r}; expected one of {list(OPTIMIZERS)}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device is {device!r}; expected 'cuda' or 'cpu'")
+    config.validate()
+    if config.student.experts != 1:
+        raise ValueError(f"student.experts is {config.student.experts}; the estimate covers one student network (1)")
+    spec = TeacherSpec.read(config.teacher)
+    t = config.train
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    shape = spec.sample_shape(resolution)
+    schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
+    tracker = LiveBytes()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode), _real_timesteps(config.method):
+        full = build_network(spec.folder)
+        teacher = ConfigTeacher(spec, full if weight_dtype == torch.float32 else
+                                copy.deepcopy(full).to(weight_dtype), shape, schedule)
+        teacher.model.requires_grad_(False).eval()
+        model = make_student(full, config)
+        configure_network(model, t.attention if t.attention != "xformers" else "sdpa", t.gradient_checkpointing)
+        student = Denoiser(model, student_schedule(teacher.schedule, config.student.prediction_type))
+        factory = NetworkFactory(teacher, "sdpa" if t.attention == "xformers" else t.attention,
+                                 t.gradient_checkpointing, source=full)
+        objective = build_objective(config.method, teacher, student, config.objective, config.student.num_steps,
+                                    config.student.timesteps, t.max_steps, factory=factory)
+        del full, factory, model
+        nets = {"student": student, **objective.networks()}
+        trainable = {name: trainable_parameters(attr) for name, attr in nets.items()}
+        owned_ids = {id(p) for ps in trainable.values() for p in ps}
+        base = [p for p in teacher.model.parameters() if id(p) not in owned_ids]
+        frozen = {"teacher": base, **{name: [p for p in _module(attr).parameters() if id(p) not in owned_ids
+                                             and all(p is not q for q in base)]
+                                      for name, attr in nets.items()}}
+        for params in trainable.values():
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        optimizers = {}
+        for phase in objective.phases():
+            params = [p for n in _owned(phase, nets) for p in trainable[n]]
+            kwargs = {"fused": True} if optimizer == "fused" else {"foreach": device == "cuda"}
+            optimizers[phase.name] = opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
+            opt.step()  # allocates the states
+        ema = None
+        if t.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(trainable["student"], decay=t.ema_decay, foreach=True)
+        batch = _batch(teacher, objective, t.batch_size, shape)
+        state_bytes = {name: _bytes(s for p in trainable[name] for opt in optimizers.values()
+                                    for s in opt.state.get(p, {}).values() if s.dim() > 0) for name in nets}
+        rows = [("teacher", "weights", _bytes(base))]
+        for name in nets:
+            rows.append((name, "weights", _bytes(trainable[name] + frozen[name])))
+        rows += [(name, "gradients", _bytes(p.grad for p in trainable[name])) for name in nets]
+        scale = 0.25 if optimizer == "8bit" else 1.0
+        rows += [(name, "optimizer", int(state_bytes[name] * scale)) for name in nets]
+        if ema is not None:
+            rows.append(("student", "ema", _bytes(ema.shadow_params)))
+        for tensor in _live_tensors(teacher, nets, optimizers, ema, batch):
+            tracker.track(tensor)
+        static = tracker.now
+        phase_peaks = {}
+        with tracker:
+            for phase in objective.phases():
+                tracker.reset_peak()
+                _phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, weight_dtype)
+                phase_peaks[phase.name] = tracker.peak
+    peak_phase = max(phase_peaks, key=phase_peaks.get)
+    saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
+    other = static - sum(r[2] for r in rows) - int(saved)  # buffers, the batch, step counters
+    components = spec.component_parameters()
+    element = torch.tensor([], dtype=weight_dtype).element_size()
+    rows = ([r for r in rows if r[2] > 0] + [(name, "weights", n * element) for name, n in components.items()]
+            + [("batch, buffers", "other", other)])
+    rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries
+    total = phase_peaks[peak_phase] - int(saved) + sum(components.values()) * element
+    parameters = {"teacher": sum(p.numel() for p in base), **components,
+                  **{name: sum(p.numel() for p in trainable[name]) for name in nets}}
+    settings = {"teacher": str(config.teacher), "method": config.method, "sample_shape": list(shape),
+                "batch_size": t.batch_size, "mixed_precision": t.mixed_precision,
+                "gradient_checkpointing": t.gradient_checkpointing, "student.lora_rank": config.student.lora_rank,
+                "objective.fake_lora_rank": dict(config.objective).get("fake_lora_rank", 0),
+                "ema_decay": t.ema_decay, "optimizer": optimizer, "device": device}
+    return Estimate(rows, parameters, int(total), peak_phase, settings)
+
+
+@contextlib.contextmanager
+def _real_timesteps(method: str):
+    """Objectives read their default timesteps' values (``.tolist()``, ``float``): computed on real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from fastgen.losses import OBJECTIVES
+
+    cls = OBJECTIVES[method]
+    original = cls.__dict__.get("default_timesteps")
+    inherited = cls.default_timesteps
+
+    def default_timesteps(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            return inherited(self, *args, **kwargs)
+
+    cls.default_timesteps = default_timesteps
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.default_timesteps
+        else:
+            cls.default_timesteps = original
+
+
+@contextlib.contextmanager
+def _swappable(mode):
+    """``Module.to``/``.float()`` swap fake parameters with their converted copies (``torch.utils.swap_tensors``),
+    which refuses tensors with weak references, and fake tensors have some (the fake mode's memo, a cache).
+    Here a conversion to the same dtype keeps the parameter, and any other takes the converted data."""
+    swap = torch.utils.swap_tensors
+
+    def swap_fake(t1, t2):
+        if t1.dtype == t2.dtype and t1.untyped_storage()._cdata == t2.untyped_storage()._cdata:
+            return
+        mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
+        try:
+            swap(t1, t2)
+        except RuntimeError:
+            t1.data = t2.detach()
+
+    torch.utils.swap_tensors = swap_fake
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = swap
+
+
+def _module(attr):
+    from fastgen.networks import network_module
+
+    return network_module(attr)
+
+
+def _owned(phase, nets) -> list[str]:
+    return [n for n in phase.networks if n in nets]
+
+
+def _batch(teacher, objective, n: int, shape) -> Batch:
+    cond = uncond = None
+    if teacher.text_conditioned:
+        cond, uncond = teacher.encode_prompts([""] * n), teacher.null_cond(n)
+    elif teacher.num_classes:
+        cond = teacher.class_cond(torch.zeros(n, dtype=torch.long))
+    return Batch(x0=torch.randn(n, *shape), cond=cond, uncond=uncond, noise=torch.randn(n, *shape), size=n)
+
+
+def _live_tensors(teacher, nets, optimizers, ema, batch):
+    yield from teacher.model.parameters()
+    yield from teacher.model.buffers()
+    for attr in nets.values():
+        module = _module(attr)
+        yield from module.parameters()
+        yield from module.buffers()
+        yield from (p.grad for p in module.parameters() if p.grad is not None)
+    for opt in optimizers.values():
+        for state in opt.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+    if ema is not None:
+        yield from ema.shadow_params
+    yield from (v for v in tree_flatten([batch.x0, batch.noise, batch.cond, batch.uncond])[0]
+                if isinstance(v, torch.Tensor))
+
+
+def _phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype) -> None:
+    """``Trainer._train_step`` for one phase and one micro-batch, without accelerate."""
+    owned = _owned(phase, nets)
+    excluded = [p for n in nets if n not in owned for p in trainable[n]]
+    opt.zero_grad(set_to_none=True)
+    for p in excluded:
+        p.requires_grad_(False)
+    try:
+        precision = (torch.autocast("cpu", dtype=weight_dtype) if weight_dtype != torch.float32
+                     else contextlib.nullcontext())
+        with precision:
+            out = objective.loss(phase.name, batch, 0)
+        out["loss"].backward()
+        del out
+    finally:
+        for p in excluded:
+            p.requires_grad_(True)
+    params = [p for n in owned for p in trainable[n]]
+    if t.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    opt.step()
+    if ema is not None and "student" in owned:
+        ema.step(trainable["student"])
+
+
+# -- modes and budgets --------------------------------------------------------------------------------------
+
+
+def mode_overrides(config: DistillConfig) -> list[list[str]]:
+    """The memory modes side by side, each as the overrides that select it: full or LoRA fake score (objectives
+    with ``fake_lora_rank``), gradient checkpointing off or on, full or LoRA student."""
+    from fastgen.losses import OBJECTIVES
+
+    axes = []
+    fields = getattr(OBJECTIVES[config.method], "Config", None)
+    if fields is not None and "fake_lora_rank" in fields.__dataclass_fields__:
+        rank = dict(config.objective).get("fake_lora_rank") or 64
+        axes.append(["objective.fake_lora_rank=0", f"objective.fake_lora_rank={rank}"])
+    axes.append(["train.gradient_checkpointing=false", "train.gradient_checkpointing=true"])
+    rank = config.student.lora_rank or 64
+    axes.append(["student.lora_rank=0", f"student.lora_rank={rank}"])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
+    from fastgen.config import _merge, _nest, _parse_override
+
+    tree = config_to_dict(config)
+    for override in overrides:
+        key, value = _parse_override(DistillConfig, override)
+        tree = _merge(tree, _nest(key.split("."), value))
+    return config_from_dict(DistillConfig, tree)
+
+
+def estimate_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
+                   optimizer: str = "adamw") -> dict[str, int]:
+    """``{"k=v k=v ...": total_bytes}`` for every mode of ``mode_overrides``."""
+    return {" ".join(o): estimate_memory(with_overrides(config, o), resolution, device, optimizer).total_bytes
+            for o in mode_overrides(config)}
+
+
+def parse_bytes(text: str) -> int:
+    """``"24GiB"``, ``"80 GB"``, ``"512MiB"`` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"budget is {text!r}; expected a size like 24GiB, 80GB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def format_table(est: Estimate, budget: int | None = None) -> str:
+    s = est.settings
+    lines = [f"peak memory per device: {s['teacher']}, {s['method']}, sample {tuple(s['sample_shape'])}, batch "
+             f"{s['batch_size']}, {s['mixed_precision']}, gradient checkpointing {s['gradient_checkpointing']}, "
+             f"optimizer {s['optimizer']} ({s['device']})",
+             "", f"| network | kind | parameters | memory |", "|---|---|---:|---:|"]
+    for network, kind, n in est.rows:
+        count = est.parameters.get(network, "") if kind == "weights" else ""
+        label = f"{kind} ({'peak phase' if kind == 'activations' else ''})".replace(" ()", "")
+        lines.append(f"| {network} | {label} | {count:,} | {human(n)} |" if count != "" else
+                     f"| {network} | {label} | | {human(n)} |")
+    lines.append(f"| **total** | | | **{human(est.total_bytes)}** |")
+    lines.append("")
+    lines.append(f"activations: {est.activations} on fake tensors (one micro-batch, every phase; peak in "
+                 f"{est.peak_phase!r}); add the CUDA context and allocator slack (~0.5-1 GiB) on a GPU")
+    if est.modes:
+        lines += ["", "| mode (overrides) | total | fits |" if budget else "| mode (overrides) | total |",
+                  "|---|---:|---|" if budget else "|---|---:|"]
+        for key, n in sorted(est.modes.items(), key=lambda kv: kv[1]):
+            fits = ("yes" if n <= budget else "no") if budget else None
+            lines.append(f"| `{key}` | {human(n)} |" + (f" {fits} |" if fits else ""))
+    if budget:
+        lines.append("")
+        if est.total_bytes <= budget:
+            lines.append(f"fits the budget of {human(budget)}")
+        else:
+            fitting = sorted((n, k) for k, n in est.modes.items() if n <= budget)
+            lines.append(f"over the budget of {human(budget)} by {human(est.total_bytes - budget)}; " + (
+                f"these settings fit: {fitting[-1][1]} ({human(fitting[-1][0])}, the largest that fits)"
+                if fitting else ("no mode fits: lower train.batch_size or the resolution" if est.modes
+                                 else "run with --modes to see which settings fit")))
+    return "\n".join(lines)

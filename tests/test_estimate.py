@@ -1,0 +1,114 @@
+"""``fastgen estimate`` against the measured peak of real tiny runs on the CPU.
+
+The measured peak is the largest sum of live tensor bytes that the CPU allocator reports to ``torch.profiler``
+(its ``[memory]`` events: every allocation and free of the c10 allocator, in order) while the trainer runs its
+steps after the first (every gradient and optimizer state then exists). Allocator events, not RSS: RSS on this
+shared machine also moves with glibc's heap trimming and other threads' arenas. The training data set held in
+host memory (``trainer.data``) is subtracted: on a GPU it stays on the host, and the estimate covers the device.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from fastgen.config import DistillConfig, load_config
+from fastgen.estimate import REAL_SIZE, TeacherSpec, count_parameters, estimate_memory, parse_bytes
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from tiny import make_sd_folder
+
+    return make_sd_folder(tmp_path_factory.mktemp("estimate") / "sd")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def measured_peak(config) -> int:
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.utils._pytree import tree_flatten
+
+    from fastgen.trainer import Trainer
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = Trainer(config)
+        inner = trainer._train_step
+
+        def step():
+            with record_function(f"fastgen_step_{trainer.step}"):
+                return inner()
+
+        trainer._train_step = step
+        trainer.fit()
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    windows = [(e.start_ns(), e.end_ns()) for e in events
+               if e.name().startswith("fastgen_step_") and int(e.name().rsplit("_", 1)[1]) >= 1]
+    live = peak = 0
+    for e in events:
+        if e.name() == "[memory]":
+            live += e.nbytes()
+            if any(a <= e.start_ns() <= b for a, b in windows):
+                peak = max(peak, live)
+    data = trainer.data
+    held = [t for t in tree_flatten([data.x0, data.noise, data.cond, data.uncond])[0] if isinstance(t, torch.Tensor)]
+    return peak - sum(t.untyped_storage().nbytes() for t in held)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["objective.fake_lora_rank=0"],
+    ["objective.fake_lora_rank=4", "train.gradient_checkpointing=true", "student.lora_rank=4"],
+], ids=["full-fake", "lora-fake-checkpointing-lora-student"])
+def test_estimate_matches_the_measured_peak_of_a_tiny_dmd2_run(sd_folder, tmp_path, overrides):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red disc\na blue cross\n")
+    config = load_config(DistillConfig, None, [
+        f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path / 'run'}", "data=teacher", f"prompts={prompts}",
+        "teacher_samples=8", "teacher_sample_steps=2", "train.batch_size=8", "train.max_steps=3",
+        "objective.critic_every=2", "objective.guidance_scale=2.0", *overrides])
+    estimate = estimate_memory(config, device="cpu")
+    measured = measured_peak(config)
+    assert estimate.parameters["student"] > 0 and estimate.parameters["fake"] > 0
+    assert abs(estimate.total_bytes / measured - 1) < 0.2, (estimate.total_bytes, measured, estimate.rows)
+
+
+def test_lora_fake_score_costs_less_than_a_full_copy(sd_folder, tmp_path):
+    base = [f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path}", "train.batch_size=2",
+            "objective.gan_weight=0", "objective.gan_critic_weight=0"]
+    full = estimate_memory(load_config(DistillConfig, None, base), device="cpu")
+    lora = estimate_memory(load_config(DistillConfig, None, base + ["objective.fake_lora_rank=2"]), device="cpu")
+    assert lora.parameters["fake"] < full.parameters["fake"] == full.parameters["teacher"]
+    assert lora.total_bytes < full.total_bytes
+
+
+@pytest.mark.parametrize("name, expected", [("sd15", 860e6), ("sdxl", 2.6e9), ("sd3-medium", 2.0e9)])
+def test_real_size_configs_build_on_the_meta_device(name, expected):
+    assert name in REAL_SIZE
+    assert count_parameters(name) == pytest.approx(expected, rel=0.02)
+    assert TeacherSpec.read(name).latent_factor == 8
+
+
+def test_budget_sizes_parse_and_mistakes_name_the_value():
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("80 GB") == 80 * 10**9
+    with pytest.raises(ValueError, match="24 gigs"):
+        parse_bytes("24 gigs")
+
+
+def test_estimate_help_documents_it():
+    from fastgen.cli import build_parser
+
+    text = build_parser().parse_args(["estimate", "--teacher", "sd15"]).func.__name__
+    assert text == "cmd_estimate"
+    help_text = build_parser()._subparsers._group_actions[0].choices["estimate"].format_help()
+    for flag in ("--teacher", "--method", "--config", "--budget", "--json", "--resolution", "--batch-size"):
+        assert flag in help_text
