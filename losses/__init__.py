@@ -12,6 +12,7 @@ from fastgen.losses.asd import ASD
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
+from fastgen.losses.phased_dmd import PhasedDMD
 from fastgen.losses.progressive import ProgressiveDistillation
 from fastgen.losses.sid import SiD, SiDA, FewStepSiD
 from fastgen.networks import NetworkFactory
@@ -26,6 +27,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SiDA.name: SiDA,
     FewStepSiD.name: FewStepSiD,
     ASD.name: ASD,
+    PhasedDMD.name: PhasedDMD,
 }
 
 

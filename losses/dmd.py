@@ -109,16 +109,7 @@ class DMD(Objective):
     def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         self._check(config)
-        self.fake = self.factory.lora("fake", config.fake_lora_rank) if config.fake_lora_rank else self.factory.copy()
-        self.head = None
-        if self.uses_gan:
-            probe = torch.zeros(1, *self.teacher.sample_shape, device=self.device)
-            cond = self.teacher.null_cond(1) if self.teacher.text_conditioned else (
-                self.teacher.class_cond([0]) if self.teacher.num_classes else None)
-            owner = "fake" if config.gan_features == "fake" else "teacher"
-            self.discriminator = FeatureDiscriminator(self, owner)
-            t = torch.full((1,), float(self.schedule.t_max))
-            self.head = self.factory.module(make_head(getattr(self, owner), probe, t, cond))
+        self.build_critic("fake", self.uses_gan)
         self.needs_data = self.uses_gan or config.regression_weight > 0 or (
             config.multistep_input == "data" and num_steps > 1)
 
@@ -157,6 +148,22 @@ class DMD(Objective):
             cap = self.schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor()
             ts = torch.minimum(ts, cap)
         return ts.tolist()
+
+    def build_critic(self, adapter: str, gan: bool) -> None:
+        """The fake score (``self.fake``: a full copy, or the LoRA adapter ``adapter`` on the teacher's weights)
+        and, with ``gan``, the discriminator head (``self.head``). One method, so that Phased DMD builds one
+        critic per phase."""
+        c = self.config
+        self.fake = self.factory.lora(adapter, c.fake_lora_rank) if c.fake_lora_rank else self.factory.copy()
+        self.head = None
+        if gan:
+            probe = torch.zeros(1, *self.teacher.sample_shape, device=self.device)
+            cond = self.teacher.null_cond(1) if self.teacher.text_conditioned else (
+                self.teacher.class_cond([0]) if self.teacher.num_classes else None)
+            owner = "fake" if c.gan_features == "fake" else "teacher"
+            self.discriminator = FeatureDiscriminator(self, owner)
+            t = torch.full((1,), float(self.schedule.t_max))
+            self.head = self.factory.module(make_head(getattr(self, owner), probe, t, cond))
 
     @property
     def device(self) -> torch.device:
@@ -224,9 +231,14 @@ class DMD(Objective):
         target = self.schedule.from_x0(x, x_t, t)
         return (self.fake.output(x_t, t, batch.cond).float() - target.float()).square().mean()
 
+    def gan_weights(self) -> tuple[float, float]:
+        """``(gan_weight, gan_critic_weight)`` of the update being computed (Phased DMD: per phase)."""
+        return self.config.gan_weight, self.config.gan_critic_weight
+
     # -- the contract -------------------------------------------------------------------------------
     def loss(self, phase, batch, step):
         c = self.config
+        gan_weight, gan_critic_weight = self.gan_weights()
         if phase == "generator":
             x, t_in = self.generate(batch, grad=True)
             terms = self.generator_terms(x, t_in, batch)
@@ -236,18 +248,18 @@ class DMD(Objective):
                                      "(or set objective.regression_weight=0)")
                 t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
                 terms["regression"] = (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
-            if c.gan_weight > 0:
+            if gan_weight > 0:
                 t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
                 terms["gan"] = generator_loss(self.discriminator.logits(x, t_gan, batch.cond), c.gan_loss)
-            weights = {"regression": c.regression_weight, "gan": c.gan_weight}
+            weights = {"regression": c.regression_weight, "gan": gan_weight}
             total = sum(weights.get(k, 1.0) * v for k, v in terms.items() if k not in self.metric_terms)
             return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
         with torch.no_grad():
             x, _ = self.generate(batch, grad=False)
         terms = {"fake": self.fake_loss(x.float(), batch)}
-        if c.gan_critic_weight > 0:
+        if gan_critic_weight > 0:
             terms["gan"] = self.discriminator_terms(x.float(), batch)
-        total = terms["fake"] + c.gan_critic_weight * terms.get("gan", 0.0)
+        total = terms["fake"] + gan_critic_weight * terms.get("gan", 0.0)
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
     def discriminator_terms(self, x: torch.Tensor, batch) -> torch.Tensor:
