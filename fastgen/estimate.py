@@ -32,10 +32,9 @@ import contextlib
 import copy
 import itertools
 import json
-import math
 import re
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -522,7 +521,7 @@ def format_table(est: Estimate, budget: int | None = None) -> str:
     lines = [f"peak memory per device: {s['teacher']}, {s['method']}, sample {tuple(s['sample_shape'])}, batch "
              f"{s['batch_size']}, {s['mixed_precision']}, gradient checkpointing {s['gradient_checkpointing']}, "
              f"optimizer {s['optimizer']} ({s['device']})",
-             "", f"| network | kind | parameters | memory |", "|---|---|---:|---:|"]
+             "", "| network | kind | parameters | memory |", "|---|---|---:|---:|"]
     for network, kind, n in est.rows:
         count = est.parameters.get(network, "") if kind == "weights" else ""
         label = f"{kind} ({'peak phase' if kind == 'activations' else ''})".replace(" ()", "")

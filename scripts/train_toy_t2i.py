@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from train_toy_teacher import replace_folder  # scripts/ is on sys.path when this script runs
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fastgen.toy import (ASSETS_DIR, TOY_CLASSES, TOY_COLOURS, TOY_IMAGE_SIZE, TOY_PROMPT_LENGTH, ToyShapes,
@@ -174,16 +175,6 @@ def train_unet(latents, prompt_ids, embeddings, args) -> UNet2DConditionModel:
             print(f"unet step {step:5d}  loss {loss.item():.4f}  smoothed {running:.4f}  "
                   f"lr {lr_sched.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f} s", flush=True)
     return ema
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Make the files in ``tmp`` world-readable (safetensors writes 0600) and move ``tmp`` to ``final``."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            path.chmod(0o644)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_dmd import NO_GAN, Factory, batch, robust_moments, train_dmd
+from test_dmd import NO_GAN, Factory, robust_moments, train_dmd
 from tiny import MLPDenoiser
 
 from fastgen.analytic import GaussianMixtureDenoiser
