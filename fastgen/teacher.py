@@ -47,6 +47,12 @@ class Teacher:
         return self.denoiser.model
 
     @property
+    def model_class(self) -> str:
+        """The denoiser's diffusers class name; an exported student of experts (``TimestepExperts``) gives its
+        experts' class."""
+        return getattr(self.model.config, "expert_class", None) or type(self.model).__name__
+
+    @property
     def denoiser_component(self) -> str:
         """The pipeline component holding the denoiser: ``"unet"`` or ``"transformer"``."""
         return "unet" if "unet" in self.pipeline.components else "transformer"
@@ -61,7 +67,7 @@ class Teacher:
 
     @property
     def text_conditioned(self) -> bool:
-        return type(self.model).__name__ != "UNet2DModel"
+        return self.model_class != "UNet2DModel"
 
     @property
     def num_classes(self) -> int:
@@ -92,8 +98,7 @@ class Teacher:
                              "--prompt or --prompts-file, or a text-to-image model")
         prompts = list(prompts)
         device = self.model.device
-        kind = type(self.model).__name__
-        if kind == "SD3Transformer2DModel":
+        if self.model_class == "SD3Transformer2DModel":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False)

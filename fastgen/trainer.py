@@ -74,6 +74,14 @@ def student_schedule(schedule: NoiseSchedule, prediction_type: str | None) -> No
     return schedule_from_description({**schedule.describe(), "prediction_type": prediction_type})
 
 
+def student_boundaries(config: DistillConfig, schedule: NoiseSchedule) -> list[float]:
+    """The native times between the experts of a student of ``student.experts`` experts: ``student.expert_boundaries``,
+    else halfway between groups of its timesteps (``default_boundaries``)."""
+    s = config.student
+    grid = s.timesteps or schedule.timesteps(s.num_steps).tolist()
+    return s.expert_boundaries or default_boundaries(grid, s.experts)
+
+
 class Trainer:
     """Distil ``config.teacher`` with ``config.method`` into ``config.output``."""
 
@@ -110,9 +118,7 @@ class Trainer:
         if len(experts) == 1:
             self.student = experts[0]
         else:
-            s = config.student
-            grid = s.timesteps or self.teacher.schedule.timesteps(s.num_steps).tolist()
-            self.student = ExpertsDenoiser(experts, s.expert_boundaries or default_boundaries(grid, s.experts))
+            self.student = ExpertsDenoiser(experts, student_boundaries(config, self.teacher.schedule))
         # students first: LoRA networks the objective adds on the teacher's weights stay out of their copies
         factory = NetworkFactory(self.teacher, t.attention, t.gradient_checkpointing, source=full.model)
         self.objective = build_objective(config.method, self.teacher, self.student, config.objective,
@@ -364,20 +370,21 @@ class Trainer:
         return model.eval()
 
     def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
-        """Export the student (EMA weights by default) as a diffusers folder; main process only."""
+        """Export the student (EMA weights by default, of each expert for a student of experts) as a diffusers
+        folder; main process only."""
         if not self.accelerator.is_main_process:
             return None
         from fastgen.pipelines import export_student
 
-        if len(self.student_names) > 1:
-            raise UsageError(f"student.experts = {len(self.student_names)}: exporting a student of experts is not "
-                             "built yet; sample it with the run's checkpoints, or train one network (student.experts=1)")
+        models = [self.student_weights(ema, name) for name in self.student_names]
+        boundaries = getattr(self.student, "boundaries", None)
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
-        return export_student(teacher, self.student_weights(ema), out_dir, **self.objective.export_config(),
-                              lora=lora, prediction_type=self.student.schedule.prediction_type,
-                              method=self.config.method, settings=self.config.objective)
+        return export_student(teacher, models if boundaries else models[0], out_dir,
+                              **self.objective.export_config(), lora=lora,
+                              prediction_type=self.student.schedule.prediction_type, method=self.config.method,
+                              settings=self.config.objective, expert_boundaries=boundaries)
 
     @torch.no_grad()
     def save_samples(self, num: int = 16) -> Path | None:
@@ -469,20 +476,26 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
     _, state = load_checkpoint(path)
-    if "student" not in state["networks"]:
-        raise UsageError(f"checkpoint {path} holds a student of experts ({sorted(state['networks'])}); exporting "
-                         "one is not built yet")
+    names = ["student"] if config.student.experts == 1 else [f"student.{k}" for k in range(config.student.experts)]
+    if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):
+        raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; its run's config "
+                         f"(student.experts = {config.student.experts}) expects {names}")
+    if ema and state.get("ema") is None:
+        raise UsageError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
     teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
-    student = make_student(teacher.model, config)
-    student.load_state_dict(state["networks"]["student"])
-    if ema:
-        if state.get("ema") is None:
-            raise UsageError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        averaged = EMAModel(trainable)
-        averaged.load_state_dict(state["ema"]["student"])
-        averaged.copy_to(trainable)
+    students = []
+    for name in names:
+        student = make_student(teacher.model, config)
+        student.load_state_dict(state["networks"][name])
+        if ema:
+            trainable = [p for p in student.parameters() if p.requires_grad]
+            averaged = EMAModel(trainable)
+            averaged.load_state_dict(state["ema"][name])
+            averaged.copy_to(trainable)
+        students.append(student.eval())
+    boundaries = student_boundaries(config, teacher.schedule) if len(names) > 1 else None
     export = json.loads((run_dir / "export_config.json").read_text())
     prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type
-    return export_student(teacher, student.eval(), out_dir, **export, lora=lora, prediction_type=prediction_type,
-                          method=config.method, settings=config.objective)
+    return export_student(teacher, students if boundaries else students[0], out_dir, **export, lora=lora,
+                          prediction_type=prediction_type, method=config.method, settings=config.objective,
+                          expert_boundaries=boundaries)

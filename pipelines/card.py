@@ -74,6 +74,28 @@ def _metrics_table(metrics: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
+def _why_code(meta: dict) -> str:
+    reasons = []
+    if meta["scheduler"] == "FewStepScheduler":
+        reasons.append("no stock diffusers scheduler replays this student exactly")
+    if meta["pipeline"] == "FewStepPipeline":
+        reasons.append("`DDPMPipeline` would run it without class labels or input preconditioning")
+    if meta.get("experts"):
+        reasons.append(f"its {meta['experts']['count']} experts load as one model routing each call by its timestep")
+    text = "; ".join(reasons)
+    return text[:1].upper() + text[1:]
+
+
+def _experts_line(meta: dict) -> str:
+    experts = meta.get("experts")
+    if not experts:
+        return ""
+    bounds = ", ".join(f"{b:g}" for b in experts["boundaries"])
+    return (f"\n- Student of {experts['count']} `{experts['expert_class']}` experts by noise level (high noise first), "
+            f"split at native times {bounds}: `{meta['denoiser']}` is a `TimestepExperts` holding them, which sends "
+            "each call to the expert of its timestep.")
+
+
 def model_card(meta: dict, folder: str) -> str:
     """The text of ``README.md`` for the export described by ``meta``, loaded from ``folder`` in its snippets."""
     scheduler = meta["few_step_scheduler"]
@@ -83,9 +105,9 @@ def model_card(meta: dict, folder: str) -> str:
     steps = "\n".join(f"| {n} | {', '.join(f'{t:g}' for t in ts)} |"
                       for n, ts in sorted(scheduler["trained_timesteps"].items(), key=lambda kv: int(kv[0])))
     if meta["remote_code"]:
-        loading = (f"No stock diffusers scheduler replays this student exactly, so the folder ships its code "
-                   f"({', '.join(f'`{f}`' for f in meta['remote_code'])}, generated from fastgen "
-                   f"{meta['fastgen_version']}): without fastgen, load it with `trust_remote_code=True`.")
+        loading = (f"{_why_code(meta)}, so the folder ships code ({', '.join(f'`{f}`' for f in meta['remote_code'])}, "
+                   f"generated from fastgen {meta['fastgen_version']}): without fastgen, load it with "
+                   "`trust_remote_code=True`.")
     else:
         loading = f"Stock diffusers runs it as trained (`{meta['pipeline']}` with `{meta['scheduler']}`): no custom code."
     code = snippets(meta, folder)
@@ -100,7 +122,7 @@ Distilled with [fastgen](https://pypi.org/project/fastgen-distill/) {meta['fastg
   ({'consistency boundary condition ' + json.dumps(scheduler['boundary']) if scheduler['boundary'] else 'no boundary condition'});
   student prediction type `{scheduler['schedule']['prediction_type']}` on a `{scheduler['schedule']['family']}` schedule.
 - Teacher: `{meta['teacher']}`.
-- Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}
+- Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}{_experts_line(meta)}
 
 ## Settings
 

@@ -17,6 +17,11 @@ layout) and ``scheduler/`` for ``pipe.load_lora_weights(folder)`` on the teacher
 ``fastgen_export.json`` (format version, student settings, teacher) and a model card ``README.md`` with usage
 snippets for both ways (``fastgen.pipelines.card``).
 
+A student of K experts (``fastgen.experts.ExpertsDenoiser``: ``student_model`` a list of K networks and
+``expert_boundaries`` their K-1 boundaries in native time) exports as a full pipeline whose denoiser is one
+``TimestepExperts`` model (``fastgen.pipelines.experts_model``) routing each call by its timestep, with its code in
+``{unet,transformer}/modeling_experts.py``; ``fastgen_export.json`` records the boundaries (``"experts"``).
+
 Every export is written into a hidden sibling folder and renamed into place at the end, so a failure leaves
 nothing half-written; a non-empty ``out_dir`` is replaced only if an earlier export wrote it.
 """
@@ -45,19 +50,21 @@ from fastgen.teacher import Teacher
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 METADATA = "fastgen_export.json"
 FORMAT, FORMAT_VERSION = "fastgen-export", 1
-SCHEDULER_MODULE, PIPELINE_MODULE = "scheduling_few_step", "pipeline_few_step"
+SCHEDULER_MODULE, PIPELINE_MODULE, EXPERTS_MODULE = "scheduling_few_step", "pipeline_few_step", "modeling_experts"
 
 
-def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: str | os.PathLike,
-                   trained_timesteps: Mapping[int | str, Sequence[float]], rule: str = "renoise",
-                   boundary: dict | None = None, lora: bool = False, prediction_type: str | None = None,
-                   method: str | None = None, settings: Mapping | None = None) -> Path:
+def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[torch.nn.Module],
+                   out_dir: str | os.PathLike, trained_timesteps: Mapping[int | str, Sequence[float]],
+                   rule: str = "renoise", boundary: dict | None = None, lora: bool = False,
+                   prediction_type: str | None = None, method: str | None = None, settings: Mapping | None = None,
+                   expert_boundaries: Sequence[float] | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
     added through ``model.add_adapter``) as a diffusers folder; return its path.
 
     Args:
         teacher: the loaded teacher (its pipeline supplies every other component and the noise schedule).
-        student_model: the trained network; it is not modified.
+        student_model: the trained network, or the K experts of a student of experts (with
+            ``expert_boundaries``); it is not modified.
         out_dir: the folder to create (or to replace, if an earlier export wrote it).
         trained_timesteps: native times per step count, e.g. ``{1: [399], 4: [999, 749, 499, 249]}``.
         rule: the student's sampling rule, ``"renoise"`` or ``"ddim"`` (see ``FewStepScheduler``).
@@ -66,27 +73,62 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module, out_dir: st
         prediction_type: the student's output type when it differs from the teacher's (``student.prediction_type``).
         method: the distillation method's name, for the model card (e.g. ``"dmd2"``).
         settings: the method's settings, for the model card.
+        expert_boundaries: for a student of experts, the K-1 strictly decreasing native times between the
+            experts' intervals (expert ``k`` answers ``b_k < t <= b_{k-1}``, as ``ExpertsDenoiser``).
     """
-    _check_student(teacher, student_model)
+    students = _students(student_model, expert_boundaries, lora)
+    for model in students:
+        _check_student(teacher, model)
     schedule = {**teacher.schedule.describe(), **({"prediction_type": prediction_type} if prediction_type else {})}
     scheduler = FewStepScheduler(schedule=schedule, trained_timesteps=_timesteps(trained_timesteps),
                                  rule=rule, boundary=boundary)
     shipped = stock_scheduler(scheduler, teacher.pipeline.scheduler.config) or scheduler
-    meta = _metadata(teacher, scheduler, shipped, lora, method, settings)
+    experts = None
+    if expert_boundaries is not None:
+        experts = {"count": len(students), "boundaries": [float(b) for b in expert_boundaries],
+                   "timestep_boundaries": timestep_boundaries(scheduler, expert_boundaries),
+                   "expert_class": type(students[0]).__name__}
+    meta = _metadata(teacher, scheduler, shipped, lora, method, settings, experts)
     if lora:
         save_lora = _lora_saver(teacher)
         adapter = _adapter_name(student_model)
         _check_base_weights(teacher, student_model)
         write = partial(_write_lora, save_lora, teacher.denoiser_component, student_model, adapter, shipped)
     else:
-        write = partial(_write_full, teacher, student_model, shipped)
+        write = partial(_write_full, teacher, students, experts, shipped)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
     return _write_atomically(out, partial(_write_export, write, meta, out))
 
 
+def _students(student_model, expert_boundaries: Sequence[float] | None, lora: bool) -> list[torch.nn.Module]:
+    """The networks to export: ``[student_model]``, or the K experts, checked against ``expert_boundaries``."""
+    if expert_boundaries is None:
+        if isinstance(student_model, (list, tuple)):
+            raise ValueError(f"student_model is a list of {len(student_model)} networks; a student of experts needs "
+                             "expert_boundaries (their K-1 native times, decreasing)")
+        return [student_model]
+    students = list(student_model) if isinstance(student_model, (list, tuple)) else [student_model]
+    bounds = [float(b) for b in expert_boundaries]
+    if len(students) < 2 or len(bounds) != len(students) - 1 or any(a <= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"expert_boundaries is {bounds} for {len(students)} experts; expected K >= 2 networks in "
+                         "student_model and K-1 strictly decreasing native times (high noise first)")
+    if lora:
+        raise UsageError(f"a LoRA export holds one adapter; this student has {len(students)} experts: export their "
+                         "full weights (lora=False, no --lora), which merges each expert's adapter")
+    return students
+
+
+def timestep_boundaries(scheduler: FewStepScheduler, boundaries: Sequence[float]) -> list[float]:
+    """Native-time boundaries in the units of the ``timestep`` the pipeline passes to the network (the scheduler's
+    ``timesteps``: ``schedule.model_input``'s time, e.g. EDM's ``c_noise``), computed as the scheduler computes
+    its timesteps (float32). The map is increasing, so the intervals keep their order."""
+    t = torch.tensor([float(b) for b in boundaries], dtype=torch.float32)
+    return [float(u) for u in scheduler.schedule.model_input(torch.zeros_like(t), t)[1]]
+
+
 def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool, method: str | None,
-              settings: Mapping | None) -> dict:
+              settings: Mapping | None, experts: dict | None = None) -> dict:
     """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts."""
     from fastgen import __version__
 
@@ -100,11 +142,12 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fastgen_version": __version__,
         "kind": "lora" if lora else "full", "pipeline": pipeline, "scheduler": type(shipped).__name__,
-        "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None)),
+        "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None,
+                                                 teacher.denoiser_component if experts else None)),
         "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         "teacher": hub_id or str(source.resolve()), "base_model": hub_id, "denoiser": teacher.denoiser_component,
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
-        "absent": absent, "method": method, "settings": dict(settings or {}), "metrics": [],
+        "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
     }
 
 
@@ -120,21 +163,24 @@ def _needs_few_step_pipeline(teacher: Teacher) -> bool:
     return bool(teacher.num_classes) or teacher.schedule.family == "edm"
 
 
-def _remote_code_files(shipped, pipeline: str | None) -> list[str]:
+def _remote_code_files(shipped, pipeline: str | None, experts_component: str | None) -> list[str]:
     files = [] if type(shipped).__name__ != "FewStepScheduler" else [f"scheduler/{SCHEDULER_MODULE}.py"]
+    files += [f"{experts_component}/{EXPERTS_MODULE}.py"] if experts_component else []
     return files + ([f"{PIPELINE_MODULE}.py"] if pipeline == "FewStepPipeline" else [])
 
 
 def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: Path) -> None:
     """Write the weights (``write``), the custom code the loaders without fastgen need, the metadata and the card."""
     from fastgen.pipelines.card import write_card
-    from fastgen.pipelines.remote_code import pipeline_source, scheduler_source
+    from fastgen.pipelines.remote_code import experts_source, pipeline_source, scheduler_source
 
     write(folder)
     if f"scheduler/{SCHEDULER_MODULE}.py" in meta["remote_code"]:
         (folder / "scheduler" / f"{SCHEDULER_MODULE}.py").write_text(scheduler_source())
     if f"{PIPELINE_MODULE}.py" in meta["remote_code"]:
         (folder / f"{PIPELINE_MODULE}.py").write_text(pipeline_source())
+    if meta["experts"]:
+        (folder / meta["denoiser"] / f"{EXPERTS_MODULE}.py").write_text(experts_source())
     index_file = folder / "model_index.json"
     if index_file.is_file():  # diffusers recorded the classes under their fastgen module paths
         index = json.loads(index_file.read_text())
@@ -142,6 +188,8 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
             index["scheduler"] = [SCHEDULER_MODULE, "FewStepScheduler"]
         if meta["pipeline"] == "FewStepPipeline":
             index["_class_name"] = [PIPELINE_MODULE, "FewStepPipeline"]
+        if meta["experts"]:
+            index[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     write_card(folder, meta, out)
@@ -237,14 +285,26 @@ def _with_components(pipeline, **replacements):
     return cls(**{**kwargs, **replacements})
 
 
-def _denoiser_components(teacher: Teacher, student_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The pipeline components holding the student: ``{"unet" or "transformer": merged copy}``. (A student of
-    experts gives one component per expert here, e.g. Wan 2.2's ``transformer`` and ``transformer_2``.)"""
-    return {teacher.denoiser_component: _merged_copy(student_model)}
+def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module],
+                         experts: dict | None) -> dict[str, torch.nn.Module]:
+    """The pipeline components holding the student: ``{"unet" or "transformer": merged copy}``; for a student of
+    experts, one ``TimestepExperts`` holding the merged copies. (A family with diffusers' own precedent, Wan 2.2's
+    ``transformer`` + ``transformer_2`` with ``boundary_ratio``, would get one component per expert here; none of
+    the supported families has one.)"""
+    from fastgen.pipelines.experts_model import TimestepExperts
+
+    merged = [_merged_copy(model) for model in students]
+    if experts is None:
+        return {teacher.denoiser_component: merged[0]}
+    with torch.device("meta"):  # the experts are the merged copies, not K fresh random networks
+        model = TimestepExperts(experts["expert_class"], _public_config(merged[0]), experts["timestep_boundaries"])
+    model.experts = torch.nn.ModuleList(merged)
+    return {teacher.denoiser_component: model.eval()}
 
 
-def _write_full(teacher: Teacher, student_model: torch.nn.Module, scheduler, folder: Path) -> None:
-    components = _denoiser_components(teacher, student_model)
+def _write_full(teacher: Teacher, students: Sequence[torch.nn.Module], experts: dict | None, scheduler,
+                folder: Path) -> None:
+    components = _denoiser_components(teacher, students, experts)
     if teacher.text_conditioned:
         pipe = _with_components(teacher.pipeline, **components, scheduler=scheduler)
     elif _needs_few_step_pipeline(teacher):

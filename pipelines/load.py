@@ -2,7 +2,8 @@
 
 The folder must hold ``fastgen_export.json`` of a format version this fastgen reads; the pipeline is built with
 the installed ``FewStepScheduler`` (from the recorded settings, whatever scheduler the folder ships) and, for
-pixel students written as ``FewStepPipeline``, the installed pipeline class. Weights load as safetensors only.
+pixel students written as ``FewStepPipeline``, the installed pipeline class, and, for a student of experts, the
+installed ``TimestepExperts``. Weights load as safetensors only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastgen.pipelines.export import FORMAT, FORMAT_VERSION, METADATA, SCHEDULER_MODULE
+from fastgen.pipelines.export import EXPERTS_MODULE, FORMAT, FORMAT_VERSION, METADATA, SCHEDULER_MODULE
 
 
 def is_export(folder: str | Path) -> bool:
@@ -61,17 +62,35 @@ def load_pipeline(folder: str | Path, teacher: str | None = None, **kwargs):
     meta = read_export(folder)
     scheduler = few_step_scheduler(meta)
     absent = {name: None for name in meta["absent"]}
+    denoiser = _experts_model(folder, meta, kwargs.get("dtype"))
     if meta["kind"] == "lora":
         pipe = DiffusionPipeline.from_pretrained(teacher or meta["teacher"], scheduler=scheduler, use_safetensors=True,
                                                  **absent, **kwargs)
         pipe.load_lora_weights(str(folder))
     elif meta["pipeline"] == "FewStepPipeline":  # diffusers would take the folder's copy of the class
         dtype = kwargs.pop("dtype", None)
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **kwargs)
-        pipe = FewStepPipeline(unet=unet if dtype is None else unet.to(dtype), scheduler=scheduler)
+        unet = denoiser.get("unet")
+        if unet is None:
+            unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **kwargs)
+            unet = unet if dtype is None else unet.to(dtype)
+        pipe = FewStepPipeline(unet=unet, scheduler=scheduler)
     else:
         # diffusers checks the passed scheduler against model_index.json's ["scheduling_few_step", ...] by looking
         # that module up in sys.modules ("import it before calling from_pretrained"): it is this package's module
         sys.modules.setdefault(SCHEDULER_MODULE, importlib.import_module("fastgen.samplers.scheduler"))
-        pipe = DiffusionPipeline.from_pretrained(folder, scheduler=scheduler, use_safetensors=True, **absent, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(folder, scheduler=scheduler, use_safetensors=True, **absent,
+                                                 **denoiser, **kwargs)
     return pipe
+
+
+def _experts_model(folder: Path, meta: dict, dtype) -> dict:
+    """``{"unet" or "transformer": TimestepExperts}`` (the installed class) for a student of experts, else ``{}``."""
+    if not meta.get("experts"):
+        return {}
+    from fastgen.pipelines.experts_model import TimestepExperts
+
+    # as for the scheduler: diffusers checks a passed component against model_index.json's ["modeling_experts", ...]
+    sys.modules.setdefault(EXPERTS_MODULE, importlib.import_module("fastgen.pipelines.experts_model"))
+    model = TimestepExperts.from_pretrained(folder, subfolder=meta["denoiser"], use_safetensors=True,
+                                            **({} if dtype is None else {"torch_dtype": dtype}))
+    return {meta["denoiser"]: model}

@@ -31,11 +31,27 @@ def _is_literal(value) -> bool:
     return isinstance(value, LITERALS)
 
 
+def _annotations(tree: ast.AST) -> set[int]:
+    """The nodes of ``tree``'s annotations: the generated module postpones them (``from __future__ import
+    annotations``), so the names they read need no import."""
+    roots = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            roots.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            roots.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            roots.append(node.annotation)
+    return {id(sub) for root in roots if root is not None for sub in ast.walk(root)}
+
+
 def _names(source: str) -> list[str]:
-    """Every name ``source`` reads, in order of first appearance."""
+    """Every name ``source`` reads outside annotations, in order of first appearance."""
+    tree = ast.parse(textwrap.dedent(source))
+    skip = _annotations(tree)
     seen = {}
-    for node in ast.walk(ast.parse(textwrap.dedent(source))):
-        if isinstance(node, ast.Name):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and id(node) not in skip:
             seen.setdefault(node.id, None)
     return list(seen)
 
@@ -105,3 +121,10 @@ def pipeline_source() -> str:
     from fastgen.pipelines.few_step import FewStepPipeline
 
     return module_source(FewStepPipeline, title="FewStepPipeline: the pipeline of a fastgen pixel-space student.")
+
+
+def experts_source() -> str:
+    """``modeling_experts.py``: ``TimestepExperts``, the model of a student of experts."""
+    from fastgen.pipelines.experts_model import TimestepExperts
+
+    return module_source(TimestepExperts, title="TimestepExperts: a fastgen student of experts as one diffusers model.")
