@@ -377,14 +377,13 @@ class Trainer:
         from fastgen.pipelines import export_student
 
         models = [self.student_weights(ema, name) for name in self.student_names]
-        boundaries = getattr(self.student, "boundaries", None)
+        export = {"expert_boundaries": getattr(self.student, "boundaries", None), **self.objective.export_config()}
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
-        return export_student(teacher, models if boundaries else models[0], out_dir,
-                              **self.objective.export_config(), lora=lora,
+        return export_student(teacher, models if len(models) > 1 else models[0], out_dir, **export, lora=lora,
                               prediction_type=self.student.schedule.prediction_type, method=self.config.method,
-                              settings=self.config.objective, expert_boundaries=boundaries)
+                              settings=self.config.objective)
 
     @torch.no_grad()
     def save_samples(self, num: int = 16) -> Path | None:
@@ -493,9 +492,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
             averaged.load_state_dict(state["ema"][name])
             averaged.copy_to(trainable)
         students.append(student.eval())
-    boundaries = student_boundaries(config, teacher.schedule) if len(names) > 1 else None
-    export = json.loads((run_dir / "export_config.json").read_text())
+    # the objective may record the boundaries itself (Phased DMD); else they are the config's
+    export = {"expert_boundaries": student_boundaries(config, teacher.schedule) if len(names) > 1 else None,
+              **json.loads((run_dir / "export_config.json").read_text())}
     prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type
-    return export_student(teacher, students if boundaries else students[0], out_dir, **export, lora=lora,
-                          prediction_type=prediction_type, method=config.method, settings=config.objective,
-                          expert_boundaries=boundaries)
+    return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **export, lora=lora,
+                          prediction_type=prediction_type, method=config.method, settings=config.objective)

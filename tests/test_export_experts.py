@@ -249,6 +249,35 @@ def test_trainer_and_cli_exports_hold_each_experts_ema_weights(trained_run):
                                "expert_class": "UNet2DModel"} and meta["method"] == "experts_probe"
 
 
+def test_a_phased_dmd_student_of_experts_exports(tmp_path):
+    """Phased DMD records the experts' boundaries in its own export settings: ``Trainer.export`` and
+    ``export_run`` take them, and the export samples as the trained experts (EMA weights) do."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.trainer import Trainer, export_run
+
+    folder = v_prediction_ddpm_folder(tmp_path / "ddpm")
+    config = load_config(DistillConfig, None, [
+        f"teacher={folder}", "method=phased_dmd", f"output={tmp_path / 'run'}", "train.batch_size=2",
+        "train.max_steps=2", "train.ema_decay=0.9", "student.num_steps=2", "student.experts=2",
+        "objective.critic_every=1"])
+    try:
+        trainer = Trainer(config)
+        trainer.fit()
+        experts = [trainer.student_weights(True, name) for name in trainer.student_names]
+        folders = [trainer.export(tmp_path / "export"), export_run(tmp_path / "run", tmp_path / "export-run")]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    teacher = load_teacher(folder)
+    _, expected = reference(teacher, mixture(teacher, experts, [749.0]), TRAINED, 2)
+    for out in folders:
+        assert json.loads((out / METADATA).read_text())["experts"]["boundaries"] == [749.0]
+        images = generate(load_teacher(out), 1, 2, seed=SEED)
+        torch.testing.assert_close((images / 2 + 0.5).clamp(0, 1), expected, atol=1e-4, rtol=0)
+
+
 def test_layout_and_card(round_trip):
     _, students, _ = round_trip
     folder = students["sd"][3]
