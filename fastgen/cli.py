@@ -108,6 +108,9 @@ def cmd_distill(args) -> int:
     if args.lora and config.student.lora_rank == 0:
         raise UsageError("--lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
+    if args.lora and config.student.experts > 1:
+        raise UsageError(f"--lora exports one LoRA adapter, but student.experts is {config.student.experts}; "
+                         "drop --lora (a student of experts exports its full weights)")
     run_dir = check_output_path(config.output, "output")
     existed = run_dir.exists()
     try:

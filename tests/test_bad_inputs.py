@@ -254,6 +254,8 @@ CASES: list[tuple[str, Callable, int, list[str]]] = [
     ("timesteps-count", lambda fx, t, m: distill(fx, t, "--steps", "2", "student.timesteps=[999]"), 2,
      ["student.timesteps", "2 timesteps"]),
     ("lora-flag-full-fine-tune", lambda fx, t, m: distill(fx, t, "--lora"), 2, ["--lora", "student.lora_rank"]),
+    ("lora-flag-experts", lambda fx, t, m: distill(fx, t, "--lora", "student.lora_rank=4", "student.experts=2"), 2,
+     ["--lora", "student.experts"]),
     ("xformers-missing", lambda fx, t, m: distill(fx, t, "train.attention=xformers"), 1, ["xformers", "sdpa"]),
     ("fp16-without-gpu", lambda fx, t, m: distill(fx, t, "train.mixed_precision=fp16"), 1, ["fp16", "bf16"]),
     # -- distill: config files
