@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[debug], help="distil, evaluate and export the bundled toy teacher (CPU, minutes)")
     demo.add_argument("--out", default="fastgen_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--method", choices=["consistency", "progressive"], default="consistency")
+    toy_methods = sorted(p.stem[len("toy_"):] for p in (Path(__file__).parent / "configs").glob("toy_*.yaml"))
+    demo.add_argument("--method", choices=toy_methods, default="consistency",
+                      help="objective, with its toy_<method> preset (default: %(default)s)")
     demo.add_argument("--max-steps", type=positive_int, help="training steps (default: the preset's)")
     demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
     demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", parents=[debug], help="distil a teacher into a few-step student, then export it to RUN/export")
     distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
-    distill.add_argument("--method", help="objective: progressive, consistency")
+    distill.add_argument("--method", help="objective: progressive, consistency, dmd, dmd2, decoupled_dmd, phased_dmd, "
+                                          "sid, sida, sid_fewstep, asd")
     distill.add_argument("--config", help="YAML file or preset name (toy_consistency, toy_progressive, "
                          "sd15_consistency, sd15_progressive); flags and key=value overrides apply on top")
     distill.add_argument("--data", help="a folder of images, captioned images (.tar, .parquet, a folder with "
