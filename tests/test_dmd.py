@@ -351,10 +351,10 @@ def test_a_one_step_epsilon_students_default_time_avoids_the_division_by_alpha_a
     linear = vp("linear")  # the toy teacher's: alpha(999) = 0.006
     objective = build_objective("dmd2", mixture(linear), MLPDenoiser(linear), NO_GAN, factory=Factory(lambda: None))
     (t,) = objective.timesteps
-    assert t < 999 and abs(float(linear.alpha(torch.tensor(t))) - DMD.MIN_ALPHA) < 0.002
-    sd = vp("scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's: alpha(999) = 0.068, kept
-    assert build_objective("dmd2", mixture(sd), MLPDenoiser(sd), NO_GAN,
-                           factory=Factory(lambda: None)).timesteps == [999.0]
+    assert 400 < t < 500 and abs(float(linear.alpha(torch.tensor(t))) - DMD.MIN_ALPHA) < 0.01
+    sd = vp("scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's: near SiD's 625
+    (t,) = build_objective("dmd2", mixture(sd), MLPDenoiser(sd), NO_GAN, factory=Factory(lambda: None)).timesteps
+    assert 600 < t < 680
     v = vp("linear", "v_prediction")  # no division for a v student
     assert build_objective("dmd2", mixture(v), MLPDenoiser(v), NO_GAN,
                            factory=Factory(lambda: None)).timesteps == [999.0]
