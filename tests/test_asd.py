@@ -59,14 +59,6 @@ def test_bad_asd_settings_name_the_key():
                         factory=Factory(lambda: teacher))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def test_asd_trains_one_student_for_several_step_counts_and_exports_them(tmp_path):
     import json

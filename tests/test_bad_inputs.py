@@ -51,15 +51,6 @@ def fx(tmp_path_factory) -> Fixtures:
     return Fixtures(teacher, pickled, run, images)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """accelerate keeps process-wide state (mixed precision among it); each case starts from scratch."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every folder under ``root``, and every file with its size and mtime (a rewrite with equal bytes shows)."""

@@ -288,14 +288,6 @@ def sd_folder(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("dmd") / "sd")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def test_dmd2_trains_a_text_teacher_with_a_gan_head_on_a_lora_fake_score_and_exports(sd_folder, tmp_path):
     import json

@@ -25,14 +25,6 @@ def sd_folder(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("estimate") / "sd")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def measured_peak(config) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function

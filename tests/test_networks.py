@@ -28,16 +28,11 @@ def sd(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def probes(monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
     from fastgen.losses import OBJECTIVES
 
     for name in list(OBJECTIVES):
         monkeypatch.setitem(OBJECTIVES, name, OBJECTIVES[name])  # undone after the test
     register()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def storages(module: torch.nn.Module) -> set[int]:

@@ -215,14 +215,6 @@ def test_bad_phased_settings_name_the_key():
         build_objective("phased_dmd", teacher, experts, {"boundaries": []}, max_steps=10, **args)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def test_the_trainer_distils_a_student_of_two_experts_phase_by_phase(tmp_path):
     from fastgen.checkpoint import latest_checkpoint, load_checkpoint

@@ -239,14 +239,6 @@ def sd_folder(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("sid") / "sd")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def distil(sd_folder, tmp_path, method, *overrides):
     import json

@@ -42,15 +42,6 @@ def sd_teacher(tmp_path_factory):
     return make_sd_folder(tmp_path_factory.mktemp("trainer-sd") / "teacher")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """accelerate keeps process-wide state (mixed precision among it); each test starts from scratch."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
 
 def make_config(teacher, output, *overrides, method="consistency", data="teacher") -> DistillConfig:
     base = [f"teacher={teacher}", f"method={method}", f"output={output}", "seed=3", "teacher_samples=16",
