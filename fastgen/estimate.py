@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import re
@@ -180,15 +181,17 @@ class ConfigTeacher(Teacher):
         return self._shape
 
     def encode_prompts(self, prompts):
+        """Zeros of the embeddings' shapes, in the network's dtype (as a pipeline at that precision gives)."""
         n, cfg = len(prompts), self.spec.model_config
+        zeros = functools.partial(torch.zeros, dtype=self.model.dtype)
         if self.spec.model_class == "SD3Transformer2DModel":  # 77 CLIP + 256 T5 tokens, as the SD3 pipeline
-            return {"encoder_hidden_states": torch.zeros(n, 333, cfg["joint_attention_dim"]),
-                    "pooled_projections": torch.zeros(n, cfg["pooled_projection_dim"])}
-        embeds = torch.zeros(n, 77, cfg["cross_attention_dim"])
+            return {"encoder_hidden_states": zeros(n, 333, cfg["joint_attention_dim"]),
+                    "pooled_projections": zeros(n, cfg["pooled_projection_dim"])}
+        embeds = zeros(n, 77, cfg["cross_attention_dim"])
         if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size/crop ids
             pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
             return {"encoder_hidden_states": embeds,
-                    "added_cond_kwargs": {"text_embeds": torch.zeros(n, pooled), "time_ids": torch.zeros(n, 6)}}
+                    "added_cond_kwargs": {"text_embeds": zeros(n, pooled), "time_ids": zeros(n, 6)}}
         return {"encoder_hidden_states": embeds}
 
 
@@ -259,15 +262,37 @@ def _bytes(tensors) -> int:
     return total
 
 
+def build_run(config: DistillConfig, spec: TeacherSpec, shape, schedule, attention: str,
+              device: str | torch.device | None = None):
+    """What ``Trainer(config)`` builds, from the teacher's configs with random weights: ``(teacher, objective,
+    nets, trainable)``, ``nets`` the student and the objective's networks by name, ``trainable`` their
+    trainable parameters. The teacher holds the run's precision, the student and critics float32."""
+    from fastgen.losses import build_objective
+    from fastgen.networks import NetworkFactory, configure_network, trainable_parameters
+    from fastgen.trainer import make_student, student_schedule
+
+    t = config.train
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    full = build_network(spec.folder, device)
+    teacher = ConfigTeacher(spec, full if weight_dtype == torch.float32 else copy.deepcopy(full).to(weight_dtype),
+                            shape, schedule)
+    teacher.model.requires_grad_(False).eval()
+    model = make_student(full, config)
+    configure_network(model, attention, t.gradient_checkpointing)
+    student = Denoiser(model, student_schedule(teacher.schedule, config.student.prediction_type))
+    factory = NetworkFactory(teacher, attention, t.gradient_checkpointing, source=full)
+    objective = build_objective(config.method, teacher, student, config.objective, config.student.num_steps,
+                                config.student.timesteps, t.max_steps, factory=factory)
+    factory.release()
+    nets = {"student": student, **objective.networks()}
+    return teacher, objective, nets, {name: trainable_parameters(attr) for name, attr in nets.items()}
+
+
 def estimate_memory(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
                     optimizer: str = "adamw") -> Estimate:
     """Expected peak memory per device of ``Trainer(config)`` (one process), at ``resolution`` pixels
     (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from fastgen.losses import build_objective
-    from fastgen.networks import NetworkFactory, configure_network, trainable_parameters
-    from fastgen.trainer import make_student, student_schedule
 
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer is {optimizer!r}; expected one of {list(OPTIMIZERS)}")
@@ -283,20 +308,8 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
     tracker = LiveBytes()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode), _real_timesteps(config.method):
-        full = build_network(spec.folder)
-        teacher = ConfigTeacher(spec, full if weight_dtype == torch.float32 else
-                                copy.deepcopy(full).to(weight_dtype), shape, schedule)
-        teacher.model.requires_grad_(False).eval()
-        model = make_student(full, config)
-        configure_network(model, t.attention if t.attention != "xformers" else "sdpa", t.gradient_checkpointing)
-        student = Denoiser(model, student_schedule(teacher.schedule, config.student.prediction_type))
-        factory = NetworkFactory(teacher, "sdpa" if t.attention == "xformers" else t.attention,
-                                 t.gradient_checkpointing, source=full)
-        objective = build_objective(config.method, teacher, student, config.objective, config.student.num_steps,
-                                    config.student.timesteps, t.max_steps, factory=factory)
-        del full, factory, model
-        nets = {"student": student, **objective.networks()}
-        trainable = {name: trainable_parameters(attr) for name, attr in nets.items()}
+        teacher, objective, nets, trainable = build_run(config, spec, shape, schedule,
+                                                        "sdpa" if t.attention == "xformers" else t.attention)
         owned_ids = {id(p) for ps in trainable.values() for p in ps}
         base = [p for p in teacher.model.parameters() if id(p) not in owned_ids]
         frozen = {"teacher": base, **{name: [p for p in _module(attr).parameters() if id(p) not in owned_ids
@@ -439,29 +452,41 @@ def _live_tensors(teacher, nets, optimizers, ema, batch):
                 if isinstance(v, torch.Tensor))
 
 
-def _phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype) -> None:
-    """``Trainer._train_step`` for one phase and one micro-batch, without accelerate."""
+def _phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype, device_type: str = "cpu",
+                scaler=None) -> dict:
+    """``Trainer._train_step`` for one phase and one micro-batch, without accelerate: autocast on
+    ``device_type`` at ``weight_dtype``, and with ``scaler`` (a ``torch.amp.GradScaler``) fp16 loss scaling
+    as accelerate does it. Returns the objective's detached terms."""
     owned = _owned(phase, nets)
     excluded = [p for n in nets if n not in owned for p in trainable[n]]
     opt.zero_grad(set_to_none=True)
     for p in excluded:
         p.requires_grad_(False)
     try:
-        precision = (torch.autocast("cpu", dtype=weight_dtype) if weight_dtype != torch.float32
+        precision = (torch.autocast(device_type, dtype=weight_dtype) if weight_dtype != torch.float32
                      else contextlib.nullcontext())
         with precision:
             out = objective.loss(phase.name, batch, 0)
-        out["loss"].backward()
-        del out
+        loss = out.pop("loss")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        terms = {"loss": loss.detach(), **{k: v.detach() for k, v in out.items()}}
+        del out, loss
     finally:
         for p in excluded:
             p.requires_grad_(True)
     params = [p for n in owned for p in trainable[n]]
+    if scaler is not None:
+        scaler.unscale_(opt)
     if t.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     if ema is not None and "student" in owned:
         ema.step(trainable["student"])
+    return terms
 
 
 # -- modes and budgets --------------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ class NetworkFactory:
         self.gradient_checkpointing = gradient_checkpointing
         self.source = source
 
+    def release(self) -> None:
+        """Drop the full-precision source: it is needed only while the objective builds its networks, and
+        objectives keep their factory (under fp16/bf16 it is a float32 copy of the whole teacher network)."""
+        self.source = None
+
     def copy(self) -> Denoiser:
         """A trainable float32 copy of the teacher network with the teacher's schedule."""
         model = self.source if self.source is not None else self.teacher.model

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from fastgen.allocator import keep_heap
 from fastgen.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import DistillConfig, config_to_dict, load_config, save_config
 from fastgen.data import build_data, check_data
@@ -124,6 +125,7 @@ class Trainer:
         self.objective = build_objective(config.method, self.teacher, self.student, config.objective,
                                          config.student.num_steps, config.student.timesteps, t.max_steps,
                                          factory=factory)
+        factory.release()
         del full, factory
         has_x0 = check_data(config.data, self.teacher, class_labels=self.teacher.num_classes > 0, prompts=config.prompts,
                             teacher_guidance=config.teacher_sample_guidance)
@@ -228,9 +230,16 @@ class Trainer:
         metrics_file = self.run_dir / "metrics.jsonl"
         logged: dict[str, torch.Tensor] = {}  # the latest terms of every phase that ran since the last record
         values: dict[str, float] = {}
+        if acc.device.type == "cpu":
+            keep_heap()  # the freed activations of a step stay mapped for the next (fastgen/allocator.py)
         start = time.perf_counter()
         while self.step < t.max_steps:
-            torch.manual_seed(step_seed(self.config.seed, self.step, acc.process_index))
+            seed = step_seed(self.config.seed, self.step, acc.process_index)
+            if acc.device.type == "cpu":
+                # torch.manual_seed would also queue CUDA seeding with a captured stack trace on a CUDA build
+                torch.default_generator.manual_seed(seed)
+            else:
+                torch.manual_seed(seed)
             logged.update(self._train_step())
             self.objective.on_step_end(self.step)
             self.step += 1

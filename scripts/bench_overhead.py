@@ -49,6 +49,7 @@ import torch
 from fastgen.config import DistillConfig, config_from_dict
 from fastgen.denoiser import Denoiser
 from fastgen.losses import build_objective
+from fastgen.networks import NetworkFactory, trainable_parameters
 from fastgen.trainer import Trainer, make_student
 
 CLOCKS = ("wall", "cpu")
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="toy",
                    help="teacher diffusers folder; 'toy': the bundled toy teacher (default: %(default)s)")
-    p.add_argument("--methods", default="consistency,progressive", help="comma-separated objectives (default: %(default)s)")
+    p.add_argument("--methods", default="consistency,progressive,dmd2", help="comma-separated objectives (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps of each loop before the first block (default: %(default)s)")
@@ -92,34 +93,55 @@ def distill_config(args, method: str, run_dir: Path) -> DistillConfig:
 
 
 class HandLoop:
-    """The trainer's objective on a fresh student copy, trained by a plain PyTorch loop."""
+    """The trainer's objective on a fresh student copy (and fresh copies of its other networks), trained by a
+    plain PyTorch loop: per phase, the networks it does not own have ``requires_grad`` off while it runs."""
 
     def __init__(self, trainer: Trainer):
         config, teacher = trainer.config, trainer.teacher
         self.train = config.train
         self.student = Denoiser(make_student(teacher.model, config), teacher.schedule)
-        self.objective = build_objective(config.method, teacher.denoiser, self.student, config.objective,
-                                         config.student.num_steps, config.student.timesteps, config.train.max_steps)
-        (self.phase,) = self.objective.phases()
+        factory = NetworkFactory(teacher, source=teacher.model)
+        self.objective = build_objective(config.method, teacher, self.student, config.objective,
+                                         config.student.num_steps, config.student.timesteps, config.train.max_steps,
+                                         factory=factory)
+        self.phases = self.objective.phases()
         self.data = trainer.data
-        self.params = [p for p in self.student.model.parameters() if p.requires_grad]
+        nets = {"student": self.student.model, **self.objective.networks()}
+        self.params = {name: trainable_parameters(net) for name, net in nets.items()}
         t = self.train
-        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.ema = [p.detach().clone() for p in self.params]
+        self.owned = {ph.name: ph.networks for ph in self.phases}
+        self.opts = {ph.name: torch.optim.AdamW([p for n in ph.networks for p in self.params[n]], lr=ph.lr or t.lr,
+                                                betas=t.betas, weight_decay=t.weight_decay) for ph in self.phases}
+        self.ema = [p.detach().clone() for p in self.params["student"]]
+        self.batches = 0
         self.step = 0
+
+    def set_grad(self, phase: str, on: bool) -> None:
+        for name, params in self.params.items():
+            if name not in self.owned[phase]:
+                for p in params:
+                    p.requires_grad_(on)
 
     def run(self, steps: int, stamps: list[tuple[float, float, int]]) -> None:
         """Train ``steps`` steps, appending the clock after each to ``stamps``."""
         t = self.train
         for _ in range(steps):
-            loss = self.objective.loss(self.phase.name, self.data.batch(self.step), self.step)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            decay = 0.0 if self.step == 0 else min(t.ema_decay, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():
-                torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
+            for phase in self.phases:
+                if not phase.runs_at(self.step):
+                    continue
+                self.set_grad(phase.name, False)
+                loss = self.objective.loss(phase.name, self.data.batch(self.batches), self.step)["loss"]
+                self.batches += 1
+                loss.backward()
+                self.set_grad(phase.name, True)
+                opt = self.opts[phase.name]
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if "student" in phase.networks:
+                    decay = 0.0 if self.step == 0 else min(t.ema_decay, (1 + self.step) / (10 + self.step))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(self.ema, self.params["student"], 1.0 - decay)
             self.objective.on_step_end(self.step)
             self.step += 1
             stamps.append(clock())

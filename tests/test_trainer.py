@@ -449,6 +449,19 @@ def test_bf16_run_of_a_text_teacher_exports_full_precision_components(sd_teacher
     assert_same(exported.unet.state_dict(), trainer.student_weights().state_dict(), "unet")
 
 
+@pytest.mark.parametrize("fake_lora_rank", [0, 4])
+def test_bf16_dmd2_with_its_gan_head_builds_and_trains_on_a_text_teacher(sd_teacher, tmp_path, fake_lora_rank):
+    # the head is sized by a probe pass outside the training step: a float32 fake score fed the bf16 teacher's
+    # text embeddings, or a float32 LoRA on the bf16 base, failed there with a dtype mismatch before autocast
+    trainer = Trainer(make_config(sd_teacher, tmp_path / "run", "train.max_steps=2", "train.mixed_precision=bf16",
+                                  f"objective.fake_lora_rank={fake_lora_rank}", "objective.critic_every=1",
+                                  method="dmd2"))
+    assert trainer.teacher.model.dtype == torch.bfloat16 and trainer.objective.head is not None
+    trainer.fit()
+    rows = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["generator/loss"]) and math.isfinite(r["critic/gan"]) for r in rows)
+
+
 def test_gradient_checkpointing_and_sdpa_train_like_the_default(teacher, tmp_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
