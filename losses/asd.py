@@ -50,7 +50,7 @@ class ASD(DMD2):
         self._check_asd(config, num_steps)
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         c = config
-        self.needs_data = c.gan_weight > 0 or c.gan_critic_weight > 0 or c.regression_weight > 0 or (
+        self.needs_data = self.uses_gan or c.regression_weight > 0 or c.regression_steps > 0 or (
             c.multistep_input == "data")
         extra = c.first_frame_steps
         counts = sorted({k + d for k in c.step_counts for d in (0, 1, extra, 1 + extra)})

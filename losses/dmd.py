@@ -71,6 +71,10 @@ class DMDConfig:
     """Learning rate of the fake score and the GAN head; None = train.lr (DMD2 uses the same)."""
     regression_weight: float = 0.25
     """Weight of DMD's regression loss on teacher ODE pairs (needs ``--data teacher``); 0 = off."""
+    regression_steps: int = 0
+    """A regression warm-up (DMD2's one-step SDXL recipe): for the first this many training steps the generator
+    is trained by the regression loss on teacher ODE pairs alone (needs ``--data teacher``), while the fake score
+    follows it as usual; the run's own terms after that. 0 = none."""
     gan_weight: float = 0.0
     """Weight of the generator's GAN term (DMD2: 5e-3); with ``gan_critic_weight`` > 0 needs real samples."""
     gan_critic_weight: float = 0.0
@@ -110,13 +114,14 @@ class DMD(Objective):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         self._check(config)
         self.build_critic("fake", self.uses_gan)
-        self.needs_data = self.uses_gan or config.regression_weight > 0 or (
+        self.needs_data = self.uses_gan or config.regression_weight > 0 or config.regression_steps > 0 or (
             config.multistep_input == "data" and num_steps > 1)
 
     def _check(self, c: DMDConfig) -> None:
         rules = [
             (c.guidance_scale >= 0.0, "guidance_scale", c.guidance_scale, ">= 0 (1 = no guidance)"),
             (c.critic_every >= 1, "critic_every", c.critic_every, ">= 1"),
+            (c.regression_steps >= 0, "regression_steps", c.regression_steps, ">= 0 (0 = no warm-up)"),
             (c.fake_lora_rank >= 0, "fake_lora_rank", c.fake_lora_rank, ">= 0"),
             (min(c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight) >= 0, "*_weight",
              (c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight), "non-negative weights"),
@@ -242,14 +247,13 @@ class DMD(Objective):
         c = self.config
         gan_weight, gan_critic_weight = self.gan_weights()
         if phase == "generator":
+            if step < c.regression_steps:
+                regression = self.regression_loss(batch)
+                return {"loss": regression, "regression": regression.detach()}
             x, t_in = self.generate(batch, grad=True)
             terms = self.generator_terms(x, t_in, batch)
             if c.regression_weight > 0:
-                if batch.noise is None:
-                    raise UsageError("objective.regression_weight > 0 needs teacher ODE pairs: pass --data teacher "
-                                     "(or set objective.regression_weight=0)")
-                t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
-                terms["regression"] = (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
+                terms["regression"] = self.regression_loss(batch)
             if gan_weight > 0:
                 t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
                 terms["gan"] = generator_loss(self.discriminator.logits(x, t_gan, batch.cond), c.gan_loss)
@@ -263,6 +267,14 @@ class DMD(Objective):
             terms["gan"] = self.discriminator_terms(x.float(), batch)
         total = terms["fake"] + gan_critic_weight * terms.get("gan", 0.0)
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+
+    def regression_loss(self, batch) -> torch.Tensor:
+        """DMD's regression ``||x0_G(noise) - x_ODE||^2`` on a teacher ODE pair, through the first step."""
+        if batch.noise is None:
+            raise UsageError("objective.regression_weight > 0 and objective.regression_steps > 0 need teacher ODE "
+                             "pairs: pass --data teacher (or set both to 0)")
+        t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
+        return (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
 
     def discriminator_terms(self, x: torch.Tensor, batch) -> torch.Tensor:
         c = self.config

@@ -335,6 +335,41 @@ def test_dmd_regression_on_teacher_pairs_through_the_trainer(tmp_path):
     assert last["generator/regression"] > 0 and "critic/fake" in last and "generator/gan" not in last
 
 
+def test_dmd2_regression_warm_up_trains_the_generator_on_teacher_pairs_alone_then_hands_over(tmp_path):
+    import json
+
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.trainer import Trainer
+
+    folder = make_ddpm_folder(tmp_path / "ddpm", sample_size=8)
+    config = load_config(DistillConfig, None, [
+        f"teacher={folder}", "method=dmd2", f"output={tmp_path / 'run'}", "data=teacher", "teacher_samples=8",
+        "teacher_sample_steps=2", "train.batch_size=4", "train.max_steps=6", "train.log_every=1",
+        "objective.critic_every=1", "objective.regression_steps=3"])
+    Trainer(config).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    generator = [{k for k in r if k.startswith("generator/") and k not in ("generator/loss", "generator/grad_norm")}
+                 for r in rows]
+    assert generator[:3] == [{"generator/regression"}] * 3
+    assert all(g == {"generator/dm", "generator/gan"} for g in generator[3:]), generator
+    assert all(rows[i]["generator/loss"] == rows[i]["generator/regression"] for i in range(3))
+    assert all("critic/fake" in r for r in rows)  # the fake score follows the student from the first step
+
+
+def test_a_regression_warm_up_without_teacher_pairs_is_refused(tmp_path):
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.errors import UsageError
+    from fastgen.trainer import Trainer
+
+    folder = make_ddpm_folder(tmp_path / "ddpm", sample_size=8)
+    config = load_config(DistillConfig, None, [
+        f"teacher={folder}", "method=dmd2", f"output={tmp_path / 'run'}", "train.batch_size=4", "train.max_steps=2",
+        "objective.gan_weight=0", "objective.gan_critic_weight=0", "objective.regression_steps=2"])
+    with pytest.raises(UsageError, match="needs data"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_one_step_epsilon_students_default_time_avoids_the_division_by_alpha_at_the_top():
     def vp(beta_schedule, prediction_type="epsilon", **betas):
         return schedule_from_config(DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type,
