@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=4, help="batch of the sampling section (default: %(default)s)")
     p.add_argument("--teacher-steps", type=int, default=50,
                    help="the teacher's DDIM steps in the sampling section (default: %(default)s)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip fastgen estimate's figure beside each mode (its fake-tensor simulation is slow on a CPU)")
     p.add_argument("--out", type=Path,
                    help="JSON results (default: docs/bench_gpu.json, --tiny: docs/bench_gpu_tiny.json)")
     p.add_argument("--md", type=Path, help="Markdown tables (default: beside --out, .md)")
@@ -190,8 +192,10 @@ def bench_training(name, folder, device, clock, args, peak_flops) -> list[dict]:
     for mode, overrides in MODES.items():
         config = run_config(str(folder), batch, setting["guidance"], overrides)
         row = {"network": name, "mode": mode, "overrides": overrides, "batch": batch}
+        row["estimate_bytes"] = None
         try:
-            row["estimate_bytes"] = estimate_memory(copy.deepcopy(config), device=device.type).total_bytes
+            if not args.no_estimate:
+                row["estimate_bytes"] = estimate_memory(copy.deepcopy(config), device=device.type).total_bytes
         except Exception as e:  # the estimate is reported beside the measurement, not needed by it
             row["estimate_error"] = repr(e)
         free(device)
