@@ -50,8 +50,9 @@ class ASD(DMD2):
         self._check_asd(config, num_steps)
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
         c = config
-        self.needs_data = self.uses_gan or c.regression_weight > 0 or c.regression_steps > 0 or (
-            c.multistep_input == "data")
+        # not uses_gan: ASD's own adversarial term compares the student with itself and needs no data
+        self.needs_data = (c.gan_weight > 0 or c.gan_critic_weight > 0 or c.regression_weight > 0
+                           or c.regression_steps > 0 or c.multistep_input == "data")
         extra = c.first_frame_steps
         counts = sorted({k + d for k in c.step_counts for d in (0, 1, extra, 1 + extra)})
         self.grids = {k: self.timesteps if k == num_steps else self.default_timesteps(k) for k in counts}
