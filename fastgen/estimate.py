@@ -269,13 +269,12 @@ def build_run(config: DistillConfig, spec: TeacherSpec, shape, schedule, attenti
     trainable parameters. The teacher holds the run's precision, the student and critics float32."""
     from fastgen.losses import build_objective
     from fastgen.networks import NetworkFactory, configure_network, trainable_parameters
-    from fastgen.trainer import make_student, student_schedule
+    from fastgen.trainer import make_student, student_schedule, weight_dtype
 
     t = config.train
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    dtype = weight_dtype(t.mixed_precision)
     full = build_network(spec.folder, device)
-    teacher = ConfigTeacher(spec, full if weight_dtype == torch.float32 else copy.deepcopy(full).to(weight_dtype),
-                            shape, schedule)
+    teacher = ConfigTeacher(spec, full if dtype == torch.float32 else copy.deepcopy(full).to(dtype), shape, schedule)
     teacher.model.requires_grad_(False).eval()
     model = make_student(full, config)
     configure_network(model, attention, t.gradient_checkpointing)
@@ -294,6 +293,8 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastgen.trainer import weight_dtype
+
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer is {optimizer!r}; expected one of {list(OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
@@ -303,7 +304,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
         raise ValueError(f"student.experts is {config.student.experts}; the estimate covers one student network (1)")
     spec = TeacherSpec.read(config.teacher)
     t = config.train
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+    dtype = weight_dtype(t.mixed_precision)
     shape = spec.sample_shape(resolution)
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
     tracker = LiveBytes()
@@ -347,13 +348,13 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
         with tracker:
             for phase in objective.phases():
                 tracker.reset_peak()
-                _phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, weight_dtype)
+                _phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, dtype)
                 phase_peaks[phase.name] = tracker.peak
     peak_phase = max(phase_peaks, key=phase_peaks.get)
     saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
     other = static - sum(r[2] for r in rows) - int(saved)  # buffers, the batch, step counters
     components = spec.component_parameters()
-    element = torch.tensor([], dtype=weight_dtype).element_size()
+    element = torch.tensor([], dtype=dtype).element_size()
     rows = ([r for r in rows if r[2] > 0] + [(name, "weights", n * element) for name, n in components.items()]
             + [("batch, buffers", "other", other)])
     rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries

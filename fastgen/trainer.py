@@ -46,6 +46,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank * 7_919) % (2**63 - 1)
 
 
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the teacher's weights are held in for ``train.mixed_precision`` (students stay float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def make_student(teacher_model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
     """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft)."""
     student = copy.deepcopy(teacher_model).float().train()
@@ -102,11 +107,11 @@ class Trainer:
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
         torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
-        self.teacher = load_teacher(config.teacher, device=acc.device, dtype=weight_dtype,
+        dtype = weight_dtype(t.mixed_precision)
+        self.teacher = load_teacher(config.teacher, device=acc.device, dtype=dtype,
                                     trust_pickle=config.trust_pickle)
         # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
-        full = self.teacher if weight_dtype == torch.float32 else load_teacher(config.teacher,
+        full = self.teacher if dtype == torch.float32 else load_teacher(config.teacher,
                                                                                 trust_pickle=config.trust_pickle)
         schedule = student_schedule(self.teacher.schedule, config.student.prediction_type)
         self.student_names = ["student"] if config.student.experts == 1 else [
@@ -232,14 +237,11 @@ class Trainer:
         values: dict[str, float] = {}
         if acc.device.type == "cpu":
             keep_heap()  # the freed activations of a step stay mapped for the next (fastgen/allocator.py)
+        # on a CPU run torch.manual_seed would also queue CUDA seeding, with a captured stack trace, every step
+        seed = torch.default_generator.manual_seed if acc.device.type == "cpu" else torch.manual_seed
         start = time.perf_counter()
         while self.step < t.max_steps:
-            seed = step_seed(self.config.seed, self.step, acc.process_index)
-            if acc.device.type == "cpu":
-                # torch.manual_seed would also queue CUDA seeding with a captured stack trace on a CUDA build
-                torch.default_generator.manual_seed(seed)
-            else:
-                torch.manual_seed(seed)
+            seed(step_seed(self.config.seed, self.step, acc.process_index))
             logged.update(self._train_step())
             self.objective.on_step_end(self.step)
             self.step += 1

@@ -48,6 +48,7 @@ from fastgen.estimate import (TeacherSpec, _batch, _phase_step, build_run, estim
                               with_overrides)
 from fastgen.samplers.solvers import Guidance, sample_ddim, sample_renoise
 from fastgen.schedules import schedule_from_config
+from fastgen.trainer import weight_dtype
 
 NETWORKS = {"sd15": {"batch": 8, "guidance": 1.75}, "sdxl": {"batch": 1, "guidance": 8.0}}
 """Real-size config, training batch (SDXL: batch 1 at 1024², the 24 GiB goal) and the DMD2 guidance of its preset."""
@@ -161,7 +162,7 @@ class Run:
         spec = TeacherSpec.read(config.teacher)
         self.spec = spec
         schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[config.train.mixed_precision]
+        self.dtype = weight_dtype(config.train.mixed_precision)
         self.teacher, self.objective, self.nets, self.trainable = build_run(
             config, spec, spec.sample_shape(), schedule, config.train.attention, device)
         self.phases = self.objective.phases()
