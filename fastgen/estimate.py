@@ -330,7 +330,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
             from diffusers.training_utils import EMAModel
 
             ema = EMAModel(trainable["student"], decay=t.ema_decay, foreach=True)
-        batch = _batch(teacher, objective, t.batch_size, shape)
+        batch = synthetic_batch(teacher, objective, t.batch_size, shape)
         state_bytes = {name: _bytes(s for p in trainable[name] for opt in optimizers.values()
                                     for s in opt.state.get(p, {}).values() if s.dim() > 0) for name in nets}
         rows = [("teacher", "weights", _bytes(base))]
@@ -348,7 +348,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
         with tracker:
             for phase in objective.phases():
                 tracker.reset_peak()
-                _phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, dtype)
+                phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, dtype)
                 phase_peaks[phase.name] = tracker.peak
     peak_phase = max(phase_peaks, key=phase_peaks.get)
     saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
@@ -427,7 +427,9 @@ def _owned(phase, nets) -> list[str]:
     return [n for n in phase.networks if n in nets]
 
 
-def _batch(teacher, objective, n: int, shape) -> Batch:
+def synthetic_batch(teacher, objective, n: int, shape) -> Batch:
+    """A batch of ``n`` random samples of ``shape`` with every field an objective may read (data, ODE noise,
+    empty-prompt or class-0 conditions), for measuring a step without a dataset."""
     cond = uncond = None
     if teacher.text_conditioned:
         cond, uncond = teacher.encode_prompts([""] * n), teacher.null_cond(n)
@@ -453,7 +455,7 @@ def _live_tensors(teacher, nets, optimizers, ema, batch):
                 if isinstance(v, torch.Tensor))
 
 
-def _phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype, device_type: str = "cpu",
+def phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype, device_type: str = "cpu",
                 scaler=None) -> dict:
     """``Trainer._train_step`` for one phase and one micro-batch, without accelerate: autocast on
     ``device_type`` at ``weight_dtype``, and with ``scaler`` (a ``torch.amp.GradScaler``) fp16 loss scaling

@@ -30,7 +30,7 @@ from fastgen.data import build_data, check_data
 from fastgen.denoiser import Denoiser
 from fastgen.experts import ExpertsDenoiser, default_boundaries
 from fastgen.errors import EnvironmentMissingError, MissingPathError, UsageError
-from fastgen.losses import build_objective
+from fastgen.losses import build_objective, default_grid
 from fastgen.networks import (NetworkFactory, configure_network, load_network_state, network_module, network_state,
                               trainable_parameters)
 from fastgen.schedules import NoiseSchedule, schedule_from_description
@@ -80,11 +80,11 @@ def student_schedule(schedule: NoiseSchedule, prediction_type: str | None) -> No
     return schedule_from_description({**schedule.describe(), "prediction_type": prediction_type})
 
 
-def student_boundaries(config: DistillConfig, schedule: NoiseSchedule) -> list[float]:
+def student_boundaries(config: DistillConfig, schedule: NoiseSchedule, student: NoiseSchedule) -> list[float]:
     """The native times between the experts of a student of ``student.experts`` experts: ``student.expert_boundaries``,
-    else halfway between groups of its timesteps (``default_boundaries``)."""
+    else halfway between groups of its timesteps (``default_boundaries``; by default the method's grid)."""
     s = config.student
-    grid = s.timesteps or schedule.timesteps(s.num_steps).tolist()
+    grid = s.timesteps or default_grid(config.method, schedule, student, config.objective, s.num_steps)
     return s.expert_boundaries or default_boundaries(grid, s.experts)
 
 
@@ -124,7 +124,7 @@ class Trainer:
         if len(experts) == 1:
             self.student = experts[0]
         else:
-            self.student = ExpertsDenoiser(experts, student_boundaries(config, self.teacher.schedule))
+            self.student = ExpertsDenoiser(experts, student_boundaries(config, self.teacher.schedule, schedule))
         # students first: LoRA networks the objective adds on the teacher's weights stay out of their copies
         factory = NetworkFactory(self.teacher, t.attention, t.gradient_checkpointing, source=full.model)
         self.objective = build_objective(config.method, self.teacher, self.student, config.objective,
@@ -504,8 +504,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
             averaged.copy_to(trainable)
         students.append(student.eval())
     # the objective may record the boundaries itself (Phased DMD); else they are the config's
-    export = {"expert_boundaries": student_boundaries(config, teacher.schedule) if len(names) > 1 else None,
+    schedule = student_schedule(teacher.schedule, config.student.prediction_type)
+    export = {"expert_boundaries": student_boundaries(config, teacher.schedule, schedule) if len(names) > 1 else None,
               **json.loads((run_dir / "export_config.json").read_text())}
-    prediction_type = student_schedule(teacher.schedule, config.student.prediction_type).prediction_type
+    prediction_type = schedule.prediction_type
     return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **export, lora=lora,
                           prediction_type=prediction_type, method=config.method, settings=config.objective)

@@ -37,13 +37,24 @@ def build_objective(method: str, teacher, student: BaseDenoiser, args: dict[str,
     """The objective ``method`` with its ``Config`` filled from ``args`` (unknown keys name the closest one).
     ``teacher``: a ``Teacher`` (or a bare denoiser); ``factory`` builds its extra networks (default: from the
     teacher, float32, default attention)."""
-    if method not in OBJECTIVES:
-        close = difflib.get_close_matches(method, sorted(OBJECTIVES), n=1)
-        raise UsageError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}"
-                         + (f"; did you mean {close[0]!r}?" if close else ""))
-    cls = OBJECTIVES[method]
+    cls = objective_class(method)
     config = config_from_dict(cls.Config, dict(args or {}), prefix="objective")
     return cls(teacher, student, config, num_steps, timesteps, max_steps, factory=factory)
 
 
-__all__ = ["OBJECTIVES", "Objective", "Phase", "build_objective"]
+def default_grid(method: str, schedule, student_schedule, args: dict[str, Any] | None, num_steps: int) -> list[float]:
+    """``method``'s default student timesteps (``Objective.default_grid``), before its networks exist."""
+    cls = objective_class(method)
+    return cls.default_grid(schedule, student_schedule, config_from_dict(cls.Config, dict(args or {}),
+                                                                         prefix="objective"), num_steps)
+
+
+def objective_class(method: str) -> type[Objective]:
+    if method not in OBJECTIVES:
+        close = difflib.get_close_matches(method, sorted(OBJECTIVES), n=1)
+        raise UsageError(f"method {method!r} is unknown; expected one of {sorted(OBJECTIVES)}"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    return OBJECTIVES[method]
+
+
+__all__ = ["OBJECTIVES", "Objective", "Phase", "build_objective", "default_grid"]

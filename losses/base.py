@@ -114,7 +114,14 @@ class Objective:
 
     # -- what export and sampling ask -------------------------------------------------------------
     def default_timesteps(self, num_steps: int) -> list[float]:
-        return self.schedule.timesteps(num_steps).tolist()
+        return self.default_grid(self.schedule, self.student.schedule, self.config, num_steps)
+
+    @classmethod
+    def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
+        """The default timesteps from the teacher's and the student's schedules and the objective's config alone,
+        so that the trainer can split a student of several experts on them before the objective exists: the
+        teacher's trailing grid."""
+        return schedule.timesteps(num_steps).tolist()
 
     def sampling_denoiser(self) -> BaseDenoiser:
         """The denoiser whose x0 the student's rule uses (a consistency student's boundary form)."""

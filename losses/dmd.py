@@ -106,7 +106,7 @@ class DMD(Objective):
     Config = DMDConfig
     rule = "renoise"
     MIN_ALPHA = 0.35
-    """A one-step epsilon student's default time is capped where ``alpha = MIN_ALPHA`` (see ``default_timesteps``)."""
+    """The default grid of an epsilon student is capped where ``alpha = MIN_ALPHA`` (see ``default_grid``)."""
     metric_terms: tuple[str, ...] = ()
     """Generator terms logged beside the loss but not added to it (SiD's count of dropped samples)."""
 
@@ -141,20 +141,30 @@ class DMD(Objective):
             raise UsageError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
 
-    def default_timesteps(self, num_steps: int) -> list[float]:
-        """The teacher's trailing grid; a one-step epsilon student's time is capped where
-        ``alpha(t) = MIN_ALPHA``: its step from pure noise turns an epsilon output into x0 by dividing by
-        ``alpha``, 0.006 at the top of a linear-beta DDPM. The published one-step times sit there or above:
-        SiD's 625 for SD is alpha 0.37, DMD2's 399 for SDXL 0.65; on the linear-beta toy teacher, t = 399
-        (alpha 0.44) reached toy FID 153 where t = 768 (alpha 0.05) reached 563 (docs/dmd.md). The cap
-        gives t ≈ 640 for SD, 455 for a linear-beta DDPM. v, x0 and flow students (no division) and
-        multi-step grids (DMD2's [999, 749, 499, 249]) are kept as they are."""
-        ts = self.schedule.timesteps(num_steps)
-        if num_steps == 1 and self.student.schedule.prediction_type == "epsilon":
-            a2 = self.MIN_ALPHA ** 2
-            cap = self.schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor()
-            ts = torch.minimum(ts, cap)
-        return ts.tolist()
+    @classmethod
+    def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
+        """The teacher's trailing grid, capped for an epsilon student where ``alpha(t) = MIN_ALPHA``: the
+        student's first step starts from pure noise and turns an epsilon output into x0 by dividing by
+        ``alpha``, 0.006 at the top of a linear-beta DDPM, so any error of the output is amplified 160-fold.
+        The published one-step times sit at the cap or below: SiD's 625 for SD is alpha 0.37, DMD2's 399 for
+        SDXL 0.65; the cap gives t = 643 for SD, 452 for a linear-beta DDPM. A grid whose top is above the cap is
+        spaced evenly below it, ``t_k = round(cap (n - k) / n)``: [452, 339, 226, 113] for 4 steps of a
+        linear-beta DDPM. On that toy teacher DMD2's 4-step student reached toy FID 21.0 on this grid where the
+        trailing grid [999, 749, 499, 249] reached 342.2 (same 500 steps, docs/dmd.md). v, x0 and flow students
+        (no division) keep the trailing grid; the SDXL preset keeps DMD2's published [999, 749, 499, 249]
+        (alpha(999) = 0.068 there)."""
+        ts = schedule.timesteps(num_steps)
+        if cls.capped(schedule, student_schedule):
+            a2 = cls.MIN_ALPHA ** 2
+            cap = float(schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor())
+            if float(ts[0]) > cap:
+                ts = torch.round(cap * (num_steps - torch.arange(num_steps, dtype=torch.float64)) / num_steps)
+        return [float(t) for t in ts]
+
+    @staticmethod
+    def capped(schedule, student_schedule) -> bool:
+        """Whether ``default_grid`` caps the grid where ``alpha = MIN_ALPHA``: for epsilon students."""
+        return student_schedule.prediction_type == "epsilon"
 
     def build_critic(self, adapter: str, gan: bool) -> None:
         """The fake score (``self.fake``: a full copy, or the LoRA adapter ``adapter`` on the teacher's weights)

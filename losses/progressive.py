@@ -127,6 +127,3 @@ class ProgressiveDistillation(Objective):
             self._next_round()
             self.round_teacher.load_state_dict(state["round_teacher"])
 
-    def default_timesteps(self, num_steps):
-        return self.schedule.timesteps(num_steps).tolist()
-

@@ -72,7 +72,8 @@ class SiDConfig(DMDConfig):
     prompt_dropout: float = 0.1
     """Text teachers: fraction of the fake score's training samples given the empty prompt (SiD-LSG: 10 %)."""
     init_t: float | None = None
-    """The one-step generator's input time; None = 625/1000 of the range (VP), sigma 2.5 (EDM), the top (flow)."""
+    """The one-step generator's input time; None = where alpha = 0.37 (VP: 625 on SD), sigma 2.5 (EDM), the top
+    (flow)."""
     checkpoint_scores: bool = False
     """Recompute teacher and fake score in the backward pass instead of storing their activations."""
 
@@ -89,6 +90,7 @@ class SiD(DMD):
     name = "sid"
     Config = SiDConfig
     metric_terms = ("dropped",)
+    MIN_ALPHA = 0.37
 
     def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
         super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
@@ -110,17 +112,22 @@ class SiD(DMD):
         if bad:
             raise UsageError("; ".join(bad))
 
-    def default_timesteps(self, num_steps: int) -> list[float]:
-        if num_steps > 1:
-            return super().default_timesteps(num_steps)
-        s = self.schedule
-        if self.config.init_t is not None:
-            return [float(self.config.init_t)]
-        if s.family == "vp":
-            return [float(round(0.625 * s.num_train_timesteps))]
-        if s.family == "edm":
+    @classmethod
+    def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
+        """``init_t`` for one step when set; EDM teachers: sigma 2.5 (SiD's sigma_init); VP teachers of any
+        output type: DMD's grid capped where ``alpha = MIN_ALPHA = 0.37``, which is SiD's own choice written
+        as a noise level: SiD-LSG's t_init = 625 on SD's scaled-linear betas is alpha 0.371, sigma_init = 2.5
+        on EDM is ``1 / sqrt(1 + 2.5^2)`` = 0.371 too. A fixed 625 / 1000 would be alpha 0.14 on a linear-beta
+        DDPM (its cap is t = 440)."""
+        if num_steps == 1 and config.init_t is not None:
+            return [float(config.init_t)]
+        if num_steps == 1 and schedule.family == "edm":
             return [2.5]
-        return super().default_timesteps(1)
+        return super().default_grid(schedule, student_schedule, config, num_steps)
+
+    @staticmethod
+    def capped(schedule, student_schedule) -> bool:
+        return schedule.family == "vp"
 
     # -- pieces -----------------------------------------------------------------------------------
     def generator_times(self, n: int, device) -> torch.Tensor:

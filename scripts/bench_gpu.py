@@ -8,7 +8,7 @@ Networks are the bundled real-size configs (``fastgen/assets/real_size``: SD1.5'
 at 64×64 latents; SDXL's, 2.6 B, at 128×128) with random weights: speed and memory do not depend on the
 values. Each run is built as the trainer builds it (``fastgen.estimate.build_run``: teacher at the run's
 precision, float32 student and fake score, the objective's GAN head) and trained by the trainer's step
-(``fastgen.estimate._phase_step``: phase ownership, autocast, backward, clipping, AdamW, EMA), without
+(``fastgen.estimate.phase_step``: phase ownership, autocast, backward, clipping, AdamW, EMA), without
 accelerate (one process). Sections:
 
 1. **Peak matmul**: a large square bf16 matmul, the denominator of MFU (measured here, not a data sheet).
@@ -44,7 +44,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastgen.config import DistillConfig, config_from_dict
-from fastgen.estimate import (TeacherSpec, _batch, _phase_step, build_run, estimate_memory, real_size_folder,
+from fastgen.estimate import (TeacherSpec, build_run, estimate_memory, phase_step, real_size_folder, synthetic_batch,
                               with_overrides)
 from fastgen.samplers.solvers import Guidance, sample_ddim, sample_renoise
 from fastgen.schedules import schedule_from_config
@@ -168,15 +168,16 @@ class Run:
         self.phases = self.objective.phases()
         self.opts = {ph.name: torch.optim.AdamW([p for n in ph.networks if n in self.nets
                                                  for p in self.trainable[n]], lr=1e-6) for ph in self.phases}
-        self.batch = _batch(self.teacher, self.objective, config.train.batch_size, spec.sample_shape()).to(device)
+        shape = spec.sample_shape()
+        self.batch = synthetic_batch(self.teacher, self.objective, config.train.batch_size, shape).to(device)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
 
     def iteration(self) -> dict[str, float]:
         """One update of every phase; the losses."""
         losses = {}
         for ph in self.phases:
-            terms = _phase_step(ph, self.objective, self.nets, self.trainable, self.opts[ph.name], None, self.batch,
-                                self.config.train, self.dtype, self.device.type, self.scaler)
+            terms = phase_step(ph, self.objective, self.nets, self.trainable, self.opts[ph.name], None, self.batch,
+                               self.config.train, self.dtype, self.device.type, self.scaler)
             losses[ph.name] = float(terms["loss"])
         return losses
 

@@ -143,7 +143,9 @@ def test_a_one_step_dmd2_student_recovers_both_modes_of_a_mixture():
     student, fake = MLPDenoiser(schedule, dim=dim, hidden=64), MLPDenoiser(schedule, dim=dim, hidden=64)
     objective = build_objective("dmd2", teacher, student, NO_GAN, factory=Factory(lambda: fake))
     assert objective.config.critic_every == 5 and objective.timesteps == schedule.timesteps(1).tolist()
-    train_dmd(objective, student, fake, steps=3000)
+    # 8000 steps: at 3000 the minor mode's variance was 1.5-2.0x too wide and moved with the seed and the torch
+    # build; at 8000 the variances measured 1.06 / 0.97 (seed 0) and 1.16 / 1.05 (seed 1) of the target
+    train_dmd(objective, student, fake, steps=8000)
     with torch.no_grad():
         x = objective.generate(batch(20000), grad=False)[0]
     right = x.mean(1) > 0
@@ -152,8 +154,7 @@ def test_a_one_step_dmd2_student_recovers_both_modes_of_a_mixture():
     for mask, centre in ((~right, -2.0), (right, 2.0)):
         mean, var = robust_moments(x[mask])
         assert abs(mean - centre) < 0.05, (centre, mean)  # 0.1 std of a mode
-        # the issue asks for ±20 %; measured 0.47 and 0.20 against 0.25 (the minor mode too wide)
-        assert 0.5 < var / 0.25 < 2.0, (centre, var)
+        assert 0.8 < var / 0.25 < 1.2, (centre, var)  # ±20 % of a mode's variance
 
 
 # ----------------------------------------------------------------------------- Decoupled DMD
@@ -385,6 +386,13 @@ def test_a_one_step_epsilon_students_default_time_avoids_the_division_by_alpha_a
     v = vp("linear", "v_prediction")  # no division for a v student
     assert build_objective("dmd2", mixture(v), MLPDenoiser(v), NO_GAN,
                            factory=Factory(lambda: None)).timesteps == [999.0]
-    four = build_objective("dmd2", mixture(linear), MLPDenoiser(linear), NO_GAN, num_steps=4,
-                           factory=Factory(lambda: None))
-    assert four.timesteps == [999.0, 749.0, 499.0, 249.0]  # DMD2's multi-step grid as published
+    def four(schedule):
+        return build_objective("dmd2", mixture(schedule), MLPDenoiser(schedule), NO_GAN, num_steps=4,
+                               factory=Factory(lambda: None)).timesteps
+
+    # a multi-step grid whose top is above the cap is spaced evenly below it, t_k = round(cap (n - k) / n)
+    assert four(linear) == [452.0, 339.0, 226.0, 113.0]
+    assert four(linear)[0] == build_objective("dmd2", mixture(linear), MLPDenoiser(linear), NO_GAN,
+                                              factory=Factory(lambda: None)).timesteps[0]
+    assert four(sd) == [643.0, 482.0, 322.0, 161.0]
+    assert four(v) == [999.0, 749.0, 499.0, 249.0]  # the trailing grid (DMD2's published one) for a v student

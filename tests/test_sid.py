@@ -44,7 +44,9 @@ def test_the_sid_loss_and_its_gradient_are_the_papers_formula_on_tiny_networks(t
     folder = make_ddpm_folder(tmp_path / "ddpm", sample_size=8)
     teacher = load_teacher(folder)
     objective = build_objective("sid", teacher, load_teacher(folder).denoiser, {})
-    assert objective.alpha == 1.2 and objective.timesteps == [625.0] and objective.config.critic_every == 1
+    assert objective.alpha == 1.2 and objective.config.critic_every == 1
+    (t,) = objective.timesteps  # SiD's t_init as a noise level: alpha = 0.37 (625 on SD), 440 on linear betas
+    assert t == 440.0 and abs(float(objective.schedule.alpha(torch.tensor(t))) - 0.37) < 0.005
     torch.manual_seed(0)
     with torch.no_grad():  # a fake score that differs from the teacher
         for p in objective.fake.model.parameters():
