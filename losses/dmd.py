@@ -150,8 +150,8 @@ class DMD(Objective):
         SDXL 0.65; the cap gives t = 643 for SD, 452 for a linear-beta DDPM. A grid whose top is above the cap is
         spaced evenly below it, ``t_k = round(cap (n - k) / n)``: [452, 339, 226, 113] for 4 steps of a
         linear-beta DDPM. On that toy teacher DMD2's 4-step student reached toy FID 21.0 on this grid where the
-        trailing grid [999, 749, 499, 249] reached 342.2 (same 500 steps, docs/dmd.md). v, x0 and flow students
-        (no division) keep the trailing grid; the SDXL preset keeps DMD2's published [999, 749, 499, 249]
+        trailing grid [999, 749, 499, 249] reached 342.2 (same 500 steps, docs/dmd.md). v, x0, flow and EDM
+        students (no division) keep the teacher's grid; the SDXL preset keeps DMD2's published [999, 749, 499, 249]
         (alpha(999) = 0.068 there)."""
         ts = schedule.timesteps(num_steps)
         if cls.capped(schedule, student_schedule):
@@ -163,8 +163,9 @@ class DMD(Objective):
 
     @staticmethod
     def capped(schedule, student_schedule) -> bool:
-        """Whether ``default_grid`` caps the grid where ``alpha = MIN_ALPHA``: for epsilon students."""
-        return student_schedule.prediction_type == "epsilon"
+        """Whether ``default_grid`` caps the grid where ``alpha = MIN_ALPHA``: for epsilon students of VP
+        teachers (EDM's preconditioning ``c_skip x + c_out F`` divides by nothing; its grid is in sigmas)."""
+        return schedule.family == "vp" and student_schedule.prediction_type == "epsilon"
 
     def build_critic(self, adapter: str, gan: bool) -> None:
         """The fake score (``self.fake``: a full copy, or the LoRA adapter ``adapter`` on the teacher's weights)

@@ -13,7 +13,7 @@ from tiny import MLPDenoiser, make_ddpm_folder
 from fastgen.analytic import GaussianMixtureDenoiser
 from fastgen.losses import build_objective
 from fastgen.losses.dmd import DMD, matching_loss
-from fastgen.schedules import FlowSchedule, schedule_from_config
+from fastgen.schedules import EDMSchedule, FlowSchedule, schedule_from_config
 from fastgen.teacher import DenoiserTeacher, load_teacher
 
 
@@ -396,3 +396,7 @@ def test_a_one_step_epsilon_students_default_time_avoids_the_division_by_alpha_a
                                               factory=Factory(lambda: None)).timesteps[0]
     assert four(sd) == [643.0, 482.0, 322.0, 161.0]
     assert four(v) == [999.0, 749.0, 499.0, 249.0]  # the trailing grid (DMD2's published one) for a v student
+    edm = EDMSchedule()  # preconditioned: no division by alpha, and its grid is in sigmas
+    assert four(edm) == pytest.approx(edm.timesteps(4).tolist())
+    assert build_objective("dmd2", mixture(edm), MLPDenoiser(edm), NO_GAN, factory=Factory(lambda: None)).timesteps \
+        == pytest.approx([80.0])
