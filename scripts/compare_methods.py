@@ -8,7 +8,8 @@ steps, beside the teacher's DDIM at the same number of network evaluations.
 For every objective in ``fastgen.losses.OBJECTIVES`` and every step count ``n`` in ``--steps``, one student is
 trained for ``n`` steps (``student.num_steps = n``), each ``(method, n)`` its own run. A run starts from the
 method's toy preset (``fastgen/configs/toy_<method>.yaml``: its learning rate, batch, data, EMA and objective
-settings; the preset's timesteps only at its own step count, else the objective's defaults) and has the same
+settings; the preset's timesteps, experts and phase boundaries only at its own step count, else the objective's
+defaults: one network, and for Phased DMD one phase per step) and has the same
 budget as every other: ``--max-steps`` optimiser steps, ``--seed``; ``--batch-size`` and ``--lr`` override
 every preset when given. A method without a preset runs on the trainer's defaults. Data: the preset's (the toy
 world's images for ``toy_dmd2``), else ``teacher`` (``--teacher-samples`` DDIM samples of the teacher,
@@ -82,21 +83,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_config(args, method: str, steps: int, run_dir: Path, prompts_file: Path | None) -> DistillConfig:
     """The method's toy preset (``toy_<method>.yaml``, when there is one) under the comparison's budget: the
-    teacher, ``--max-steps``, ``student.num_steps = steps`` (the preset's timesteps only at its own step
-    count), ``--batch-size``/``--lr`` when given, the preset's data or ``teacher`` samples; a text teacher's
-    runs are conditioned on the toy prompts (``prompts`` for teacher samples and data-free runs) and a DMD-family
+    teacher, ``--max-steps``, ``student.num_steps = steps`` (the preset's timesteps, experts and phase
+    boundaries only at its own step count), ``--batch-size``/``--lr`` when given, the preset's data or
+    ``teacher`` samples; a text teacher's runs are conditioned on the toy prompts (``prompts`` for teacher samples and data-free runs) and a DMD-family
     teacher is guided by ``--guidance``."""
     tree = {}
     if (PRESETS_DIR / f"toy_{method}.yaml").is_file():
         tree = config_to_dict(load_config(DistillConfig, PRESETS_DIR / f"toy_{method}.yaml"))
     student = tree.get("student", {})
-    if student.get("num_steps") != steps:
-        student["timesteps"] = None
+    objective = dict(tree.get("objective", {}))
+    if student.get("num_steps") != steps:  # the preset's grid, experts and phase boundaries are for its own count
+        student.update(timesteps=None, experts=1, expert_boundaries=None)
+        objective.pop("boundaries", None)
     train = {**tree.get("train", {}), "max_steps": args.max_steps, "log_every": 50}
     for key in ("batch_size", "lr"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
-    objective = dict(tree.get("objective", {}))
     if prompts_file is not None and "guidance_scale" in getattr(OBJECTIVES[method].Config, "__dataclass_fields__", {}):
         objective["guidance_scale"] = args.guidance
     data = tree.get("data") or "teacher"
