@@ -46,15 +46,11 @@ def int_list(text: str) -> list[int]:
 
 
 def _read_prompts(args) -> list[str] | None:
-    from fastgen.data import read_prompts
+    from fastgen.data import TOY_PROMPTS, read_prompts
 
-    if getattr(args, "prompts_file", None) == "toy":
-        from fastgen.eval.toy_prompts import toy_eval_prompts
-
-        return toy_eval_prompts()
     if getattr(args, "prompts_file", None):
         path = Path(args.prompts_file)
-        if not path.is_file():
+        if str(path) != TOY_PROMPTS and not path.is_file():
             raise MissingPathError(f"--prompts-file {path} does not exist; expected a text file, one prompt per line")
         return read_prompts(path)
     return [args.prompt] if getattr(args, "prompt", None) else None
@@ -188,6 +184,8 @@ def cmd_estimate(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_table(est, budget))
+    global _HARD_EXIT
+    _HARD_EXIT = True
     return 0
 
 
@@ -221,6 +219,8 @@ def add_estimate_parser(sub, parents=()) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastgen.config import preset_names
+
     parser = _Parser(prog="fastgen", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", default=False,
                         help="show the full traceback of errors (also FASTGEN_DEBUG=1)")
@@ -251,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
     distill.add_argument("--method", help="objective: progressive, consistency, dmd, dmd2, decoupled_dmd, phased_dmd, "
                                           "sid, sida, sid_fewstep, asd")
-    distill.add_argument("--config", help="YAML file or preset name (toy_consistency, toy_progressive, "
-                         "sd15_consistency, sd15_progressive); flags and key=value overrides apply on top")
+    distill.add_argument("--config", help="YAML file or preset name (" + ", ".join(preset_names()) + "); flags "
+                         "and key=value overrides apply on top")
     distill.add_argument("--data", help="a folder of images, captioned images (.tar, .parquet, a folder with "
                          "metadata.jsonl, hf:owner/name), a prompts .txt file, or 'teacher'")
     distill.add_argument("--prompts", help="prompts file of teacher samples (--data teacher) or of data-free "
-                         "training (no --data); the key `prompts`")
+                         "training (no --data), or 'toy': the text toy teacher's prompts; the key `prompts`")
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
     distill.add_argument("--steps", type=positive_int, help="student sampling steps (student.num_steps)")
     distill.add_argument("--max-steps", type=positive_int, help="training steps (train.max_steps)")
@@ -317,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
     add_estimate_parser(sub, [debug])
     return parser
+
+
+_HARD_EXIT = False
+"""Set by ``estimate``: the console script ends the process with ``os._exit``. The fake tensors of a simulated
+step with gradient checkpointing abort the interpreter's teardown in torch ('corrupted double-linked list',
+exit status 134, after a correct table); nothing of the estimate needs the teardown."""
+
+
+def entry() -> None:
+    """The ``fastgen`` console script and ``python -m fastgen``: ``sys.exit(main())`` (see ``_HARD_EXIT``)."""
+    code = main()
+    if _HARD_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

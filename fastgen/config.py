@@ -189,7 +189,7 @@ class DistillConfig:
     a folder with ``metadata.jsonl``, ``hf:owner/name``), a ``.txt`` prompts file, "teacher" or None."""
     prompts: str | None = None
     """A prompts file (one a line) for data "teacher" (the prompts of the teacher samples) or None (data-free
-    training on those prompts)."""
+    training on those prompts); "toy": the toy world's 24 prompts (every shape x colour)."""
     caption_column: str | None = None
     """The caption column of captioned images; None = "text", else "caption", else "txt"."""
     seed: int = 0
@@ -536,6 +536,11 @@ def _type_name(tp: Any) -> str:
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
+def preset_names() -> list[str]:
+    """The bundled presets (``fastgen/configs/*.yaml``), sorted."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
 def config_file(name: str | Path | None) -> Path | None:
     """A YAML file, or the name of a bundled preset (``toy_consistency``, ``sd15_progressive``, ...)."""
     if name is None or Path(name).is_file():
@@ -543,7 +548,7 @@ def config_file(name: str | Path | None) -> Path | None:
     preset = PRESETS_DIR / f"{name}.yaml"
     if preset.is_file():
         return preset
-    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    known = preset_names()
     if Path(name).is_dir():
         raise ConfigError(f"config {str(name)!r} is a folder; expected a YAML file or a preset ({', '.join(known)})")
     close = difflib.get_close_matches(Path(name).stem, known, n=1)

@@ -350,8 +350,18 @@ def null_cond(teacher: Teacher, cache_dir: Path) -> Cond | None:
 
 
 # -- prompts ----------------------------------------------------------------------------------------------
-def read_prompts(file: Path) -> list[str]:
-    """Non-blank lines of ``file``, stripped."""
+TOY_PROMPTS = "toy"
+"""The prompts spec that names the toy world's own prompts (every shape x colour), not a file."""
+
+
+def read_prompts(file: str | os.PathLike) -> list[str]:
+    """Non-blank lines of ``file``, stripped; for ``TOY_PROMPTS`` the 24 toy prompts
+    (``fastgen.eval.toy_prompts.toy_eval_prompts``), the prompts of the text toy teacher's presets."""
+    if str(file) == TOY_PROMPTS:
+        from fastgen.eval.toy_prompts import toy_eval_prompts
+
+        return toy_eval_prompts()
+    file = Path(file)
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompts file {file} is empty; expected one prompt per line")
@@ -359,13 +369,14 @@ def read_prompts(file: Path) -> list[str]:
 
 
 def _check_prompts(file: Path, teacher: Teacher) -> list[str]:
-    """The prompts of ``file``, checked to exist and to suit ``teacher``."""
+    """The prompts of ``file`` (or ``TOY_PROMPTS``), checked to exist and to suit ``teacher``."""
     if not teacher.text_conditioned:
         raise InputError(f"prompts file {file} given to the teacher from {teacher.source}, a "
                          f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
                          "teacher, or data that is an image folder, 'teacher' or None")
-    if not file.is_file():
-        raise MissingPathError(f"prompts file {file} does not exist; expected a text file, one prompt per line")
+    if str(file) != TOY_PROMPTS and not file.is_file():
+        raise MissingPathError(f"prompts file {file} does not exist; expected a text file, one prompt per line "
+                               f"or '{TOY_PROMPTS}' (the toy world's prompts)")
     return read_prompts(file)
 
 

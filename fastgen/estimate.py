@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 from fastgen.config import DistillConfig, config_from_dict, config_to_dict
 from fastgen.data import Batch
 from fastgen.denoiser import Denoiser
+from fastgen.errors import UsageError
 from fastgen.schedules import schedule_from_config
 from fastgen.teacher import DENOISER_COMPONENTS, SUPPORTED_MODELS, Teacher
 
@@ -301,7 +302,9 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
         raise ValueError(f"device is {device!r}; expected 'cuda' or 'cpu'")
     config.validate()
     if config.student.experts != 1:
-        raise ValueError(f"student.experts is {config.student.experts}; the estimate covers one student network (1)")
+        raise UsageError(f"student.experts is {config.student.experts}; the estimate covers a student of one "
+                         "network (1): estimate with student.experts=1 and add one student's weights, gradients "
+                         "and optimizer states per further expert")
     spec = TeacherSpec.read(config.teacher)
     t = config.train
     dtype = weight_dtype(t.mixed_precision)

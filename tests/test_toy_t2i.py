@@ -155,3 +155,18 @@ def test_eval_cli_reports_prompt_accuracy(tmp_path):
                  "--features", "toy", "--prompts-file", "toy", "--guidance", "3", "--out", str(out)]) == 0
     header = (out / "sweep.csv").read_text().splitlines()[0].split(",")
     assert header == ["curve", "steps", "prompt_acc", "prompt_acc_shape", "prompt_acc_colour"]
+
+
+def test_prompts_toy_names_the_toy_prompts_in_training_data(tmp_path):
+    """``prompts: toy`` (the toy-t2i presets) conditions data-free training on the 24 toy prompts, without a file."""
+    from fastgen.data import build_data
+
+    teacher = load_teacher("toy-t2i")
+    source = build_data(None, teacher, batch_size=24, seed=0, cache_dir=tmp_path, prompts="toy")
+    assert len(source) == len(toy_eval_prompts()) == 24 and not source.needs_data
+    hidden = source.batch(0).cond["encoder_hidden_states"]
+    expected = teacher.encode_prompts(toy_eval_prompts())["encoder_hidden_states"]
+    for row in expected:  # one epoch of 24 is every prompt once
+        assert any(torch.allclose(row, h, atol=1e-5) for h in hidden)
+    with pytest.raises(FileNotFoundError, match="'toy'"):
+        build_data(None, teacher, batch_size=2, seed=0, cache_dir=tmp_path, prompts=tmp_path / "missing.txt")
