@@ -241,13 +241,14 @@ class DMD(Objective):
         grad = self.dmd_gradient(x.detach().float(), tau, torch.randn_like(x), batch)
         return {"dm": matching_loss(x, grad)}
 
-    def fake_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
-        """Denoising score matching of the fake score on generated samples, in the teacher's output space."""
+    def fake_loss(self, x: torch.Tensor, batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoising score matching of the fake score on generated samples, in the teacher's output space;
+        averaged over the samples of ``keep`` only (all by default)."""
         t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device)
         eps = torch.randn_like(x)
         x_t = self.schedule.add_noise(x, eps, t)
         target = self.schedule.from_x0(x, x_t, t)
-        return (self.fake.output(x_t, t, batch.cond).float() - target.float()).square().mean()
+        return row_mean((self.fake.output(x_t, t, batch.cond).float() - target.float()).square(), keep)
 
     def gan_weights(self) -> tuple[float, float]:
         """``(gan_weight, gan_critic_weight)`` of the update being computed (Phased DMD: per phase)."""
@@ -323,6 +324,15 @@ class DecoupledDMDConfig(DMD2Config):
 
 
 REGULARIZERS = ("dm", "gan", "moments")
+
+
+def row_mean(values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``values`` (B, ...) over the samples of ``keep`` (a (B,) bool mask; None = all), in static
+    shapes (no indexing by the mask: no host sync, and fake tensors can trace it); 0 when none is kept."""
+    if keep is None:
+        return values.mean()
+    per_sample = values.flatten(1).mean(1)
+    return per_sample.where(keep, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 class DecoupledDMD(DMD2):

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fastgen.denoiser import Cond, slice_cond
+from fastgen.denoiser import Cond
 from fastgen.errors import UsageError
-from fastgen.losses.dmd import DMD, DMDConfig
+from fastgen.losses.dmd import DMD, DMDConfig, row_mean
 from fastgen.schedules import expand_to
 
 CFG_MODES = ("lsg", "zero", "anti")
@@ -156,33 +156,25 @@ class SiD(DMD):
         return real(x_t), fake(x_t)
 
     def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch) -> dict[str, torch.Tensor]:
-        finite = finite_rows(x)  # non-finite samples never reach the scores (their backward would be NaN)
-        x_g = x[finite].float()
-        if not finite.all():
-            batch = copy.copy(batch)
-            batch.cond, batch.uncond = slice_cond(batch.cond, finite), slice_cond(batch.uncond, finite)
+        finite = finite_rows(x)  # non-finite samples reach the scores as zeros (their backward would be NaN)
+        x_g = zero_rows(x, finite).float()
         t = self.generator_times(x_g.shape[0], x.device)
         x_t = self.schedule.add_noise(x_g, torch.randn_like(x_g), t)
         y_r, y_f = self.scores(x_t, t, batch)
-        keep = finite_rows(y_r) & finite_rows(y_f)
-        loss = sid_loss(x_g[keep], y_r[keep].float(), y_f[keep].float(), self.alpha) if keep.any() else (
-            0.0 * torch.nan_to_num(x).sum())
-        return {"sid": loss, "dropped": (x.shape[0] - keep.sum()).float()}
+        keep = finite & finite_rows(y_r) & finite_rows(y_f)
+        loss = sid_loss(x_g, zero_rows(y_r, keep).float(), zero_rows(y_f, keep).float(), self.alpha, keep)
+        return {"sid": loss, "dropped": (~keep).sum().float()}
 
-    def fake_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
+    def fake_loss(self, x: torch.Tensor, batch, keep: torch.Tensor | None = None) -> torch.Tensor:
         """DMD's denoising score matching on the finite generated samples, with SiD-LSG's prompt dropout
         (text teachers) or, under Zero-CFG, without text."""
-        keep = finite_rows(x)
+        keep = finite_rows(x) if keep is None else keep & finite_rows(x)
         if batch.uncond is not None:
             batch = copy.copy(batch)
             drop = torch.ones_like(keep) if self.config.cfg == "zero" else (
                 torch.rand(keep.shape, device=x.device) < self.config.prompt_dropout)
             batch.cond = mix_cond(batch.cond, batch.uncond, drop)
-        if not keep.all():
-            batch = copy.copy(batch)
-            batch.cond = slice_cond(batch.cond, keep)
-            x = x[keep]
-        return super().fake_loss(x, batch)
+        return super().fake_loss(zero_rows(x, keep), batch, keep)
 
 
 class SiDA(SiD):
@@ -196,15 +188,23 @@ class FewStepSiD(SiD):
     name = "sid_fewstep"
 
 
-def sid_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``mean[(y_r - y_f) ((y_r - x_g) - alpha (y_r - y_f)) / w]``, ``w = sg mean|x_g - y_r|`` per sample."""
+def sid_loss(x_g: torch.Tensor, y_r: torch.Tensor, y_f: torch.Tensor, alpha: float,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean[(y_r - y_f) ((y_r - x_g) - alpha (y_r - y_f)) / w]``, ``w = sg mean|x_g - y_r|`` per sample; the
+    mean over the samples of ``keep`` only (all by default)."""
     w = (x_g - y_r).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
-    return ((y_r - y_f) * ((y_r - x_g) - alpha * (y_r - y_f)) / expand_to(w, x_g)).mean()
+    return row_mean((y_r - y_f) * ((y_r - x_g) - alpha * (y_r - y_f)) / expand_to(w, x_g), keep)
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Per sample: every entry finite."""
     return torch.isfinite(x).flatten(1).all(1)
+
+
+def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with the samples outside ``keep`` set to zero (no NaN left, no gradient to them; static shapes)."""
+    return torch.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)), x, torch.zeros((), dtype=x.dtype,
+                                                                                     device=x.device))
 
 
 def mix_cond(cond: Cond | None, uncond: Cond | None, use_uncond: torch.Tensor) -> Cond | None:

@@ -94,6 +94,24 @@ def test_non_finite_samples_are_dropped_and_counted():
     loss = objective.loss("generator", batch(8), 0)
     assert set(loss) == {"loss", "sid", "dropped"} and torch.equal(loss["loss"].detach(), loss["sid"])
 
+    kept = [0, 1, 3, 4, 6, 7]  # the masked loss is the formula on the finite samples alone, at the same noise
+    torch.manual_seed(1)
+    masked = objective.generator_terms(x.detach(), None, batch(8))["sid"]
+    torch.manual_seed(1)
+    t = objective.generator_times(8, x.device)
+    x_t = objective.schedule.add_noise(x.detach().nan_to_num(0.0, 0.0, 0.0), torch.randn(8, DIM), t)
+    y_r, y_f = objective.scores(x_t, t, batch(8))
+    torch.testing.assert_close(masked, sid_loss(x.detach()[kept], y_r[kept], y_f[kept], objective.alpha))
+    torch.manual_seed(2)
+    fake = objective.fake_loss(x.detach(), batch(8))
+    torch.manual_seed(2)
+    t = objective.sample_t(8, objective.config.fake_t_range, x.device)
+    eps = torch.randn(8, DIM)
+    x0 = x.detach().nan_to_num(0.0, 0.0, 0.0)
+    x_t = objective.schedule.add_noise(x0, eps, t)
+    err = (objective.fake.output(x_t, t, None) - objective.schedule.from_x0(x0, x_t, t)).square()
+    torch.testing.assert_close(fake, err[kept].mean())
+
 
 class LearnableMixture(GaussianMixtureDenoiser):
     """A fake score of the teacher's own family with trainable means, standard deviations and weights: its
