@@ -51,7 +51,8 @@ def _read_prompts(args) -> list[str] | None:
     if getattr(args, "prompts_file", None):
         path = Path(args.prompts_file)
         if str(path) != TOY_PROMPTS and not path.is_file():
-            raise MissingPathError(f"--prompts-file {path} does not exist; expected a text file, one prompt per line")
+            raise MissingPathError(f"--prompts-file {path} does not exist; expected a text file, one prompt per line, "
+                                   f"or '{TOY_PROMPTS}' (the toy world's prompts)")
         return read_prompts(path)
     return [args.prompt] if getattr(args, "prompt", None) else None
 

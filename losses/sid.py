@@ -165,10 +165,10 @@ class SiD(DMD):
         loss = sid_loss(x_g, zero_rows(y_r, keep).float(), zero_rows(y_f, keep).float(), self.alpha, keep)
         return {"sid": loss, "dropped": (~keep).sum().float()}
 
-    def fake_loss(self, x: torch.Tensor, batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def fake_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
         """DMD's denoising score matching on the finite generated samples, with SiD-LSG's prompt dropout
         (text teachers) or, under Zero-CFG, without text."""
-        keep = finite_rows(x) if keep is None else keep & finite_rows(x)
+        keep = finite_rows(x)
         if batch.uncond is not None:
             batch = copy.copy(batch)
             drop = torch.ones_like(keep) if self.config.cfg == "zero" else (

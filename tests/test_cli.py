@@ -37,9 +37,9 @@ def test_presets_load_and_validate(preset):
 def test_distill_help_lists_every_preset():
     out = subprocess.run([sys.executable, "-m", "fastgen", "distill", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    names = " ".join(out.split())
-    for preset in ("toy_t2i_dmd2", "toy_t2i_sid_fewstep", "sdxl_dmd2", "toy_asd"):
-        assert preset in names
+    listed = set(" ".join(out.split()).replace(",", " ").replace("(", " ").replace(")", " ").replace(";", " ").split())
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    assert len(presets) >= 30 and set(presets) <= listed
 
 
 def test_sample_writes_a_grid(ddpm, tmp_path):
