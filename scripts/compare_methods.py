@@ -25,7 +25,9 @@ them on those prompts (``prompts``), and objectives with a ``guidance_scale`` (t
 by ``--guidance``. Training wall time is that of ``Trainer.fit()``
 (the loop and its final checkpoint; not the teacher loading, data cache, export or evaluation). Writes
 ``compare_methods.md`` (Markdown table) and ``compare_methods.csv`` to ``--out-dir``; run folders go to
-``--work-dir``, each replaced by a new run.
+``--work-dir``, each replaced by a new run. ``--merge A.csv B.csv ...`` trains nothing: it writes the tables
+from the rows of earlier runs (one table split over processes or machines, all with the same settings; a
+later file's row replaces an earlier one of the same method and step count).
 """
 
 from __future__ import annotations
@@ -78,7 +80,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run folders, each replaced by a new run, and the shared data cache (default: %(default)s)")
     p.add_argument("--out-dir", type=Path, default=Path("docs"),
                    help="where compare_methods.md and .csv go (default: %(default)s)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="CSV",
+                   help="train nothing: write the tables from these compare_methods.csv files of earlier runs")
     return p.parse_args(argv)
+
+
+def read_rows(paths: list[Path]) -> list[dict]:
+    """The rows of earlier runs' CSVs, numbers parsed; a later file's (method, steps) replaces an earlier one."""
+    rows = {}
+    for path in paths:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                for key in set(row) - {"method", "data"}:
+                    row[key] = int(row[key]) if key in ("steps", "max_steps", "batch_size") else float(row[key])
+                rows[row["method"], row["steps"]] = row
+    return list(rows.values())
 
 
 def run_config(args, method: str, steps: int, run_dir: Path, prompts_file: Path | None) -> DistillConfig:
@@ -134,7 +150,8 @@ def write_tables(rows: list[dict], args) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + (PROMPT_COLUMNS if prompted else ()), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Teacher `{args.teacher}`; every run {args.max_steps} training steps at its toy preset's settings "
+    budget = " / ".join(str(n) for n in sorted({r["max_steps"] for r in rows}))
+    lines = [f"Teacher `{args.teacher}`; every run {budget} training steps at its toy preset's settings "
              f"(batch, lr, data below), seed {args.seed}; teacher samples: {args.teacher_samples} DDIM samples "
              f"({args.teacher_sample_steps} steps); {args.threads} torch thread(s); toy FID of {args.num_samples} "
              "samples against 5,000 toy images. Written by `scripts/compare_methods.py`.", "",
@@ -155,6 +172,10 @@ def write_tables(rows: list[dict], args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        write_tables(read_rows(args.merge), args)
+        print((args.out_dir / "compare_methods.md").read_text())
+        return
     torch.set_num_threads(args.threads)
     (args.work_dir / "cache").mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(args.teacher)

@@ -29,3 +29,20 @@ def test_a_presets_experts_and_phase_boundaries_apply_at_its_own_step_count_only
         trainer = Trainer(config)
         assert len(trainer.objective.plan) == steps  # one phase per step on the method's default grid
         assert trainer.objective.timesteps == trainer.objective.default_timesteps(steps)
+
+
+def test_merge_writes_one_table_from_split_runs_and_a_later_row_replaces_an_earlier_one(compare, tmp_path):
+    row = {"steps": 1, "student_toy_fid": 50.0, "teacher_ddim_toy_fid": 674.5, "train_wall_s": 60.0,
+           "max_steps": 500, "batch_size": 32, "lr": 1e-4, "data": "teacher"}
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    compare.write_tables([{**row, "method": "dmd2"}, {**row, "method": "sid", "steps": 2}],
+                         compare.parse_args(["--out-dir", str(tmp_path / "a")]))
+    (tmp_path / "a" / "compare_methods.csv").rename(first)
+    compare.write_tables([{**row, "method": "dmd2", "student_toy_fid": 20.25}],
+                         compare.parse_args(["--out-dir", str(tmp_path / "b")]))
+    (tmp_path / "b" / "compare_methods.csv").rename(second)
+    compare.main(["--merge", str(first), str(second), "--out-dir", str(tmp_path / "merged")])
+    table = (tmp_path / "merged" / "compare_methods.md").read_text()
+    assert "| dmd2 | 1 | 20.25 | 674.50 | 60 | 32 | 0.0001 | teacher |" in table
+    assert "| sid | 2 | 50.00 |" in table and "| 50.00 |" not in table.split("| sid |")[0]
+    assert table.count("| dmd2 |") == 1 and "every run 500 training steps" in table
