@@ -89,11 +89,16 @@ def read_rows(paths: list[Path]) -> list[dict]:
     """The rows of earlier runs' CSVs, numbers parsed; a later file's (method, steps) replaces an earlier one."""
     rows = {}
     for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"error: --merge {path}: no such file; expected a compare_methods.csv of an earlier run")
         with path.open(newline="") as f:
             for row in csv.DictReader(f):
                 for key in set(row) - {"method", "data"}:
                     row[key] = int(row[key]) if key in ("steps", "max_steps", "batch_size") else float(row[key])
                 rows[row["method"], row["steps"]] = row
+    if not rows:
+        raise SystemExit(f"error: --merge {' '.join(map(str, paths))}: no rows; expected compare_methods.csv files "
+                         "of earlier runs")
     return list(rows.values())
 
 

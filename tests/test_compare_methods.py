@@ -46,3 +46,12 @@ def test_merge_writes_one_table_from_split_runs_and_a_later_row_replaces_an_earl
     assert "| dmd2 | 1 | 20.25 | 674.50 | 60 | 32 | 0.0001 | teacher |" in table
     assert "| sid | 2 | 50.00 |" in table and "| 50.00 |" not in table.split("| sid |")[0]
     assert table.count("| dmd2 |") == 1 and "every run 500 training steps" in table
+
+
+def test_merge_of_a_missing_or_empty_csv_is_a_one_line_error_and_writes_nothing(compare, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(compare.COLUMNS) + "\n")
+    for path, what in ((tmp_path / "absent.csv", "no such file"), (empty, "no rows")):
+        with pytest.raises(SystemExit, match=f"^error: --merge {path}.*{what}"):
+            compare.main(["--merge", str(path), "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
