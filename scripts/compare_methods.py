@@ -81,18 +81,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=Path("docs"),
                    help="where compare_methods.md and .csv go (default: %(default)s)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="CSV",
-                   help="train nothing: write the tables from these compare_methods.csv files of earlier runs")
+                   help="train nothing: write the tables from these compare_methods.csv files of earlier runs "
+                        "(give the settings they ran with, --teacher, --seed, ..., for the table's heading)")
     return p.parse_args(argv)
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    """The rows of earlier runs' CSVs, numbers parsed; a later file's (method, steps) replaces an earlier one."""
-    rows = {}
+    """The rows of earlier runs' CSVs, numbers parsed; a later file's (method, steps) replaces an earlier one.
+    Every file has the columns this script writes, all with the prompt columns or none."""
+    rows, columns = {}, None
     for path in paths:
         if not path.is_file():
             raise SystemExit(f"error: --merge {path}: no such file; expected a compare_methods.csv of an earlier run")
         with path.open(newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            found = tuple(reader.fieldnames or ())
+            columns = columns or (found if found in (COLUMNS, COLUMNS + PROMPT_COLUMNS) else COLUMNS)
+            if found != columns:
+                raise SystemExit(f"error: --merge {path}: columns {','.join(found)}; expected {','.join(columns)} "
+                                 "(compare_methods.csv, the prompt columns in every file or in none)")
+            for row in reader:
                 for key in set(row) - {"method", "data"}:
                     row[key] = int(row[key]) if key in ("steps", "max_steps", "batch_size") else float(row[key])
                 rows[row["method"], row["steps"]] = row

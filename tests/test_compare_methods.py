@@ -48,10 +48,14 @@ def test_merge_writes_one_table_from_split_runs_and_a_later_row_replaces_an_earl
     assert table.count("| dmd2 |") == 1 and "every run 500 training steps" in table
 
 
-def test_merge_of_a_missing_or_empty_csv_is_a_one_line_error_and_writes_nothing(compare, tmp_path):
+def test_merge_of_a_missing_empty_or_old_csv_is_a_one_line_error_and_writes_nothing(compare, tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text(",".join(compare.COLUMNS) + "\n")
-    for path, what in ((tmp_path / "absent.csv", "no such file"), (empty, "no rows")):
+    old = tmp_path / "old.csv"  # a CSV of an older version of the script, without the lr and data columns
+    old.write_text("method,steps,student_toy_fid,teacher_ddim_toy_fid,train_wall_s,max_steps,batch_size\n"
+                   "dmd2,1,50.0,674.5,60.0,500,32\n")
+    for path, what in ((tmp_path / "absent.csv", "no such file"), (empty, "no rows"),
+                       (old, "columns method,.*,batch_size; expected method,.*,lr,data")):
         with pytest.raises(SystemExit, match=f"^error: --merge {path}.*{what}"):
             compare.main(["--merge", str(path), "--out-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
