@@ -155,6 +155,12 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-4
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule of every phase's optimizer (diffusers' names, ``diffusers.optimization``): after
+    ``lr_warmup_steps`` of linear warm-up, constant, linear decay to 0 or cosine decay to 0 over the phase's
+    own updates in ``max_steps``."""
+    lr_warmup_steps: int = 0
+    """Optimizer updates of linear warm-up from 0 (per phase: counted in the phase's own updates)."""
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
@@ -171,6 +177,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     """0 = only at the end."""
     keep_checkpoints: int = 2
+    num_workers: int = 0
+    """Data-loader worker processes per rank (``torch.utils.data.DataLoader``); 0 = load in the main process."""
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
 
@@ -224,6 +232,8 @@ class DistillConfig:
             (t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1"),
             (t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1"),
             (t.lr > 0, "train.lr", t.lr, "> 0"),
+            (t.lr_warmup_steps >= 0, "train.lr_warmup_steps", t.lr_warmup_steps, ">= 0"),
+            (t.num_workers >= 0, "train.num_workers", t.num_workers, ">= 0"),
             (all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "each in [0, 1)"),
             (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
             (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0 or None"),
