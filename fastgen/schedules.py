@@ -11,6 +11,13 @@ Every family writes a noisy sample as ``x_t = alpha(t) x0 + sigma(t) eps`` for t
 - ``EDMSchedule`` — variance exploding with Karras preconditioning (``EDMEulerScheduler``):
   ``alpha = 1``, ``sigma = t`` (Karras et al. 2022, Table 1).
 
+Each schedule computes both coefficients in one pass with ``alpha_sigma(t) -> (alpha, sigma)``;
+``alpha(t)`` and ``sigma(t)`` are thin wrappers over it, and every method that needs both (``add_noise``,
+``transition``, ``to_x0``, ``to_eps``, ``from_x0``, ``logsnr``) calls ``alpha_sigma`` once per time. A table
+(VP's ``log alphas_cumprod``) is copied to a device once and cached per ``(device, dtype)`` in the
+schedule's ``_tables`` dict (dropped when pickled or deep-copied, rebuilt on first use), so ``alpha_sigma``
+on a device tensor copies nothing and never synchronises with the host.
+
 The model's output type (``prediction_type``) is converted with ``to_x0`` / ``to_eps`` / ``from_x0``.
 """
 
@@ -45,7 +52,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 
 
 class NoiseSchedule:
-    """``x_t = alpha(t) x0 + sigma(t) eps`` for one family; subclasses define ``alpha`` and ``sigma``."""
+    """``x_t = alpha(t) x0 + sigma(t) eps`` for one family; subclasses define ``alpha_sigma``."""
 
     family: str = ""
     supported_predictions: tuple[str, ...] = ()
@@ -60,31 +67,70 @@ class NoiseSchedule:
         self.t_min = float(t_min)
         self.t_max = float(t_max)
         self.num_train_timesteps = int(num_train_timesteps)
+        # (device, dtype) -> this schedule's tables on that device (see ``_device_tables``)
+        self._tables: dict[tuple[torch.device, torch.dtype], Any] = {}
+
+    # -- pickling: the per-device cache is not state ------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tables"] = {}
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_tables", {})
+
+    def _device_tables(self, device: torch.device, dtype: torch.dtype):
+        """This schedule's tables on ``(device, dtype)``, built by ``_build_tables`` on first use and
+        cached: later calls return the same tensors, so nothing is copied per call."""
+        key = (device, dtype)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = self._build_tables(device, dtype)
+        return tables
+
+    def _build_tables(self, device: torch.device, dtype: torch.dtype):
+        raise NotImplementedError(f"the {self.family} schedule has no tables")
 
     # -- the schedule -----------------------------------------------------------------------------
-    def alpha(self, t) -> torch.Tensor:
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha(t), sigma(t))`` in one pass, each of ``t``'s shape (float32, on ``t``'s device).
+        Differentiable in ``t`` (autograd and ``torch.autograd.forward_ad``) and free of host syncs."""
         raise NotImplementedError
 
+    def alpha(self, t) -> torch.Tensor:
+        """``alpha(t)``; ``alpha_sigma(t)[0]``."""
+        return self.alpha_sigma(t)[0]
+
     def sigma(self, t) -> torch.Tensor:
-        raise NotImplementedError
+        """``sigma(t)``; ``alpha_sigma(t)[1]``."""
+        return self.alpha_sigma(t)[1]
+
+    def _alpha_sigma_like(self, t, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha_sigma(t)`` broadcast against a batch ``x`` (shape (B, 1, ..., 1), ``x``'s dtype)."""
+        a, s = self.alpha_sigma(t)
+        return expand_to(a, x), expand_to(s, x)
 
     def logsnr(self, t) -> torch.Tensor:
         """``log(alpha² / sigma²)`` (Kingma et al. 2021, "Variational diffusion models", eq. 2)."""
-        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+        a, s = self.alpha_sigma(t)
+        return 2 * (torch.log(a) - torch.log(s))
 
     def t_from_logsnr(self, logsnr) -> torch.Tensor:
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-        t = _as_tensor(t, x0)
-        return expand_to(self.alpha(t), x0) * x0 + expand_to(self.sigma(t), x0) * eps
+        """``x_t = alpha(t) x0 + sigma(t) eps``."""
+        a, s = self._alpha_sigma_like(_as_tensor(t, x0), x0)
+        return a * x0 + s * eps
 
     def transition(self, x_s: torch.Tensor, eps: torch.Tensor, s, t) -> torch.Tensor:
         """Diffuse ``x_s`` at level ``s`` to the noisier level ``t``:
         ``x_t = (alpha_t/alpha_s) x_s + sqrt(sigma_t² - (alpha_t/alpha_s)² sigma_s²) eps``."""
-        s, t = _as_tensor(s, x_s), _as_tensor(t, x_s)
-        ratio = self.alpha(t) / self.alpha(s)
-        std = (self.sigma(t) ** 2 - ratio**2 * self.sigma(s) ** 2).clamp_min(0).sqrt()
+        a_s, sig_s = self.alpha_sigma(_as_tensor(s, x_s))
+        a_t, sig_t = self.alpha_sigma(_as_tensor(t, x_s))
+        ratio = a_t / a_s
+        std = (sig_t**2 - ratio**2 * sig_s**2).clamp_min(0).sqrt()
         return expand_to(ratio, x_s) * x_s + expand_to(std, x_s) * eps
 
     # -- the model's own input and output -----------------------------------------------------------
@@ -95,11 +141,14 @@ class NoiseSchedule:
     def to_x0(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """The x0-prediction implied by the network output ``out`` at ``(x_t, t)``."""
         t = _as_tensor(t, x_t)
-        a, s = expand_to(self.alpha(t), x_t), expand_to(self.sigma(t), x_t)
+        return self._x0(out, x_t, t, *self._alpha_sigma_like(t, x_t))
+
+    def _x0(self, out, x_t, t, a, s) -> torch.Tensor:
+        """``to_x0`` given ``(a, s) = alpha_sigma(t)`` already broadcast against ``x_t``."""
         kind = self.prediction_type
         if kind == "sample":
             return out
-        if kind == "epsilon":
+        if kind == "epsilon":  # x_t = a x0 + s eps (Ho et al. 2020, eq. 4)
             return (x_t - s * out) / a
         if kind == "v_prediction":  # v = alpha eps - sigma x0 with alpha² + sigma² = 1 (Salimans & Ho 2022)
             return a * x_t - s * out
@@ -109,8 +158,7 @@ class NoiseSchedule:
 
     def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """The network output (of this schedule's prediction type) that ``to_x0`` maps to ``x0``."""
-        t = _as_tensor(t, x_t)
-        a, s = expand_to(self.alpha(t), x_t), expand_to(self.sigma(t), x_t)
+        a, s = self._alpha_sigma_like(_as_tensor(t, x_t), x_t)
         kind = self.prediction_type
         if kind == "sample":
             return x0
@@ -125,8 +173,9 @@ class NoiseSchedule:
     def to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """The noise implied by the network output: ``eps = (x_t - alpha x0) / sigma``."""
         t = _as_tensor(t, x_t)
-        x0 = self.to_x0(out, x_t, t)
-        return (x_t - expand_to(self.alpha(t), x_t) * x0) / expand_to(self.sigma(t), x_t)
+        a, s = self._alpha_sigma_like(t, x_t)
+        x0 = self._x0(out, x_t, t, a, s)
+        return (x_t - a * x0) / s
 
     # -- time grids ------------------------------------------------------------------------------
     def sample_t(self, n: int, generator=None, device=None, t_min=None, t_max=None) -> torch.Tensor:
@@ -167,23 +216,42 @@ class VPSchedule(NoiseSchedule):
         super().__init__(prediction_type, 0.0, len(ac) - 1, len(ac))
         self.alphas_cumprod = ac.float()
         # log ā is decreasing in t; a zero terminal SNR (ā = 0) is kept finite for interpolation.
+        # These CPU tables are the masters; ``_device_tables`` holds their copies on each device.
         self._log_ac = torch.log(ac.clamp_min(1e-12)).float()
         self._grid = torch.arange(len(ac), dtype=torch.float32)
 
-    def _alpha_bar(self, t) -> torch.Tensor:
-        t = _as_tensor(t)
-        return torch.exp(_interp(t, self._grid.to(t.device), self._log_ac.to(t.device)))
+    def _build_tables(self, device: torch.device, dtype: torch.dtype):
+        """``(log ā[i], log ā[i+1] - log ā[i], log ā reversed, t reversed)`` on ``(device, dtype)``."""
+        log_ac = self._log_ac.to(device=device, dtype=dtype, copy=True)
+        grid = self._grid.to(device=device, dtype=dtype, copy=True)
+        return log_ac, log_ac[1:] - log_ac[:-1], log_ac.flip(0), grid.flip(0)
 
-    def alpha(self, t) -> torch.Tensor:
-        return self._alpha_bar(t).sqrt()
+    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """``log ā(t)``: the table ``log ā[i]`` read at integer ``t`` and interpolated linearly in between,
+        ``log ā(t) = log ā[i] + (t - i)(log ā[i+1] - log ā[i])`` with ``i = floor(t)``; ``t`` is clamped
+        to ``[0, T-1]``. The grid is ``0, 1, ..., T-1``, so ``i`` is read off ``t`` (no search), and the
+        weight ``t - i`` carries the derivative in ``t`` (the right-hand one at a table point; 0 outside and
+        at the ends of ``[0, T-1]``)."""
+        log_ac, dlog_ac, _, _ = self._device_tables(t.device, t.dtype)
+        last = self.num_train_timesteps - 1
+        t = t.clamp(0, last)
+        i = t.detach().floor().long().clamp_(max=last - 1)
+        return log_ac[i] + (t - i) * dlog_ac[i]
 
-    def sigma(self, t) -> torch.Tensor:
-        return (1 - self._alpha_bar(t)).clamp_min(0).sqrt()
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha = sqrt(ā(t))``, ``sigma = sqrt(1 - ā(t))``, i.e.
+        ``q(x_t | x_0) = N(sqrt(ā_t) x_0, (1 - ā_t) I)`` (Ho et al. 2020, eq. 4; the discretised VP SDE of
+        Song et al. 2021, "Score-based generative modeling through stochastic differential equations",
+        eq. 11), with ``ā(t)`` interpolated geometrically between the table's integer times (see
+        ``_log_alpha_bar``). One table read for both."""
+        alpha_bar = torch.exp(self._log_alpha_bar(_as_tensor(t)))
+        return alpha_bar.sqrt(), (1 - alpha_bar).clamp_min(0).sqrt()
 
     def t_from_logsnr(self, logsnr) -> torch.Tensor:
         log_ac = torch.nn.functional.logsigmoid(_as_tensor(logsnr))
         # interpolate t(log ā) on the increasing reversed table
-        return _interp(log_ac, self._log_ac.flip(0).to(log_ac.device), self._grid.flip(0).to(log_ac.device))
+        _, _, log_ac_rev, grid_rev = self._device_tables(log_ac.device, log_ac.dtype)
+        return _interp(log_ac, log_ac_rev, grid_rev)
 
     def sample_t(self, n: int, generator=None, device=None, t_min=None, t_max=None) -> torch.Tensor:
         return super().sample_t(n, generator, device, t_min, t_max).round()
@@ -216,14 +284,12 @@ class FlowSchedule(NoiseSchedule):
         super().__init__(prediction_type, 0.0, float(num_train_timesteps), num_train_timesteps)
         self.shift = float(shift)
 
-    def _s(self, t) -> torch.Tensor:
-        return _as_tensor(t) / self.num_train_timesteps
-
-    def alpha(self, t) -> torch.Tensor:
-        return 1 - self._s(t)
-
-    def sigma(self, t) -> torch.Tensor:
-        return self._s(t)
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha = 1 - s``, ``sigma = s`` with ``s = t / T``: the straight path ``x_t = (1 - s) x0 + s eps``
+        of rectified flow (Liu et al. 2023, "Flow straight and fast", eq. 1 with ``X_0`` the noise
+        end; Esser et al. 2024, eq. 1). The shift reparametrises the time grid (``shifted``), not this map."""
+        s = _as_tensor(t) / self.num_train_timesteps
+        return 1 - s, s
 
     def t_from_logsnr(self, logsnr) -> torch.Tensor:
         return torch.sigmoid(-_as_tensor(logsnr) / 2) * self.num_train_timesteps
@@ -270,11 +336,11 @@ class EDMSchedule(NoiseSchedule):
         super().__init__(prediction_type, sigma_min, sigma_max, num_train_timesteps)
         self.sigma_data, self.rho = float(sigma_data), float(rho)
 
-    def alpha(self, t) -> torch.Tensor:
-        return torch.ones_like(_as_tensor(t))
-
-    def sigma(self, t) -> torch.Tensor:
-        return _as_tensor(t)
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha = s(t) = 1``, ``sigma = sigma(t) = t`` (Karras et al. 2022, Table 1, "ours" column): the
+        variance-exploding form ``x_t = x0 + t eps`` (Song et al. 2021, VE SDE, eq. 9)."""
+        t = _as_tensor(t)
+        return torch.ones_like(t), t
 
     def t_from_logsnr(self, logsnr) -> torch.Tensor:
         return torch.exp(-_as_tensor(logsnr) / 2)
@@ -292,7 +358,11 @@ class EDMSchedule(NoiseSchedule):
         return expand_to(c_skip, x), expand_to(c_out, x)
 
     def to_x0(self, out, x_t, t):
-        c_skip, c_out = self._c_skip_out(_as_tensor(t, x_t), x_t)
+        """``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F`` (Karras et al. 2022, eq. 7 and Table 1)."""
+        return self._x0(out, x_t, _as_tensor(t, x_t), None, None)
+
+    def _x0(self, out, x_t, t, a, s):
+        c_skip, c_out = self._c_skip_out(t, x_t)
         return c_skip * x_t + c_out * out
 
     def from_x0(self, x0, x_t, t):

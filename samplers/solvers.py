@@ -37,11 +37,12 @@ def denoise(denoiser: BaseDenoiser, x: torch.Tensor, t, cond: Cond | None = None
 
 
 def alpha_sigma(schedule: NoiseSchedule, t, x: torch.Tensor):
-    """``(alpha, sigma)`` at ``t`` broadcast against ``x``; ``t = None`` is the clean end ``(1, 0)``."""
+    """``(alpha, sigma)`` at ``t`` broadcast against ``x`` (one ``schedule.alpha_sigma`` call, on ``x``'s
+    device); ``t = None`` is the clean end ``(1, 0)``."""
     if t is None:
         return torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-    return expand_to(schedule.alpha(t), x), expand_to(schedule.sigma(t), x)
+    a, s = schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float32, device=x.device))
+    return expand_to(a, x), expand_to(s, x)
 
 
 def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, x0: torch.Tensor, t, s) -> torch.Tensor:
