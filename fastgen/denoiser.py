@@ -145,14 +145,41 @@ class BaseDenoiser(nn.Module):
         return x0_u + expand_to(scale, x0_u) * (x0_c - x0_u)
 
 
+def activate_adapter(model: nn.Module, name: str | None) -> None:
+    """Run ``model`` with LoRA adapter ``name`` alone (``None``: the base weights alone); a no-op for a network
+    that never had an adapter, or whose adapter is already the one asked for.
+
+    peft's switches also set ``requires_grad`` of the adapters they touch; the trainer decides which
+    networks take gradients, so the flags are put back as they were."""
+    model = unwrap(model)
+    if getattr(model, "_fastgen_active_adapter", None) == name:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    flags = [p.requires_grad for p in params]
+    for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
+        layer.enable_adapters(name is not None)
+        if name is not None:
+            layer.set_adapter(name)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    model._fastgen_active_adapter = name
+
+
 class Denoiser(BaseDenoiser):
     """``x0 = D(x_t, t, cond)`` for a diffusers network (``UNet2DModel``, ``UNet2DConditionModel``,
-    ``SD3Transformer2DModel``, …) whose output type is ``schedule.prediction_type``."""
+    ``SD3Transformer2DModel``, …) whose output type is ``schedule.prediction_type``.
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule):
+    ``adapter``: the LoRA adapter switched on for this denoiser's calls (``None``: the base weights alone), so
+    that a teacher and the LoRA networks added on its weights (``fastgen.networks.NetworkFactory.lora``) share
+    one base network."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, adapter: str | None = None):
         super().__init__()
         self.model = model
         self.schedule = schedule
+        self.adapter = adapter
         params = inspect.signature(model.forward).parameters
         if "sample" in params:
             self.input_name = "sample"
@@ -192,6 +219,7 @@ class Denoiser(BaseDenoiser):
     def output(self, x_t: torch.Tensor, t, cond: Cond | None = None, features: Features = None):
         """The network's own output (of type ``schedule.prediction_type``), in ``x_t``'s dtype; with
         ``features``, ``(output, {name: activation})`` from the same forward pass (``capture``)."""
+        activate_adapter(self.model, self.adapter)
         t = batch_times(t, x_t)
         x_in, t_in = self.schedule.model_input(x_t, t)
         kwargs = {self.input_name: x_in.to(self.dtype), "timestep": t_in, "return_dict": False}

@@ -40,6 +40,15 @@ class EnvironmentMissingError(UserError, ValueError):
     value is what cannot be used."""
 
 
+def check_fields(rules, prefix: str = "") -> None:
+    """Raise one ``UsageError`` naming every broken rule: ``rules`` holds ``(ok, key, value, expected)``; the message
+    reads ``<prefix><key> is <value>; expected <expected>`` per broken rule. Config dataclasses call it from
+    ``__post_init__``, so a bad value fails when the config is built (loaded), before anything else runs."""
+    bad = [f"{prefix}{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
+    if bad:
+        raise UsageError("; ".join(bad))
+
+
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
 """What the command line reports as the user's error: fastgen's own, and the file-system errors of paths
 the user named (the message of a bare ``OSError`` is completed with :func:`describe`)."""

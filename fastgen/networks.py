@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from fastgen.denoiser import BaseDenoiser, Denoiser
+from fastgen.denoiser import BaseDenoiser, Denoiser, activate_adapter, unwrap
 from fastgen.errors import EnvironmentMissingError, UsageError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,47 +48,12 @@ def configure_network(model: nn.Module, attention: str = "default", gradient_che
         model.enable_gradient_checkpointing()
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    """The network inside a distributed wrapper (DDP's ``.module``)."""
-    return getattr(model, "module", model)
-
-
-def _tuner_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def activate_adapter(model: nn.Module, name: str | None) -> None:
-    """Run ``model`` with LoRA adapter ``name`` alone (``None``: the base weights alone).
-
-    peft's switches also set ``requires_grad`` of the adapters they touch; the trainer decides which
-    networks take gradients, so the flags are put back as they were."""
-    model = _inner(model)
-    if getattr(model, "_fastgen_active_adapter", None) == name:
-        return
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    flags = [p.requires_grad for p in params]
-    for layer in _tuner_layers(model):
-        layer.enable_adapters(name is not None)
-        if name is not None:
-            layer.set_adapter(name)
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
-    model._fastgen_active_adapter = name
-
-
 class AdapterDenoiser(Denoiser):
-    """A ``Denoiser`` over a shared base network that switches LoRA adapter ``adapter`` on for its own calls
-    (``None``: the base alone, as the teacher runs when adapters live on its network)."""
+    """A ``Denoiser`` of LoRA adapter ``adapter`` on a shared base network (the teacher's): its trainable
+    parameters and checkpoint state are the adapter's alone."""
 
-    def __init__(self, model: nn.Module, schedule, adapter: str | None):
-        super().__init__(model, schedule)
-        self.adapter = adapter
-
-    def output(self, x_t, t, cond=None, features=None):
-        activate_adapter(self.model, self.adapter)
-        return super().output(x_t, t, cond, features)
+    def __init__(self, model: nn.Module, schedule, adapter: str):
+        super().__init__(model, schedule, adapter)
 
 
 class NetworkFactory:
@@ -124,7 +89,7 @@ class NetworkFactory:
              targets: Iterable[str] = DEFAULT_LORA_TARGETS) -> AdapterDenoiser:
         """A LoRA adapter ``name`` of rank ``rank`` on the teacher's own frozen network (Hu et al. 2021,
         "LoRA", eq. 3: ``W + (alpha / r) B A``, ``B = 0`` at the start, so the adapted network starts equal to
-        the teacher). The teacher's denoiser is switched to the base alone for its own calls."""
+        the teacher). The teacher's ``Denoiser`` (adapter ``None``) switches to the base alone for its own calls."""
         from peft import LoraConfig
 
         base = self.teacher.model
@@ -142,10 +107,7 @@ class NetworkFactory:
             if f".{name}." in n:
                 p.data = p.data.float()
                 p.requires_grad_(True)
-        base._fastgen_active_adapter = "unknown"  # add_adapter changed what runs: switch on the next call
-        den = self.teacher.denoiser
-        if not isinstance(den, AdapterDenoiser):
-            self.teacher.denoiser = AdapterDenoiser(base, den.schedule, None)
+        base._fastgen_active_adapter = "unknown"  # add_adapter changed what runs: every denoiser switches on its call
         configure_network(base, self.attention, self.gradient_checkpointing)
         return AdapterDenoiser(base, self.teacher.schedule, name)
 
@@ -158,7 +120,7 @@ class NetworkFactory:
         """A frozen copy of a (possibly distributed-wrapped) denoiser: an EMA target, a progressive round's
         teacher. The copy holds the plain network, never the wrapper."""
         if isinstance(denoiser, Denoiser):
-            denoiser = Denoiser(_inner(denoiser.model), denoiser.schedule)
+            denoiser = Denoiser(unwrap(denoiser.model), denoiser.schedule)
         return copy.deepcopy(denoiser).requires_grad_(False).eval()
 
 
@@ -174,20 +136,20 @@ def trainable_parameters(attr: Any) -> list[nn.Parameter]:
     """The parameters a network trains: an adapter's own weights for an ``AdapterDenoiser``, else every
     parameter that requires grad."""
     if isinstance(attr, AdapterDenoiser):
-        return [p for n, p in _inner(attr.model).named_parameters() if f".{attr.adapter}." in n]
+        return [p for n, p in unwrap(attr.model).named_parameters() if f".{attr.adapter}." in n]
     return [p for p in network_module(attr).parameters() if p.requires_grad]
 
 
 def network_state(attr: Any) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of a network: an adapter's weights alone (the base is the teacher's)."""
-    state = _inner(network_module(attr)).state_dict()
+    state = unwrap(network_module(attr)).state_dict()
     if isinstance(attr, AdapterDenoiser):
         return {k: v for k, v in state.items() if f".{attr.adapter}." in k}
     return state
 
 
 def load_network_state(attr: Any, state: dict[str, torch.Tensor]) -> None:
-    module = _inner(network_module(attr))
+    module = unwrap(network_module(attr))
     if not isinstance(attr, AdapterDenoiser):
         module.load_state_dict(state)
         return

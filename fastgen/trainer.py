@@ -1,22 +1,26 @@
-"""The training loop: one loop on accelerate for every objective (distributed wrappers come from
-``accelerate launch``; DDP is tested on CPU processes, FSDP and DeepSpeed are not).
+"""The training loop: one linear loop on accelerate for every objective (DDP from ``accelerate launch``, tested
+on CPU processes; FSDP and DeepSpeed are not).
 
-Per step, each of the objective's phases that runs at this step draws ``grad_accum`` batches, sums the
-scaled losses' gradients, clips the gradients of every network it trains, and steps its own optimizer;
-the student's EMA is updated only after phases that train the student. A step whose loss is not finite
-on any rank is skipped on all ranks, counted and logged; ``max_nonfinite`` in a row stop the run.
+``Trainer(config)`` assembles the run (``fastgen.assemble.build_run``: teacher, ``StudentPlan``, students, the
+objective's networks, optimizers, EMA, data), wraps the trained networks for the process group and writes
+``config.yaml`` and ``plan.json``. Each step then calls, in order (FastGen's callbacks, EDM's linearity):
 
-Randomness is a pure function of ``(seed, step, rank)`` (re-seeded at every step) and data batch ``k``
-of ``(seed, rank, k)``, so a run resumed from a checkpoint continues exactly as if never stopped.
+1. the step's seed (randomness is a pure function of ``(seed, step, rank)``, data batch ``k`` of
+   ``(seed, rank, k)``, so a resumed run continues exactly as if never stopped);
+2. ``run_phase`` (``fastgen.step``) for every phase due at this step: micro-batches, backward, one finiteness
+   check, clipping, the optimizer, its learning-rate schedule (``train.lr_scheduler``), the student's EMA;
+3. the non-finite guard: a skipped phase is counted and logged; ``max_nonfinite`` in a row stop the run;
+4. the objective's ``on_step_end`` (an EMA target, a progressive round);
+5. logging every ``log_every`` steps: the window averages of every phase's terms across ranks, each phase's
+   learning rate (``lr/<phase>``), samples per second, peak memory and the run's cumulative time, to
+   ``metrics.jsonl`` and accelerate's trackers;
+6. sample grids every ``sample_every`` steps and checkpoints every ``checkpoint_every`` steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -24,16 +28,15 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
+from fastgen.assemble import build_run, make_student, student_names
 from fastgen.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import DistillConfig, config_to_dict, load_config, save_config
 from fastgen.data import build_data, check_data
-from fastgen.denoiser import Denoiser
-from fastgen.experts import ExpertsDenoiser, default_boundaries
 from fastgen.errors import EnvironmentMissingError, MissingPathError, UsageError
-from fastgen.losses import build_objective, default_grid
-from fastgen.networks import (NetworkFactory, configure_network, load_network_state, network_module, network_state,
-                              trainable_parameters)
-from fastgen.schedules import NoiseSchedule, schedule_from_description
+from fastgen.networks import load_network_state, network_state
+from fastgen.plan import StudentPlan
+from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory
+from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
 
 
@@ -46,46 +49,31 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank * 7_919) % (2**63 - 1)
 
 
-def weight_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype the teacher's weights are held in for ``train.mixed_precision`` (students stay float32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+class AcceleratorBackend:
+    """``fastgen.step``'s backend on accelerate: its autocast, loss scaling, ``no_sync`` and clipping (of the
+    unscaled gradients); the finiteness of a loss is agreed on by every process (one gather)."""
 
+    def __init__(self, accelerator: Accelerator):
+        self.acc = accelerator
 
-def make_student(teacher_model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
-    """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft)."""
-    student = copy.deepcopy(teacher_model).float().train()
-    s = config.student
-    if s.lora_rank > 0:
-        from peft import LoraConfig
+    def autocast(self):
+        return self.acc.autocast()
 
-        if not hasattr(student, "add_adapter"):
-            raise UsageError(f"student.lora_rank = {s.lora_rank}: a LoRA student needs a denoiser with diffusers' "
-                             f"adapter support (add_adapter), which {type(student).__name__} lacks; "
-                             "use a full fine-tune (student.lora_rank=0)")
-        student.requires_grad_(False)
-        student.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha or s.lora_rank,
-                                       init_lora_weights="gaussian", target_modules=list(s.lora_targets)))
-    else:
-        student.requires_grad_(True)
-    return student
+    def backward(self, loss):
+        self.acc.backward(loss)
 
+    def no_sync(self, module):
+        return self.acc.no_sync(module)
 
-def student_schedule(schedule: NoiseSchedule, prediction_type: str | None) -> NoiseSchedule:
-    """The teacher's schedule, with the student's own output type when ``student.prediction_type`` is set."""
-    if prediction_type is None or prediction_type == schedule.prediction_type:
-        return schedule
-    if prediction_type not in schedule.supported_predictions:
-        raise UsageError(f"student.prediction_type is {prediction_type!r}; a {schedule.family} teacher's student "
-                         f"takes one of {list(schedule.supported_predictions)}")
-    return schedule_from_description({**schedule.describe(), "prediction_type": prediction_type})
+    def all_finite(self, value):
+        ok = torch.isfinite(value.detach()).float().reshape(1)
+        return bool(self.acc.gather(ok).min() > 0)
 
+    def clip(self, params, max_norm):
+        return self.acc.clip_grad_norm_(params, max_norm)
 
-def student_boundaries(config: DistillConfig, schedule: NoiseSchedule, student: NoiseSchedule) -> list[float]:
-    """The native times between the experts of a student of ``student.experts`` experts: ``student.expert_boundaries``,
-    else halfway between groups of its timesteps (``default_boundaries``; by default the method's grid)."""
-    s = config.student
-    grid = s.timesteps or default_grid(config.method, schedule, student, config.objective, s.num_steps)
-    return s.expert_boundaries or default_boundaries(grid, s.experts)
+    def step(self, optimizer):
+        optimizer.step()
 
 
 class Trainer:
@@ -106,156 +94,111 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
-        torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed
-        dtype = weight_dtype(t.mixed_precision)
-        self.teacher = load_teacher(config.teacher, device=acc.device, dtype=dtype,
-                                    trust_pickle=config.trust_pickle)
-        # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
-        full = self.teacher if dtype == torch.float32 else load_teacher(config.teacher,
-                                                                                trust_pickle=config.trust_pickle)
-        schedule = student_schedule(self.teacher.schedule, config.student.prediction_type)
-        self.student_names = ["student"] if config.student.experts == 1 else [
-            f"student.{k}" for k in range(config.student.experts)]
-        experts = []
-        for _ in self.student_names:
-            model = make_student(full.model, config)
-            configure_network(model, t.attention, t.gradient_checkpointing)
-            experts.append(Denoiser(model, schedule))
-        if len(experts) == 1:
-            self.student = experts[0]
-        else:
-            self.student = ExpertsDenoiser(experts, student_boundaries(config, self.teacher.schedule, schedule))
-        # students first: LoRA networks the objective adds on the teacher's weights stay out of their copies
-        factory = NetworkFactory(self.teacher, t.attention, t.gradient_checkpointing, source=full.model)
-        self.objective = build_objective(config.method, self.teacher, self.student, config.objective,
-                                         config.student.num_steps, config.student.timesteps, t.max_steps,
-                                         factory=factory)
-        factory.release()
-        del full, factory
-        has_x0 = check_data(config.data, self.teacher, class_labels=self.teacher.num_classes > 0, prompts=config.prompts,
-                            teacher_guidance=config.teacher_sample_guidance)
-        if self.objective.needs_data and not has_x0:
-            raise UsageError(f"method {config.method!r} needs data: pass --data with a folder of images or "
-                             "'teacher' (samples generated by the teacher)")
-        with acc.main_process_first():
-            self.data = build_data(config.data, self.teacher, t.batch_size, config.seed * 1000 + acc.process_index,
-                                   self.run_dir / "cache", num_teacher_samples=config.teacher_samples,
-                                   teacher_steps=config.teacher_sample_steps,
-                                   class_labels=self.teacher.num_classes > 0, prompts=config.prompts,
-                                   teacher_guidance=config.teacher_sample_guidance,
-                                   caption_column=config.caption_column)
-        self._build_optimizers()
-        self.emas = {}  # one EMA per student network (per expert)
-        if t.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
-
-            self.emas = {n: EMAModel(self.trainable[n], decay=t.ema_decay, foreach=True) for n in self.student_names}
+        run = self.run = build_run(config, device=acc.device, data=self._data)
+        run.wrap(acc.prepare)
+        run.optimizers = {name: acc.prepare(opt) for name, opt in run.optimizers.items()}
+        self.lr_schedules = LRSchedules(run.optimizers, run.phases, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
+        self.clock = Clock()  # restarted by fit, from the resumed run's training time
         self.step = 0
         self.batches_used = 0
         self.nonfinite_total = 0
-        self.nonfinite_in_a_row = {phase.name: 0 for phase in self.phases}
+        self.nonfinite_in_a_row = {phase.name: 0 for phase in run.phases}
         if resume_from is not None:
             self.load(resume_from)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
-            (self.run_dir / "export_config.json").write_text(json.dumps(self.objective.export_config(), indent=2))
+            run.plan.save(self.run_dir)
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
 
-    # -- networks and optimizers --------------------------------------------------------------------
-    def _attr(self, name: str):
-        """The ``Denoiser`` or module behind a network name (``student``, ``student.k``, objective networks)."""
-        if name in self.student_names:
-            return self.student if name == "student" else self.student.experts[int(name.split(".")[1])]
-        return getattr(self.objective, name)
+    def _data(self, teacher, objective):
+        """The run's data source, this process's shard of it (built on the main process first: caches); checked
+        against the objective's needs before anything is read or cached."""
+        config, acc = self.config, self.accelerator
+        has_x0 = check_data(config.data, teacher, class_labels=teacher.num_classes > 0, prompts=config.prompts,
+                            teacher_guidance=config.teacher_sample_guidance)
+        if objective.needs_data and not has_x0:
+            raise UsageError(f"method {config.method!r} needs data: pass --data with a folder of images or "
+                             "'teacher' (samples generated by the teacher)")
+        with acc.main_process_first():
+            return build_data(config.data, teacher, config.train.batch_size, config.seed, self.run_dir / "cache",
+                              num_teacher_samples=config.teacher_samples, teacher_steps=config.teacher_sample_steps,
+                              class_labels=teacher.num_classes > 0, prompts=config.prompts,
+                              teacher_guidance=config.teacher_sample_guidance, caption_column=config.caption_column,
+                              rank=acc.process_index, world_size=acc.num_processes)
 
-    def _network(self, name: str) -> torch.nn.Module:
-        return network_module(self._attr(name))
+    # -- what the rest of the package reads ----------------------------------------------------------
+    @property
+    def teacher(self):
+        return self.run.teacher
 
-    def _set_network(self, name: str, module: torch.nn.Module) -> None:
-        attr = self._attr(name)
-        if isinstance(attr, Denoiser):
-            attr.model = module
-        else:
-            setattr(self.objective, name, module)
+    @property
+    def objective(self):
+        return self.run.objective
 
-    def _phase_networks(self, phase) -> list[str]:
-        """The networks a phase trains; ``"student"`` names every expert of a student of experts."""
-        names = []
-        for name in phase.networks:
-            names += self.student_names if name == "student" else [name]
-        return names
+    @property
+    def plan(self) -> StudentPlan:
+        return self.run.plan
 
-    def _build_optimizers(self) -> None:
-        t = self.config.train
-        self.phases = self.objective.phases()
-        self.network_names = [*self.student_names, *sorted(self.objective.networks())]
-        known = {*self.network_names, "student"}
-        # built once: the training step clips, averages and excludes these lists
-        self.trainable = {name: trainable_parameters(self._attr(name)) for name in self.network_names}
-        for name in self.network_names:
-            self._set_network(name, self.accelerator.prepare(self._network(name)))
-        self.optimizers = {}
-        self.phase_params = {}
-        self.excluded = {}  # per phase: the trainable networks it does not own
-        for phase in self.phases:
-            unknown = set(phase.networks) - known
-            if unknown:
-                raise ValueError(f"phase {phase.name!r} trains {sorted(unknown)}, which the objective does not own; "
-                                 f"expected names among {sorted(known)}")
-            owned = self._phase_networks(phase)
-            self.excluded[phase.name] = [n for n in self.network_names if n not in owned]
-            params = self.phase_params[phase.name] = [p for n in owned for p in self.trainable[n]]
-            opt = torch.optim.AdamW(params, lr=phase.lr or t.lr, betas=phase.betas or tuple(t.betas),
-                                    weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay)
-            self.optimizers[phase.name] = self.accelerator.prepare(opt)
+    @property
+    def student(self):
+        return self.run.nets["student"]
 
-    @contextlib.contextmanager
-    def _owned_by(self, phase):
-        """Only ``phase``'s networks take gradients while it runs: every other trainable network has
-        ``requires_grad`` off (gradients still flow through its inputs) and, under DDP, skips gradient
-        synchronisation; restored afterwards."""
-        excluded = self.excluded[phase.name]
-        with contextlib.ExitStack() as stack:
-            for name in excluded:
-                stack.enter_context(self.accelerator.no_sync(self._network(name)))
-                for p in self.trainable[name]:
-                    p.requires_grad_(False)
-            try:
-                yield
-            finally:
-                for name in excluded:
-                    for p in self.trainable[name]:
-                        p.requires_grad_(True)
+    @property
+    def student_names(self) -> list[str]:
+        return self.run.students
+
+    @property
+    def emas(self):
+        return self.run.emas
+
+    @property
+    def optimizers(self):
+        return self.run.optimizers
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _batches(self):
+        """This process's batches from ``batches_used`` on, counting each one drawn (the checkpoint's data
+        position)."""
+        t = self.config.train
+        for batch in self.run.data.loader(self.batches_used, num_workers=t.num_workers,
+                                          pin_memory=self.accelerator.device.type == "cuda"):
+            self.batches_used += 1
+            yield batch.to(self.accelerator.device)
+
     def fit(self) -> dict[str, float]:
-        acc, t = self.accelerator, self.config.train
+        acc, t, run = self.accelerator, self.config.train, self.run
         bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
-        metrics_file = self.run_dir / "metrics.jsonl"
-        logged: dict[str, torch.Tensor] = {}  # the latest terms of every phase that ran since the last record
+        backend = AcceleratorBackend(acc)
+        window = MetricsWindow(lambda x: acc.reduce(x, "mean") if acc.num_processes > 1 else x)
+        throughput = Throughput()
         values: dict[str, float] = {}
         if acc.device.type == "cpu":
             keep_heap()  # the freed activations of a step stay mapped for the next (fastgen/allocator.py)
         # on a CPU run torch.manual_seed would also queue CUDA seeding, with a captured stack trace, every step
         seed = torch.default_generator.manual_seed if acc.device.type == "cpu" else torch.manual_seed
-        start = time.perf_counter()
+        batches = self._batches()
+        reset_peak_memory(acc.device)
+        self.clock = Clock(self.clock.state_dict()["elapsed"] if self.step else 0.0)
         while self.step < t.max_steps:
             seed(step_seed(self.config.seed, self.step, acc.process_index))
-            logged.update(self._train_step())
-            self.objective.on_step_end(self.step)
+            used = self.batches_used
+            for phase in run.phases:
+                if not phase.runs_at(self.step):
+                    continue
+                terms, stepped = run_phase(run, phase, batches, self.step, backend, t.grad_accum, t.grad_clip,
+                                           self.lr_schedules)
+                if stepped:
+                    self.nonfinite_in_a_row[phase.name] = 0
+                    window.add({f"{phase.name}/{k}": v for k, v in terms.items()})
+                else:
+                    self._count_nonfinite(phase.name, terms["loss"])
+            throughput.add((self.batches_used - used) * t.batch_size * acc.num_processes)
+            run.objective.on_step_end(self.step)
             self.step += 1
             bar.update(1)
             if self.step % max(t.log_every, 1) == 0 or self.step == t.max_steps:
-                values = {k: float(v) for k, v in logged.items()}  # the only host sync of the logged terms
-                if acc.is_main_process:
-                    record = {"step": self.step, "time": round(time.perf_counter() - start, 3), **values,
-                              "nonfinite_skipped": self.nonfinite_total}
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
-                acc.log(values, step=self.step)
-                logged = {}
+                values = self._log(window, throughput, bar)
             if t.sample_every and self.step % t.sample_every == 0:
                 self.save_samples()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
@@ -265,57 +208,30 @@ class Trainer:
         acc.end_training()
         return values
 
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        """One step of every phase due now; returns the logged terms as detached tensors (no host sync)."""
-        acc, t = self.accelerator, self.config.train
-        logged = {}
-        for phase in self.phases:
-            if not phase.runs_at(self.step):
-                continue
-            opt = self.optimizers[phase.name]
-            opt.zero_grad(set_to_none=True)
-            nets = [self._network(n) for n in self._phase_networks(phase)]
-            totals: dict[str, torch.Tensor] = {}
-            finite = True
-            with self._owned_by(phase):
-                for micro in range(t.grad_accum):
-                    batch = self.data.batch(self.batches_used).to(acc.device)
-                    self.batches_used += 1
-                    sync = micro == t.grad_accum - 1
-                    with contextlib.ExitStack() as stack:
-                        if not sync:
-                            for net in nets:
-                                stack.enter_context(acc.no_sync(net))
-                        with acc.autocast():
-                            out = self.objective.loss(phase.name, batch, self.step)
-                        loss = out["loss"]
-                        ok = torch.isfinite(loss.detach()).float().reshape(1)
-                        finite = finite and bool(acc.gather(ok).min() > 0)
-                        if finite:
-                            acc.backward(loss / t.grad_accum)
-                    for key, value in out.items():
-                        totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accum
-            if not finite:
-                opt.zero_grad(set_to_none=True)
-                self._count_nonfinite(phase.name, float(totals.get("loss", math.nan)))
-                continue
-            self.nonfinite_in_a_row[phase.name] = 0
-            if t.grad_clip is not None:
-                totals["grad_norm"] = acc.clip_grad_norm_(self.phase_params[phase.name], t.grad_clip)
-            opt.step()
-            for name in self._phase_networks(phase):
-                if name in self.emas:
-                    self.emas[name].step(self.trainable[name])
-            logged.update({f"{phase.name}/{k}": v for k, v in totals.items()})
-        return logged
+    def _log(self, window: MetricsWindow, throughput: Throughput, bar) -> dict[str, float]:
+        """One record: window averages across ranks (collective: every rank calls it), learning rates,
+        throughput, peak memory, cumulative time."""
+        acc = self.accelerator
+        values = window.flush()
+        values.update({f"lr/{p.name}": self.lr_schedules.last_lr(p.name) for p in self.run.phases})
+        extra = {"samples_per_s": round(throughput.rate(), 3), "peak_memory_bytes": peak_memory_bytes(acc.device)}
+        reset_peak_memory(acc.device)
+        if acc.is_main_process:
+            record = {"step": self.step, "time": round(self.clock.elapsed(), 3), **values, **extra,
+                      "nonfinite_skipped": self.nonfinite_total}
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
+        acc.log({**values, **extra}, step=self.step)
+        return values
 
-    def _count_nonfinite(self, phase: str, value: float) -> None:
+    def _count_nonfinite(self, phase: str, loss: torch.Tensor) -> None:
         self.nonfinite_total += 1
         self.nonfinite_in_a_row[phase] += 1
         if self.accelerator.is_main_process:
             with (self.run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "event": "nonfinite_loss_skipped", "phase": phase,
-                                    "loss": str(value)}) + "\n")
+                                    "loss": str(float(loss))}) + "\n")
         limit = self.config.train.max_nonfinite
         if self.nonfinite_in_a_row[phase] >= limit:
             raise NonFiniteLossError(
@@ -326,15 +242,17 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
-        acc = self.accelerator
+        acc, run = self.accelerator, self.run
         return {
-            "networks": {n: network_state(self._attr(n)) for n in self.network_names},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "networks": {n: network_state(run.nets[n]) for n in run.network_names},
+            "optimizers": {name: opt.state_dict() for name, opt in run.optimizers.items()},
+            "lr_schedules": self.lr_schedules.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "ema": {n: ema.state_dict() for n, ema in self.emas.items()} or None,
-            "objective": self.objective.state_dict(),
+            "ema": {n: ema.state_dict() for n, ema in run.emas.items()} or None,
+            "objective": run.objective.state_dict(),
             "data_position": self.batches_used,
             "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row],
+            "clock": self.clock.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -352,32 +270,35 @@ class Trainer:
         if path is None:
             raise MissingPathError(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}")
         step, state = load_checkpoint(path)
-        acc = self.accelerator
-        if sorted(state["networks"]) != sorted(self.network_names):
+        acc, run = self.accelerator, self.run
+        if sorted(state["networks"]) != sorted(run.network_names):
             raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; this run trains "
-                             f"{sorted(self.network_names)} (a different method or student.experts?)")
+                             f"{sorted(run.network_names)} (a different method or student.experts?)")
         for name, sd in state["networks"].items():
-            load_network_state(self._attr(name), sd)
+            load_network_state(run.nets[name], sd)
         for name, sd in state["optimizers"].items():
-            self.optimizers[name].load_state_dict(sd)
+            run.optimizers[name].load_state_dict(sd)
+        if state.get("lr_schedules"):
+            self.lr_schedules.load_state_dict(state["lr_schedules"])
         if state.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         for name, sd in (state.get("ema") or {}).items():
-            if name in self.emas:
-                self.emas[name].load_state_dict(sd)
-                self.emas[name].to(acc.device)  # load_state_dict puts the checkpoint's CPU tensors in the shadow
-        self.objective.load_state_dict(state.get("objective") or {})
+            if name in run.emas:
+                run.emas[name].load_state_dict(sd)
+                run.emas[name].to(acc.device)  # load_state_dict puts the checkpoint's CPU tensors in the shadow
+        run.objective.load_state_dict(state.get("objective") or {})
         self.batches_used = state["data_position"]
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
+        self.clock = Clock((state.get("clock") or {}).get("elapsed", 0.0))
         self.step = step
 
     # -- outputs ------------------------------------------------------------------------------------
     def student_weights(self, ema: bool = True, name: str = "student") -> torch.nn.Module:
         """A plain copy of a student network (an expert: ``student.k``), with its EMA weights when kept and
         asked for."""
-        model = copy.deepcopy(self.accelerator.unwrap_model(self._network(name)))
-        if ema and name in self.emas:
-            self.emas[name].copy_to([p for p in model.parameters() if p.requires_grad])
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.run.module(name)))
+        if ema and name in self.run.emas:
+            self.run.emas[name].copy_to([p for p in model.parameters() if p.requires_grad])
         return model.eval()
 
     def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
@@ -388,13 +309,12 @@ class Trainer:
         from fastgen.pipelines import export_student
 
         models = [self.student_weights(ema, name) for name in self.student_names]
-        export = {"expert_boundaries": getattr(self.student, "boundaries", None), **self.objective.export_config()}
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
-        return export_student(teacher, models if len(models) > 1 else models[0], out_dir, **export, lora=lora,
-                              prediction_type=self.student.schedule.prediction_type, method=self.config.method,
-                              settings=self.config.objective)
+        return export_student(teacher, models if len(models) > 1 else models[0], out_dir,
+                              **self.plan.export_config(), lora=lora, prediction_type=self.plan.prediction_type,
+                              method=self.config.method, settings=config_to_dict(self.config)["objective"])
 
     @torch.no_grad()
     def save_samples(self, num: int = 16) -> Path | None:
@@ -406,13 +326,13 @@ class Trainer:
         den = self.objective.sampling_denoiser()
         g = torch.Generator().manual_seed(self.config.seed)
         x = torch.randn((num, *self.teacher.sample_shape), generator=g).to(self.accelerator.device)
-        cond = self.data.batch(0).to(self.accelerator.device).cond
+        cond = self.run.data.batch(0).to(self.accelerator.device).cond
         if cond is not None:
             from fastgen.denoiser import slice_cond
 
             cond = slice_cond(cond, slice(0, num))
             x = x[: _batch_size(cond)]
-        out = get_sampler(self.objective.rule)(den, x, self.objective.timesteps, cond=cond, generator=g)
+        out = get_sampler(self.plan.rule)(den, x, self.plan.timesteps, cond=cond, generator=g)
         return save_grid(self.teacher.decode(out), self.run_dir / "samples" / f"step-{self.step:08d}.png")
 
 
@@ -467,10 +387,10 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = True,
                checkpoint: str | Path | None = None) -> Path:
-    """Export a finished or interrupted run from its checkpoint (latest by default) without its data."""
+    """Export a finished or interrupted run from its checkpoint (latest by default) without its data: the
+    students and their EMA weights are rebuilt as ``build_run`` builds them, the plan read from the run."""
     from diffusers.training_utils import EMAModel
 
-    from fastgen.config import load_config
     from fastgen.pipelines import export_student
 
     run_dir = Path(run_dir)
@@ -486,13 +406,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
     _, state = load_checkpoint(path)
-    names = ["student"] if config.student.experts == 1 else [f"student.{k}" for k in range(config.student.experts)]
+    names = student_names(config)
     if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):
         raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; its run's config "
                          f"(student.experts = {config.student.experts}) expects {names}")
     if ema and state.get("ema") is None:
         raise UsageError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
     teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
+    plan = StudentPlan.load(run_dir)
     students = []
     for name in names:
         student = make_student(teacher.model, config)
@@ -503,10 +424,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
             averaged.load_state_dict(state["ema"][name])
             averaged.copy_to(trainable)
         students.append(student.eval())
-    # the objective may record the boundaries itself (Phased DMD); else they are the config's
-    schedule = student_schedule(teacher.schedule, config.student.prediction_type)
-    export = {"expert_boundaries": student_boundaries(config, teacher.schedule, schedule) if len(names) > 1 else None,
-              **json.loads((run_dir / "export_config.json").read_text())}
-    prediction_type = schedule.prediction_type
-    return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **export, lora=lora,
-                          prediction_type=prediction_type, method=config.method, settings=config.objective)
+    return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **plan.export_config(),
+                          lora=lora, prediction_type=plan.prediction_type, method=config.method,
+                          settings=config_to_dict(config)["objective"])

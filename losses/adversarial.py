@@ -54,26 +54,14 @@ class DiscriminatorHead(nn.Module):
         return self.out(self.convs(features).mean((2, 3))).squeeze(1)
 
 
-class FeatureDiscriminator:
-    """Logits of a ``DiscriminatorHead`` on block ``features`` of ``denoiser`` at noise level ``t``.
-
-    Not a module: the head is a network of the objective (``self.head``) and the denoiser one of its
-    networks or the teacher, so the trainer wraps and owns each; this only wires them."""
-
-    def __init__(self, objective, denoiser_name: str, features=True):
-        self.objective, self.denoiser_name, self.features = objective, denoiser_name, features
-
-    @property
-    def denoiser(self):
-        return getattr(self.objective, self.denoiser_name)
-
-    def feature(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
-        x_t = self.objective.schedule.add_noise(x, torch.randn_like(x), t)
-        _, found = self.denoiser(x_t, t, cond, features=self.features)
-        return next(iter(found.values())).float()
-
-    def logits(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
-        return self.objective.head(self.feature(x, t, cond))
+def discriminator_logits(head: nn.Module, denoiser, schedule, x: torch.Tensor, t: torch.Tensor,
+                         cond: Cond | None, features=True) -> torch.Tensor:
+    """Logits of ``head`` on block ``features`` of ``denoiser`` (a network of the objective, or the frozen
+    teacher) at ``x`` noised to level ``t``. Both networks come from the caller (the objective's ``nets``), so
+    the trainer wraps and owns each; this only wires them."""
+    x_t = schedule.add_noise(x, torch.randn_like(x), t)
+    _, found = denoiser(x_t, t, cond, features=features)
+    return head(next(iter(found.values())).float())
 
 
 def make_head(denoiser, sample: torch.Tensor, t: torch.Tensor, cond: Cond | None, features=True) -> DiscriminatorHead:

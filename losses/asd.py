@@ -4,7 +4,7 @@ On top of DMD2 (``losses.dmd``), a discriminator (a head on the fake score's fea
 aligns the distribution of the student's ``n``-step outputs with that of its own ``(n+1)``-step outputs, the
 latter as "real" and without gradient; ``n`` is drawn per batch from ``step_counts`` and the DMD term and
 the backward simulation run on that count's grid, so one student is trained for 1, 2 and 4 steps and the
-export lists the timesteps of each (``export_config()["trained_timesteps"]``). No real data is needed
+export lists the timesteps of each (``plan_grids``, ``exported_counts``). No real data is needed
 unless DMD2's own GAN term is switched on (``gan_weight``/``gan_critic_weight``).
 
 First-frame enhancement, for a sequence of frames stacked along the sample's first axis (``num_frames``
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import cat_cond
-from fastgen.errors import UsageError
+from fastgen.errors import UsageError, check_fields
 from fastgen.losses.adversarial import discriminator_loss, generator_loss
-from fastgen.losses.dmd import DMD2, DMD2Config
+from fastgen.losses.dmd import DMD2, Critic, DMD2Config
 
 
 @dataclass
@@ -41,78 +41,89 @@ class ASDConfig(DMD2Config):
     first_frame_steps: int = 0
     """Extra student steps for the first frames (0: off)."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        counts = list(self.step_counts)
+        check_fields([
+            (bool(counts) and min(counts) >= 1, "step_counts", counts, "step counts >= 1"),
+            (min(self.asd_weight, self.asd_critic_weight) >= 0, "asd_weight",
+             (self.asd_weight, self.asd_critic_weight), "non-negative weights"),
+            (self.num_frames >= 1, "num_frames", self.num_frames, ">= 1"),
+            (1 <= self.first_frames <= self.num_frames, "first_frames", self.first_frames,
+             f"1..num_frames ({self.num_frames})"),
+            (self.first_frame_steps >= 0, "first_frame_steps", self.first_frame_steps, ">= 0"),
+        ], "objective.")
+
 
 class ASD(DMD2):
     name = "asd"
     Config = ASDConfig
 
-    def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
-        self._check_asd(config, num_steps)
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+    def __init__(self, teacher, nets, config, plan, max_steps=None, factory=None):
+        super().__init__(teacher, nets, config, plan, max_steps, factory)
         c = config
         # not uses_gan: ASD's own adversarial term compares the student with itself and needs no data
         self.needs_data = (c.gan_weight > 0 or c.gan_critic_weight > 0 or c.regression_weight > 0
                            or c.regression_steps > 0 or c.multistep_input == "data")
-        extra = c.first_frame_steps
-        counts = sorted({k + d for k in c.step_counts for d in (0, 1, extra, 1 + extra)})
-        self.grids = {k: self.timesteps if k == num_steps else self.default_timesteps(k) for k in counts}
-        self.count = num_steps
 
-    @staticmethod
-    def _check_asd(c: ASDConfig, num_steps: int) -> None:
-        counts = list(c.step_counts)
-        rules = [
-            (bool(counts) and min(counts) >= 1, "step_counts", counts, "step counts >= 1"),
-            (num_steps in counts, "step_counts", counts, f"to contain student.num_steps = {num_steps}"),
-            (min(c.asd_weight, c.asd_critic_weight) >= 0, "asd_weight", (c.asd_weight, c.asd_critic_weight),
-             "non-negative weights"),
-            (c.num_frames >= 1, "num_frames", c.num_frames, ">= 1"),
-            (1 <= c.first_frames <= c.num_frames, "first_frames", c.first_frames, f"1..num_frames ({c.num_frames})"),
-            (c.first_frame_steps >= 0, "first_frame_steps", c.first_frame_steps, ">= 0"),
-        ]
-        bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
-        if bad:
-            raise UsageError("; ".join(bad))
+    @classmethod
+    def plan_grids(cls, schedule, student_schedule, config, num_steps):
+        """A grid for every step count trained (``step_counts``), its next count (the critic's "real" side) and
+        the counts first-frame enhancement adds."""
+        if num_steps not in config.step_counts:
+            raise UsageError(f"objective.step_counts is {list(config.step_counts)}; expected it to contain "
+                             f"student.num_steps = {num_steps}")
+        extra = config.first_frame_steps
+        counts = sorted({k + d for k in config.step_counts for d in (0, 1, extra, 1 + extra)} | {num_steps})
+        return {k: cls.default_grid(schedule, student_schedule, config, k) for k in counts}
+
+    @classmethod
+    def exported_counts(cls, config, num_steps, grids):
+        return sorted(config.step_counts)
 
     @property
     def uses_gan(self) -> bool:
         return super().uses_gan or self.config.asd_weight > 0 or self.config.asd_critic_weight > 0
 
-    def export_config(self):
-        return {**super().export_config(),
-                "trained_timesteps": {str(k): self.grids[k] for k in sorted(self.config.step_counts)}}
-
     # -- pieces -----------------------------------------------------------------------------------
-    def generate(self, batch, grad=True, timesteps=None, step=None):
-        """DMD2's backward simulation on the grid of the step count drawn for this batch."""
-        return super().generate(batch, grad, self.grids[self.count] if timesteps is None else timesteps, step)
+    def draw(self, critic: Critic) -> tuple[int, Critic]:
+        """A step count drawn for this batch, and the critic generating on its grid."""
+        counts = self.config.step_counts
+        count = counts[int(torch.randint(len(counts), ()))]
+        return count, critic._replace(timesteps=tuple(self.plan.grids[count]), steps=None)
 
     def outputs(self, k: int, batch, grad: bool) -> torch.Tensor:
         """The student's ``k``-step output (gradient through its last step only), first frames enhanced."""
-        x, _ = super().generate(batch, grad, self.grids[k], k - 1)
+        x, _ = self.generate(batch, grad, list(self.plan.grids[k]), k - 1)
         extra = self.config.first_frame_steps
         if extra:
             with torch.no_grad():
-                more, _ = super().generate(batch, False, self.grids[k + extra], k + extra - 1)
+                more, _ = self.generate(batch, False, list(self.plan.grids[k + extra]), k + extra - 1)
             x = enhance_first_frames(x, more, self.config.num_frames, self.config.first_frames)
         return x
 
-    def loss(self, phase, batch, step):
+    def generator_loss(self, batch, step, critic):
         c = self.config
-        self.count = c.step_counts[int(torch.randint(len(c.step_counts), ()))]
-        out = super().loss(phase, batch, step)
-        if phase == "generator" and c.asd_weight > 0:
-            x = self.outputs(self.count, batch, grad=True)
+        count, critic = self.draw(critic)
+        out = super().generator_loss(batch, step, critic)
+        if c.asd_weight > 0:
+            x = self.outputs(count, batch, grad=True)
             t = self.sample_t(x.shape[0], c.gan_t_range, x.device)
-            term = generator_loss(self.discriminator.logits(x, t, batch.cond), c.gan_loss)
+            term = generator_loss(self.logits(critic, x, t, batch.cond), c.gan_loss)
             out = {**out, "loss": out["loss"] + c.asd_weight * term, "asd": term.detach()}
-        elif phase == "critic" and c.asd_critic_weight > 0:
+        return out
+
+    def critic_loss(self, batch, step, critic):
+        c = self.config
+        count, critic = self.draw(critic)
+        out = super().critic_loss(batch, step, critic)
+        if c.asd_critic_weight > 0:
             with torch.no_grad():
-                fake = self.outputs(self.count, batch, grad=False).float()
-                real = self.outputs(self.count + 1, batch, grad=False).float()
+                fake = self.outputs(count, batch, grad=False).float()
+                real = self.outputs(count + 1, batch, grad=False).float()
             n = fake.shape[0]
             t = self.sample_t(2 * n, c.gan_t_range, fake.device)
-            logits = self.discriminator.logits(torch.cat([real, fake]), t, cat_cond(batch.cond, batch.cond))
+            logits = self.logits(critic, torch.cat([real, fake]), t, cat_cond(batch.cond, batch.cond))
             term = discriminator_loss(logits[:n], logits[n:], c.gan_loss)
             out = {**out, "loss": out["loss"] + c.asd_critic_weight * term, "asd": term.detach()}
         return out

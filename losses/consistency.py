@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.denoiser import BaseDenoiser, BoundaryDenoiser
-from fastgen.errors import UsageError
-from fastgen.losses.base import Objective
+from fastgen.denoiser import BoundaryDenoiser
+from fastgen.errors import UsageError, check_fields
+from fastgen.losses.base import Objective, Phase
 from fastgen.samplers.solvers import Guidance, ddim_step, denoise
 
 
@@ -54,6 +54,19 @@ class ConsistencyConfig:
     sigma_data: float = 0.5            # boundary condition c_skip, c_out (LCM), u = timestep_scaling (t - t_min)
     timestep_scaling: float = 10.0     # LCM: 10 on VP/flow native time; EDM, Song et al.'s c_skip: 1
 
+    def __post_init__(self):
+        check_fields([
+            (self.solver in ("ddim", "heun"), "solver", self.solver, "'ddim' or 'heun'"),
+            (self.distance in ("l2", "huber"), "distance", self.distance, "'l2' or 'huber'"),
+            (self.target_ema is None or 0.0 <= self.target_ema < 1.0, "target_ema", self.target_ema,
+             "a rate in [0, 1) or null"),
+            (1.0 <= self.guidance_min <= self.guidance_max, "guidance_min/max", (self.guidance_min,
+             self.guidance_max), "1 <= guidance_min <= guidance_max"),
+            (self.skip >= 1, "skip", self.skip, ">= 1 (every skip-th of the teacher's grid points)"),
+            (self.grid_points is None or self.grid_points >= 1, "grid_points", self.grid_points,
+             "a number of points >= 1 or null (use objective.skip)"),
+        ], "objective.")
+
 
 class ConsistencyDistillation(Objective):
     name = "consistency"
@@ -61,80 +74,87 @@ class ConsistencyDistillation(Objective):
     rule = "renoise"
     needs_data = True
 
-    def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: ConsistencyConfig, num_steps: int = 1,
-                 timesteps: list[float] | None = None, max_steps: int | None = None, factory=None):
-        self._check(config, teacher)
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
-        self.boundary = {"sigma_data": config.sigma_data, "timestep_scaling": config.timestep_scaling}
-        self.online = BoundaryDenoiser(student, **self.boundary)
+    def __init__(self, teacher, nets, config: ConsistencyConfig, plan, max_steps=None, factory=None):
+        super().__init__(teacher, nets, config, plan, max_steps, factory)
+        if not 1 <= config.skip < self.schedule.num_train_timesteps:
+            raise UsageError(f"objective.skip is {config.skip}; expected 1 <= skip < "
+                             f"{self.schedule.num_train_timesteps} (every skip-th of the teacher's "
+                             "num_train_timesteps grid points)")
+        self.boundary = self.boundary_condition(config)
         self.target = None
         if config.target_ema is not None:
-            plain = self.factory.frozen(student)
-            self.target = BoundaryDenoiser(plain, **self.boundary)
+            self.target = BoundaryDenoiser(self.factory.frozen(self.student), **self.boundary)
+
+    @property
+    def online(self) -> BoundaryDenoiser:
+        """The student in its boundary form (over ``nets["student"]``, wrapped or not)."""
+        return BoundaryDenoiser(self.student, **self.boundary)
 
     @staticmethod
-    def _check(config: ConsistencyConfig, teacher: BaseDenoiser) -> None:
-        if config.solver not in ("ddim", "heun"):
-            raise UsageError(f"objective.solver is {config.solver!r}; expected 'ddim' or 'heun'")
-        if config.distance not in ("l2", "huber"):
-            raise UsageError(f"objective.distance is {config.distance!r}; expected 'l2' or 'huber'")
-        if config.target_ema is not None and not 0.0 <= config.target_ema < 1.0:
-            raise UsageError(f"objective.target_ema is {config.target_ema}; expected a rate in [0, 1) or null")
-        if not 1.0 <= config.guidance_min <= config.guidance_max:
-            raise UsageError(f"objective.guidance_min/max are {config.guidance_min}/{config.guidance_max}; "
-                             "expected 1 <= guidance_min <= guidance_max")
-        T = teacher.schedule.num_train_timesteps
-        if not 1 <= config.skip < T:
-            raise UsageError(f"objective.skip is {config.skip}; expected 1 <= skip < {T} "
-                             "(every skip-th of the teacher's num_train_timesteps grid points)")
-        if config.grid_points is not None and config.grid_points < 1:
-            raise UsageError(f"objective.grid_points is {config.grid_points}; expected a number of points >= 1 "
-                             "or null (use objective.skip)")
-
-    def grid(self) -> torch.Tensor:
+    def grid(schedule, config: ConsistencyConfig) -> torch.Tensor:
         """The ascending grid ``t_0 = t_min < t_1 < ... < t_N`` in the teacher's native time: every
         ``skip``-th point of ``schedule.timesteps(T)`` from the clean end, or ``schedule.timesteps(grid_points)``
         (e.g. VP, k = 20: [0, 19, 39, ..., 999]; EDM, N = 18: the Karras sigmas from 0.002 to 80)."""
-        schedule, cfg = self.schedule, self.config
-        if cfg.grid_points is None:
-            points = schedule.timesteps(schedule.num_train_timesteps).flip(0)[cfg.skip - 1::cfg.skip]
+        if config.grid_points is None:
+            points = schedule.timesteps(schedule.num_train_timesteps).flip(0)[config.skip - 1::config.skip]
         else:
             try:
-                points = schedule.timesteps(cfg.grid_points).flip(0)
+                points = schedule.timesteps(config.grid_points).flip(0)
             except ValueError as err:
-                raise UsageError(f"objective.grid_points is {cfg.grid_points}: {err}") from None
+                raise UsageError(f"objective.grid_points is {config.grid_points}: {err}") from None
         t_min = torch.tensor([schedule.t_min])
         if torch.isclose(points[0], t_min[0]):  # the grid already ends at the boundary (EDM's Karras grid)
             points = points[1:]
         grid = torch.cat([t_min, points.float()])
         if len(grid) < 2 or not bool((grid[1:] > grid[:-1]).all()):
-            raise UsageError(f"objective.skip = {cfg.skip}, grid_points = {cfg.grid_points}: the teacher's grid "
+            raise UsageError(f"objective.skip = {config.skip}, grid_points = {config.grid_points}: the teacher's grid "
                              f"{points.tolist()} is not strictly increasing above t_min = {schedule.t_min}; "
                              "expected distinct points above the clean end")
         return grid
 
-    def default_timesteps(self, num_steps):
+    @classmethod
+    def default_grid(cls, schedule, student_schedule, config, num_steps):
         """LCMScheduler's choice: every ``N // n``-th grid point from the top (e.g. 999, 759, 519, 279)."""
-        points = self.grid()[1:].flip(0)
+        points = cls.grid(schedule, config)[1:].flip(0)
         if num_steps > len(points):
             raise UsageError(f"student.num_steps is {num_steps}, but the consistency grid (objective.skip = "
-                             f"{self.config.skip}, grid_points = {self.config.grid_points}) has {len(points)} points; "
+                             f"{config.skip}, grid_points = {config.grid_points}) has {len(points)} points; "
                              f"expected at most {len(points)} steps, or a smaller objective.skip")
         stride = max(len(points) // num_steps, 1)
         return points[::stride][:num_steps].tolist()
 
-    def loss(self, phase, batch, step):
+    @classmethod
+    def plan_grids(cls, schedule, student_schedule, config, num_steps):
+        """A consistency function is trained on the whole grid, so it serves any step count: the LCM-style
+        timesteps for 1, 2, 4 and 8 steps (as many as the grid holds) besides the trained ``num_steps``."""
+        size = len(cls.grid(schedule, config))
+        counts = {num_steps} | {n for n in (1, 2, 4, 8) if n < size}
+        return {n: cls.default_grid(schedule, student_schedule, config, n) for n in sorted(counts)}
+
+    @classmethod
+    def exported_counts(cls, config, num_steps, grids):
+        return sorted(grids)
+
+    @classmethod
+    def boundary_condition(cls, config):
+        return {"sigma_data": config.sigma_data, "timestep_scaling": config.timestep_scaling}
+
+    def phases(self):
+        return [Phase("generator", ("student",), self.consistency_loss)]
+
+    def consistency_loss(self, batch, step):
+        """The consistency loss between adjacent grid points (module docstring)."""
         x0 = batch.x0
         b = x0.shape[0]
-        grid = self.grid().to(x0.device)
+        grid = self.grid(self.schedule, self.config).to(x0.device)
         n = torch.randint(0, len(grid) - 1, (b,), device=x0.device) + 1
         t, s = grid[n], grid[n - 1]
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
+        online = self.online
         with torch.no_grad():
             x_s = self._teacher_step(x_t, t, s, batch)
-            target_net = self.target if self.target is not None else self.online
-            target = target_net(x_s, s, batch.cond)
-        pred = self.online(x_t, t, batch.cond)
+            target = (self.target if self.target is not None else online)(x_s, s, batch.cond)
+        pred = online(x_t, t, batch.cond)
         diff = (pred.float() - target.float()).flatten(1)
         if self.config.distance == "l2":
             per_sample = (diff**2).mean(1)
@@ -173,12 +193,3 @@ class ConsistencyDistillation(Objective):
 
     def sampling_denoiser(self):
         return self.online
-
-    def export_config(self):
-        """A consistency function is trained on the whole grid, so it serves any step count: export the
-        LCM-style timesteps for 1, 2, 4 and 8 steps (as many as the grid holds) besides the trained ``num_steps``."""
-        config = super().export_config()
-        for n in (1, 2, 4, 8):
-            if n < len(self.grid()):
-                config["trained_timesteps"].setdefault(str(n), self.default_timesteps(n))
-        return {**config, "boundary": dict(self.boundary)}

@@ -38,14 +38,16 @@ of an epsilon output to x0 away from the division by ``alpha(T) ~ 0``. Published
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from fastgen.denoiser import cat_cond
-from fastgen.errors import UsageError
-from fastgen.losses.adversarial import (GAN_LOSSES, PLACEMENTS, FeatureDiscriminator, discriminator_loss,
+from fastgen.errors import UsageError, check_fields
+from fastgen.losses.adversarial import (GAN_LOSSES, PLACEMENTS, discriminator_logits, discriminator_loss,
                                         generator_loss, make_head, r1_penalty)
 from fastgen.losses.base import Objective, Phase
 from fastgen.samplers.solvers import renoise_step, sample_renoise
@@ -90,6 +92,25 @@ class DMDConfig:
     multistep_input: str = "backward"
     """How a multi-step student's input at step i > 0 is made: "backward" simulation or noised "data"."""
 
+    def __post_init__(self):
+        rules = [
+            (self.guidance_scale >= 0.0, "guidance_scale", self.guidance_scale, ">= 0 (1 = no guidance)"),
+            (self.critic_every >= 1, "critic_every", self.critic_every, ">= 1"),
+            (self.regression_steps >= 0, "regression_steps", self.regression_steps, ">= 0 (0 = no warm-up)"),
+            (self.fake_lora_rank >= 0, "fake_lora_rank", self.fake_lora_rank, ">= 0"),
+            (min(self.regression_weight, self.gan_weight, self.gan_critic_weight, self.r1_weight) >= 0, "*_weight",
+             (self.regression_weight, self.gan_weight, self.gan_critic_weight, self.r1_weight),
+             "non-negative weights"),
+            (self.gan_features in PLACEMENTS, "gan_features", self.gan_features, f"one of {list(PLACEMENTS)}"),
+            (self.gan_loss in GAN_LOSSES, "gan_loss", self.gan_loss, f"one of {list(GAN_LOSSES)}"),
+            (self.multistep_input in MULTISTEP_INPUTS, "multistep_input", self.multistep_input,
+             f"one of {list(MULTISTEP_INPUTS)}"),
+        ]
+        for name in ("t_range", "fake_t_range", "gan_t_range"):
+            lo, hi = getattr(self, name)
+            rules.append((0.0 <= lo <= hi <= 1.0, name, [lo, hi], "0 <= low <= high <= 1 (fractions of the range)"))
+        check_fields(rules, "objective.")
+
 
 @dataclass
 class DMD2Config(DMDConfig):
@@ -97,6 +118,23 @@ class DMD2Config(DMDConfig):
     critic_every: int = 5
     gan_weight: float = 5e-3
     gan_critic_weight: float = 1e-2
+
+
+class Critic(NamedTuple):
+    """What one generator/critic pair of phases works with: the fake score ``fake`` and GAN head ``head`` (names
+    in the objective's ``nets``; ``head`` None: no GAN), the GAN weights, the student network the generator
+    phase trains, the student steps ``[lo, hi)`` it trains and the level ``end`` its samples are made at (None:
+    the clean sample). DMD has one; Phased DMD one per SNR phase."""
+
+    fake: str = "fake"
+    head: str | None = None
+    gan_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+    network: str = "student"
+    steps: tuple[int, int] | None = None
+    end: float | None = None
+    timesteps: tuple[float, ...] | None = None
+    """The grid the generator samples on (None: the trained grid; ASD draws a step count's grid per batch)."""
 
 
 class DMD(Objective):
@@ -110,34 +148,17 @@ class DMD(Objective):
     metric_terms: tuple[str, ...] = ()
     """Generator terms logged beside the loss but not added to it (SiD's count of dropped samples)."""
 
-    def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+    def __init__(self, teacher, nets, config, plan, max_steps=None, factory=None):
+        super().__init__(teacher, nets, config, plan, max_steps, factory)
         self._check(config)
-        self.build_critic("fake", self.uses_gan)
+        self.critics = self.build_critics()
         self.needs_data = self.uses_gan or config.regression_weight > 0 or config.regression_steps > 0 or (
-            config.multistep_input == "data" and num_steps > 1)
+            config.multistep_input == "data" and self.num_steps > 1)
 
     def _check(self, c: DMDConfig) -> None:
-        rules = [
-            (c.guidance_scale >= 0.0, "guidance_scale", c.guidance_scale, ">= 0 (1 = no guidance)"),
-            (c.critic_every >= 1, "critic_every", c.critic_every, ">= 1"),
-            (c.regression_steps >= 0, "regression_steps", c.regression_steps, ">= 0 (0 = no warm-up)"),
-            (c.fake_lora_rank >= 0, "fake_lora_rank", c.fake_lora_rank, ">= 0"),
-            (min(c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight) >= 0, "*_weight",
-             (c.regression_weight, c.gan_weight, c.gan_critic_weight, c.r1_weight), "non-negative weights"),
-            (c.gan_features in PLACEMENTS, "gan_features", c.gan_features, f"one of {list(PLACEMENTS)}"),
-            (c.gan_loss in GAN_LOSSES, "gan_loss", c.gan_loss, f"one of {list(GAN_LOSSES)}"),
-            (c.multistep_input in MULTISTEP_INPUTS, "multistep_input", c.multistep_input,
-             f"one of {list(MULTISTEP_INPUTS)}"),
-        ]
-        for name in ("t_range", "fake_t_range", "gan_t_range"):
-            lo, hi = getattr(c, name)
-            rules.append((0.0 <= lo <= hi <= 1.0, name, [lo, hi], "0 <= low <= high <= 1 (fractions of the range)"))
-        bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
-        if bad:
-            raise UsageError("; ".join(bad))
-        guided = c.guidance_scale != 1.0
-        if guided and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
+        """What the config cannot check alone (``DMDConfig.__post_init__`` checks the rest): guidance needs a
+        text-conditioned teacher."""
+        if c.guidance_scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
             raise UsageError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
 
@@ -167,21 +188,43 @@ class DMD(Objective):
         teachers (EDM's preconditioning ``c_skip x + c_out F`` divides by nothing; its grid is in sigmas)."""
         return schedule.family == "vp" and student_schedule.prediction_type == "epsilon"
 
-    def build_critic(self, adapter: str, gan: bool) -> None:
-        """The fake score (``self.fake``: a full copy, or the LoRA adapter ``adapter`` on the teacher's weights)
-        and, with ``gan``, the discriminator head (``self.head``). One method, so that Phased DMD builds one
-        critic per phase."""
+    def build_critics(self) -> list[Critic]:
+        """One critic over the whole range; Phased DMD builds one per SNR phase."""
         c = self.config
-        self.fake = self.factory.lora(adapter, c.fake_lora_rank) if c.fake_lora_rank else self.factory.copy()
-        self.head = None
-        if gan:
+        return [self.build_critic(Critic("fake", "head" if self.uses_gan else None, c.gan_weight,
+                                         c.gan_critic_weight), "fake")]
+
+    def build_critic(self, critic: Critic, adapter: str) -> Critic:
+        """Add ``critic``'s fake score (a full copy, or the LoRA adapter ``adapter`` on the teacher's weights) and,
+        when it has a head, its discriminator head (sized on a probe batch) to ``nets``."""
+        c = self.config
+        self.add_network(critic.fake, self.factory.lora(adapter, c.fake_lora_rank) if c.fake_lora_rank
+                         else self.factory.copy())
+        if critic.head is not None:
             probe = torch.zeros(1, *self.teacher.sample_shape, device=self.device)
             cond = self.teacher.null_cond(1) if self.teacher.text_conditioned else (
                 self.teacher.class_cond([0]) if self.teacher.num_classes else None)
-            owner = "fake" if c.gan_features == "fake" else "teacher"
-            self.discriminator = FeatureDiscriminator(self, owner)
             t = torch.full((1,), float(self.schedule.t_max))
-            self.head = self.factory.module(make_head(getattr(self, owner), probe, t, cond))
+            self.add_network(critic.head, self.factory.module(make_head(self.feature_network(critic), probe, t, cond)))
+        return critic
+
+    def feature_network(self, critic: Critic):
+        """The denoiser the GAN head reads features of: the critic's fake score (DMD2) or the frozen teacher."""
+        return self.nets[critic.fake] if self.config.gan_features == "fake" else self.teacher
+
+    def logits(self, critic: Critic, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return discriminator_logits(self.nets[critic.head], self.feature_network(critic), self.schedule, x, t, cond)
+
+    @property
+    def fake(self):
+        """The (first) critic's fake score."""
+        return self.nets[self.critics[0].fake]
+
+    @property
+    def head(self):
+        """The (first) critic's GAN head, or None."""
+        head = self.critics[0].head
+        return None if head is None else self.nets[head]
 
     @property
     def device(self) -> torch.device:
@@ -191,29 +234,37 @@ class DMD(Objective):
     def uses_gan(self) -> bool:
         return self.config.gan_weight > 0 or self.config.gan_critic_weight > 0
 
-    def networks(self):
-        return {"fake": self.fake, **({"head": self.head} if self.head is not None else {})}
-
     def phases(self):
-        c = self.config
-        critic = ("fake", "head") if self.head is not None else ("fake",)
-        return [Phase("generator", ("student",), every=c.critic_every),
-                Phase("critic", critic, lr=c.fake_lr)]
+        c, critic = self.config, self.critics[0]
+        return [Phase("generator", ("student",), functools.partial(self.generator_loss, critic=critic),
+                      every=c.critic_every),
+                Phase("critic", self.critic_networks(critic), functools.partial(self.critic_loss, critic=critic),
+                      lr=c.fake_lr)]
+
+    @staticmethod
+    def critic_networks(critic: Critic) -> tuple[str, ...]:
+        return (critic.fake,) if critic.head is None else (critic.fake, critic.head)
 
     # -- pieces -----------------------------------------------------------------------------------
-    def sample_t(self, n: int, fractions, device) -> torch.Tensor:
+    def sample_t(self, n: int, fractions, device, critic: Critic | None = None) -> torch.Tensor:
         """Times uniform on a fraction ``(lo, hi)`` of the teacher's time range (the schedule's own sampler)."""
         s = self.schedule
         span = s.t_max - s.t_min
         return s.sample_t(n, device=device, t_min=s.t_min + fractions[0] * span, t_max=s.t_min + fractions[1] * span)
 
-    def generate(self, batch, grad: bool = True, timesteps: list[float] | None = None, step: int | None = None):
+    def generate(self, batch, grad: bool = True, timesteps: list[float] | None = None, step: int | None = None,
+                 critic: Critic | None = None):
         """Student samples for ``batch``'s conditions: ``(x, t_in)`` with ``t_in`` the input time of the step
-        that made them (one step drawn per batch, or ``step``; earlier steps by backward simulation without
-        gradient), on ``timesteps`` (default: the trained ones; ASD passes each step count's grid)."""
+        that made them (one step drawn per batch among the critic's steps, or ``step``; earlier steps by backward
+        simulation without gradient), on ``timesteps`` (default: the trained ones; ASD passes each step count's
+        grid)."""
         n, device = batch.size, self.device
-        ts = self.timesteps if timesteps is None else timesteps
-        i = int(torch.randint(len(ts), ())) if step is None else step
+        critic = critic or self.critics[0]
+        ts = timesteps or critic.timesteps or self.timesteps
+        if step is None:
+            lo, hi = critic.steps or (0, len(ts))
+            step = lo + int(torch.randint(hi - lo, ()))
+        i = step
         z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
         x_t = z
         if i > 0:
@@ -228,56 +279,60 @@ class DMD(Objective):
             x = self.student(x_t, t_in, batch.cond)
         return x, t_in
 
-    def dmd_gradient(self, x: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, batch) -> torch.Tensor:
+    def dmd_gradient(self, x: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, batch,
+                     critic: Critic | None = None) -> torch.Tensor:
         """DMD's normalised gradient (eq. 8) at ``x_tau = add_noise(x, eps, tau)``, without graph."""
         with torch.no_grad():
             x_tau = self.schedule.add_noise(x, eps, tau)
             real = self.teacher.guided(x_tau, tau, batch.cond, batch.uncond, self.config.guidance_scale)
-            fake = self.fake(x_tau, tau, batch.cond)
+            fake = self.nets[(critic or self.critics[0]).fake](x_tau, tau, batch.cond)
             return normalised(fake - real, x - real)
 
-    def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch) -> dict[str, torch.Tensor]:
-        tau = self.sample_t(x.shape[0], self.config.t_range, x.device)
-        grad = self.dmd_gradient(x.detach().float(), tau, torch.randn_like(x), batch)
+    def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch,
+                        critic: Critic | None = None) -> dict[str, torch.Tensor]:
+        tau = self.sample_t(x.shape[0], self.config.t_range, x.device, critic)
+        grad = self.dmd_gradient(x.detach().float(), tau, torch.randn_like(x), batch, critic)
         return {"dm": matching_loss(x, grad)}
 
-    def fake_loss(self, x: torch.Tensor, batch, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def fake_loss(self, x: torch.Tensor, batch, keep: torch.Tensor | None = None,
+                  critic: Critic | None = None) -> torch.Tensor:
         """Denoising score matching of the fake score on generated samples, in the teacher's output space;
         averaged over the samples of ``keep`` only (all by default)."""
-        t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device)
+        t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device, critic)
         eps = torch.randn_like(x)
         x_t = self.schedule.add_noise(x, eps, t)
         target = self.schedule.from_x0(x, x_t, t)
-        return row_mean((self.fake.output(x_t, t, batch.cond).float() - target.float()).square(), keep)
+        fake = self.nets[(critic or self.critics[0]).fake]
+        return row_mean((fake.output(x_t, t, batch.cond).float() - target.float()).square(), keep)
 
-    def gan_weights(self) -> tuple[float, float]:
-        """``(gan_weight, gan_critic_weight)`` of the update being computed (Phased DMD: per phase)."""
-        return self.config.gan_weight, self.config.gan_critic_weight
-
-    # -- the contract -------------------------------------------------------------------------------
-    def loss(self, phase, batch, step):
+    # -- the two phases ---------------------------------------------------------------------------------
+    def generator_loss(self, batch, step: int, critic: Critic) -> dict[str, torch.Tensor]:
+        """The generator phase: DMD's matching term (plus regression and GAN terms when weighted); during the
+        regression warm-up the regression loss alone."""
         c = self.config
-        gan_weight, gan_critic_weight = self.gan_weights()
-        if phase == "generator":
-            if step < c.regression_steps:
-                regression = self.regression_loss(batch)
-                return {"loss": regression, "regression": regression.detach()}
-            x, t_in = self.generate(batch, grad=True)
-            terms = self.generator_terms(x, t_in, batch)
-            if c.regression_weight > 0:
-                terms["regression"] = self.regression_loss(batch)
-            if gan_weight > 0:
-                t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
-                terms["gan"] = generator_loss(self.discriminator.logits(x, t_gan, batch.cond), c.gan_loss)
-            weights = {"regression": c.regression_weight, "gan": gan_weight}
-            total = sum(weights.get(k, 1.0) * v for k, v in terms.items() if k not in self.metric_terms)
-            return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+        if step < c.regression_steps:
+            regression = self.regression_loss(batch)
+            return {"loss": regression, "regression": regression.detach()}
+        x, t_in = self.generate(batch, grad=True, critic=critic)
+        terms = self.generator_terms(x, t_in, batch, critic)
+        if c.regression_weight > 0:
+            terms["regression"] = self.regression_loss(batch)
+        if critic.head is not None and critic.gan_weight > 0:
+            t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
+            terms["gan"] = generator_loss(self.logits(critic, x, t_gan, batch.cond), c.gan_loss)
+        weights = {"regression": c.regression_weight, "gan": critic.gan_weight}
+        total = sum(weights.get(k, 1.0) * v for k, v in terms.items() if k not in self.metric_terms)
+        return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+
+    def critic_loss(self, batch, step: int, critic: Critic) -> dict[str, torch.Tensor]:
+        """The critic phase: the fake score's denoising score matching on the student's samples, plus the
+        discriminator's classification loss when weighted."""
         with torch.no_grad():
-            x, _ = self.generate(batch, grad=False)
-        terms = {"fake": self.fake_loss(x.float(), batch)}
-        if gan_critic_weight > 0:
-            terms["gan"] = self.discriminator_terms(x.float(), batch)
-        total = terms["fake"] + gan_critic_weight * terms.get("gan", 0.0)
+            x, _ = self.generate(batch, grad=False, critic=critic)
+        terms = {"fake": self.fake_loss(x.float(), batch, critic=critic)}
+        if critic.head is not None and critic.gan_critic_weight > 0:
+            terms["gan"] = self.discriminator_terms(x.float(), batch, critic)
+        total = terms["fake"] + critic.gan_critic_weight * terms.get("gan", 0.0)
         return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
     def regression_loss(self, batch) -> torch.Tensor:
@@ -288,15 +343,15 @@ class DMD(Objective):
         t0 = torch.full((batch.size,), float(self.timesteps[0]), device=batch.noise.device)
         return (self.student(batch.noise, t0, batch.cond) - batch.x0).float().square().mean()
 
-    def discriminator_terms(self, x: torch.Tensor, batch) -> torch.Tensor:
-        c = self.config
+    def discriminator_terms(self, x: torch.Tensor, batch, critic: Critic | None = None) -> torch.Tensor:
+        c, critic = self.config, critic or self.critics[0]
         if batch.x0 is None:
             raise UsageError("the GAN term needs real samples: pass --data (images, captioned images or 'teacher') "
                              "or set objective.gan_weight=0 and objective.gan_critic_weight=0")
         real = batch.x0.float().requires_grad_(c.r1_weight > 0)
         n = x.shape[0]
         t = self.sample_t(2 * n, c.gan_t_range, x.device)
-        logits = self.discriminator.logits(torch.cat([real, x]), t, cat_cond(batch.cond, batch.cond))
+        logits = self.logits(critic, torch.cat([real, x]), t, cat_cond(batch.cond, batch.cond))
         loss = discriminator_loss(logits[:n], logits[n:], c.gan_loss)
         if c.r1_weight > 0:
             loss = loss + c.r1_weight * r1_penalty(logits[:n], real)
@@ -322,6 +377,16 @@ class DecoupledDMDConfig(DMD2Config):
     gan_weight: float = 0.0
     gan_critic_weight: float = 0.0
 
+    def __post_init__(self):
+        super().__post_init__()
+        lo, hi = self.ca_t_range
+        check_fields([
+            (0.0 <= lo <= hi <= 1.0, "ca_t_range", [lo, hi], "0 <= low <= high <= 1"),
+            (self.regularizer in REGULARIZERS, "regularizer", self.regularizer, f"one of {list(REGULARIZERS)}"),
+            (self.regularizer != "gan" or (self.gan_weight > 0 and self.gan_critic_weight > 0), "regularizer",
+             self.regularizer, "gan_weight > 0 and gan_critic_weight > 0 with regularizer 'gan'"),
+        ], "objective.")
+
 
 REGULARIZERS = ("dm", "gan", "moments")
 
@@ -338,17 +403,6 @@ def row_mean(values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Te
 class DecoupledDMD(DMD2):
     name = "decoupled_dmd"
     Config = DecoupledDMDConfig
-
-    def _check(self, c):
-        super()._check(c)
-        lo, hi = c.ca_t_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise UsageError(f"objective.ca_t_range is {[lo, hi]}; expected 0 <= low <= high <= 1")
-        if c.regularizer not in REGULARIZERS:
-            raise UsageError(f"objective.regularizer is {c.regularizer!r}; expected one of {list(REGULARIZERS)}")
-        if c.regularizer == "gan" and not (c.gan_weight > 0 and c.gan_critic_weight > 0):
-            raise UsageError("objective.regularizer is 'gan'; expected objective.gan_weight > 0 and "
-                             "objective.gan_critic_weight > 0")
 
     def ca_times(self, t_in: torch.Tensor) -> torch.Tensor:
         """CA levels: uniform on the configured fraction of the range, capped at the student's input time."""
@@ -369,14 +423,15 @@ class DecoupledDMD(DMD2):
             cond, uncond = x0.chunk(2)
             return normalised(-(g - 1.0) * (cond - uncond), x - cond)
 
-    def dm_gradient(self, x, tau, eps, batch):
+    def dm_gradient(self, x, tau, eps, batch, critic: Critic | None = None):
         """``x0_F(c) - x0_T(c)`` at ``tau`` (the unguided DMD gradient), normalised."""
         with torch.no_grad():
             x_tau = self.schedule.add_noise(x, eps, tau)
             real = self.teacher(x_tau, tau, batch.cond)
-            return normalised(self.fake(x_tau, tau, batch.cond) - real, x - real), real
+            fake = self.nets[(critic or self.critics[0]).fake](x_tau, tau, batch.cond)
+            return normalised(fake - real, x - real), real
 
-    def generator_terms(self, x, t_in, batch):
+    def generator_terms(self, x, t_in, batch, critic: Critic | None = None):
         c = self.config
         xd = x.detach().float()
         terms = {}
@@ -385,7 +440,7 @@ class DecoupledDMD(DMD2):
                                                                           torch.randn_like(xd), batch))
         if c.regularizer in ("dm", "moments"):
             tau = self.sample_t(x.shape[0], c.t_range, x.device)
-            grad, real = self.dm_gradient(xd, tau, torch.randn_like(xd), batch)
+            grad, real = self.dm_gradient(xd, tau, torch.randn_like(xd), batch, critic)
             if c.regularizer == "dm":
                 terms["dm"] = c.dm_weight * matching_loss(x, grad)
             else:

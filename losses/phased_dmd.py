@@ -9,7 +9,7 @@ rule (earlier steps by backward simulation without gradient, as in DMD2). Each p
 F_k (a full copy or a LoRA adapter ``fake_k`` on the teacher's weights) and optionally its own GAN head.
 
 Within the phase ending at ``s``, every noise level is a level ``t > s`` reached from ``x_s`` by the
-transition ``x_t = a x_s + b eps`` (DESIGN.md §2; ``a = alpha_t / alpha_s``, ``b² = sigma_t² - a² sigma_s²``):
+transition ``x_t = a x_s + b eps`` ( ``a = alpha_t / alpha_s``, ``b² = sigma_t² - a² sigma_s²``):
 
 - **F_k** is trained on ``x_t`` with the unbiased sub-interval target (the paper's score matching within
   subintervals): the score of ``p_t`` is ``E[-eps | x_t] / b``, and an x0-form network's score is
@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple
+import functools
 
 import torch
 
-from fastgen.errors import UsageError
-from fastgen.experts import ExpertsDenoiser, expert_index
+from fastgen.errors import UsageError, check_fields
+from fastgen.experts import expert_index
 from fastgen.losses.base import Phase
-from fastgen.losses.dmd import DMD2, DMD2Config, normalised
+from fastgen.losses.dmd import DMD2, Critic, DMD2Config, normalised
 from fastgen.samplers.solvers import alpha_sigma, renoise_step
 
 PHASE_ORDERS = ("sequential", "alternating")
@@ -66,27 +66,10 @@ class PhasedDMDConfig(DMD2Config):
     """The paper distils data-free: no GAN term by default."""
     gan_critic_weight: float = 0.0
 
-
-class PhasePlan(NamedTuple):
-    steps: tuple[int, int]
-    """The student step indices ``[lo, hi)`` of the phase."""
-    end: float | None
-    """The level the phase ends at (the next phase's first input time); None = the clean sample."""
-    network: str
-    """The student network it trains: ``student`` or the expert ``student.k``."""
-
-
-@dataclass(frozen=True)
-class WindowedPhase(Phase):
-    """A phase that runs only on steps ``start <= step < stop`` (``stop`` None: to the end), every
-    ``every``-th step counted from ``start``."""
-
-    start: int = 0
-    stop: int | None = None
-
-    def runs_at(self, step: int) -> bool:
-        inside = self.start <= step and (self.stop is None or step < self.stop)
-        return inside and (step - self.start) % self.every == self.offset
+    def __post_init__(self):
+        super().__post_init__()
+        check_fields([(self.phase_order is None or self.phase_order in PHASE_ORDERS, "phase_order",
+                       self.phase_order, f"one of {list(PHASE_ORDERS)}")], "objective.")
 
 
 def _levels(schedule, s, t, x):
@@ -104,7 +87,7 @@ def diffuse(schedule, x_s: torch.Tensor, eps: torch.Tensor, s, t) -> torch.Tenso
 
 def sub_interval_target(schedule, x_s: torch.Tensor, eps: torch.Tensor, s, t):
     """The unbiased x0-form regression target at ``x_t = diffuse(x_s, eps, s, t)`` and its weight:
-    ``x0* = x_s / alpha_s - alpha_t sigma_s² / (alpha_s² b) eps`` (DESIGN.md §3), ``w = b² / sigma_t²``;
+    ``x0* = x_s / alpha_s - alpha_t sigma_s² / (alpha_s² b) eps`` (module docstring), ``w = b² / sigma_t²``;
     ``E[x0* | x_t]`` is the x0-form of the exact score of ``p_t``. At the clean end ``x0* = x_s``, ``w = 1``."""
     a_s, s_s, a_t, s_t, _, b2 = _levels(schedule, s, t, x_s)
     return x_s / a_s - (a_t * s_s**2 / (a_s**2 * b2.sqrt())) * eps, b2 / s_t**2
@@ -118,125 +101,87 @@ def posterior_mean_coefficients(schedule, s, t, x: torch.Tensor):
 
 
 class PhasedDMD(DMD2):
-    """DMD2 per SNR phase; ``self.phase`` is the phase whose update is being computed (set by ``loss``)."""
+    """DMD2 per SNR phase: one ``Critic`` per phase (its fake score ``fake_k``, head ``head_k``, student steps,
+    end level and the student network it trains), each phase's losses bound to its critic."""
 
     name = "phased_dmd"
     Config = PhasedDMDConfig
 
-    def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
-        self.phase = 0
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+    @property
+    def experts(self) -> bool:
+        return self.plan.expert_boundaries is not None
 
     # -- the phase plan -----------------------------------------------------------------------------
-    def _check(self, c: PhasedDMDConfig) -> None:
-        super()._check(c)
-        self.plan = self._plan(c)
-        K = len(self.plan)
-        order = c.phase_order or ("sequential" if isinstance(self.student, ExpertsDenoiser) else "alternating")
-        if order not in PHASE_ORDERS:
-            raise UsageError(f"objective.phase_order is {order!r}; expected one of {list(PHASE_ORDERS)}")
-        if order == "sequential" and K > 1 and not self.max_steps:
+    def build_critics(self) -> list[Critic]:
+        c = self.config
+        spans = self._spans(c)
+        K = len(spans)
+        self.order = c.phase_order or ("sequential" if self.experts else "alternating")
+        if self.order == "sequential" and K > 1 and not self.max_steps:
             raise UsageError("objective.phase_order is 'sequential', which splits train.max_steps between the "
                              f"{K} phases, but train.max_steps is {self.max_steps!r}; expected a positive count")
-        self.order = order
-        phases = list(range(K)) if c.gan_phases is None else list(c.gan_phases)
-        if any(not 0 <= k < K for k in phases):
+        gan = list(range(K)) if c.gan_phases is None else list(c.gan_phases)
+        if any(not 0 <= k < K for k in gan):
             raise UsageError(f"objective.gan_phases is {c.gan_phases}; expected phase indices in [0, {K - 1}]")
-        self.gan_phases = phases
+        critics = []
+        for k, (steps, end, network) in enumerate(spans):
+            with_gan = self.uses_gan and k in gan
+            critic = Critic(f"fake_{k}", f"head_{k}" if with_gan else None, c.gan_weight if with_gan else 0.0,
+                            c.gan_critic_weight if with_gan else 0.0, network, steps, end)
+            critics.append(self.build_critic(critic, f"fake_{k}"))
+        return critics
 
-    def _plan(self, c: PhasedDMDConfig) -> list[PhasePlan]:
+    def _spans(self, c: PhasedDMDConfig) -> list[tuple[tuple[int, int], float | None, str]]:
+        """Per phase: the student step indices ``[lo, hi)``, the level it ends at (the next phase's first input
+        time; None = the clean sample) and the student network it trains (``student`` or the expert
+        ``student.k``)."""
         ts, n = self.timesteps, len(self.timesteps)
-        experts = isinstance(self.student, ExpertsDenoiser)
-        owner = (expert_index(torch.tensor(ts), self.student.boundaries).tolist() if experts else [0] * n)
+        owner = (expert_index(torch.tensor(ts), self.plan.expert_boundaries).tolist() if self.experts else [0] * n)
         if c.boundaries is None:
-            starts = [i for i in range(n) if i == 0 or owner[i] != owner[i - 1]] if experts else list(range(n))
+            starts = [i for i in range(n) if i == 0 or owner[i] != owner[i - 1]] if self.experts else list(range(n))
         else:
             bad = [b for b in c.boundaries if float(b) not in ts[1:]]
             starts = [0] + [ts.index(float(b)) for b in c.boundaries if float(b) in ts[1:]]
             if bad or any(a >= b for a, b in zip(starts, starts[1:])):
                 raise UsageError(f"objective.boundaries is {c.boundaries}; expected decreasing times among the "
                                  f"student's timesteps after the first, {ts[1:]}")
-        plan = []
+        spans = []
         for k, lo in enumerate(starts):
             hi = starts[k + 1] if k + 1 < len(starts) else n
             if len(set(owner[lo:hi])) > 1:
                 raise UsageError(f"phase {k} (student steps {ts[lo:hi]}) spans several experts; expected "
                                  "objective.boundaries to include student.expert_boundaries' splits "
                                  f"(experts own {owner} of the steps)")
-            plan.append(PhasePlan((lo, hi), ts[hi] if hi < n else None,
-                                  f"student.{owner[lo]}" if experts else "student"))
-        return plan
+            spans.append(((lo, hi), ts[hi] if hi < n else None, f"student.{owner[lo]}" if self.experts else "student"))
+        return spans
 
-    @property
-    def end(self) -> float | None:
-        """The level the current phase ends at (None: the clean sample)."""
-        return self.plan[self.phase].end
-
-    # -- one critic per phase, behind DMD's own names ---------------------------------------------------
     @property
     def uses_gan(self) -> bool:
         return super().uses_gan and self.config.gan_phases != []
 
-    def build_critic(self, adapter, gan):
-        for k in range(len(self.plan)):
-            self.phase = k
-            super().build_critic(f"{adapter}_{k}", gan and k in self.gan_phases)
-        self.phase = 0
-
-    @property
-    def fake(self):
-        return getattr(self, f"fake_{self.phase}")
-
-    @fake.setter
-    def fake(self, value):
-        setattr(self, f"fake_{self.phase}", value)
-
-    @property
-    def head(self):
-        return getattr(self, f"head_{self.phase}")
-
-    @head.setter
-    def head(self, value):
-        setattr(self, f"head_{self.phase}", value)
-
-    def networks(self):
-        out = {}
-        for k in range(len(self.plan)):
-            out[f"fake_{k}"] = getattr(self, f"fake_{k}")
-            if getattr(self, f"head_{k}") is not None:
-                out[f"head_{k}"] = getattr(self, f"head_{k}")
-        return out
-
     def phases(self):
-        c, K = self.config, len(self.plan)
+        c, K = self.config, len(self.critics)
         out = []
-        for k, plan in enumerate(self.plan):
-            critic = (f"fake_{k}",) + ((f"head_{k}",) if getattr(self, f"head_{k}") is not None else ())
+        for k, critic in enumerate(self.critics):
+            generator = functools.partial(self.generator_loss, critic=critic)
+            fake = functools.partial(self.critic_loss, critic=critic)
+            nets = self.critic_networks(critic)
             if self.order == "sequential":
                 start = k * (self.max_steps or 0) // K
                 stop = (k + 1) * self.max_steps // K if k + 1 < K else None
-                out += [WindowedPhase(f"generator.{k}", (plan.network,), every=c.critic_every, start=start, stop=stop),
-                        WindowedPhase(f"critic.{k}", critic, lr=c.fake_lr, start=start, stop=stop)]
+                out += [Phase(f"generator.{k}", (critic.network,), generator, every=c.critic_every, start=start,
+                              stop=stop),
+                        Phase(f"critic.{k}", nets, fake, lr=c.fake_lr, start=start, stop=stop)]
             else:
-                out += [Phase(f"generator.{k}", (plan.network,), every=K * c.critic_every, offset=k),
-                        Phase(f"critic.{k}", critic, every=K, offset=k, lr=c.fake_lr)]
+                out += [Phase(f"generator.{k}", (critic.network,), generator, every=K * c.critic_every, offset=k),
+                        Phase(f"critic.{k}", nets, fake, every=K, offset=k, lr=c.fake_lr)]
         return out
 
-    def gan_weights(self):
-        return super().gan_weights() if self.phase in self.gan_phases else (0.0, 0.0)
-
-    def loss(self, phase, batch, step):
-        role, _, k = phase.partition(".")
-        if role not in ("generator", "critic") or not k.isdigit() or int(k) >= len(self.plan):
-            raise UsageError(f"phase {phase!r} is not one of {[p.name for p in self.phases()]}")
-        self.phase = int(k)
-        return super().loss(role, batch, step)
-
-    # -- DMD2's pieces within the current phase's sub-interval --------------------------------------------
-    def sample_t(self, n, fractions, device):
-        """Levels on a fraction ``(lo, hi)`` of the current phase's range ``(s, t_max]`` (the whole range at the
+    # -- DMD2's pieces within a phase's sub-interval --------------------------------------------------
+    def sample_t(self, n, fractions, device, critic: Critic | None = None):
+        """Levels on a fraction ``(lo, hi)`` of the critic's range ``(s, t_max]`` (the whole range at the
         clean end; one native step, or 0.1 % of the range, above ``s`` otherwise, where ``b = 0``)."""
-        s = self.end
+        s = None if critic is None else critic.end
         if s is None:
             return super().sample_t(n, fractions, device)
         sch = self.schedule
@@ -245,49 +190,43 @@ class PhasedDMD(DMD2):
         t = sch.sample_t(n, device=device, t_min=low + fractions[0] * span, t_max=low + fractions[1] * span)
         return t.clamp(min=low)  # a flow shift below 1 moves uniform times down
 
-    def generate(self, batch, grad=True, timesteps=None, step=None):
-        """The current phase's sample: one of its steps (drawn per batch, or ``step``), renoised with fresh
+    def generate(self, batch, grad=True, timesteps=None, step=None, critic: Critic | None = None):
+        """The critic's phase sample: one of its steps (drawn per batch, or ``step``), renoised with fresh
         noise to the phase's end level ``s`` (the student's ``renoise`` rule); x0 for the last phase."""
         if timesteps is not None:
             raise UsageError("Phased DMD trains its own timesteps only")
-        lo, hi = self.plan[self.phase].steps
-        x0, t_in = super().generate(batch, grad, step=lo + int(torch.randint(hi - lo, ())) if step is None else step)
-        if self.end is None:
+        critic = critic or self.critics[0]
+        x0, t_in = super().generate(batch, grad, step=step, critic=critic)
+        if critic.end is None:
             return x0, t_in
-        return renoise_step(self.schedule, x0, self.end, torch.randn_like(x0)), t_in
+        return renoise_step(self.schedule, x0, critic.end, torch.randn_like(x0)), t_in
 
-    def dmd_gradient(self, x, tau, eps, batch):
+    def dmd_gradient(self, x, tau, eps, batch, critic: Critic | None = None):
         """The normalised DMD gradient for ``x = x_s`` at ``x_tau = diffuse(x_s, eps, s, tau)``, written with the
         posterior means of ``x_s`` under teacher and fake score (DMD eq. 8 at the clean end)."""
+        critic = critic or self.critics[0]
         with torch.no_grad():
-            x_tau = diffuse(self.schedule, x, eps, self.end, tau)
+            x_tau = diffuse(self.schedule, x, eps, critic.end, tau)
             real = self.teacher.guided(x_tau, tau, batch.cond, batch.uncond, self.config.guidance_scale)
-            fake = self.fake(x_tau, tau, batch.cond)
-            c, d = posterior_mean_coefficients(self.schedule, self.end, tau, x)
+            fake = self.nets[critic.fake](x_tau, tau, batch.cond)
+            c, d = posterior_mean_coefficients(self.schedule, critic.end, tau, x)
             return normalised(c * (fake - real), x - (c * real + d * x_tau))
 
-    def fake_loss(self, x, batch):
+    def fake_loss(self, x, batch, keep=None, critic: Critic | None = None):
         """Score matching within the sub-interval: the fake score regresses ``sub_interval_target`` at
         ``x_t = diffuse(x_s, eps, s, t)``, in the teacher's output space, weighted by ``b² / sigma_t²``."""
-        t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device)
+        critic = critic or self.critics[0]
+        t = self.sample_t(x.shape[0], self.config.fake_t_range, x.device, critic)
         eps = torch.randn_like(x)
-        x_t = diffuse(self.schedule, x, eps, self.end, t)
-        x0, weight = sub_interval_target(self.schedule, x, eps, self.end, t)
+        x_t = diffuse(self.schedule, x, eps, critic.end, t)
+        x0, weight = sub_interval_target(self.schedule, x, eps, critic.end, t)
         target = self.schedule.from_x0(x0, x_t, t)
-        return (weight * (self.fake.output(x_t, t, batch.cond).float() - target.float()).square()).mean()
+        return (weight * (self.nets[critic.fake].output(x_t, t, batch.cond).float() - target.float()).square()).mean()
 
-    def discriminator_terms(self, x, batch):
+    def discriminator_terms(self, x, batch, critic: Critic | None = None):
         """DMD2's discriminator loss; an interior phase's real samples are the data diffused to its end level."""
-        if self.end is not None and batch.x0 is not None:
+        critic = critic or self.critics[0]
+        if critic.end is not None and batch.x0 is not None:
             batch = copy.copy(batch)
-            batch.x0 = renoise_step(self.schedule, batch.x0, self.end, torch.randn_like(batch.x0))
-        return super().discriminator_terms(x, batch)
-
-    # -- what export and sampling ask -----------------------------------------------------------------
-    def export_config(self):
-        """DMD2's, plus the experts' boundaries for a student of experts (each expert answers the times of
-        its interval, high noise first; the sampler replays ``trained_timesteps`` with the ``renoise`` rule)."""
-        out = super().export_config()
-        if isinstance(self.student, ExpertsDenoiser):
-            out["expert_boundaries"] = list(self.student.boundaries)
-        return out
+            batch.x0 = renoise_step(self.schedule, batch.x0, critic.end, torch.randn_like(batch.x0))
+        return super().discriminator_terms(x, batch, critic)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.denoiser import BaseDenoiser
 from fastgen.errors import UsageError
-from fastgen.losses.base import Objective
+from fastgen.losses.base import Objective, Phase
 from fastgen.samplers.solvers import Guidance, alpha_sigma, ddim_step, denoise
 
 
@@ -53,9 +52,9 @@ class ProgressiveDistillation(Objective):
     rule = "ddim"
     needs_data = True
 
-    def __init__(self, teacher: BaseDenoiser, student: BaseDenoiser, config: ProgressiveConfig, num_steps: int = 1,
-                 timesteps: list[float] | None = None, max_steps: int | None = None, factory=None):
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+    def __init__(self, teacher, nets, config: ProgressiveConfig, plan, max_steps=None, factory=None):
+        super().__init__(teacher, nets, config, plan, max_steps, factory)
+        num_steps = self.num_steps
         rounds = math.log2(config.start_steps / num_steps) if config.start_steps >= num_steps else -1
         if rounds < 1 or not rounds.is_integer():
             raise UsageError(
@@ -77,7 +76,11 @@ class ProgressiveDistillation(Objective):
     def teacher_steps(self) -> int:
         return self.config.start_steps // 2**self.round
 
-    def loss(self, phase, batch, step):
+    def phases(self):
+        return [Phase("generator", ("student",), self.progressive_loss)]
+
+    def progressive_loss(self, batch, step):
+        """Regression of one student step on two steps of the current round's teacher (module docstring)."""
         x0 = batch.x0
         n = self.teacher_steps
         grid = self.schedule.timesteps(n).to(x0.device)

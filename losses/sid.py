@@ -44,7 +44,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastgen.denoiser import Cond
-from fastgen.errors import UsageError
+from fastgen.errors import check_fields
 from fastgen.losses.dmd import DMD, DMDConfig, row_mean
 from fastgen.schedules import expand_to
 
@@ -77,6 +77,19 @@ class SiDConfig(DMDConfig):
     checkpoint_scores: bool = False
     """Recompute teacher and fake score in the backward pass instead of storing their activations."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_fields([
+            (self.alpha is None or self.alpha > 0, "alpha", self.alpha, "> 0 (SiD: 1.2; SD: 1.0)"),
+            (0.0 < self.edm_t_max <= 1.0, "edm_t_max", self.edm_t_max, "0 < edm_t_max <= 1"),
+            (self.cfg in CFG_MODES, "cfg", self.cfg, f"one of {list(CFG_MODES)}"),
+            (0.0 <= self.prompt_dropout < 1.0, "prompt_dropout", self.prompt_dropout, "0 <= prompt_dropout < 1"),
+            (self.cfg == "lsg" or self.guidance_scale == 1.0, "guidance_scale", self.guidance_scale,
+             f"1 with cfg {self.cfg!r} (Zero- and Anti-CFG run the teacher unguided)"),
+            (self.cfg != "anti" or self.fake_guidance_scale < 1.0, "fake_guidance_scale", self.fake_guidance_scale,
+             "< 1 with cfg 'anti' (negative guidance of the fake score)"),
+        ], "objective.")
+
 
 @dataclass
 class SiDAConfig(SiDConfig):
@@ -92,25 +105,9 @@ class SiD(DMD):
     metric_terms = ("dropped",)
     MIN_ALPHA = 0.37
 
-    def __init__(self, teacher, student, config, num_steps=1, timesteps=None, max_steps=None, factory=None):
-        super().__init__(teacher, student, config, num_steps, timesteps, max_steps, factory)
+    def __init__(self, teacher, nets, config, plan, max_steps=None, factory=None):
+        super().__init__(teacher, nets, config, plan, max_steps, factory)
         self.alpha = config.alpha if config.alpha is not None else (1.0 if self.teacher.text_conditioned else 1.2)
-
-    def _check(self, c: SiDConfig) -> None:
-        super()._check(c)
-        rules = [
-            (c.alpha is None or c.alpha > 0, "alpha", c.alpha, "> 0 (SiD: 1.2; SD: 1.0)"),
-            (0.0 < c.edm_t_max <= 1.0, "edm_t_max", c.edm_t_max, "0 < edm_t_max <= 1"),
-            (c.cfg in CFG_MODES, "cfg", c.cfg, f"one of {list(CFG_MODES)}"),
-            (0.0 <= c.prompt_dropout < 1.0, "prompt_dropout", c.prompt_dropout, "0 <= prompt_dropout < 1"),
-            (c.cfg == "lsg" or c.guidance_scale == 1.0, "guidance_scale", c.guidance_scale,
-             f"1 with cfg {c.cfg!r} (Zero- and Anti-CFG run the teacher unguided)"),
-            (c.cfg != "anti" or c.fake_guidance_scale < 1.0, "fake_guidance_scale", c.fake_guidance_scale,
-             "< 1 with cfg 'anti' (negative guidance of the fake score)"),
-        ]
-        bad = [f"objective.{key} is {value!r}; expected {expected}" for ok, key, value, expected in rules if not ok]
-        if bad:
-            raise UsageError("; ".join(bad))
 
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
@@ -139,42 +136,42 @@ class SiD(DMD):
         lo, hi = s.t_min ** (1 / s.rho), s.t_max ** (1 / s.rho)
         return (hi + (1 - u) * (lo - hi)) ** s.rho
 
-    def scores(self, x_t: torch.Tensor, t: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, x_t: torch.Tensor, t: torch.Tensor, batch, critic=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y_r, y_f)`` at ``x_t`` under the guidance strategy, with gradient through ``x_t``."""
-        c = self.config
+        c, fake_score = self.config, self.nets[(critic or self.critics[0]).fake]
 
         def real(x):
             return self.teacher.guided(x, t, batch.cond, batch.uncond, c.guidance_scale)  # 1 unless "lsg"
 
         def fake(x):
             if c.cfg == "zero":
-                return self.fake(x, t, batch.uncond)
-            return self.fake.guided(x, t, batch.cond, batch.uncond, c.fake_guidance_scale)
+                return fake_score(x, t, batch.uncond)
+            return fake_score.guided(x, t, batch.cond, batch.uncond, c.fake_guidance_scale)
 
         if c.checkpoint_scores and torch.is_grad_enabled():
             return checkpoint(real, x_t, use_reentrant=False), checkpoint(fake, x_t, use_reentrant=False)
         return real(x_t), fake(x_t)
 
-    def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+    def generator_terms(self, x: torch.Tensor, t_in: torch.Tensor, batch, critic=None) -> dict[str, torch.Tensor]:
         finite = finite_rows(x)  # non-finite samples reach the scores as zeros (their backward would be NaN)
         x_g = zero_rows(x, finite).float()
         t = self.generator_times(x_g.shape[0], x.device)
         x_t = self.schedule.add_noise(x_g, torch.randn_like(x_g), t)
-        y_r, y_f = self.scores(x_t, t, batch)
+        y_r, y_f = self.scores(x_t, t, batch, critic)
         keep = finite & finite_rows(y_r) & finite_rows(y_f)
         loss = sid_loss(x_g, zero_rows(y_r, keep).float(), zero_rows(y_f, keep).float(), self.alpha, keep)
         return {"sid": loss, "dropped": (~keep).sum().float()}
 
-    def fake_loss(self, x: torch.Tensor, batch) -> torch.Tensor:
+    def fake_loss(self, x: torch.Tensor, batch, keep=None, critic=None) -> torch.Tensor:
         """DMD's denoising score matching on the finite generated samples, with SiD-LSG's prompt dropout
         (text teachers) or, under Zero-CFG, without text."""
-        keep = finite_rows(x)
+        keep = finite_rows(x) if keep is None else keep & finite_rows(x)
         if batch.uncond is not None:
             batch = copy.copy(batch)
             drop = torch.ones_like(keep) if self.config.cfg == "zero" else (
                 torch.rand(keep.shape, device=x.device) < self.config.prompt_dropout)
             batch.cond = mix_cond(batch.cond, batch.uncond, drop)
-        return super().fake_loss(zero_rows(x, keep), batch, keep)
+        return super().fake_loss(zero_rows(x, keep), batch, keep, critic)
 
 
 class SiDA(SiD):
