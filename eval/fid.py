@@ -29,6 +29,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fastgen.data import find_images
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID between N(mu1, sigma1) and N(mu2, sigma2), computed in float64."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
@@ -131,8 +134,6 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float] | None = Non
 def _folder_files(folder: Path) -> list[Path]:
     """The images under ``folder`` as training reads them (``fastgen.data.find_images``: recursive, PNG, JPEG
     and WEBP, hidden files skipped)."""
-    from fastgen.data import find_images
-
     if not folder.is_dir():
         raise FileNotFoundError(f"images: folder {folder} does not exist")
     return find_images(folder)

@@ -21,12 +21,7 @@ import torch
 
 from fastgen.errors import UsageError
 from fastgen.eval.toy_fid import _check_images, _default_net
-from fastgen.toy import TOY_CLASSES, TOY_COLOURS, ToyFeatureNet, colour_index, parse_toy_prompt, toy_prompt
-
-
-def toy_eval_prompts() -> list[str]:
-    """The fixed evaluation prompt set: every shape x colour combination, shape-major (24 prompts)."""
-    return [toy_prompt(label, colour) for label in range(len(TOY_CLASSES)) for colour in range(len(TOY_COLOURS))]
+from fastgen.toy import ToyFeatureNet, colour_index, parse_toy_prompt, toy_eval_prompts
 
 
 @dataclass(frozen=True)

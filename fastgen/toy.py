@@ -162,6 +162,11 @@ def toy_prompt(label: int, colour: int) -> str:
     return f"a {TOY_COLOURS[colour]} {TOY_CLASSES[label]}"
 
 
+def toy_eval_prompts() -> list[str]:
+    """The fixed evaluation prompt set: every shape x colour combination, shape-major (24 prompts)."""
+    return [toy_prompt(label, colour) for label in range(len(TOY_CLASSES)) for colour in range(len(TOY_COLOURS))]
+
+
 def parse_toy_prompt(prompt: str) -> tuple[int, int]:
     """``(label, colour)`` of a prompt written by ``toy_prompt`` (case and surrounding spaces ignored)."""
     words = prompt.strip().lower().split()

@@ -11,6 +11,7 @@ from PIL import Image
 from tiny import make_ddpm_folder, make_sd_folder, make_sdxl_folder
 
 import fastgen.data
+import fastgen.data.teacher_pairs
 from fastgen.data import Batch, build_data
 from fastgen.samplers import sample_ddim
 from fastgen.teacher import load_teacher
@@ -57,7 +58,7 @@ def _ids(batch: Batch) -> list[int]:
 
 
 def _take(source, n, start=0):
-    return list(itertools.islice(source.batches(start), n))
+    return list(itertools.islice(source.loader(start), n))
 
 
 def _assert_cond_equal(a, b):
@@ -218,7 +219,7 @@ def test_teacher_samples_cached(teachers, tmp_path, monkeypatch):
         calls.append(1)
         return sample_ddim(*args, **kwargs)
 
-    monkeypatch.setattr(fastgen.data, "sample_ddim", counting_ddim)
+    monkeypatch.setattr(fastgen.data.teacher_pairs, "sample_ddim", counting_ddim)
     kwargs = dict(batch_size=3, seed=0, cache_dir=cache, num_teacher_samples=4, teacher_steps=2)
     first = build_data("teacher", teacher, **kwargs)
     assert len(first) == 4 and first.needs_data and calls == [1, 1]

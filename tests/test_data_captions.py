@@ -13,7 +13,10 @@ from PIL import Image
 from tiny import make_ddpm_folder, make_sd_folder, make_sdxl_folder
 
 import fastgen.data
+import fastgen.data.captions
+import fastgen.data.teacher_pairs
 from fastgen.data import build_data, load_image
+from fastgen.denoiser import slice_cond
 from fastgen.samplers import Guidance, sample_ddim
 from fastgen.teacher import load_teacher
 
@@ -111,7 +114,7 @@ def test_captioned_folder_conditions_each_image_on_its_caption(teachers, tmp_pat
 
     for method in ("encode", "encode_prompts", "null_cond"):
         monkeypatch.setattr(teacher, method, _refuse)
-    monkeypatch.setattr(fastgen.data, "load_captioned", _refuse)
+    monkeypatch.setattr(fastgen.data.captions, "load_captioned", _refuse)
     again = build_data(folder, teacher, batch_size=4, seed=0, cache_dir=cache)
     torch.testing.assert_close(again.batch(3).x0, source.batch(3).x0)
     _assert_rows_equal(_flat_rows(again.batch(3).cond, 1), _flat_rows(source.batch(3).cond, 1))
@@ -183,7 +186,7 @@ def test_teacher_samples_follow_their_prompts(teachers, tmp_path, monkeypatch):
         calls.append(1)
         return sample_ddim(*args, **kwargs)
 
-    monkeypatch.setattr(fastgen.data, "sample_ddim", counting_ddim)
+    monkeypatch.setattr(fastgen.data.teacher_pairs, "sample_ddim", counting_ddim)
     kwargs = dict(batch_size=5, seed=0, cache_dir=tmp_path / "cache", num_teacher_samples=5, teacher_steps=2,
                   prompts=file, teacher_guidance=2.0)
     source = build_data("teacher", teacher, **kwargs)
@@ -194,7 +197,7 @@ def test_teacher_samples_follow_their_prompts(teachers, tmp_path, monkeypatch):
     guidance = Guidance(teacher.null_cond(1), 2.0)
     for k in range(5):
         cond = teacher.encode_prompts([prompts[index[k]]])
-        row = fastgen.data.slice_cond(source.cond, index[k:k + 1])
+        row = slice_cond(source.cond, index[k:k + 1])
         _assert_rows_equal(_flat_rows(row, 0), _flat_rows(cond, 0))
         direct = sample_ddim(teacher.denoiser, source.noise[k:k + 1], timesteps, cond=cond, guidance=guidance)
         torch.testing.assert_close(source.x0[k:k + 1], direct, atol=1e-4, rtol=1e-4)
