@@ -241,7 +241,7 @@ def test_trainer_runs_on_captioned_images(teachers, tmp_path):
                                                f"output={tmp_path / 'run'}", "train.batch_size=4",
                                                "train.max_steps=1", "train.log_every=1"])
     trainer = Trainer(config)  # conftest resets accelerate's process state after the test
-    _check_captions(trainer.data, teacher, tmp_path)
+    _check_captions(trainer.run.data, teacher, tmp_path)
     trainer.fit()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["generator/loss"])
