@@ -26,7 +26,7 @@ from fastgen.denoiser import Denoiser
 from fastgen.errors import UsageError
 from fastgen.experts import ExpertsDenoiser
 from fastgen.losses import Objective, Phase, objective_class
-from fastgen.networks import NetworkFactory, configure_network, network_module, trainable_parameters
+from fastgen.networks import NetworkFactory, configure_network, float32, network_module, trainable_parameters
 from fastgen.plan import StudentPlan, resolve_plan
 from fastgen.schedules import NoiseSchedule, schedule_from_description
 from fastgen.teacher import load_teacher
@@ -39,7 +39,7 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def make_student(teacher_model: nn.Module, config: DistillConfig) -> nn.Module:
     """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft)."""
-    student = copy.deepcopy(teacher_model).float().train()
+    student = float32(copy.deepcopy(teacher_model)).train()
     s = config.student
     if s.lora_rank > 0:
         from peft import LoraConfig
@@ -140,11 +140,12 @@ class Run:
 
 
 def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = None, *,
-              device: torch.device | str = "cpu", attention: str | None = None,
+              plan: StudentPlan | None = None, device: torch.device | str = "cpu", attention: str | None = None,
               optimizer_kwargs: dict | None = None, data: Callable[[Any, Objective], Any] | None = None) -> Run:
     """Assemble the run of ``config`` (module docstring). ``teacher``: a loaded teacher, or None to load
     ``config.teacher`` on ``device`` at the run's precision; ``source``: the float32 teacher network the
     copies are made from (default: loaded when the teacher runs in fp16/bf16, else the teacher's own);
+    ``plan``: the run's plan when already resolved (``fastgen estimate`` resolves it on real tensors);
     ``attention``: overrides ``train.attention``; ``optimizer_kwargs``: extra AdamW arguments (``foreach``,
     ``fused``); ``data(teacher, objective)``: builds the data source (None: no data)."""
     config.validate()
@@ -156,7 +157,7 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
         # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
         source = teacher.model if teacher.model.dtype == torch.float32 else load_teacher(
             config.teacher, trust_pickle=config.trust_pickle).model
-    plan = run_plan(config, teacher.schedule)
+    plan = plan or run_plan(config, teacher.schedule)
     attention = attention or t.attention
     torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed
     nets = build_students(config, source, plan, teacher.schedule, attention)

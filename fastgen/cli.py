@@ -185,8 +185,6 @@ def cmd_estimate(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_table(est, budget))
-    global _HARD_EXIT
-    _HARD_EXIT = True
     return 0
 
 
@@ -320,20 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_HARD_EXIT = False
-"""Set by ``estimate``: the console script ends the process with ``os._exit``. The fake tensors of a simulated
-step with gradient checkpointing abort the interpreter's teardown in torch ('corrupted double-linked list',
-exit status 134, after a correct table); nothing of the estimate needs the teardown."""
-
-
 def entry() -> None:
-    """The ``fastgen`` console script and ``python -m fastgen``: ``sys.exit(main())`` (see ``_HARD_EXIT``)."""
-    code = main()
-    if _HARD_EXIT:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """The ``fastgen`` console script and ``python -m fastgen``: ``sys.exit(main())``."""
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,15 +40,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fastgen.config import DistillConfig, config_from_dict, config_to_dict
+from fastgen.assemble import build_run, run_plan, weight_dtype
+from fastgen.config import DistillConfig, config_from_dict, config_to_dict, merge_overrides
 from fastgen.data import Batch
 from fastgen.denoiser import Denoiser
 from fastgen.errors import UsageError
 from fastgen.schedules import schedule_from_config
+from fastgen.step import PlainBackend, run_phase
 from fastgen.teacher import DENOISER_COMPONENTS, SUPPORTED_MODELS, Teacher
+from fastgen.toy import toy_teacher_path
 
 REAL_SIZE = ("sd15", "sdxl", "sd3-medium")
 """Bundled diffusers configs (no weights) of real-size networks: SD1.5's UNet (859.5 M parameters), SDXL's
@@ -70,8 +74,6 @@ def _folder(source: str | Path) -> Path:
     if str(source) in REAL_SIZE:
         return real_size_folder(str(source))
     if str(source) == "toy":
-        from fastgen.toy import toy_teacher_path
-
         return Path(toy_teacher_path())
     folder = Path(source).expanduser()
     if not (folder / "model_index.json").is_file():
@@ -156,9 +158,13 @@ def build_network(source: str | Path, device: str | torch.device | None = None,
 
     spec = TeacherSpec.read(source)
     cls = getattr(diffusers, spec.model_class)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = cls.from_config(spec.model_config)
-    return model if dtype == torch.float32 else model.to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in their dtype (fake ones cannot be converted by Module.to)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls.from_config(spec.model_config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def count_parameters(source: str | Path) -> int:
@@ -263,39 +269,10 @@ def _bytes(tensors) -> int:
     return total
 
 
-def build_run(config: DistillConfig, spec: TeacherSpec, shape, schedule, attention: str,
-              device: str | torch.device | None = None):
-    """What ``Trainer(config)`` builds, from the teacher's configs with random weights: ``(teacher, objective,
-    nets, trainable)``, ``nets`` the student and the objective's networks by name, ``trainable`` their
-    trainable parameters. The teacher holds the run's precision, the student and critics float32."""
-    from fastgen.losses import build_objective
-    from fastgen.networks import NetworkFactory, configure_network, trainable_parameters
-    from fastgen.trainer import make_student, student_schedule, weight_dtype
-
-    t = config.train
-    dtype = weight_dtype(t.mixed_precision)
-    full = build_network(spec.folder, device)
-    teacher = ConfigTeacher(spec, full if dtype == torch.float32 else copy.deepcopy(full).to(dtype), shape, schedule)
-    teacher.model.requires_grad_(False).eval()
-    model = make_student(full, config)
-    configure_network(model, attention, t.gradient_checkpointing)
-    student = Denoiser(model, student_schedule(teacher.schedule, config.student.prediction_type))
-    factory = NetworkFactory(teacher, attention, t.gradient_checkpointing, source=full)
-    objective = build_objective(config.method, teacher, student, config.objective, config.student.num_steps,
-                                config.student.timesteps, t.max_steps, factory=factory)
-    factory.release()
-    nets = {"student": student, **objective.networks()}
-    return teacher, objective, nets, {name: trainable_parameters(attr) for name, attr in nets.items()}
-
-
 def estimate_memory(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
                     optimizer: str = "adamw") -> Estimate:
     """Expected peak memory per device of ``Trainer(config)`` (one process), at ``resolution`` pixels
     (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from fastgen.trainer import weight_dtype
-
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer is {optimizer!r}; expected one of {list(OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
@@ -310,48 +287,50 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     dtype = weight_dtype(t.mixed_precision)
     shape = spec.sample_shape(resolution)
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
+    plan = run_plan(config, schedule)  # on real tensors too: the plan reads the grids' values
     tracker = LiveBytes()
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode), _real_timesteps(config.method):
-        teacher, objective, nets, trainable = build_run(config, spec, shape, schedule,
-                                                        "sdpa" if t.attention == "xformers" else t.attention)
+    kwargs = {"fused": True} if optimizer == "fused" else {"foreach": device == "cuda"}
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode):
+        full = build_network(spec.folder)
+        teacher = ConfigTeacher(spec, full if dtype == torch.float32 else build_network(spec.folder, dtype=dtype),
+                                shape, schedule)
+        teacher.model.requires_grad_(False).eval()
+        run = build_run(config, teacher, source=full, plan=plan, optimizer_kwargs=kwargs,
+                        attention="sdpa" if t.attention == "xformers" else t.attention)
+        trainable = run.trainable
         owned_ids = {id(p) for ps in trainable.values() for p in ps}
         base = [p for p in teacher.model.parameters() if id(p) not in owned_ids]
-        frozen = {"teacher": base, **{name: [p for p in _module(attr).parameters() if id(p) not in owned_ids
+        frozen = {"teacher": base, **{name: [p for p in run.module(name).parameters() if id(p) not in owned_ids
                                              and all(p is not q for q in base)]
-                                      for name, attr in nets.items()}}
+                                      for name in run.network_names}}
+        # the steady state: every trainable parameter holds its gradient and optimizer states (a phase sets its
+        # own gradients to None only at its start, so the other phases' gradients stay alive through it)
         for params in trainable.values():
             for p in params:
                 p.grad = torch.zeros_like(p)
-        optimizers = {}
-        for phase in objective.phases():
-            params = [p for n in _owned(phase, nets) for p in trainable[n]]
-            kwargs = {"fused": True} if optimizer == "fused" else {"foreach": device == "cuda"}
-            optimizers[phase.name] = opt = torch.optim.AdamW(params, lr=1e-4, **kwargs)
-            opt.step()  # allocates the states
-        ema = None
-        if t.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel(trainable["student"], decay=t.ema_decay, foreach=True)
-        batch = synthetic_batch(teacher, objective, t.batch_size, shape)
-        state_bytes = {name: _bytes(s for p in trainable[name] for opt in optimizers.values()
-                                    for s in opt.state.get(p, {}).values() if s.dim() > 0) for name in nets}
+        for opt in run.optimizers.values():
+            opt.step()
+        batch = synthetic_batch(teacher, t.batch_size, shape)
+        state_bytes = {name: _bytes(s for p in trainable[name] for opt in run.optimizers.values()
+                                    for s in opt.state.get(p, {}).values() if s.dim() > 0)
+                       for name in run.network_names}
         rows = [("teacher", "weights", _bytes(base))]
-        for name in nets:
+        for name in run.network_names:
             rows.append((name, "weights", _bytes(trainable[name] + frozen[name])))
-        rows += [(name, "gradients", _bytes(p.grad for p in trainable[name])) for name in nets]
+        rows += [(name, "gradients", _bytes(p.grad for p in trainable[name])) for name in run.network_names]
         scale = 0.25 if optimizer == "8bit" else 1.0
-        rows += [(name, "optimizer", int(state_bytes[name] * scale)) for name in nets]
-        if ema is not None:
-            rows.append(("student", "ema", _bytes(ema.shadow_params)))
-        for tensor in _live_tensors(teacher, nets, optimizers, ema, batch):
+        rows += [(name, "optimizer", int(state_bytes[name] * scale)) for name in run.network_names]
+        for name, ema in run.emas.items():
+            rows.append((name, "ema", _bytes(ema.shadow_params)))
+        for tensor in _live_tensors(run, batch):
             tracker.track(tensor)
         static = tracker.now
         phase_peaks = {}
+        backend = PlainBackend(dtype)
         with tracker:
-            for phase in objective.phases():
+            for phase in run.phases:
                 tracker.reset_peak()
-                phase_step(phase, objective, nets, trainable, optimizers[phase.name], ema, batch, t, dtype)
+                run_phase(run, phase, itertools.repeat(batch), 0, backend, grad_clip=t.grad_clip)
                 phase_peaks[phase.name] = tracker.peak
     peak_phase = max(phase_peaks, key=phase_peaks.get)
     saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
@@ -363,45 +342,23 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries
     total = phase_peaks[peak_phase] - int(saved) + sum(components.values()) * element
     parameters = {"teacher": sum(p.numel() for p in base), **components,
-                  **{name: sum(p.numel() for p in trainable[name]) for name in nets}}
+                  **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names}}
     settings = {"teacher": str(config.teacher), "method": config.method, "sample_shape": list(shape),
                 "batch_size": t.batch_size, "mixed_precision": t.mixed_precision,
                 "gradient_checkpointing": t.gradient_checkpointing, "student.lora_rank": config.student.lora_rank,
-                "objective.fake_lora_rank": dict(config.objective).get("fake_lora_rank", 0),
+                "objective.fake_lora_rank": getattr(config.objective, "fake_lora_rank", 0),
                 "ema_decay": t.ema_decay, "optimizer": optimizer, "device": device}
     return Estimate(rows, parameters, int(total), peak_phase, settings)
 
 
 @contextlib.contextmanager
-def _real_timesteps(method: str):
-    """Objectives read their default timesteps' values (``.tolist()``, ``float``): computed on real tensors."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from fastgen.losses import OBJECTIVES
-
-    cls = OBJECTIVES[method]
-    original = cls.__dict__.get("default_timesteps")
-    inherited = cls.default_timesteps
-
-    def default_timesteps(self, *args, **kwargs):
-        with unset_fake_temporarily():
-            return inherited(self, *args, **kwargs)
-
-    cls.default_timesteps = default_timesteps
-    try:
-        yield
-    finally:
-        if original is None:
-            del cls.default_timesteps
-        else:
-            cls.default_timesteps = original
-
-
-@contextlib.contextmanager
 def _swappable(mode):
-    """``Module.to``/``.float()`` swap fake parameters with their converted copies (``torch.utils.swap_tensors``),
-    which refuses tensors with weak references, and fake tensors have some (the fake mode's memo, a cache).
-    Here a conversion to the same dtype keeps the parameter, and any other takes the converted data."""
+    """``Module.to``/``.float()`` always swap fake parameters with their converted copies (``Module._apply``:
+    ``torch.utils.swap_tensors`` for every ``FakeTensor``), which refuses tensors with weak references, and fake
+    tensors have one (the fake mode's converter memo). fastgen's own code converts nothing that is already in its
+    dtype (``fastgen.networks.float32``, ``build_network``), but peft moves every new LoRA adapter with ``.to``.
+    Here a conversion to the same dtype keeps the parameter, and any other takes the converted data. This is the
+    one patch left in the estimate (engine v3 removed the objective patch); see docs/architecture.md."""
     swap = torch.utils.swap_tensors
 
     def swap_fake(t1, t2):
@@ -420,17 +377,7 @@ def _swappable(mode):
         torch.utils.swap_tensors = swap
 
 
-def _module(attr):
-    from fastgen.networks import network_module
-
-    return network_module(attr)
-
-
-def _owned(phase, nets) -> list[str]:
-    return [n for n in phase.networks if n in nets]
-
-
-def synthetic_batch(teacher, objective, n: int, shape) -> Batch:
+def synthetic_batch(teacher, n: int, shape) -> Batch:
     """A batch of ``n`` random samples of ``shape`` with every field an objective may read (data, ODE noise,
     empty-prompt or class-0 conditions), for measuring a step without a dataset."""
     cond = uncond = None
@@ -441,58 +388,21 @@ def synthetic_batch(teacher, objective, n: int, shape) -> Batch:
     return Batch(x0=torch.randn(n, *shape), cond=cond, uncond=uncond, noise=torch.randn(n, *shape), size=n)
 
 
-def _live_tensors(teacher, nets, optimizers, ema, batch):
-    yield from teacher.model.parameters()
-    yield from teacher.model.buffers()
-    for attr in nets.values():
-        module = _module(attr)
+def _live_tensors(run, batch):
+    yield from run.teacher.model.parameters()
+    yield from run.teacher.model.buffers()
+    for name in run.network_names:
+        module = run.module(name)
         yield from module.parameters()
         yield from module.buffers()
         yield from (p.grad for p in module.parameters() if p.grad is not None)
-    for opt in optimizers.values():
+    for opt in run.optimizers.values():
         for state in opt.state.values():
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-    if ema is not None:
+    for ema in run.emas.values():
         yield from ema.shadow_params
     yield from (v for v in tree_flatten([batch.x0, batch.noise, batch.cond, batch.uncond])[0]
                 if isinstance(v, torch.Tensor))
-
-
-def phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dtype, device_type: str = "cpu",
-                scaler=None) -> dict:
-    """``Trainer._train_step`` for one phase and one micro-batch, without accelerate: autocast on
-    ``device_type`` at ``weight_dtype``, and with ``scaler`` (a ``torch.amp.GradScaler``) fp16 loss scaling
-    as accelerate does it. Returns the objective's detached terms."""
-    owned = _owned(phase, nets)
-    excluded = [p for n in nets if n not in owned for p in trainable[n]]
-    opt.zero_grad(set_to_none=True)
-    for p in excluded:
-        p.requires_grad_(False)
-    try:
-        precision = (torch.autocast(device_type, dtype=weight_dtype) if weight_dtype != torch.float32
-                     else contextlib.nullcontext())
-        with precision:
-            out = objective.loss(phase.name, batch, 0)
-        loss = out.pop("loss")
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        terms = {"loss": loss.detach(), **{k: v.detach() for k, v in out.items()}}
-        del out, loss
-    finally:
-        for p in excluded:
-            p.requires_grad_(True)
-    params = [p for n in owned for p in trainable[n]]
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if t.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    if ema is not None and "student" in owned:
-        ema.step(trainable["student"])
-    return terms
 
 
 # -- modes and budgets --------------------------------------------------------------------------------------
@@ -501,12 +411,9 @@ def phase_step(phase, objective, nets, trainable, opt, ema, batch, t, weight_dty
 def mode_overrides(config: DistillConfig) -> list[list[str]]:
     """The memory modes side by side, each as the overrides that select it: full or LoRA fake score (objectives
     with ``fake_lora_rank``), gradient checkpointing off or on, full or LoRA student."""
-    from fastgen.losses import OBJECTIVES
-
     axes = []
-    fields = getattr(OBJECTIVES[config.method], "Config", None)
-    if fields is not None and "fake_lora_rank" in fields.__dataclass_fields__:
-        rank = dict(config.objective).get("fake_lora_rank") or 64
+    if hasattr(config.objective, "fake_lora_rank"):
+        rank = config.objective.fake_lora_rank or 64
         axes.append(["objective.fake_lora_rank=0", f"objective.fake_lora_rank={rank}"])
     axes.append(["train.gradient_checkpointing=false", "train.gradient_checkpointing=true"])
     rank = config.student.lora_rank or 64
@@ -515,13 +422,7 @@ def mode_overrides(config: DistillConfig) -> list[list[str]]:
 
 
 def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
-    from fastgen.config import _merge, _nest, _parse_override
-
-    tree = config_to_dict(config)
-    for override in overrides:
-        key, value = _parse_override(DistillConfig, override)
-        tree = _merge(tree, _nest(key.split("."), value))
-    return config_from_dict(DistillConfig, tree)
+    return config_from_dict(DistillConfig, merge_overrides(DistillConfig, config_to_dict(config), overrides))
 
 
 def estimate_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",

@@ -48,6 +48,12 @@ def configure_network(model: nn.Module, attention: str = "default", gradient_che
         model.enable_gradient_checkpointing()
 
 
+def float32(module: nn.Module) -> nn.Module:
+    """``module`` with float32 parameters, converted only where one is not (a module built on fake tensors,
+    ``fastgen estimate``'s, cannot have its parameters swapped by ``Module.float``)."""
+    return module if all(p.dtype == torch.float32 for p in module.parameters()) else module.float()
+
+
 class AdapterDenoiser(Denoiser):
     """A ``Denoiser`` of LoRA adapter ``adapter`` on a shared base network (the teacher's): its trainable
     parameters and checkpoint state are the adapter's alone."""
@@ -81,7 +87,7 @@ class NetworkFactory:
         if not isinstance(model, nn.Module) or isinstance(model, BaseDenoiser):
             raise TypeError(f"NetworkFactory.copy: the teacher {type(model).__name__} has no diffusers network to "
                             "copy; give the objective a factory that builds its networks")
-        model = copy.deepcopy(model).float().train().requires_grad_(True)
+        model = float32(copy.deepcopy(model)).train().requires_grad_(True)
         configure_network(model, self.attention, self.gradient_checkpointing)
         return Denoiser(model, self.teacher.schedule)
 
@@ -113,7 +119,7 @@ class NetworkFactory:
 
     def module(self, module: nn.Module) -> nn.Module:
         """A network of the objective's own, trainable and in float32."""
-        return module.float().train().requires_grad_(True)
+        return float32(module).train().requires_grad_(True)
 
     @staticmethod
     def frozen(denoiser: BaseDenoiser) -> BaseDenoiser:
