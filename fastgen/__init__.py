@@ -9,16 +9,8 @@ the export ships custom code; its model card says which).
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 __version__ = "0.1.0"
-
-# pyproject.toml maps the top-level folders losses/, samplers/, pipelines/ and eval/ to
-# fastgen.<name>. Imported from a source checkout (the repo root on sys.path shadows the installed
-# package), those folders sit beside this one: let the sub-package imports find them there too.
-_checkout = Path(__file__).resolve().parent.parent
-if (_checkout / "pyproject.toml").is_file() and (_checkout / "samplers" / "__init__.py").is_file():
-    __path__.append(str(_checkout))
 
 _LAZY = {
     "load_teacher": "fastgen.teacher",

@@ -1,5 +1,7 @@
-"""The wheel holds every sub-package and bundled file, and installs nothing but ``fastgen`` at the top level."""
+"""The wheel holds every listed package and bundled file and installs nothing but ``fastgen`` at the top level;
+the installed ``fastgen`` holds its listed sub-packages and nothing else of the checkout."""
 
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -7,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import fastgen
+import fastgen.losses
+import fastgen.losses.dmd
+
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = {"fastgen": "fastgen", "fastgen/losses": "losses", "fastgen/samplers": "samplers",
-               "fastgen/pipelines": "pipelines", "fastgen/eval": "eval"}
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +26,22 @@ def wheel_names(tmp_path_factory):
         return set(zf.namelist())
 
 
-def test_every_module_of_every_subpackage_is_in_the_wheel(wheel_names):
-    for installed, source in SUBPACKAGES.items():
-        modules = sorted(p.name for p in (ROOT / source).glob("*.py"))
+def test_every_module_of_every_listed_package_is_in_the_wheel(wheel_names, packages):
+    expected = {"fastgen", "fastgen.data", "fastgen.losses", "fastgen.samplers", "fastgen.pipelines", "fastgen.eval"}
+    assert expected <= set(packages), expected - set(packages)
+    for package, source in packages.items():
+        modules = sorted(p.name for p in source.glob("*.py"))
         assert "__init__.py" in modules, source
         for module in modules:
-            assert f"{installed}/{module}" in wheel_names, f"{source}/{module} missing from the wheel"
+            assert f"{package.replace('.', '/')}/{module}" in wheel_names, f"{source}/{module} missing from the wheel"
+
+
+def test_every_package_folder_is_listed(packages):
+    """setuptools leaves a package out of the wheel, silently, unless pyproject.toml lists it."""
+    folders = {source.resolve() for source in packages.values()}
+    for source in packages.values():
+        for init in source.rglob("__init__.py"):
+            assert init.parent.resolve() in folders, f"{init.parent} is not in pyproject.toml's packages"
 
 
 def test_bundled_toy_assets_and_presets_are_in_the_wheel(wheel_names):
@@ -47,3 +61,24 @@ def test_nothing_but_fastgen_at_the_top_level(wheel_names):
     top = {name.split("/")[0] for name in wheel_names}
     top = {t for t in top if not t.endswith(".dist-info")}
     assert top == {"fastgen"}, top
+
+
+@pytest.mark.parametrize("name", ["fastgen.tests", "fastgen.scripts", "fastgen.docs", "fastgen.fastgen"])
+def test_only_listed_packages_import_under_fastgen(name):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(name)
+
+
+def test_fastgen_is_one_folder():
+    assert len(fastgen.__path__) == 1, fastgen.__path__
+
+
+def test_the_registry_holds_the_classes_of_the_modules():
+    """One copy of each module: none imported again under a top-level name (``losses.dmd``)."""
+    assert fastgen.losses.OBJECTIVES["dmd"] is fastgen.losses.dmd.DMD
+    for method, objective in fastgen.losses.OBJECTIVES.items():
+        if objective.__module__ == "probes":  # the engine tests' own objectives (tests/probes.py)
+            continue
+        assert objective.__module__.startswith("fastgen.losses."), (method, objective.__module__)
+        assert getattr(sys.modules[objective.__module__], objective.__qualname__) is objective, method
+    assert not {"losses", "samplers", "pipelines", "eval"} & set(sys.modules)
