@@ -9,7 +9,8 @@ rule (earlier steps by backward simulation without gradient, as in DMD2). Each p
 F_k (a full copy or a LoRA adapter ``fake_k`` on the teacher's weights) and optionally its own GAN head.
 
 Within the phase ending at ``s``, every noise level is a level ``t > s`` reached from ``x_s`` by the
-transition ``x_t = a x_s + b eps`` ( ``a = alpha_t / alpha_s``, ``b² = sigma_t² - a² sigma_s²``):
+transition ``x_t = a x_s + b eps`` (``NoiseSchedule.transition``; ``a = alpha_t / alpha_s``,
+``b² = sigma_t² - a² sigma_s²``):
 
 - **F_k** is trained on ``x_t`` with the unbiased sub-interval target (the paper's score matching within
   subintervals): the score of ``p_t`` is ``E[-eps | x_t] / b``, and an x0-form network's score is
