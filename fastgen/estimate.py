@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import itertools
 import json
 import re
@@ -332,6 +333,12 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
                 tracker.reset_peak()
                 run_phase(run, phase, itertools.repeat(batch), 0, backend, grad_clip=t.grad_clip)
                 phase_peaks[phase.name] = tracker.peak
+        parameters = {"teacher": sum(p.numel() for p in base),
+                      **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names}}
+        # the fake tensors die here, while their mode is alive: left to the interpreter's teardown, those saved by
+        # a gradient-checkpointed step abort it ('corrupted double-linked list', exit status 134)
+        del run, trainable, base, frozen, teacher, full, batch, backend
+        gc.collect()
     peak_phase = max(phase_peaks, key=phase_peaks.get)
     saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
     other = static - sum(r[2] for r in rows) - int(saved)  # buffers, the batch, step counters
@@ -341,8 +348,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
             + [("batch, buffers", "other", other)])
     rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries
     total = phase_peaks[peak_phase] - int(saved) + sum(components.values()) * element
-    parameters = {"teacher": sum(p.numel() for p in base), **components,
-                  **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names}}
+    parameters = {"teacher": parameters.pop("teacher"), **components, **parameters}
     settings = {"teacher": str(config.teacher), "method": config.method, "sample_shape": list(shape),
                 "batch_size": t.batch_size, "mixed_precision": t.mixed_precision,
                 "gradient_checkpointing": t.gradient_checkpointing, "student.lora_rank": config.student.lora_rank,

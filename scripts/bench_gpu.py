@@ -6,10 +6,10 @@ SDPA against xformers, fp16 with loss scaling against bf16.
 
 Networks are the bundled real-size configs (``fastgen/assets/real_size``: SD1.5's UNet, 860 M parameters,
 at 64×64 latents; SDXL's, 2.6 B, at 128×128) with random weights: speed and memory do not depend on the
-values. Each run is built as the trainer builds it (``fastgen.estimate.build_run``: teacher at the run's
+values. Each run is built as the trainer builds it (``fastgen.assemble.build_run``: teacher at the run's
 precision, float32 student and fake score, the objective's GAN head) and trained by the trainer's step
-(``fastgen.estimate.phase_step``: phase ownership, autocast, backward, clipping, AdamW, EMA), without
-accelerate (one process). Sections:
+(``fastgen.step.run_phase`` with its one-process ``PlainBackend``: phase ownership, autocast, backward,
+clipping, AdamW, EMA), without accelerate. Sections:
 
 1. **Peak matmul**: a large square bf16 matmul, the denominator of MFU (measured here, not a data sheet).
 2. **DMD2 training** per memory mode (full fake score; LoRA fake score on the shared base; + gradient
@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -43,12 +44,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastgen.assemble import build_run, weight_dtype
 from fastgen.config import DistillConfig, config_from_dict
-from fastgen.estimate import (TeacherSpec, build_run, estimate_memory, phase_step, real_size_folder, synthetic_batch,
-                              with_overrides)
+from fastgen.estimate import (ConfigTeacher, TeacherSpec, build_network, estimate_memory, real_size_folder,
+                              synthetic_batch, with_overrides)
 from fastgen.samplers.solvers import Guidance, sample_ddim, sample_renoise
 from fastgen.schedules import schedule_from_config
-from fastgen.trainer import weight_dtype
+from fastgen.step import PlainBackend, run_phase
 
 NETWORKS = {"sd15": {"batch": 8, "guidance": 1.75}, "sdxl": {"batch": 1, "guidance": 8.0}}
 """Real-size config, training batch (SDXL: batch 1 at 1024², the 24 GiB goal) and the DMD2 guidance of its preset."""
@@ -148,7 +150,7 @@ def run_config(teacher: str, batch: int, guidance: float, overrides: list[str], 
     base = config_from_dict(DistillConfig, {
         "teacher": teacher, "method": "dmd2", "output": "unused", "seed": 0,
         "train": {"batch_size": batch, "mixed_precision": precision, "ema_decay": None, "attention": attention,
-                  "grad_clip": 10.0},
+                  "grad_clip": 10.0, "lr": 1e-6},
         "objective": {"guidance_scale": guidance},
     })
     return with_overrides(base, overrides)
@@ -163,21 +165,23 @@ class Run:
         self.spec = spec
         schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)
         self.dtype = weight_dtype(config.train.mixed_precision)
-        self.teacher, self.objective, self.nets, self.trainable = build_run(
-            config, spec, spec.sample_shape(), schedule, config.train.attention, device)
-        self.phases = self.objective.phases()
-        self.opts = {ph.name: torch.optim.AdamW([p for n in ph.networks if n in self.nets
-                                                 for p in self.trainable[n]], lr=1e-6) for ph in self.phases}
         shape = spec.sample_shape()
-        self.batch = synthetic_batch(self.teacher, self.objective, config.train.batch_size, shape).to(device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        source = build_network(spec.folder, device)
+        teacher = ConfigTeacher(spec, build_network(spec.folder, device, self.dtype).requires_grad_(False).eval(),
+                                shape, schedule)
+        self.run = build_run(config, teacher, source, device=device)
+        self.teacher, self.objective, self.nets, self.trainable = teacher, self.run.objective, self.run.nets, \
+            self.run.trainable
+        self.batch = synthetic_batch(self.teacher, config.train.batch_size, shape).to(device)
+        scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        self.backend = PlainBackend(self.dtype, device.type, scaler)
 
     def iteration(self) -> dict[str, float]:
         """One update of every phase; the losses."""
         losses = {}
-        for ph in self.phases:
-            terms = phase_step(ph, self.objective, self.nets, self.trainable, self.opts[ph.name], None, self.batch,
-                               self.config.train, self.dtype, self.device.type, self.scaler)
+        for ph in self.run.phases:
+            terms, _ = run_phase(self.run, ph, itertools.repeat(self.batch), 0, self.backend,
+                                 grad_clip=self.config.train.grad_clip)
             losses[ph.name] = float(terms["loss"])
         return losses
 
@@ -231,7 +235,7 @@ def bench_sampling(name, folder, device, clock, args) -> dict:
     ts = teacher.schedule.timesteps(args.teacher_steps).tolist()
     guidance = Guidance(uncond, NETWORKS[name]["guidance"])
     out = {"network": name, "batch": n, "teacher_steps": args.teacher_steps,
-           "student_timesteps": list(run.objective.timesteps)}
+           "student_timesteps": list(run.run.plan.timesteps)}
     with torch.no_grad():
         out["teacher_steps_s"] = statistics.median(clock.time(
             lambda: sample_ddim(teacher.denoiser, z, ts, cond=cond, guidance=guidance), 2))
