@@ -4,21 +4,22 @@
     python scripts/bench_overhead.py --profile            # also cProfile both loops (top functions by cumulative time)
 
 Both loops train the same objective (``fastgen.losses.build_objective``) on their own copy of the same
-teacher (``fastgen.trainer.make_student``) and their own copies of its other networks (DMD2's fake score and
+teacher (``fastgen.assemble.make_student``) and their own copies of its other networks (DMD2's fake score and
 GAN head), on the same ``DataSource`` batches, in fp32 on the CPU. Several-phase objectives run each phase
 due at a step (DMD2: the critic every step, the generator every fifth), with the networks a phase does not
 own set to ``requires_grad=False`` while it runs in both loops.
 
-- Trainer: ``Trainer(config).fit()`` as a user runs it: accelerate, metrics.jsonl written every step
-  (``train.log_every=1``), the progress bar, EMA (diffusers' ``EMAModel``), the non-finite guard, per-step
-  re-seeding; one checkpoint, at the end, which is not timed.
-- Hand-written: ``loss = objective.loss(...)["loss"]``, ``loss.backward()``, ``clip_grad_norm_``, a plain
+- Trainer: ``Trainer(config).fit()`` as a user runs it: accelerate, ``fastgen.step.run_phase`` per phase (the
+  owned-networks switch, one finiteness check, clipping, the lr schedule), metrics.jsonl written every step
+  (``train.log_every=1``: window averages, lr, throughput, peak memory), the progress bar, EMA (diffusers'
+  ``EMAModel``), the non-finite guard, per-step re-seeding; one checkpoint, at the end, which is not timed.
+- Hand-written: ``loss = phase.loss(batch, step)["loss"]``, ``loss.backward()``, ``clip_grad_norm_``, a plain
   ``torch.optim.AdamW`` step, ``zero_grad``, the student's EMA by the same rule as ``EMAModel``
   (decay ``min(ema_decay, (1 + n) / (10 + n))``, 0 at the first step) as one ``torch._foreach_lerp_``, and
   ``objective.on_step_end``; no accelerate, no logging, no checkpoints.
 
 What is timed: one step is the interval between the ends of two consecutive ``objective.on_step_end`` calls,
-i.e. one full iteration of ``Trainer.fit``'s loop (re-seeding, ``_train_step``, ``on_step_end``, the step
+i.e. one full iteration of ``Trainer.fit``'s loop (re-seeding, ``run_phase``, ``on_step_end``, the step
 counter, progress bar, metrics line and tracker call) or of the hand-written loop. The two alternate inside
 one ``fit()``: after every ``--block-steps`` trainer steps, ``--block-steps`` hand-written steps run (the
 clock restarts after them), so machine noise hits both alike. The first ``--warmup`` steps of each are not
@@ -49,16 +50,18 @@ from pathlib import Path
 
 import torch
 
+from fastgen.assemble import make_student
 from fastgen.config import DistillConfig, config_from_dict
 from fastgen.denoiser import Denoiser
 from fastgen.losses import build_objective
 from fastgen.networks import NetworkFactory, trainable_parameters
-from fastgen.trainer import Trainer, make_student
+from fastgen.trainer import Trainer
 
 CLOCKS = ("wall", "cpu")
 COUNTERS = (*CLOCKS, "minor_faults")
-LOOP_MACHINERY = (r"trainer\.py|bench_overhead\.py|training_utils\.py|accelerate/|tqdm/|json/|clip_grad|random\.py|"
-                  r"optimizer\.py|_foreach|manual_seed|isfinite|\.item|method 'write'|built-in method io\.open")
+LOOP_MACHINERY = (r"trainer\.py|step\.py|assemble\.py|policies\.py|bench_overhead\.py|training_utils\.py|"
+                  r"accelerate/|tqdm/|json/|clip_grad|random\.py|optimizer\.py|_foreach|manual_seed|isfinite|\.item|"
+                  r"method 'write'|built-in method io\.open")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,9 +112,10 @@ class HandLoop:
         self.objective = build_objective(config.method, teacher, self.student, config.objective,
                                          config.student.num_steps, config.student.timesteps, config.train.max_steps,
                                          factory=factory)
+        assert self.objective.plan.timesteps == trainer.plan.timesteps  # both loops train the same plan
         self.phases = self.objective.phases()
-        self.data = trainer.data
-        nets = {"student": self.student.model, **self.objective.networks()}
+        self.data = trainer.run.data
+        nets = {"student": self.student, **self.objective.networks()}
         self.params = {name: trainable_parameters(net) for name, net in nets.items()}
         t = self.train
         self.owned = {ph.name: ph.networks for ph in self.phases}
@@ -135,7 +139,7 @@ class HandLoop:
                 if not phase.runs_at(self.step):
                     continue
                 self.set_grad(phase.name, False)
-                loss = self.objective.loss(phase.name, self.data.batch(self.batches), self.step)["loss"]
+                loss = phase.loss(self.data.batch(self.batches), self.step)["loss"]
                 self.batches += 1
                 loss.backward()
                 self.set_grad(phase.name, True)

@@ -32,7 +32,7 @@ def measure(folder, method, args, batch_size, steps, device):
     student = load_teacher(folder, device=device).denoiser
     student.model.requires_grad_(True)
     objective = build_objective(method, teacher, student, args)
-    objective.fake.model.requires_grad_(False)  # the generator phase: the fake score takes no gradient
+    objective.nets["fake"].model.requires_grad_(False)  # the generator phase: the fake score takes no gradient
     batch = SimpleNamespace(x0=None, cond=None, uncond=None, noise=None, size=batch_size)
     times, peak = [], 0
     for _ in range(steps + 1):

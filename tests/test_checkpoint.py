@@ -149,6 +149,49 @@ def test_adamw_resume_is_exact(tmp_path):
     _assert_same(fresh_optimizer.state_dict(), optimizer.state_dict())
 
 
+def test_lr_schedules_and_clock_resume_exactly(tmp_path):
+    """What the trainer's checkpoints hold besides networks and optimizers: every phase's lr schedule
+    (``fastgen.policies.LRSchedules``, diffusers' LambdaLR states) and the cumulative clock."""
+    from types import SimpleNamespace
+
+    from fastgen.policies import Clock, LRSchedules
+
+    phases = [SimpleNamespace(name="critic", runs_at=lambda s: True),
+              SimpleNamespace(name="generator", runs_at=lambda s: s % 2 == 0)]
+
+    def schedules():
+        model, optimizer = _model_and_optimizer()
+        optimizers = {"critic": optimizer, "generator": torch.optim.AdamW(model.parameters(), lr=1e-3)}
+        return optimizers, LRSchedules(optimizers, phases, "cosine", 2, 10)
+
+    def run(optimizers, lr, steps):
+        lrs = []
+        for s in steps:
+            for phase in phases:
+                if phase.runs_at(s):
+                    optimizers[phase.name].step()
+                    lr.step(phase.name)
+            lrs.append((lr.last_lr("critic"), lr.last_lr("generator")))
+        return lrs
+
+    optimizers, lr = schedules()
+    run(optimizers, lr, range(5))
+    clock = Clock(12.5)
+    save_checkpoint(tmp_path, 5, {"lr_schedules": lr.state_dict(), "clock": clock.state_dict()})
+    _, state = load_checkpoint(latest_checkpoint(tmp_path))
+    _assert_same(state["lr_schedules"], lr.state_dict())
+    assert state["clock"]["elapsed"] >= 12.5
+
+    fresh_optimizers, fresh = schedules()
+    fresh.load_state_dict(state["lr_schedules"])
+    for name in ("critic", "generator"):  # the restored lr is in the optimizer before its first step
+        assert fresh.last_lr(name) == lr.last_lr(name) == fresh_optimizers[name].param_groups[0]["lr"]
+    assert run(fresh_optimizers, fresh, range(5, 10)) == run(optimizers, lr, range(5, 10))
+    assert lr.last_lr("critic") == lr.last_lr("generator") == 0.0  # both decayed to 0 over their own updates
+    resumed = Clock(state["clock"]["elapsed"])
+    assert resumed.elapsed() >= state["clock"]["elapsed"]
+
+
 def test_grad_scaler_state_round_trip(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     param = torch.nn.Parameter(torch.ones(2))

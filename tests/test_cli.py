@@ -27,11 +27,13 @@ def test_help_lists_every_command():
 def test_presets_load_and_validate(preset):
     config = load_config(DistillConfig, PRESETS_DIR / f"{preset}.yaml", ["teacher=somewhere", "data=images"])
     config.validate()
-    from fastgen.config import config_from_dict
+    from fastgen.config import config_from_dict, config_to_dict
     from fastgen.losses import objective_class
 
     cls = objective_class(config.method)
-    config_from_dict(cls.Config, dict(config.objective), prefix="objective")  # unknown keys raise
+    assert isinstance(config.objective, cls.Config)  # typed (and checked: unknown keys raise) when loaded
+    settings = config_to_dict(config)["objective"]
+    assert config_from_dict(cls.Config, settings, prefix="objective") == config.objective
 
 
 def test_distill_help_lists_every_preset():

@@ -21,14 +21,17 @@ def test_a_presets_experts_and_phase_boundaries_apply_at_its_own_step_count_only
 
     args = compare.parse_args(["--max-steps", "2"])
     own = compare.run_config(args, "phased_dmd", 2, tmp_path / "two", None)  # toy_phased_dmd: 2 steps, 2 experts
-    assert (own.student.experts, own.student.timesteps, own.objective["boundaries"]) == (2, [452.0, 226.0], [226])
+    assert (own.student.experts, own.student.timesteps, own.objective.boundaries) == (2, [452.0, 226.0], [226])
     for steps in (1, 4):  # the preset's 2-expert split and its boundary [226] would not fit these grids
         config = compare.run_config(args, "phased_dmd", steps, tmp_path / f"run{steps}", None)
         assert config.student.experts == 1 and config.student.timesteps is None
-        assert "boundaries" not in config.objective
+        assert config.objective.boundaries is None
         trainer = Trainer(config)
-        assert len(trainer.objective.plan) == steps  # one phase per step on the method's default grid
-        assert trainer.objective.timesteps == trainer.objective.default_timesteps(steps)
+        objective = trainer.objective
+        assert len(objective.critics) == steps  # one phase per step on the method's default grid
+        assert trainer.plan.expert_boundaries is None
+        default = type(objective).default_grid(objective.schedule, objective.student.schedule, objective.config, steps)
+        assert objective.timesteps == trainer.plan.timesteps == default
 
 
 def test_merge_writes_one_table_from_split_runs_and_a_later_row_replaces_an_earlier_one(compare, tmp_path):

@@ -18,6 +18,9 @@ from fastgen.config import (
     load_config,
     save_config,
 )
+from fastgen.errors import UsageError
+from fastgen.losses.consistency import ConsistencyConfig
+from fastgen.losses.dmd import DMD2Config
 
 
 def _error(overrides: list[str]) -> str:
@@ -42,7 +45,7 @@ def test_yaml_merge_keeps_unset_defaults(tmp_path):
         "teacher: toy\nmethod: dmd2\n"
         "student:\n  num_steps: 4\n  timesteps: [999, 749, 499, 249]\n"
         "train:\n  lr: 5e-7\n  mixed_precision: no\n  betas: [0.0, 0.99]\n"
-        "objective:\n  guidance_scale: 8\n  gan: {weight_g: 5.0e-3}\n"
+        "objective:\n  guidance_scale: 8\n  gan_weight: 5.0e-3\n  gan_t_range: [0.1, 0.9]\n"
     )
     cfg = load_config(DistillConfig, path)
     assert cfg.teacher == "toy" and cfg.method == "dmd2"
@@ -51,7 +54,11 @@ def test_yaml_merge_keeps_unset_defaults(tmp_path):
     assert cfg.train.mixed_precision == "no"
     assert cfg.train.betas == (0.0, 0.99)
     assert cfg.train.batch_size == TrainConfig().batch_size
-    assert cfg.objective == {"guidance_scale": 8, "gan": {"weight_g": 5e-3}}
+    # the objective section becomes the method's typed Config: values typed, unset keys at its defaults
+    assert isinstance(cfg.objective, DMD2Config)
+    assert cfg.objective == DMD2Config(guidance_scale=8.0, gan_weight=5e-3, gan_t_range=(0.1, 0.9))
+    assert isinstance(cfg.objective.guidance_scale, float) and cfg.objective.critic_every == DMD2Config().critic_every
+    assert config_to_dict(cfg)["objective"]["gan_t_range"] == [0.1, 0.9]
 
 
 def test_overrides_apply_after_yaml(tmp_path):
@@ -182,16 +189,23 @@ def test_save_load_round_trip(tmp_path):
         overrides=[
             "teacher=toy", "method=dmd2", "output=1e-5", "student.num_steps=4",
             "student.timesteps=[999,749,499,249]", "train.mixed_precision=no", "train.betas=[0.0,0.99]",
-            "train.ema_decay=null", "objective.guidance_scale=1.75", "objective.mode=off",
-            "objective.nested={a: [1, 2], b: yes}",
+            "train.ema_decay=null", "train.lr_scheduler=cosine", "train.lr_warmup_steps=10", "data=off",
+            "objective.guidance_scale=1.75", "objective.gan_loss=hinge", "objective.t_range=[0.1, 0.9]",
         ],
     )
     path = save_config(cfg, tmp_path / "sub" / "config.yaml")
     assert load_config(DistillConfig, path) == cfg
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
     plain = yaml.safe_load(path.read_text())  # a YAML 1.1 reader gets the same values
-    assert plain["train"]["mixed_precision"] == "no" and plain["output"] == "1e-5"
-    assert plain["objective"]["mode"] == "off"
+    assert plain["train"]["mixed_precision"] == "no" and plain["output"] == "1e-5" and plain["data"] == "off"
+    assert plain["objective"]["gan_loss"] == "hinge" and plain["objective"]["t_range"] == [0.1, 0.9]
+    assert plain["train"]["lr_scheduler"] == "cosine" and plain["train"]["lr_warmup_steps"] == 10
+    # without a method the objective section stays a free mapping, and round-trips as one
+    free = load_config(DistillConfig, overrides=["objective.mode=off", "objective.nested={a: [1, 2], b: yes}"])
+    path = save_config(free, tmp_path / "free.yaml")
+    assert free.objective == {"mode": "off", "nested": {"a": [1, 2], "b": "yes"}}
+    assert load_config(DistillConfig, path) == free
+    assert yaml.safe_load(path.read_text())["objective"]["mode"] == "off"
 
 
 def test_save_config_failure_leaves_previous_file(tmp_path, monkeypatch):
@@ -209,10 +223,15 @@ def test_save_config_failure_leaves_previous_file(tmp_path, monkeypatch):
 
 
 def test_dict_round_trip():
-    cfg = DistillConfig(teacher="t", method="m", student=StudentConfig(num_steps=2, timesteps=[999, 499]))
+    cfg = DistillConfig(teacher="t", method="consistency", student=StudentConfig(num_steps=2, timesteps=[999, 499]),
+                        objective={"skip": 10})
+    assert cfg.objective == ConsistencyConfig(skip=10)  # typed when the config is built
     plain = config_to_dict(cfg)
     assert plain["train"]["betas"] == [0.9, 0.999]
+    assert plain["objective"] == {**config_to_dict(ConsistencyConfig()), "skip": 10}
     assert config_from_dict(DistillConfig, plain) == cfg
+    with pytest.raises(UsageError, match="method 'm' is unknown"):
+        DistillConfig(teacher="t", method="m")
     with pytest.raises(TypeError):
         config_to_dict(DistillConfig)
 
@@ -281,3 +300,35 @@ def test_validate_lists_every_problem():
     lines = str(info.value).splitlines()
     assert lines[0] == "invalid config:"
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["teacher", "method", "train.lr"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=dmd2", "objective.guidance_scael=2"],
+         "unknown config key 'objective.guidance_scael'; did you mean 'objective.guidance_scale'?"),
+        (["method=dmd2", "objective.guidance_scale=high"], "objective.guidance_scale: expected float, got 'high'"),
+        (["method=dmd2", "objective.gan_loss=wasserstein"],
+         "objective.gan_loss is 'wasserstein'; expected one of ['nonsaturating', 'hinge']"),
+        (["method=consistency", "objective.critic_every=5"], "unknown config key 'objective.critic_every'"),
+        (["train.lr_scheduler=cosin"],
+         "train.lr_scheduler: expected one of 'constant', 'linear', 'cosine', got 'cosin' (str)"),
+    ],
+)
+def test_objective_settings_and_new_train_keys_are_checked_when_the_config_is_built(overrides, message):
+    """The ``objective`` section is the method's typed Config: a typo or a bad value fails in ``load_config``
+    (a ``UsageError``; unknown keys and wrong types as ``ConfigError``), before any teacher is read."""
+    with pytest.raises(UsageError) as info:
+        load_config(DistillConfig, overrides=["teacher=somewhere", *overrides])
+    assert message in str(info.value)
+
+
+def test_new_train_keys_default_and_validate():
+    t = load_config(DistillConfig).train
+    assert (t.lr_scheduler, t.lr_warmup_steps, t.num_workers) == ("constant", 0, 0)
+    cfg = load_config(DistillConfig, overrides=["teacher=toy", "method=dmd2", "train.lr_warmup_steps=-1",
+                                                "train.num_workers=-2"])
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert "train.lr_warmup_steps: expected >= 0, got -1" in str(info.value)
+    assert "train.num_workers: expected >= 0, got -2" in str(info.value)

@@ -1,6 +1,10 @@
-"""The training loop end to end on a tiny DDPM teacher: run outputs, exact resume (also after SIGKILL and
-after a failed checkpoint write), the non-finite guard, multi-phase objectives and the references'
-pitfalls, precision/attention/LoRA options, and the errors users see."""
+"""The training loop end to end on a tiny DDPM teacher: run outputs, exact resume (also after SIGKILL, after a
+failed checkpoint write and mid-schedule), the non-finite guard, multi-phase objectives and the references'
+pitfalls, precision/attention/LoRA options, the student plan (``plan.json``) that trainer, objective, experts and
+exports share, learning-rate schedules, and the errors users see.
+
+The probe objectives follow the engine's contract (``fastgen.losses.base``): each phase carries its loss, and
+networks are added with ``add_network`` and read back from the trainer's mapping ``nets`` on every call."""
 
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from tiny import make_ddpm_folder
 import fastgen.checkpoint
 from fastgen.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from fastgen.config import DistillConfig, load_config
+from fastgen.experts import expert_index
 from fastgen.losses import OBJECTIVES, Objective, Phase
+from fastgen.plan import StudentPlan
 from fastgen.trainer import NonFiniteLossError, Trainer, export_run
 
 SHAPE = (3, 8, 8)
@@ -64,6 +70,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def without_clock(state: dict) -> dict:
+    """A training state without its wall clock (``clock``: the run's cumulative training time), which no two
+    runs share."""
+    assert "clock" in state and "lr_schedules" in state
+    return {k: v for k, v in state.items() if k != "clock"}
+
+
 def assert_same(a, b, path="state"):
     """Bit-for-bit equality of two nested training states."""
     if isinstance(a, torch.Tensor):
@@ -102,7 +115,10 @@ class RegressionProbe(Objective):
         self.snapshots = [flat(self.student.parameters())]
         self.autocast = []
 
-    def loss(self, phase, batch, step):
+    def phases(self):
+        return [Phase("generator", ("student",), self.regression_loss)]
+
+    def regression_loss(self, batch, step):
         self.autocast.append(torch.is_autocast_enabled("cpu"))
         x_t = torch.randn(4, *SHAPE)
         loss = (self.student(x_t, torch.full((4,), 500.0)) - 0.5 * x_t).float().square().mean()
@@ -117,44 +133,52 @@ class RegressionProbe(Objective):
 class CriticProbe(Objective):
     """DMD2-like two time-scale objective: a critic of its own trained every step (a huge loss), the
     generator every 2nd step through the critic. Records the weights of the student, the critic and the
-    student EMA after every step, and every phase that found gradients already present at its start."""
+    student EMA after every step, and every phase that found gradients already present at its start.
+    The critic is read from the trainer's mapping ``nets`` on every call, as the contract asks."""
 
     name = "critic_probe"
     Config = ProbeConfig
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.critic = torch.nn.Conv2d(3, 3, 1)
+        self.add_network("critic", self.factory.module(torch.nn.Conv2d(3, 3, 1)))
         self.ema = None  # set by the test to the trainer's EMA
         self.leaked = []
         self.critic_grad_after_generator = []  # per generator step: is every critic .grad still None?
+        self.generator_ran = False
         self.student_after, self.critic_after, self.ema_after = [], [], []
         self._record()
 
-    def networks(self):
-        return {"critic": self.critic}
+    @property
+    def critic(self):
+        return self.nets["critic"]
 
     def phases(self):
-        return [Phase("critic", ("critic",)), Phase("generator", ("student",), every=2)]
+        return [Phase("critic", ("critic",), self.critic_loss),
+                Phase("generator", ("student",), self.generator_loss, every=2)]
 
-    def loss(self, phase, batch, step):
-        own = self.critic if phase == "critic" else self.student
+    def _check_leaks(self, own, phase, step):
         if any(p.grad is not None and p.grad.abs().sum() > 0 for p in own.parameters()):
             self.leaked.append((step, phase))
-        x_t = torch.randn(4, *SHAPE)
-        t = torch.full((4,), 500.0)
-        if phase == "critic":
-            with torch.no_grad():
-                fake = self.student(x_t, t)
-            return {"loss": self.config.critic_scale * self.critic(fake).square().mean()}
+
+    def critic_loss(self, batch, step):
+        self._check_leaks(self.critic, "critic", step)
+        x_t, t = torch.randn(4, *SHAPE), torch.full((4,), 500.0)
+        with torch.no_grad():
+            fake = self.student(x_t, t)
+        return {"loss": self.config.critic_scale * self.critic(fake).square().mean()}
+
+    def generator_loss(self, batch, step):
+        self._check_leaks(self.student, "generator", step)
+        x_t, t = torch.randn(4, *SHAPE), torch.full((4,), 500.0)
         self.critic.zero_grad(set_to_none=True)  # the critic phase of this step ran first
-        self._generator_ran = True
+        self.generator_ran = True
         return {"loss": (self.critic(self.student(x_t, t)) - x_t).square().mean()}
 
     def on_step_end(self, step):
-        if getattr(self, "_generator_ran", False):
+        if self.generator_ran:
             self.critic_grad_after_generator.append(all(p.grad is None for p in self.critic.parameters()))
-            self._generator_ran = False
+            self.generator_ran = False
         self._record()
 
     def _record(self):
@@ -205,8 +229,11 @@ def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher,
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     assert Image.open(run / "samples" / "step-00000004.png").size[0] >= 8
 
-    export_config = json.loads((run / "export_config.json").read_text())
-    assert export_config["trained_timesteps"]["2"] == [899.0, 399.0]  # the trained ones, not the defaults
+    plan = StudentPlan.load(run)  # the run folder's plan.json
+    assert plan == trainer.plan
+    export_config = plan.export_config()
+    # the trained timesteps, not the defaults
+    assert plan.timesteps == [899.0, 399.0] and export_config["trained_timesteps"]["2"] == [899.0, 399.0]
     assert export_config["rule"] == "renoise" and export_config["boundary"]["sigma_data"] == 0.5
 
     exported = load_teacher(trainer.export(tmp_path / "export"))
@@ -224,27 +251,82 @@ def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher,
 # ----------------------------------------------------------------------------- exact resume and crashes
 
 
+class Interrupted(Exception):
+    """Raised by ``stop_after_checkpoint``: the run stopped, as if killed, right after a checkpoint."""
+
+
+def stop_after_checkpoint(trainer: Trainer, step: int) -> None:
+    """Make ``trainer.fit()`` raise ``Interrupted`` once the checkpoint of ``step`` is written."""
+    save = trainer.save
+
+    def save_then_stop():
+        path = save()
+        if trainer.step == step:
+            raise Interrupted(step)
+        return path
+
+    trainer.save = save_then_stop
+
+
+def expected_lr(name: str, lr: float, warmup: int, total: int, updates: int) -> float:
+    """diffusers' schedule ``name`` after ``updates`` of ``total`` optimizer updates (linear warm-up first)."""
+    if updates < warmup:
+        return lr * updates / warmup
+    progress = (updates - warmup) / max(1, total - warmup)
+    return lr * {"constant": 1.0, "linear": max(0.0, 1.0 - progress),
+                 "cosine": max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))}[name]
+
+
 @pytest.mark.parametrize("method, overrides", [
     ("consistency", []),
     ("progressive", ["objective.start_steps=8", "objective.steps_per_round=2", "student.num_steps=2"]),
-], ids=["consistency", "progressive"])
+    ("consistency", ["train.lr_scheduler=cosine", "train.lr_warmup_steps=2"]),
+], ids=["consistency", "progressive", "cosine-warmup"])
 def test_resume_continues_exactly(teacher, tmp_path, method, overrides):
+    """A run resumed from a checkpoint ends bit for bit as the same run never stopped (everything in the
+    training state but the wall clock); the lr schedule, logged as ``lr/<phase>``, continues across the resume.
+    With a constant lr the first part may run with a smaller ``train.max_steps``; a decaying schedule spans
+    ``max_steps``, so the cosine run is stopped mid-run after its step-3 checkpoint instead."""
     straight = Trainer(make_config(teacher, tmp_path / "straight", "train.max_steps=6", "train.checkpoint_every=3",
                                    *overrides, method=method))
     straight.fit()
 
-    first = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=3", *overrides, method=method))
-    first.fit()
+    scheduled = "train.lr_scheduler=cosine" in overrides
+    if scheduled:
+        first = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=6", "train.checkpoint_every=3",
+                                    *overrides, method=method))
+        stop_after_checkpoint(first, 3)
+        with pytest.raises(Interrupted):
+            first.fit()
+    else:
+        first = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=3", *overrides, method=method))
+        first.fit()
+    assert first.step == 3
     if method == "progressive":
         assert first.objective.round == 1  # the round state crosses the checkpoint
-    resumed = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=6", *overrides, method=method),
-                      resume="latest")
+    resumed = Trainer(make_config(teacher, tmp_path / "resumed", "train.max_steps=6", "train.checkpoint_every=3",
+                                  *overrides, method=method), resume="latest")
     assert resumed.step == 3
+    assert resumed.lr_schedules.last_lr("generator") == first.lr_schedules.last_lr("generator")
     resumed.fit()
     assert resumed.step == 6
-    assert_same(resumed.state(), straight.state())
-    assert_same(load_checkpoint(latest_checkpoint(tmp_path / "resumed"))[1],
-                load_checkpoint(latest_checkpoint(tmp_path / "straight"))[1])
+    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
+    assert_same(without_clock(load_checkpoint(latest_checkpoint(tmp_path / "resumed"))[1]),
+                without_clock(load_checkpoint(latest_checkpoint(tmp_path / "straight"))[1]))
+
+    records = {name: [r for r in read_metrics(tmp_path / name) if "event" not in r] for name in ("straight", "resumed")}
+    assert [r["step"] for r in records["resumed"]] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in records["straight"]]
+    lrs = {name: [r["lr/generator"] for r in rows] for name, rows in records.items()}
+    assert lrs["resumed"] == lrs["straight"]
+    name, warmup = ("cosine", 2) if scheduled else ("constant", 0)
+    # the record after step s gives the lr of the next update, s updates into the schedule
+    assert lrs["straight"] == pytest.approx([expected_lr(name, 1e-3, warmup, 6, s) for s in range(1, 7)], abs=1e-12)
+    if scheduled:  # warm-up from 0, then decay to 0 at the last update
+        assert lrs["straight"][0] == pytest.approx(5e-4) and lrs["straight"][1] == pytest.approx(1e-3)
+        assert lrs["straight"][-1] == pytest.approx(0.0, abs=1e-12)
+    # training time is cumulative across the resume
+    times = [r["time"] for r in records["resumed"]]
+    assert times == sorted(times) and resumed.state()["clock"]["elapsed"] >= times[-1]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher, tmp_path):
@@ -324,7 +406,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_works(teach
     assert not stale.exists()
     straight = Trainer(make_config(teacher, tmp_path / "straight", "train.max_steps=4"))
     straight.fit()
-    assert_same(resumed.state(), straight.state())
+    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
 
 
 # ----------------------------------------------------------------------------- non-finite guard
@@ -369,6 +451,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(teacher, tmp_path, probe
 # ----------------------------------------------------------------------------- phases and pitfalls
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the recording below
 def test_phases_step_their_own_optimizers_with_clipping_ema_only_on_generator_steps(teacher, tmp_path, probes):
     max_steps, clip = 5, 1e-3
     trainer = Trainer(make_config(teacher, tmp_path / "run", f"train.max_steps={max_steps}", f"train.grad_clip={clip}",
@@ -549,3 +632,143 @@ def test_tensorboard_tracker_receives_the_logged_losses(teacher, tmp_path):
     accumulator.Reload()
     losses = accumulator.Scalars("generator/loss")
     assert [e.step for e in losses] == [1, 2, 3] and all(math.isfinite(e.value) for e in losses)
+
+
+# ----------------------------------------------------------------------------- the student plan (plan.json)
+
+
+def test_every_part_of_a_run_agrees_with_the_plan_in_its_folder(teacher, tmp_path):
+    """The run folder's plan.json (written before the first step) is what the trainer, the objective, the
+    student of experts, ``Trainer.export``, ``export_run`` and ``fastgen export --run`` all use."""
+    from fastgen.cli import main
+    from fastgen.pipelines.export import METADATA
+    from fastgen.teacher import load_teacher
+
+    run = tmp_path / "run"
+    trainer = Trainer(make_config(teacher, run, "train.max_steps=2", "student.num_steps=4", "student.experts=2"))
+    plan = StudentPlan.load(run)
+    assert plan == trainer.plan == trainer.objective.plan
+    assert (plan.num_steps, plan.experts, plan.rule) == (4, 2, "renoise")
+    objective = trainer.objective
+    assert objective.timesteps == plan.timesteps == list(plan.grids[4])
+    assert plan.timesteps == type(objective).default_grid(trainer.teacher.schedule, trainer.student.schedule,
+                                                          objective.config, 4)
+    assert trainer.student.boundaries == list(plan.expert_boundaries)
+    assert expert_index(torch.tensor(plan.timesteps), plan.expert_boundaries).tolist() == [0, 0, 1, 1]
+    assert plan.boundary == {"sigma_data": 0.5, "timestep_scaling": 10.0}
+    # a consistency function serves 1, 2, 4 and 8 steps besides its trained count: all exported
+    assert sorted(plan.exported) == sorted(plan.grids) and {1, 2, 4} <= set(plan.exported)
+    trainer.fit()
+    assert StudentPlan.load(run) == plan
+
+    expected = plan.export_config()
+    assert expected["trained_timesteps"]["4"] == plan.timesteps
+    folders = {"trainer": trainer.export(tmp_path / "export"), "export_run": export_run(run, tmp_path / "export-run")}
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "cli-export")]) == 0
+    folders["cli"] = tmp_path / "cli-export"
+    for way, folder in folders.items():
+        scheduler = load_teacher(folder).pipeline.scheduler.config
+        assert scheduler.trained_timesteps == expected["trained_timesteps"], way
+        assert scheduler.rule == plan.rule and scheduler.boundary == plan.boundary, way
+        meta = json.loads((folder / METADATA).read_text())
+        assert meta["experts"]["count"] == 2 and meta["experts"]["boundaries"] == list(plan.expert_boundaries), way
+        assert meta["few_step_scheduler"]["trained_timesteps"] == expected["trained_timesteps"], way
+
+
+@pytest.fixture(scope="session")
+def family_teachers(tmp_path_factory, teacher):
+    """Tiny teachers of the three schedule families: VP (the DDPM), flow (tiny SD3: FlowMatchEulerDiscreteScheduler
+    with shift 3) and EDM (the DDPM network under an EDMEulerScheduler, from tests/test_export.py: tests/tiny.py
+    has no EDM teacher of its own)."""
+    from test_export import edm_folder
+    from tiny import make_sd3_folder
+
+    root = tmp_path_factory.mktemp("families")
+    return {"vp": teacher, "flow": make_sd3_folder(root / "sd3"), "edm": edm_folder(root / "edm")}
+
+
+@pytest.mark.parametrize("family", ["flow", "vp", "edm"])
+def test_a_consistency_student_of_two_experts_trains_on_the_plan_and_splits_its_steps_evenly(family_teachers,
+                                                                                             tmp_path, family):
+    """A 4-step consistency student of 2 experts: the objective trains the plan's timesteps, each expert owns
+    two of them (on the flow teacher too, whose shift crowds its grid toward high noise), both experts train,
+    and sampling the plan's grid runs expert 0, 0, 1, 1."""
+    run = tmp_path / "run"
+    trainer = Trainer(make_config(family_teachers[family], run, "train.max_steps=2", "train.batch_size=8",
+                                  "student.num_steps=4", "student.experts=2"))
+    schedule = trainer.teacher.schedule
+    assert schedule.family == family and (family != "flow" or schedule.describe()["shift"] == 3.0)
+    plan = trainer.plan
+    assert plan == StudentPlan.load(run) and len(plan.timesteps) == 4
+    assert trainer.objective.timesteps == plan.timesteps
+    assert plan.timesteps == type(trainer.objective).default_grid(schedule, trainer.student.schedule,
+                                                                  trainer.objective.config, 4)
+    assert expert_index(torch.tensor(plan.timesteps), plan.expert_boundaries).tolist() == [0, 0, 1, 1]
+    assert trainer.student.boundaries == list(plan.expert_boundaries)
+
+    start = {name: flat(trainer.run.nets[name].parameters()) for name in trainer.student_names}
+    trainer.fit()
+    assert set(trainer.student_names) == {"student.0", "student.1"} == set(trainer.emas)
+    for name in trainer.student_names:
+        assert not torch.equal(start[name], flat(trainer.run.nets[name].parameters())), f"{name} did not train"
+    assert all(math.isfinite(r["generator/loss"]) for r in read_metrics(run) if "event" not in r)
+
+    hits = []
+    hooks = [expert.register_forward_hook(lambda module, args, out, k=k: hits.append(k))
+             for k, expert in enumerate(trainer.student.experts)]
+    try:
+        trainer.save_samples(num=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert hits == [0, 0, 1, 1]
+
+
+def test_a_cosine_schedule_with_warmup_logs_each_phases_lr_along_the_schedule(teacher, tmp_path, probes):
+    """``train.lr_scheduler=cosine train.lr_warmup_steps=2``: every phase's schedule counts its own updates (the
+    critic's 5, the generator's 3 of 5 steps) and ``lr/<phase>`` records the lr of its next update."""
+    run = tmp_path / "run"
+    trainer = Trainer(make_config(teacher, run, "train.max_steps=5", "train.lr_scheduler=cosine",
+                                  "train.lr_warmup_steps=2", method="critic_probe", data=None))
+    trainer.fit()
+    records = [r for r in read_metrics(run) if "event" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    critic = [r["lr/critic"] for r in records]
+    assert critic == pytest.approx([expected_lr("cosine", 1e-3, 2, 5, s) for s in range(1, 6)], abs=1e-12)
+    generator_updates = [1, 1, 2, 2, 3]  # the generator runs at steps 0, 2 and 4
+    assert [r["lr/generator"] for r in records] == pytest.approx(
+        [expected_lr("cosine", 1e-3, 2, 3, n) for n in generator_updates], abs=1e-12)
+    assert critic[-1] == pytest.approx(0.0, abs=1e-12) and records[-1]["lr/generator"] == pytest.approx(0.0, abs=1e-12)
+    for name in ("critic", "generator"):
+        assert [g["lr"] for g in trainer.optimizers[name].param_groups] == [trainer.lr_schedules.last_lr(name)]
+    for r in records:  # the loop's other figures
+        assert r["samples_per_s"] >= 0 and r["peak_memory_bytes"] > 0 and r["time"] >= 0
+
+
+def test_an_objective_key_typo_fails_on_one_line_before_a_teacher_weight_is_read(tmp_path):
+    """``objective.*`` is checked when the config is built: against a teacher whose weights file is truncated,
+    a typo is a one-line error naming the key (and nothing about weights); the same command without the typo
+    does reach the weights, and fails on them."""
+    folder = make_ddpm_folder(tmp_path / "teacher", sample_size=8)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:8])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def distill(*extra):
+        out = tmp_path / "run"
+        done = subprocess.run([sys.executable, "-m", "fastgen", "distill", "--teacher", str(folder), "--method",
+                               "dmd2", "--output", str(out), "--max-steps", "1", *extra], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        return done, out
+
+    done, out = distill("objective.guidance_scael=2")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "objective.guidance_scael" in lines[0] and "did you mean 'objective.guidance_scale'" in lines[0]
+    assert not any(word in lines[0].lower() for word in ("weight", "safetensors", "unet", "incomplete"))
+    assert not out.exists()
+
+    done, out = distill("objective.guidance_scale=2")
+    assert done.returncode == 1 and "diffusion_pytorch_model.safetensors" in done.stderr, done.stderr[-3000:]
+    assert not out.exists()
