@@ -28,12 +28,12 @@ def test_one_asd_student_recovers_the_mixture_at_one_and_two_steps():
     student, fake = MLPDenoiser(schedule, dim=DIM, hidden=64), MLPDenoiser(schedule, dim=DIM, hidden=64)
     objective = build_objective("asd", teacher, student, {**NO_ASD, "step_counts": [1, 2]},
                                 factory=Factory(lambda: fake))
-    assert objective.export_config()["trained_timesteps"] == {"1": schedule.timesteps(1).tolist(),
+    assert objective.plan.export_config()["trained_timesteps"] == {"1": schedule.timesteps(1).tolist(),
                                                               "2": schedule.timesteps(2).tolist()}
     train_dmd(objective, student, fake, steps=3000)
     for k in (1, 2):
         with torch.no_grad():
-            x = sample_renoise(student, torch.randn(10000, DIM), objective.grids[k])
+            x = sample_renoise(student, torch.randn(10000, DIM), list(objective.plan.grids[k]))
         right = x.mean(1) > 0
         assert abs(right.float().mean().item() - 0.7) < 0.07, (k, right.float().mean())
         for mask, centre in ((~right, -2.0), (right, 2.0)):

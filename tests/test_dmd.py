@@ -184,7 +184,7 @@ def flow(objective, particles, term, steps=300, lr=0.05):
     t_in = torch.full((n,), 999.0)
     for _ in range(steps):
         x = particles.x.detach()
-        objective.fake = gaussian_fit(x, objective.schedule)
+        objective.nets[objective.critics[0].fake] = gaussian_fit(x, objective.schedule)
         eps = torch.randn_like(x)
         if term == "ca":
             grad = objective.ca_gradient(x, objective.ca_times(t_in), eps, b)

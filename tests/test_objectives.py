@@ -100,7 +100,7 @@ def test_consistency_target_network_tracks_the_student_by_ema():
     student = MLPDenoiser(schedule)
     objective = build_objective("consistency", teacher, student, {"target_ema": 0.9, "solver": "heun"}, num_steps=4)
     assert objective.timesteps == [999.0, 759.0, 519.0, 279.0]
-    export = objective.export_config()
+    export = objective.plan.export_config()
     assert export["boundary"] == {"sigma_data": 0.5, "timestep_scaling": 10.0}
     assert export["trained_timesteps"]["4"] == [999.0, 759.0, 519.0, 279.0]
     assert export["trained_timesteps"]["1"] == [999.0] and len(export["trained_timesteps"]["8"]) == 8

@@ -34,6 +34,11 @@ def batch(x0):
     return SimpleNamespace(x0=x0, cond=None, uncond=None, noise=None)
 
 
+def grid_of(objective):
+    """The consistency objective's training grid (``ConsistencyDistillation.grid`` is a staticmethod)."""
+    return objective.grid(objective.schedule, objective.config)
+
+
 class PreconditionedMLP(BaseDenoiser):
     """A small student with Karras et al.'s (2022, Table 1) preconditioning written for
     ``x_t = alpha x0 + sigma eps`` and data of std ``sigma_data``: with ``v = alpha² sigma_data² + sigma²``,
@@ -82,7 +87,8 @@ def test_consistency_one_step_student_recovers_both_modes(family):
     student = MLPDenoiser(schedule) if family == "flow" else PreconditionedMLP(schedule)
     objective = build_objective("consistency", teacher, student,
                                 {"distance": "l2", "target_ema": None, "solver": "heun", "grid_points": 18})
-    assert objective.timesteps == [float(objective.grid()[-1])] and objective.grid()[-1] == pytest.approx(schedule.t_max)
+    grid = grid_of(objective)
+    assert objective.timesteps == [float(grid[-1])] and grid[-1] == pytest.approx(schedule.t_max)
     train(objective, student, teacher, 800, 1e-3)
     noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(2)) * schedule.prior_scale(schedule.t_max)
     x = sample_renoise(objective.sampling_denoiser(), noise, objective.timesteps)
@@ -135,11 +141,12 @@ def test_progressive_oracle_student_has_zero_loss_and_the_weight_stays_finite(fa
         return progressive_target(schedule, z_t, z_s, t, grid[i + 2])
 
     real_student = objective.student
-    objective.student = lambda z_t, t, cond=None: torch.cat([oracle(z_t[i:i + 1], t[i:i + 1]) for i in range(len(t))])
+    objective.nets["student"] = lambda z_t, t, cond=None: torch.cat([oracle(z_t[i:i + 1], t[i:i + 1])
+                                                                     for i in range(len(t))])
     torch.manual_seed(0)
     out = objective.loss("generator", batch(teacher.sample(64)), 0)
     assert float(out["mse"]) < 1e-10 * (1 + float(schedule.sigma(grid[0])) ** 2)
-    objective.student = real_student
+    objective.nets["student"] = real_student
     torch.manual_seed(0)
     out = objective.loss("generator", batch(teacher.sample(64)), 0)
     assert torch.isfinite(out["loss"]) and float(out["mse"]) > 1e-6
@@ -155,29 +162,30 @@ def consistency(schedule, config=None, num_steps=1):
 
 def test_consistency_grids_are_the_teachers_own():
     vp = SCHEDULES["vp"]()
-    assert consistency(vp).grid().tolist() == [0.0] + [20.0 * n - 1 for n in range(1, 51)]  # LCM's, below t_0 = 0
+    assert grid_of(consistency(vp)).tolist() == [0.0] + [20.0 * n - 1 for n in range(1, 51)]  # LCM's, below t_0 = 0
 
     # flow: every 20th point of FlowMatchEulerDiscreteScheduler's 1000-step grid, from the clean end
     flow = FlowSchedule(1000, shift=3.0)
     reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
     reference.set_timesteps(1000)
-    torch.testing.assert_close(consistency(flow).grid(),
+    torch.testing.assert_close(grid_of(consistency(flow)),
                                torch.cat([torch.zeros(1), reference.timesteps.flip(0)[19::20]]))
     reference.set_timesteps(50)
-    torch.testing.assert_close(consistency(flow, {"grid_points": 50}).grid(),
+    torch.testing.assert_close(grid_of(consistency(flow, {"grid_points": 50})),
                                torch.cat([torch.zeros(1), reference.timesteps.flip(0)]))
 
     # EDM: Song et al.'s Karras grid of N = 18 sigmas from sigma_min (the boundary itself) to sigma_max
     reference = EDMEulerScheduler(sigma_schedule="karras")
     reference.set_timesteps(18)
     edm = consistency(EDMSchedule(), {"grid_points": 18}, num_steps=2)
-    grid = edm.grid()
+    grid = grid_of(edm)
     torch.testing.assert_close(grid, reference.sigmas[:-1].flip(0).float())
     assert len(grid) == 18 and grid[0] == edm.schedule.t_min
     assert edm.timesteps == [float(grid[-1]), float(grid[-9])]
     with pytest.raises(ValueError, match=r"student.num_steps is 4, but the consistency grid .* has 3 points"):
         consistency(EDMSchedule(), {"grid_points": 4}, num_steps=4)
-    assert sorted(consistency(EDMSchedule(), {"grid_points": 4}).export_config()["trained_timesteps"]) == ["1", "2"]
+    export = consistency(EDMSchedule(), {"grid_points": 4}).plan.export_config()
+    assert sorted(export["trained_timesteps"]) == ["1", "2"]
     with pytest.raises(ValueError, match=r"objective.grid_points is 0; expected a number of points >= 1"):
         consistency(flow, {"grid_points": 0})
     with pytest.raises(ValueError, match=r"objective.grid_points is 2000: 2000 steps: expected 1 to 1000"):
@@ -191,16 +199,27 @@ def test_consistency_pairs_are_adjacent_grid_points_down_to_the_boundary(family)
     schedule = SCHEDULES[family]()
     teacher = mixture(schedule)
     objective = build_objective("consistency", teacher, PreconditionedMLP(schedule), {"grid_points": 6})
-    grid = objective.grid()
+    grid = grid_of(objective)
     real_online = objective.online
+    real_student = objective.student
     calls = []
 
-    class Spy(BaseDenoiser):
+    class Spy(BaseDenoiser):  # the target network: records its input, answers as the online student
+        schedule = real_student.schedule
+
         def forward(self, x, t, cond=None):
             calls.append((x.clone(), t.clone()))
             return real_online(x, t, cond)
 
-    objective.online = objective.target = Spy()
+    class StudentSpy(BaseDenoiser):  # the online student inside its boundary form: records its input
+        schedule = real_student.schedule
+
+        def forward(self, x, t, cond=None):
+            calls.append((x.clone(), t.clone()))
+            return real_student(x, t, cond)
+
+    objective.target = Spy()
+    objective.nets["student"] = StudentSpy()  # objective.online wraps nets["student"] on each call
     torch.manual_seed(0)
     x0 = teacher.sample(256)
     objective.loss("generator", batch(x0), 0)
@@ -229,7 +248,7 @@ def test_boundary_is_one_and_zero_at_each_familys_clean_end(family):
 def test_edm_boundary_with_unit_scaling_is_song_et_als_c_skip():
     """Song et al. 2023, Appendix C: c_skip = sigma_data² / ((sigma - sigma_min)² + sigma_data²)."""
     edm = consistency(EDMSchedule(), {"grid_points": 18, "timestep_scaling": 1.0})
-    sigma = edm.grid()
+    sigma = grid_of(edm)
     c_skip, c_out = boundary_coefficients(sigma, **edm.boundary, t_min=0.002)
     torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
     # c_out multiplies an x0-prediction: 0 at sigma_min, increasing to 1 at sigma_max
@@ -244,12 +263,12 @@ def test_few_step_scheduler_replays_the_boundary_of_every_family(family, tmp_pat
     teacher = mixture(schedule)
     objective = build_objective("consistency", teacher, PreconditionedMLP(schedule),
                                 {"grid_points": 18, "timestep_scaling": 1.0}, num_steps=2)
-    export = objective.export_config()
+    export = objective.plan.export_config()
     FewStepScheduler(schedule=schedule.describe(), trained_timesteps=export["trained_timesteps"],
                      rule=export["rule"], boundary=export["boundary"]).save_pretrained(tmp_path)
     sched = FewStepScheduler.from_pretrained(tmp_path)
     student = objective.sampling_denoiser()
-    for timesteps in (objective.timesteps, [objective.timesteps[0], float(objective.grid()[1])]):
+    for timesteps in (objective.timesteps, [objective.timesteps[0], float(grid_of(objective)[1])]):
         noise = torch.randn(16, 1, generator=torch.Generator().manual_seed(1)) * schedule.prior_scale(timesteps[0])
         expected = sample_renoise(student, noise.clone(), timesteps, generator=torch.Generator().manual_seed(2))
         sched.set_timesteps(timesteps=timesteps)

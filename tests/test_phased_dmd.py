@@ -59,15 +59,15 @@ def test_the_sub_interval_target_recovers_the_score_of_a_diffused_intermediate_a
     objective = build_objective("phased_dmd", mixture(schedule, dim), MLPDenoiser(schedule, dim), NO_GAN,
                                 num_steps=2, timesteps=[schedule.t_max, s],
                                 factory=Factory(lambda: GaussianScore(schedule, dim)))
-    objective.phase = 0
-    assert objective.end == s
+    critic = objective.critics[0]  # the phase ending at s
+    assert critic.end == s
     a_s, sig_s = schedule.alpha(torch.tensor(s)), schedule.sigma(torch.tensor(s))
 
     def x_s(n):
         return a_s * (mu + var.sqrt() * torch.randn(n, dim)) + sig_s * torch.randn(n, dim)
 
     def naive_loss(fake, x, batch_):  # x0-denoising score matching on x_s inside the sub-interval
-        t = objective.sample_t(x.shape[0], objective.config.fake_t_range, x.device)
+        t = objective.sample_t(x.shape[0], objective.config.fake_t_range, x.device, critic=critic)
         eps = torch.randn_like(x)
         x_t = diffuse(schedule, x, eps, s, t)
         return (fake.output(x_t, t) - schedule.from_x0(x, x_t, t)).square().mean()
@@ -75,13 +75,14 @@ def test_the_sub_interval_target_recovers_the_score_of_a_diffused_intermediate_a
     fits = {}
     for name in ("sub-interval", "naive"):
         fake = GaussianScore(schedule, dim)
-        objective.fake = fake
+        objective.nets[critic.fake] = fake
         opt = torch.optim.Adam(fake.parameters(), lr=0.03)
         decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / 400)
         for _ in range(400):
             opt.zero_grad()
             x = x_s(1024)
-            loss = objective.fake_loss(x, batch(1024)) if name == "sub-interval" else naive_loss(fake, x, None)
+            loss = (objective.fake_loss(x, batch(1024), critic=critic) if name == "sub-interval"
+                    else naive_loss(fake, x, None))
             loss.backward()
             opt.step()
             decay.step()
@@ -123,7 +124,7 @@ def test_one_phase_ending_at_the_clean_sample_is_dmd2_loss_for_loss(num_steps, a
                   for m, (s, f) in nets.items()}
     dmd2, phased = objectives["dmd2"], objectives["phased_dmd"]
     assert [(p.every, p.offset, p.lr) for p in phased.phases()] == [(p.every, p.offset, p.lr) for p in dmd2.phases()]
-    assert [p.name for p in phased.phases()] == ["generator.0", "critic.0"] and phased.end is None
+    assert [p.name for p in phased.phases()] == ["generator.0", "critic.0"] and phased.critics[0].end is None
     assert all(p.runs_at(k) == q.runs_at(k) for p, q in zip(phased.phases(), dmd2.phases()) for k in range(12))
     for role in ("generator", "critic"):
         for seed in range(3):
@@ -179,7 +180,7 @@ def test_a_two_phase_student_recovers_both_modes_of_a_mixture(experts):
     steps = 1200 if experts == 1 else 1600  # experts: 800 steps per phase, one after the other
     objective = build_objective("phased_dmd", teacher, student, {**NO_GAN, "critic_every": 2}, num_steps=2,
                                 timesteps=[1000.0, 500.0], max_steps=steps, factory=Factory(lambda: next(fakes)))
-    assert [p.end for p in objective.plan] == [500.0, None]
+    assert [c.end for c in objective.critics] == [500.0, None]
     assert objective.order == ("sequential" if experts == 2 else "alternating")
     assert [p.networks[0] for p in objective.phases()[::2]] == (
         ["student.0", "student.1"] if experts == 2 else ["student", "student"])
@@ -229,7 +230,7 @@ def test_the_trainer_distils_a_student_of_two_experts_phase_by_phase(tmp_path):
         "student.experts=2", "objective.critic_every=1"])
     trainer = Trainer(config)
     # the method's default grid on a linear-beta epsilon teacher, [452, 226] (capped where alpha = 0.35)
-    assert [p.end for p in trainer.objective.plan] == [226.0, None]
+    assert [c.end for c in trainer.objective.critics] == [226.0, None]
     experts_before = [[p.detach().clone() for p in e.parameters()] for e in trainer.student.experts]
     trainer.fit()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -241,7 +242,9 @@ def test_the_trainer_distils_a_student_of_two_experts_phase_by_phase(tmp_path):
     _, state = load_checkpoint(latest_checkpoint(run))
     assert set(state["networks"]) == {"student.0", "student.1", "fake_0", "fake_1"}
     assert set(state["ema"]) == {"student.0", "student.1"}
-    export = json.loads((run / "export_config.json").read_text())
+    from fastgen.plan import StudentPlan
+
+    export = StudentPlan.load(run).export_config()  # what the export writes, from the run's plan.json
     assert export["trained_timesteps"] == {"2": [452.0, 226.0]} and export["expert_boundaries"] == [339.0]
     assert (run / "samples" / "step-00000004.png").is_file()
     resumed = Trainer(config, resume="latest")
