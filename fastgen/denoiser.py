@@ -180,14 +180,14 @@ class Denoiser(BaseDenoiser):
         self.model = model
         self.schedule = schedule
         self.adapter = adapter
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(unwrap(model).forward).parameters  # DDP's forward takes *inputs
         if "sample" in params:
             self.input_name = "sample"
         elif "hidden_states" in params:
             self.input_name = "hidden_states"
         else:
             raise TypeError(
-                f"{type(model).__name__}.forward takes neither `sample` nor `hidden_states`; "
+                f"{type(unwrap(model)).__name__}.forward takes neither `sample` nor `hidden_states`; "
                 "expected a diffusers denoising network"
             )
 

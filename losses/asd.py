@@ -108,7 +108,7 @@ class ASD(DMD2):
         out = super().generator_loss(batch, step, critic)
         if c.asd_weight > 0:
             x = self.outputs(count, batch, grad=True)
-            t = self.sample_t(x.shape[0], c.gan_t_range, x.device)
+            t = self.sample_t(x.shape[0], c.gan_t_range, x.device, critic)
             term = generator_loss(self.logits(critic, x, t, batch.cond), c.gan_loss)
             out = {**out, "loss": out["loss"] + c.asd_weight * term, "asd": term.detach()}
         return out
@@ -122,7 +122,7 @@ class ASD(DMD2):
                 fake = self.outputs(count, batch, grad=False).float()
                 real = self.outputs(count + 1, batch, grad=False).float()
             n = fake.shape[0]
-            t = self.sample_t(2 * n, c.gan_t_range, fake.device)
+            t = self.sample_t(2 * n, c.gan_t_range, fake.device, critic)
             logits = self.logits(critic, torch.cat([real, fake]), t, cat_cond(batch.cond, batch.cond))
             term = discriminator_loss(logits[:n], logits[n:], c.gan_loss)
             out = {**out, "loss": out["loss"] + c.asd_critic_weight * term, "asd": term.detach()}

@@ -318,7 +318,7 @@ class DMD(Objective):
         if c.regression_weight > 0:
             terms["regression"] = self.regression_loss(batch)
         if critic.head is not None and critic.gan_weight > 0:
-            t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device)
+            t_gan = self.sample_t(x.shape[0], c.gan_t_range, x.device, critic)
             terms["gan"] = generator_loss(self.logits(critic, x, t_gan, batch.cond), c.gan_loss)
         weights = {"regression": c.regression_weight, "gan": critic.gan_weight}
         total = sum(weights.get(k, 1.0) * v for k, v in terms.items() if k not in self.metric_terms)
@@ -350,7 +350,7 @@ class DMD(Objective):
                              "or set objective.gan_weight=0 and objective.gan_critic_weight=0")
         real = batch.x0.float().requires_grad_(c.r1_weight > 0)
         n = x.shape[0]
-        t = self.sample_t(2 * n, c.gan_t_range, x.device)
+        t = self.sample_t(2 * n, c.gan_t_range, x.device, critic)
         logits = self.logits(critic, torch.cat([real, x]), t, cat_cond(batch.cond, batch.cond))
         loss = discriminator_loss(logits[:n], logits[n:], c.gan_loss)
         if c.r1_weight > 0:
@@ -439,7 +439,7 @@ class DecoupledDMD(DMD2):
             terms["ca"] = c.ca_weight * matching_loss(x, self.ca_gradient(xd, self.ca_times(t_in),
                                                                           torch.randn_like(xd), batch))
         if c.regularizer in ("dm", "moments"):
-            tau = self.sample_t(x.shape[0], c.t_range, x.device)
+            tau = self.sample_t(x.shape[0], c.t_range, x.device, critic)
             grad, real = self.dm_gradient(xd, tau, torch.randn_like(xd), batch, critic)
             if c.regularizer == "dm":
                 terms["dm"] = c.dm_weight * matching_loss(x, grad)

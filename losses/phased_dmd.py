@@ -182,7 +182,7 @@ class PhasedDMD(DMD2):
     def sample_t(self, n, fractions, device, critic: Critic | None = None):
         """Levels on a fraction ``(lo, hi)`` of the critic's range ``(s, t_max]`` (the whole range at the
         clean end; one native step, or 0.1 % of the range, above ``s`` otherwise, where ``b = 0``)."""
-        s = None if critic is None else critic.end
+        s = (critic or self.critics[0]).end
         if s is None:
             return super().sample_t(n, fractions, device)
         sch = self.schedule

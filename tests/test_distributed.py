@@ -23,20 +23,11 @@ from fastgen.checkpoint import latest_checkpoint, load_checkpoint
 
 HELPER = Path(__file__).with_name("run_distill.py")
 
-DDP_DENOISER = pytest.mark.xfail(
-    reason="engine v3: Run.wrap (fastgen/assemble.py) builds Denoiser(DDP(model)) and Denoiser.__init__ "
-           "(fastgen/denoiser.py) reads the input name from inspect.signature(model.forward), which for "
-           "DistributedDataParallel is forward(*inputs, **kwargs): TypeError 'DistributedDataParallel.forward takes "
-           "neither `sample` nor `hidden_states`' in Trainer.__init__ on both ranks; it should inspect "
-           "unwrap(model).forward (with that patched both tests pass)", strict=True)
-
-
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory):
     return make_ddpm_folder(tmp_path_factory.mktemp("distributed") / "teacher", sample_size=8)
 
 
-@DDP_DENOISER
 def test_two_processes_end_with_identical_state(teacher, tmp_path):
     run, dump, max_steps = tmp_path / "run", tmp_path / "state", 4
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -72,7 +63,6 @@ def test_two_processes_end_with_identical_state(teacher, tmp_path):
         assert torch.equal(value, rank0[f"networks.student.{key}"]), key
 
 
-@DDP_DENOISER
 def test_two_processes_train_a_head_on_a_critic_feature_with_the_critic_excluded_from_generator_steps(teacher,
                                                                                                       tmp_path):
     """The generator phase runs through a critic's first layer and a head on its activation (the critic's
