@@ -288,8 +288,8 @@ def bench_precision(name, folder, device, args) -> dict:
         curve = [run.iteration() for _ in range(args.precision_steps)]
         out[precision] = {phase: [c[phase] for c in curve] for phase in curve[0]}
         out[f"{precision}_finite"] = all(torch.isfinite(torch.tensor(v)).all().item() for v in out[precision].values())
-        if run.scaler is not None:
-            out["fp16_final_loss_scale"] = float(run.scaler.get_scale())
+        if run.backend.scaler is not None:
+            out["fp16_final_loss_scale"] = float(run.backend.scaler.get_scale())
         del run
     free(device)
     print(json.dumps({k: v for k, v in out.items() if k not in ("bf16", "fp16")}), flush=True)
