@@ -141,13 +141,17 @@ class Run:
 
 def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = None, *,
               plan: StudentPlan | None = None, device: torch.device | str = "cpu", attention: str | None = None,
-              optimizer_kwargs: dict | None = None, data: Callable[[Any, Objective], Any] | None = None) -> Run:
+              optimizer_kwargs: dict | None = None, data: Callable[[Any, Objective], Any] | None = None,
+              materialize: Callable[[nn.Module], None] | None = None) -> Run:
     """Assemble the run of ``config`` (module docstring). ``teacher``: a loaded teacher, or None to load
     ``config.teacher`` on ``device`` at the run's precision; ``source``: the float32 teacher network the
     copies are made from (default: loaded when the teacher runs in fp16/bf16, else the teacher's own);
     ``plan``: the run's plan when already resolved (``fastgen estimate`` resolves it on real tensors);
     ``attention``: overrides ``train.attention``; ``optimizer_kwargs``: extra AdamW arguments (``foreach``,
-    ``fused``); ``data(teacher, objective)``: builds the data source (None: no data)."""
+    ``fused``); ``data(teacher, objective)``: builds the data source (None: no data); ``materialize(module)``:
+    applied to every network (the teacher's, the students', the objective's, and the frozen ones the objective
+    keeps) once they are all built and before the optimizers and the EMA are made (``fastgen estimate`` builds on
+    the ``meta`` device and turns the networks into fake tensors there)."""
     config.validate()
     t = config.train
     dtype = weight_dtype(t.mixed_precision)
@@ -165,6 +169,10 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
     factory = NetworkFactory(teacher, attention, t.gradient_checkpointing, source=source)
     objective = objective_class(config.method)(teacher, nets, config.objective, plan, t.max_steps, factory=factory)
     factory.release()
+    if materialize is not None:
+        frozen = [v for v in vars(objective).values() if isinstance(v, nn.Module)]
+        for module in {id(m): m for m in [teacher.model, *map(network_module, nets.values()), *frozen]}.values():
+            materialize(module)
     students = student_names(config)
     for name in [*students, *objective.owned]:
         nets[name] = _to(nets[name], device)  # nn.Module.to moves in place: an ExpertsDenoiser sees its experts

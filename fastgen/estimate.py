@@ -1,14 +1,16 @@
 """Peak training memory per device, before anything is allocated (``fastgen estimate``).
 
 **How.** One training step of the run is *simulated* on fake tensors (``torch._subclasses.FakeTensorMode``:
-shapes, dtypes and storages, no data, no memory): the teacher, student and the objective's networks are
-built from the teacher's diffusers configs exactly as the trainer builds them (``make_student``,
-``NetworkFactory``, ``build_objective``), every trainable parameter is given its gradient and optimizer
-state (the steady state: the trainer's phases set their own gradients to ``None`` only at their start, so
-the student's gradients stay alive through the critic phase and the other way round), and then every
-phase of the objective runs once as ``Trainer._train_step`` runs it: ownership of the phase's networks,
-autocast at the run's precision, ``loss``, ``backward``, gradient clipping, the optimizer step and the
-student's EMA. A dispatch mode counts the bytes of every live storage (a storage counts from the op that
+shapes, dtypes and storages, no data, no memory): the run is assembled by the trainer's own
+``fastgen.assemble.build_run`` from the teacher's diffusers configs (random weights on the ``meta`` device,
+where dtype conversions and peft's adapter moves work, turned into fake CPU tensors by its ``materialize``
+hook before the optimizers and the EMA are made; the plan is resolved on real tensors first), every trainable
+parameter is given its gradient and optimizer state (the steady state: the trainer's phases set their own
+gradients to ``None`` only at their start, so the student's gradients stay alive through the critic phase and
+the other way round), and then every phase of the objective runs once through the trainer's own
+``fastgen.step.run_phase`` (a one-process ``PlainBackend``): ownership of the phase's networks, autocast at the
+run's precision, the phase's loss, ``backward``, gradient clipping, the optimizer step and the student's EMA.
+Nothing in torch or in the objectives is patched. A dispatch mode counts the bytes of every live storage (a storage counts from the op that
 made it until its last tensor dies), so the peak includes what activations autograd saves, gradient
 checkpointing's recomputation, the attention kernel's own buffers and the optimizer's temporaries. The
 activations are therefore *simulated* at the real size, not measured on a small batch nor modelled.
@@ -191,7 +193,7 @@ class ConfigTeacher(Teacher):
     def encode_prompts(self, prompts):
         """Zeros of the embeddings' shapes, in the network's dtype (as a pipeline at that precision gives)."""
         n, cfg = len(prompts), self.spec.model_config
-        zeros = functools.partial(torch.zeros, dtype=self.model.dtype)
+        zeros = functools.partial(torch.zeros, dtype=self.model.dtype, device=next(self.model.parameters()).device)
         if self.spec.model_class == "SD3Transformer2DModel":  # 77 CLIP + 256 T5 tokens, as the SD3 pipeline
             return {"encoder_hidden_states": zeros(n, 333, cfg["joint_attention_dim"]),
                     "pooled_projections": zeros(n, cfg["pooled_projection_dim"])}
@@ -291,13 +293,17 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     plan = run_plan(config, schedule)  # on real tensors too: the plan reads the grids' values
     tracker = LiveBytes()
     kwargs = {"fused": True} if optimizer == "fused" else {"foreach": device == "cuda"}
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swappable(mode):
-        full = build_network(spec.folder)
-        teacher = ConfigTeacher(spec, full if dtype == torch.float32 else build_network(spec.folder, dtype=dtype),
-                                shape, schedule)
-        teacher.model.requires_grad_(False).eval()
-        run = build_run(config, teacher, source=full, plan=plan, optimizer_kwargs=kwargs,
-                        attention="sdpa" if t.attention == "xformers" else t.attention)
+    # built on the meta device (conversions and peft's adapter moves work there), then turned into fake tensors on
+    # the CPU (shapes, dtypes and CPU autocast, no memory) before the optimizers and the EMA are made
+    full = build_network(spec.folder, "meta")
+    teacher = ConfigTeacher(spec, full if dtype == torch.float32 else build_network(spec.folder, "meta", dtype),
+                            shape, schedule)
+    teacher.model.requires_grad_(False).eval()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    run = build_run(config, teacher, source=full, plan=plan, optimizer_kwargs=kwargs,
+                    attention="sdpa" if t.attention == "xformers" else t.attention,
+                    materialize=functools.partial(to_fake, mode, {}))
+    with mode:
         trainable = run.trainable
         owned_ids = {id(p) for ps in trainable.values() for p in ps}
         base = [p for p in teacher.model.parameters() if id(p) not in owned_ids]
@@ -357,30 +363,20 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
     return Estimate(rows, parameters, int(total), peak_phase, settings)
 
 
-@contextlib.contextmanager
-def _swappable(mode):
-    """``Module.to``/``.float()`` always swap fake parameters with their converted copies (``Module._apply``:
-    ``torch.utils.swap_tensors`` for every ``FakeTensor``), which refuses tensors with weak references, and fake
-    tensors have one (the fake mode's converter memo). fastgen's own code converts nothing that is already in its
-    dtype (``fastgen.networks.float32``, ``build_network``), but peft moves every new LoRA adapter with ``.to``.
-    Here a conversion to the same dtype keeps the parameter, and any other takes the converted data. This is the
-    one patch left in the estimate (engine v3 removed the objective patch); see docs/architecture.md."""
-    swap = torch.utils.swap_tensors
+def to_fake(mode: FakeTensorMode, memo: dict, module: torch.nn.Module) -> None:
+    """Turn the ``meta`` parameters and buffers of ``module`` into fake CPU tensors of ``mode`` (in place; a
+    tensor shared between modules becomes one fake tensor, through ``memo``). ``Module._apply`` assigns a new
+    parameter for a meta one (no ``swap_tensors``, which fake tensors refuse)."""
+    cpu = torch.device("cpu")
 
-    def swap_fake(t1, t2):
-        if t1.dtype == t2.dtype and t1.untyped_storage()._cdata == t2.untyped_storage()._cdata:
-            return
-        mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
-        try:
-            swap(t1, t2)
-        except RuntimeError:
-            t1.data = t2.detach()
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = (t, mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu))
+        return memo[id(t)][1]
 
-    torch.utils.swap_tensors = swap_fake
-    try:
-        yield
-    finally:
-        torch.utils.swap_tensors = swap
+    module._apply(convert)
 
 
 def synthetic_batch(teacher, n: int, shape) -> Batch:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fastgen.denoiser import Cond
 
@@ -67,10 +67,16 @@ def discriminator_logits(head: nn.Module, denoiser, schedule, x: torch.Tensor, t
 def make_head(denoiser, sample: torch.Tensor, t: torch.Tensor, cond: Cond | None, features=True) -> DiscriminatorHead:
     """A head sized for ``denoiser``'s features on a probe batch ``sample``. Under fp16/bf16 (a half-precision
     base under a float32 LoRA adapter, or a float32 copy given the half-precision teacher's text embeddings)
-    the probe runs under autocast, as training does."""
+    the probe runs under autocast, as training does; on a device without autocast (``meta``: ``fastgen
+    estimate`` builds its networks there) the condition is cast to the denoiser's dtype instead (only the
+    features' shape is read)."""
     dtypes = {denoiser.dtype, *(v.dtype for v in tree_flatten(cond)[0] if torch.is_tensor(v) and v.is_floating_point())}
     half = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
-    with torch.no_grad(), torch.autocast(sample.device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+    autocast = torch.amp.is_autocast_available(sample.device.type)
+    if not autocast:
+        cond = tree_map(lambda v: v.to(denoiser.dtype) if torch.is_tensor(v) and v.is_floating_point() else v, cond)
+    with torch.no_grad(), torch.autocast(sample.device.type if autocast else "cpu", dtype=half or torch.bfloat16,
+                                         enabled=autocast and half is not None):
         _, found = denoiser(sample, t, cond, features=features)
     feature = next(iter(found.values()))
     if feature.ndim == 3:
