@@ -28,13 +28,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
-from fastgen.assemble import build_run, make_student, student_names
+from fastgen.assemble import build_run, make_student, run_plan, student_names
 from fastgen.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import DistillConfig, config_to_dict, load_config, save_config
 from fastgen.data import build_data, check_data
 from fastgen.errors import EnvironmentMissingError, MissingPathError, UsageError
 from fastgen.networks import load_network_state, network_state
-from fastgen.plan import StudentPlan
+from fastgen.plan import PLAN_FILE, StudentPlan
 from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory
 from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
@@ -413,7 +413,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if ema and state.get("ema") is None:
         raise UsageError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
     teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
-    plan = StudentPlan.load(run_dir)
+    # a run from before plan.json existed: its plan resolved again from its config (the same rule as at training)
+    plan = StudentPlan.load(run_dir) if (run_dir / PLAN_FILE).is_file() else run_plan(config, teacher.schedule)
     students = []
     for name in names:
         student = make_student(teacher.model, config)

@@ -673,6 +673,10 @@ def test_every_part_of_a_run_agrees_with_the_plan_in_its_folder(teacher, tmp_pat
         meta = json.loads((folder / METADATA).read_text())
         assert meta["experts"]["count"] == 2 and meta["experts"]["boundaries"] == list(plan.expert_boundaries), way
         assert meta["few_step_scheduler"]["trained_timesteps"] == expected["trained_timesteps"], way
+    # a run folder written before plan.json existed: export resolves the same plan again from its config
+    (run / "plan.json").unlink()
+    old = load_teacher(export_run(run, tmp_path / "export-old")).pipeline.scheduler.config
+    assert old.trained_timesteps == expected["trained_timesteps"] and old.boundary == plan.boundary
 
 
 @pytest.fixture(scope="session")
