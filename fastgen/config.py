@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastgen.errors import check_fields
 from fastgen.losses import objective_class, objective_config
@@ -88,6 +88,55 @@ class TrainConfig:
     """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
 
 
+SCRIPT_FLAGS: dict[str, str | None] = {
+    "gradient_accumulation_steps": "train.grad_accum",
+    "report_to": "train.trackers",
+    "checkpointing_steps": "train.checkpoint_every",
+    "learning_rate": "train.lr",
+    "use_8bit_adam": None,
+    "validation_prompts": None,
+    "resume_from_checkpoint": "--resume latest",
+    "train_batch_size": "train.batch_size",
+    "max_train_steps": "train.max_steps",
+    "mixed_precision": "train.mixed_precision",
+    "lr_scheduler": "train.lr_scheduler",
+    "lr_warmup_steps": "train.lr_warmup_steps",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "enable_xformers_memory_efficient_attention": "train.attention=xformers",
+    "seed": "seed",
+    "output_dir": "--output",
+    "pretrained_model_name_or_path": "--teacher",
+    "train_data_dir": "--data",
+    "dataloader_num_workers": "train.num_workers",
+    "adam_beta1": "train.betas",
+    "adam_beta2": "train.betas",
+    "adam_weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.grad_clip",
+    "ema_decay": "train.ema_decay",
+    "allow_tf32": None,
+}
+"""The flags of diffusers' training scripts (``train_text_to_image.py`` and its siblings) and fastgen's config key
+(or ``--flag`` of ``fastgen distill``) for each; None: fastgen has none. A config key spelled as one of these
+is reported with fastgen's name instead of the nearest spelling (``DistillConfig.ALIASES``)."""
+
+_SCRIPT_FLAG_NOTES = {
+    "use_8bit_adam": "is not supported by fastgen's trainer (`fastgen estimate --optimizer 8bit` models its memory)",
+    "validation_prompts": "is not supported by fastgen yet",
+    "allow_tf32": "is not supported by fastgen",
+    "adam_beta1": "its first item",
+    "adam_beta2": "its second item",
+}
+
+
+def _script_flag_hint(flag: str, target: str | None) -> str:
+    note = _SCRIPT_FLAG_NOTES.get(flag)
+    if target is None:
+        return f"diffusers' training-script flag --{flag} {note or 'is not supported by fastgen'}"
+    if target.startswith("--"):
+        return f"use the command-line flag {target} of `fastgen distill` (diffusers' training-script flag --{flag})"
+    return f"did you mean '{target}'? (diffusers' training-script flag --{flag}{'; ' + note if note else ''})"
+
+
 @dataclass
 class DistillConfig:
     """A distillation run: teacher, objective (``method`` plus its free-form ``objective`` args), student, training."""
@@ -119,6 +168,9 @@ class DistillConfig:
     objective: dict[str, Any] = field(default_factory=dict)
     """The objective's own settings: a mapping in YAML; once ``method`` is set, the method's typed ``Config``
     (``fastgen.losses.<family>``), resolved and checked when the config is built."""
+
+    ALIASES: ClassVar[dict[str, str]] = {flag: _script_flag_hint(flag, to) for flag, to in SCRIPT_FLAGS.items()}
+    """Unknown keys named like diffusers' training-script flags: the hint of fastgen's key (``typed_config``)."""
 
     def __post_init__(self):
         if self.method:

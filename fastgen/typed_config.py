@@ -48,6 +48,14 @@ class ConfigError(UsageError):
     """A config key, value or cross-field rule is invalid; the message names the dotted key."""
 
 
+class UnknownKeyError(ConfigError):
+    """A config key that the config does not have; ``key`` is the dotted key as given."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core booleans and floats."""
 
@@ -106,8 +114,17 @@ def merge_overrides(cls: type, tree: Mapping[str, Any], overrides: Sequence[str]
 
 def config_from_dict(cls: type[T], mapping: Mapping[str, Any], prefix: str = "") -> T:
     """Build a ``cls`` instance from a nested mapping; missing keys take their defaults. ``prefix``
-    (e.g. ``"objective"``) is prepended to the dotted keys named in errors."""
-    return _build(cls, mapping, f"{prefix}." if prefix else "")
+    (e.g. ``"objective"``) is prepended to the dotted keys named in errors.
+
+    An unknown key whose last part is in the optional class attribute ``ALIASES`` of ``cls`` (a mapping of
+    foreign key names, such as another tool's flags, to a hint) is reported with that hint, at any depth."""
+    try:
+        return _build(cls, mapping, f"{prefix}." if prefix else "")
+    except UnknownKeyError as err:
+        hint = _alias_hint(cls, err.key)
+        if hint is None:
+            raise
+        raise UnknownKeyError(_alias_message(err.key, hint), err.key) from None
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:
@@ -261,7 +278,13 @@ def parse_override(cls: type, override: str) -> tuple[str, Any]:
         value = parse_value(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{override}': invalid YAML value ({_yaml_problem(err)})") from err
-    tp = _field_type(cls, key)
+    try:
+        tp = _field_type(cls, key)
+    except UnknownKeyError as err:
+        hint = _alias_hint(cls, err.key)
+        if hint is None:
+            raise
+        raise UnknownKeyError(_alias_message(err.key, hint), err.key) from None
     section = _section_type(tp)
     if section is not None and not isinstance(value, Mapping) and not (value is None and section is not tp):
         example = next(f.name for f in dataclasses.fields(section) if f.init)
@@ -369,17 +392,28 @@ def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(cls: type, prefix: str, key: str) -> ConfigError:
-    """ConfigError for unknown ``prefix + key`` suggesting the closest valid key under ``cls``."""
+def _unknown_key(cls: type, prefix: str, key: str) -> UnknownKeyError:
+    """UnknownKeyError for unknown ``prefix + key`` suggesting the closest valid key under ``cls`` (the root
+    config's ``ALIASES`` are consulted by ``config_from_dict`` and ``parse_override``, which know the root)."""
     dotted = prefix + key
     candidates = _dotted_keys(cls, prefix)
     leaf = dotted.rsplit(".", 1)[-1]
     matches = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
     matches = matches or difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
     if matches:
-        return ConfigError(f"unknown config key '{dotted}'; did you mean '{matches[0]}'?")
+        return UnknownKeyError(f"unknown config key '{dotted}'; did you mean '{matches[0]}'?", dotted)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    return ConfigError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
+    return UnknownKeyError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}", dotted)
+
+
+def _alias_hint(cls: type, dotted: str) -> str | None:
+    """The hint of ``cls.ALIASES`` (optional: foreign key name -> hint) for the last part of ``dotted``."""
+    aliases = getattr(cls, "ALIASES", None) or {}
+    return aliases.get(dotted.rsplit(".", 1)[-1])
+
+
+def _alias_message(dotted: str, hint: str) -> str:
+    return f"unknown config key '{dotted}'; {hint}"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

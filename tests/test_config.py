@@ -332,3 +332,52 @@ def test_new_train_keys_default_and_validate():
         cfg.validate()
     assert "train.lr_warmup_steps: expected >= 0, got -1" in str(info.value)
     assert "train.num_workers: expected >= 0, got -2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("report_to=tensorboard", "unknown config key 'report_to'; did you mean 'train.trackers'?"),
+        ("train.report_to=[wandb]", "unknown config key 'train.report_to'; did you mean 'train.trackers'?"),
+        ("gradient_accumulation_steps=4", "did you mean 'train.grad_accum'?"),
+        ("train.learning_rate=1e-5", "did you mean 'train.lr'?"),
+        ("checkpointing_steps=500", "did you mean 'train.checkpoint_every'?"),
+        ("enable_xformers_memory_efficient_attention=true", "did you mean 'train.attention=xformers'?"),
+        ("train.adam_beta2=0.99", "did you mean 'train.betas'?"),
+        ("use_8bit_adam=true", "--use_8bit_adam is not supported by fastgen's trainer (`fastgen estimate "
+                               "--optimizer 8bit` models its memory)"),
+        ("validation_prompts=[a cat]", "--validation_prompts is not supported by fastgen yet"),
+        ("resume_from_checkpoint=latest", "use the command-line flag --resume latest of `fastgen distill`"),
+        ("output_dir=runs/x", "use the command-line flag --output of `fastgen distill`"),
+        ("train.seed=1", "unknown config key 'train.seed'; did you mean 'seed'?"),
+    ],
+)
+def test_diffusers_script_flags_suggest_fastgens_key(override, expected):
+    message = _error([override])
+    assert message.startswith(f"unknown config key '{override.split('=')[0]}'; ") and expected in message
+
+
+def test_diffusers_script_flags_in_a_yaml_file_suggest_fastgens_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  report_to: tensorboard\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.report_to'; did you mean 'train.trackers'\?"):
+        load_config(DistillConfig, path)
+    path.write_text("max_train_steps: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'max_train_steps'; did you mean 'train.max_steps'\?"):
+        load_config(DistillConfig, path)
+
+
+def test_script_flag_table_names_existing_keys_and_flags():
+    from fastgen.cli import build_parser
+    from fastgen.config import SCRIPT_FLAGS
+    from fastgen.typed_config import _dotted_keys
+
+    keys = set(_dotted_keys(DistillConfig))
+    distill = build_parser()._subparsers._group_actions[0].choices["distill"]
+    flags = {s for action in distill._actions for s in action.option_strings}
+    for flag, target in SCRIPT_FLAGS.items():
+        assert flag not in keys or flag == target  # an alias never hides another key (``seed`` is fastgen's too)
+        if target is None:
+            continue
+        name = target.split()[0]
+        assert (name in flags) if name.startswith("--") else (name.split("=")[0] in keys), (flag, target)
