@@ -147,20 +147,27 @@ def trainable_parameters(attr: Any) -> list[nn.Parameter]:
 
 
 def network_state(attr: Any) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds of a network: an adapter's weights alone (the base is the teacher's)."""
-    state = unwrap(network_module(attr)).state_dict()
+    """What a checkpoint holds of a network: the entries of the parameters it trains when some of its parameters
+    are frozen (an adapter's weights on the teacher's base; a LoRA student's adapter, whose frozen base is the
+    teacher's copy and is rebuilt from the teacher), else its whole state."""
+    module = unwrap(network_module(attr))
+    state = module.state_dict()
     if isinstance(attr, AdapterDenoiser):
         return {k: v for k, v in state.items() if f".{attr.adapter}." in k}
-    return state
+    params = dict(module.named_parameters())
+    trained = {name for name, p in params.items() if p.requires_grad}
+    return state if len(trained) == len(params) else {k: v for k, v in state.items() if k in trained}
 
 
 def load_network_state(attr: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load what ``network_state`` saved (a whole state, as every checkpoint of a full network and older
+    checkpoints of LoRA students hold, loads strictly)."""
     module = unwrap(network_module(attr))
-    if not isinstance(attr, AdapterDenoiser):
+    if set(state) == set(module.state_dict()):
         module.load_state_dict(state)
         return
     expected = set(network_state(attr))
     if set(state) != expected:
-        raise ValueError(f"checkpoint of adapter {attr.adapter!r}: keys differ from the network's "
+        raise ValueError(f"checkpoint of network {type(module).__name__}: keys differ from the ones it trains "
                          f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})")
     module.load_state_dict(state, strict=False)

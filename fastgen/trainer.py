@@ -418,7 +418,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     students = []
     for name in names:
         student = make_student(teacher.model, config)
-        student.load_state_dict(state["networks"][name])
+        load_network_state(student, state["networks"][name])
         if ema:
             trainable = [p for p in student.parameters() if p.requires_grad]
             averaged = EMAModel(trainable)

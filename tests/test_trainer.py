@@ -592,6 +592,19 @@ def test_lora_student_trains_only_the_adapter(sd_teacher, tmp_path):
             assert torch.equal(p, base[n.replace(".base_layer.", ".")]), f"base weight {n} differs from the teacher"
     assert any(not torch.equal(after[n], before[n]) for n in trainable if ".lora_B." in n)
     assert len(trainer.emas["student"].shadow_params) == len(trainable)
+    # the checkpoint holds the adapter (and its optimizer state), not the frozen base: that is the teacher's
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert set(state["networks"]["student"]) == trainable
+    assert len(state["optimizers"]["generator"]["state"]) == len(trainable)
+    # and a fresh run resumed from it, or an export of it, holds the trained adapter on the teacher's base
+    resumed = Trainer(make_config(sd_teacher, tmp_path / "run", "train.max_steps=2", "student.lora_rank=4",
+                                  "student.lora_targets=[to_q,to_v]"), resume="latest")
+    for n, p in trainer.accelerator.unwrap_model(resumed.student.model).named_parameters():
+        assert torch.equal(p, after[n]), n
+    exported = export_run(tmp_path / "run", tmp_path / "export", ema=False)
+    merged = load_teacher(exported).model.state_dict()
+    key = next(n for n in trainable if ".lora_B." in n).split(".lora_B.")[0].replace(".base_layer", "")
+    assert not torch.equal(merged[key + ".weight"], base[key + ".weight"])  # the adapter was merged into the export
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
