@@ -275,7 +275,29 @@ def _bytes(tensors) -> int:
 def estimate_memory(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
                     optimizer: str = "adamw") -> Estimate:
     """Expected peak memory per device of ``Trainer(config)`` (one process), at ``resolution`` pixels
-    (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring."""
+    (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring.
+
+    Within it only, two messages that the estimate's own fake tensors cause and that tell the user nothing are
+    dropped: torch's "Accessing the data pointer of FakeTensor is deprecated" warning and diffusers' "There are
+    modules in ... that should be kept in float32" log line (networks built in their dtype are cast, as fakes)."""
+    import logging
+    import warnings
+
+    def kept_in_float32(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("There are modules in ")
+
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_logger.addFilter(kept_in_float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor is deprecated",
+                                    category=UserWarning)
+            return _estimate_memory(config, resolution, device, optimizer)
+    finally:
+        diffusers_logger.removeFilter(kept_in_float32)
+
+
+def _estimate_memory(config: DistillConfig, resolution: int | None, device: str, optimizer: str) -> Estimate:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer is {optimizer!r}; expected one of {list(OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):

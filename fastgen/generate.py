@@ -34,6 +34,9 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     """``num`` images in [-1, 1] (decoded for latent models), deterministic given ``seed``."""
     if num < 1:
         raise UsageError(f"{num} samples: expected at least 1")
+    if prompts is None and class_labels is None and model.text_conditioned:
+        raise UsageError(f"{model.source} is a text-to-image model ({model.model_class}): pass --prompt TEXT "
+                         "(or --prompts-file FILE)")
     name, timesteps = sampling_plan(model, steps, sampler)
     sample = get_sampler(name)
     denoiser = model.denoiser

@@ -96,6 +96,8 @@ class NetworkFactory:
         """A LoRA adapter ``name`` of rank ``rank`` on the teacher's own frozen network (Hu et al. 2021,
         "LoRA", eq. 3: ``W + (alpha / r) B A``, ``B = 0`` at the start, so the adapted network starts equal to
         the teacher). The teacher's ``Denoiser`` (adapter ``None``) switches to the base alone for its own calls."""
+        import warnings
+
         from peft import LoraConfig
 
         base = self.teacher.model
@@ -107,8 +109,13 @@ class NetworkFactory:
         if getattr(base, "peft_config", None) and name in base.peft_config:
             raise ValueError(f"the teacher network already has an adapter named {name!r}")
         activate_adapter(base, None)
-        base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
-                                    target_modules=list(targets)), adapter_name=name)
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first on one model; several adapters on the shared base (fake
+            # score, student) are what this factory means to build, so the warning tells the user nothing
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model",
+                                    category=UserWarning)
+            base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                                        target_modules=list(targets)), adapter_name=name)
         for n, p in base.named_parameters():
             if f".{name}." in n:
                 p.data = p.data.float()

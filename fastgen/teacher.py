@@ -7,6 +7,7 @@ text/time conditions) and ``SD3Transformer2DModel`` rectified-flow teachers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -276,6 +277,32 @@ def _refuse_pickle(folder: Path, components: dict[str, list]) -> None:
             )
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Within: no "Loading pipeline components..." (diffusers) or "Loading weights" (transformers) progress bar,
+    which fastgen's loads of a local folder would print on every command and which tell the user nothing. Each
+    library's switch is set back to what it was after, so a caller's own loads keep their bars; warnings and
+    errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+
+    switches = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        switches.append(transformers_logging)
+    except ImportError:  # diffusers without transformers: pixel pipelines only
+        pass
+    before = [module.is_progress_bar_enabled() for module in switches]
+    for module in switches:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in zip(switches, before):
+            if enabled:
+                module.enable_progress_bar()
+
+
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False) -> Teacher:
     """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher,
@@ -315,8 +342,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
         raise MissingPathError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=None if trust_pickle else True,
-                                                 **absent)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype,
+                                                     use_safetensors=None if trust_pickle else True, **absent)
     except (OSError, EOFError, pickle.UnpicklingError) as err:  # what diffusers raises for missing or broken files
         reason = " ".join(str(err).split())[:300]
         raise InputError(f"teacher {source} cannot be loaded: {reason}") from err

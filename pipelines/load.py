@@ -53,13 +53,21 @@ def few_step_scheduler(meta: dict):
 
 def load_pipeline(folder: str | Path, teacher: str | None = None, **kwargs):
     """The diffusers pipeline of the export in ``folder`` (a LoRA export is loaded onto its teacher: the recorded
-    one, or ``teacher``). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
+    one, or ``teacher``). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``). No loading progress bars
+    (``fastgen.teacher.quiet_loading``)."""
+    from fastgen.teacher import quiet_loading
+
+    folder = Path(folder).expanduser()
+    meta = read_export(folder)
+    with quiet_loading():
+        return _load_pipeline(folder, meta, teacher, kwargs)
+
+
+def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
     from diffusers import DiffusionPipeline, UNet2DModel
 
     from fastgen.pipelines.few_step import FewStepPipeline
 
-    folder = Path(folder).expanduser()
-    meta = read_export(folder)
     scheduler = few_step_scheduler(meta)
     absent = {name: None for name in meta["absent"]}
     denoiser = _experts_model(folder, meta, kwargs.get("dtype"))

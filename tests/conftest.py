@@ -67,6 +67,7 @@ LAYERS = {
     "test_packaging": "e2e",
     "test_phased_dmd": "integration",
     "test_policies": "e2e",
+    "test_quiet": "integration",
     "test_reference": "unit",
     "test_samplers": "unit",
     "test_schedules": "unit",

@@ -10,9 +10,11 @@ once and cached.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,12 +77,33 @@ def _listing(files: list[Path], root: Path | None = None) -> list:
 
 
 def load_captioned(builder: str, arguments: dict, cache_dir: Path):
-    """The ``train`` split through ``datasets.load_dataset`` (its Arrow files kept under ``cache_dir``)."""
+    """The ``train`` split through ``datasets.load_dataset`` (its Arrow files kept under ``cache_dir``). Local
+    files load without ``datasets``' "Generating train split" progress bars (a copy into the cache, which tells
+    the user nothing); a hub dataset keeps them (a download)."""
     import datasets
 
     if builder == "hub":
         return datasets.load_dataset(**arguments, split="train", cache_dir=str(cache_dir / "datasets"))
-    return datasets.load_dataset(builder, **arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+    with _datasets_quiet():
+        return datasets.load_dataset(builder, **arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    """``datasets``' progress bars off within, and back as they were after (left alone when already off;
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS=0`` keeps them on, as its user asked)."""
+    import datasets
+
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    with warnings.catch_warnings():  # "Cannot disable progress bars: ... HF_DATASETS_DISABLE_PROGRESS_BARS=0"
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def captioned_columns(dataset, spec, caption_column: str | None) -> tuple[str, str]:
