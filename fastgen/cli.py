@@ -127,8 +127,13 @@ def cmd_export(args) -> int:
     from fastgen.trainer import export_run
 
     check_output_path(args.output, "--output")
-    out = export_run(args.run, args.output, lora=args.lora, ema=args.ema, checkpoint=args.checkpoint)
-    print(f"exported {args.run} to {out}")
+    no_ema = []
+    out = export_run(args.run, args.output, lora=args.lora, ema=args.ema, checkpoint=args.checkpoint,
+                     on_no_ema=no_ema.append)
+    if no_ema:
+        print(f"{args.run} has no EMA weights (train.ema_decay was null): exported the trained weights to {out}")
+    else:
+        print(f"exported {args.run} to {out}")
     return 0
 
 
@@ -323,10 +328,24 @@ def entry() -> None:
     sys.exit(main())
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, with the ``key=value`` overrides of ``distill`` and ``estimate`` taken from anywhere
+    among the options (argparse gives its ``nargs="*"`` positional only the first run of them): every leftover that
+    contains ``=`` and does not start with ``-`` is an override, in the order given; any other leftover is
+    argparse's ``unrecognized arguments`` error."""
+    args, extras = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [x for x in extras if "=" in x and not x.startswith("-")]
+        extras = [x for x in extras if not ("=" in x and not x.startswith("-"))]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (user errors are reported on one line, see the module doc)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), argv)
     except SystemExit as exit_:  # --help, or argparse's one-line usage error
         return exit_.code if isinstance(exit_.code, int) else 2
     debug = args.debug or os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")

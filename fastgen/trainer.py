@@ -76,11 +76,39 @@ class AcceleratorBackend:
         optimizer.step()
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",),
+                    "aim": ("aim",), "mlflow": ("mlflow",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",)}
+"""The modules whose presence accelerate checks for each tracker (``accelerate.utils.imports.is_*_available``)."""
+
+
+def check_trackers(names) -> None:
+    """Raise a ``UsageError`` for a name of ``train.trackers`` that accelerate does not know (listing those it
+    knows), and an ``EnvironmentMissingError`` for one whose package is not installed (naming the package),
+    before anything is built."""
+    import importlib.util
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    for name in names:
+        if name == "all":  # accelerate: every installed tracker
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UsageError(f"train.trackers: unknown tracker {name!r}; expected some of {', '.join(known)} "
+                             "(accelerate's trackers) or all")
+        modules = TRACKER_PACKAGES.get(name, (name,))
+        if all(importlib.util.find_spec(module) is None for module in modules):
+            raise EnvironmentMissingError(f"train.trackers: tracker {name!r} is not installed; install it "
+                                          f"(pip install {modules[0]}) or remove it from train.trackers")
+
+
 class Trainer:
     """Distil ``config.teacher`` with ``config.method`` into ``config.output``."""
 
     def __init__(self, config: DistillConfig, resume: str | None = None):
         config.validate()
+        check_trackers(config.train.trackers)
         self.config = config
         self.run_dir = Path(config.output)
         t = config.train
@@ -386,9 +414,11 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = True,
-               checkpoint: str | Path | None = None) -> Path:
+               checkpoint: str | Path | None = None, on_no_ema=None) -> Path:
     """Export a finished or interrupted run from its checkpoint (latest by default) without its data: the
-    students and their EMA weights are rebuilt as ``build_run`` builds them, the plan read from the run."""
+    students and their EMA weights are rebuilt as ``build_run`` builds them, the plan read from the run. A run
+    without EMA weights (``train.ema_decay`` null) exports its trained weights, as ``Trainer.export`` does, and
+    says so: ``on_no_ema(checkpoint_path)`` is called, when given, before anything is loaded."""
     from diffusers.training_utils import EMAModel
 
     from fastgen.pipelines import export_student
@@ -410,8 +440,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):
         raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; its run's config "
                          f"(student.experts = {config.student.experts}) expects {names}")
-    if ema and state.get("ema") is None:
-        raise UsageError(f"checkpoint {path} holds no EMA weights (train.ema_decay was null); pass --no-ema")
+    if ema and state.get("ema") is None:  # nothing averaged: the trained weights are the student
+        ema = False
+        if on_no_ema is not None:
+            on_no_ema(path)
     teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
     # a run from before plan.json existed: its plan resolved again from its config (the same rule as at training)
     plan = StudentPlan.load(run_dir) if (run_dir / PLAN_FILE).is_file() else run_plan(config, teacher.schedule)

@@ -238,3 +238,64 @@ def test_a_flow_teacher_distils_exports_and_samples(sd3, tmp_path, method, extra
     assert main(["sample", "--model", str(run / "export"), "--steps", "2", "--num", "2", "--prompt", "a red square",
                  "--out", str(png)]) == 0
     assert png.is_file()
+
+
+def test_overrides_are_taken_anywhere_among_the_options(ddpm, tmp_path, monkeypatch, capsys):
+    import fastgen.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_estimate", lambda args: seen.update(estimate=args.overrides) or 0)
+    assert main(["estimate", "--teacher", "t", "a=1", "--json", "b.c=[1, 2]", "--no-modes", "d=x"]) == 0
+    assert seen["estimate"] == ["a=1", "b.c=[1, 2]", "d=x"]
+    monkeypatch.undo()
+    # after an option, between options, at the end: every override reaches the config (validate lists both)
+    run = tmp_path / "r"
+    code = main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--output", str(run), "train.lr=-1",
+                 "--steps", "2", "train.batch_size=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.lr: expected > 0, got -1" in err and "train.batch_size: expected >= 1, got 0" in err
+    assert not run.exists()
+    # a leftover that is not key=value is still argparse's one-line error
+    assert main(["distill", "--output", str(run), "train.lr=1e-5", "--bogus", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fastgen: unrecognized arguments: --bogus") and len(err.strip().splitlines()) == 1
+
+
+def _missing(monkeypatch, *modules):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in modules else find_spec(name, *a, **k))
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_built(ddpm, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r"
+    argv = ["distill", "--teacher", str(ddpm), "--method", "consistency", "--output", str(run), "--max-steps", "1"]
+    _missing(monkeypatch, "wandb")
+    assert main(argv + ["train.trackers=[tensorboard, wandb]"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.trackers: tracker 'wandb' is not installed")
+    assert "pip install wandb" in lines[0]
+    _missing(monkeypatch, "tensorboard", "tensorboardX")
+    assert main(argv + ["train.trackers=[tensorboard]"]) == 1
+    assert "tracker 'tensorboard' is not installed; install it (pip install tensorboard)" in capsys.readouterr().err
+    assert main(argv + ["train.trackers=[tensorbord]"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "unknown tracker 'tensorbord'" in lines[0]
+    assert all(name in lines[0] for name in ("tensorboard", "wandb", "comet_ml", "mlflow", "aim"))
+    assert not run.exists()
+
+
+def test_export_of_a_run_without_ema_exports_the_trained_weights(ddpm, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
+                 "--output", str(run), "--steps", "1", "--max-steps", "1", "teacher_samples=4",
+                 "teacher_sample_steps=2", "train.batch_size=2", "train.ema_decay=null"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "exported"
+    assert main(["export", "--run", str(run), "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"{run} has no EMA weights (train.ema_decay was null): exported the trained weights to {out}" \
+        in captured.out and "error" not in captured.err
+    assert (out / "model_index.json").is_file()
