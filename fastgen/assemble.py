@@ -202,7 +202,8 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
 
 
 def _to(net, device):
-    """``net`` on ``device`` (a no-op on the device it is on; fake tensors stay where they are)."""
+    """``net`` moved to ``device``; nothing to do on the CPU, where every network is built (and where the
+    estimate's fake tensors live)."""
     return net if str(device) == "cpu" else net.to(device)
 
 

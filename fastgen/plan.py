@@ -19,7 +19,7 @@ grids, ``fastgen estimate``, ``fastgen export`` (the ``FewStepScheduler`` it wri
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,6 @@ class StudentPlan:
     """Consistency models' boundary condition (``sigma_data``, ``timestep_scaling``), or None."""
     expert_boundaries: tuple[float, ...] | None = None
     """Native times between the experts of a student of experts (high noise first), or None."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """What an objective records besides (Phased DMD: nothing; kept for objectives that export more)."""
 
     @property
     def timesteps(self) -> list[float]:
@@ -62,15 +60,14 @@ class StudentPlan:
         counts = self.exported or (self.num_steps,)
         return {"trained_timesteps": {str(k): list(self.grids[k]) for k in counts}, "rule": self.rule,
                 "boundary": None if self.boundary is None else dict(self.boundary),
-                "expert_boundaries": None if self.expert_boundaries is None else list(self.expert_boundaries),
-                **self.extra}
+                "expert_boundaries": None if self.expert_boundaries is None else list(self.expert_boundaries)}
 
     # -- the file in the run folder ------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "grids": {str(k): list(v) for k, v in self.grids.items()},
                 "rule": self.rule, "prediction_type": self.prediction_type, "exported": list(self.exported),
                 "boundary": self.boundary, "expert_boundaries": None if self.expert_boundaries is None
-                else list(self.expert_boundaries), "extra": self.extra}
+                else list(self.expert_boundaries)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StudentPlan:
@@ -79,7 +76,7 @@ class StudentPlan:
                    rule=data["rule"], prediction_type=data["prediction_type"],
                    exported=tuple(int(k) for k in data.get("exported", ())), boundary=data.get("boundary"),
                    expert_boundaries=None if data.get("expert_boundaries") is None
-                   else tuple(float(b) for b in data["expert_boundaries"]), extra=dict(data.get("extra") or {}))
+                   else tuple(float(b) for b in data["expert_boundaries"]))
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / PLAN_FILE

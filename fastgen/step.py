@@ -68,7 +68,7 @@ class PlainBackend:
         self.scaler.update()
 
 
-def run_phase(run: Run, phase, batches: Iterator, step: int, backend, grad_accum: int = 1,
+def run_phase(run: Run, phase, batches: Iterator, step: int, backend: Backend, grad_accum: int = 1,
               grad_clip: float | None = None, lr_schedules=None) -> tuple[dict[str, torch.Tensor], bool]:
     """Run ``phase`` at training step ``step`` (module docstring); returns its terms averaged over the
     micro-batches (detached, on device: no host sync) and whether the update was made."""

@@ -207,7 +207,7 @@ class Trainer:
         seed = torch.default_generator.manual_seed if acc.device.type == "cpu" else torch.manual_seed
         batches = self._batches()
         reset_peak_memory(acc.device)
-        self.clock = Clock(self.clock.state_dict()["elapsed"] if self.step else 0.0)
+        self.clock = Clock(self.clock.offset)  # the resumed run's training time; set-up is not training
         while self.step < t.max_steps:
             seed(step_seed(self.config.seed, self.step, acc.process_index))
             used = self.batches_used
