@@ -163,6 +163,9 @@ class DistillConfig:
     """With data "teacher": DDIM steps of the teacher for those samples."""
     teacher_sample_guidance: float = 1.0
     """With data "teacher": CFG scale of those samples, Ho–Salimans ``u + s (c - u)`` (1 = none)."""
+    cache_dir: str | None = None
+    """Folder of the run's caches (encoded images and captions, prompt embeddings, teacher samples; default
+    ``OUTPUT/cache``). Runs of one teacher may share one: each file is named by a hash of what it depends on."""
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: dict[str, Any] = field(default_factory=dict)
