@@ -3,8 +3,8 @@
 ``build_run(config)`` makes, in order: the teacher (loaded, or given: ``fastgen estimate`` passes one built
 from configs on fake tensors), the ``StudentPlan`` (``fastgen.plan``, before any network is built), the
 student (one network, or ``student.experts`` experts over the plan's boundaries), the objective and the
-networks it adds, each phase's optimizer, the student's EMA and the data. The trainer, ``fastgen estimate``
-and ``export_run`` all build through it; nothing else assembles a run.
+networks it adds, each phase's optimizer (``train.optimizer``), the student's EMA and the data. The trainer,
+``fastgen estimate`` and ``export_run`` all build through it; nothing else assembles a run.
 
 Networks live in one mapping, ``Run.nets``, which the objective reads on every call: ``"student"`` (a
 ``Denoiser``, or an ``ExpertsDenoiser`` over ``"student.k"``) and the objective's own networks. The trainer
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from fastgen.config import DistillConfig
 from fastgen.denoiser import Denoiser
-from fastgen.errors import UsageError
+from fastgen.errors import EnvironmentMissingError, UsageError
 from fastgen.experts import ExpertsDenoiser
 from fastgen.losses import Objective, Phase, objective_class
 from fastgen.networks import NetworkFactory, configure_network, float32, network_module, trainable_parameters
@@ -54,6 +55,28 @@ def make_student(teacher_model: nn.Module, config: DistillConfig) -> nn.Module:
     else:
         student.requires_grad_(True)
     return student
+
+
+def optimizer_class(name: str, device: torch.device | str = "cpu") -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer of ``train.optimizer`` (``fastgen.config.OPTIMIZERS``), called as ``torch.optim.AdamW``:
+    torch's AdamW, torch's fused AdamW on ``device`` or bitsandbytes' AdamW8bit. A missing bitsandbytes or a
+    device without fused kernels is a one-line error naming the key."""
+    if name == "8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError:
+            raise EnvironmentMissingError(
+                "train.optimizer is '8bit', but bitsandbytes is not installed; install it (pip install "
+                "\"fastgen-distill[bnb]\" or pip install bitsandbytes) or use train.optimizer=adamw") from None
+        return AdamW8bit
+    if name == "fused":
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        if torch.device(device).type not in _get_fused_kernels_supported_devices():
+            raise UsageError(f"train.optimizer is 'fused', but torch has no fused AdamW on {device}; use "
+                             "train.optimizer=adamw")
+        return functools.partial(torch.optim.AdamW, fused=True)
+    return torch.optim.AdamW
 
 
 def student_schedule(schedule: NoiseSchedule, prediction_type: str | None) -> NoiseSchedule:
@@ -147,13 +170,17 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
     ``config.teacher`` on ``device`` at the run's precision; ``source``: the float32 teacher network the
     copies are made from (default: loaded when the teacher runs in fp16/bf16, else the teacher's own);
     ``plan``: the run's plan when already resolved (``fastgen estimate`` resolves it on real tensors);
-    ``attention``: overrides ``train.attention``; ``optimizer_kwargs``: extra AdamW arguments (``foreach``,
-    ``fused``); ``data(teacher, objective)``: builds the data source (None: no data); ``materialize(module)``:
-    applied to every network (the teacher's, the students', the objective's, and the frozen ones the objective
-    keeps) once they are all built and before the optimizers and the EMA are made (``fastgen estimate`` builds on
-    the ``meta`` device and turns the networks into fake tensors there)."""
+    ``attention``: overrides ``train.attention``; ``optimizer_kwargs``: build torch's AdamW with these arguments
+    (``foreach``, ``fused``) instead of ``train.optimizer`` (the estimate's fake tensors); ``data(teacher,
+    objective)``: builds the data source (None: no data); ``materialize(module)``: applied to every network (the
+    teacher's, the students', the objective's, and the frozen ones the objective keeps) once they are all built
+    and before the optimizers and the EMA are made (``fastgen estimate`` builds on the ``meta`` device and turns
+    the networks into fake tensors there)."""
     config.validate()
     t = config.train
+    # before any weight is read: a missing bitsandbytes fails here
+    make_optimizer = (functools.partial(torch.optim.AdamW, **optimizer_kwargs) if optimizer_kwargs is not None
+                      else optimizer_class(t.optimizer, device))
     dtype = weight_dtype(t.mixed_precision)
     if teacher is None:
         teacher = load_teacher(config.teacher, device=device, dtype=dtype, trust_pickle=config.trust_pickle)
@@ -188,10 +215,9 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
     run = Run(config, teacher, plan, nets, objective, students, network_names, trainable, phases)
     for phase in phases:
         params = [p for n in run.owned(phase) for p in trainable[n]]
-        run.optimizers[phase.name] = torch.optim.AdamW(
+        run.optimizers[phase.name] = make_optimizer(
             params, lr=phase.lr or t.lr, betas=phase.betas or tuple(t.betas),
-            weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay,
-            **(optimizer_kwargs or {}))
+            weight_decay=t.weight_decay if phase.weight_decay is None else phase.weight_decay)
     if t.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 

@@ -14,15 +14,21 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from fastgen.errors import check_fields
 from fastgen.losses import objective_class, objective_config
 from fastgen.typed_config import (ConfigError, config_from_dict, config_to_dict, load_config, parse_value,
                                   parse_override, merge_overrides, save_config)
 
-__all__ = ["ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "config_file", "config_from_dict",
-           "config_to_dict", "load_config", "merge_overrides", "parse_value", "preset_names", "save_config"]
+__all__ = ["OPTIMIZERS", "ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "config_file",
+           "config_from_dict", "config_to_dict", "load_config", "merge_overrides", "parse_value", "preset_names",
+           "save_config"]
+
+OptimizerName = Literal["adamw", "fused", "8bit"]
+"""torch's AdamW, torch's fused AdamW (``fused=True``) or bitsandbytes' AdamW8bit."""
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+"""The optimizer names of ``train.optimizer`` and ``fastgen estimate --optimizer``."""
 
 
 # ----------------------------------------------------------------------------- the concrete config
@@ -66,10 +72,17 @@ class TrainConfig:
     own updates in ``max_steps``."""
     lr_warmup_steps: int = 0
     """Optimizer updates of linear warm-up from 0 (per phase: counted in the phase's own updates)."""
+    optimizer: OptimizerName = "adamw"
+    """Every phase's optimizer: "adamw" (torch), "fused" (torch's fused AdamW kernels) or "8bit" (bitsandbytes'
+    AdamW8bit, 8-bit states: ``pip install "fastgen-distill[bnb]"``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_tf32: bool = False
+    """TF32 matmuls and cuDNN convolutions on Ampere and newer GPUs during ``fit`` (torch's
+    ``backends.cuda.matmul.allow_tf32`` and ``backends.cudnn.allow_tf32``, restored afterwards); false leaves
+    torch's settings as they are."""
     ema_decay: float | None = 0.999
     """EMA decay of the student; None = no EMA."""
     attention: Literal["default", "sdpa", "xformers"] = "default"

@@ -22,7 +22,7 @@ in it. The trainer's AdamW uses the foreach implementation on CUDA (one temporar
 parameters' size in its step) and the per-tensor loop on the CPU; ``device="cuda"`` or ``"cpu"`` selects
 which is simulated. Host RAM at start-up also holds the float32 teacher the copies are made from; that is
 not device memory on a GPU and is not counted. ``optimizer="8bit"`` (bitsandbytes' AdamW8bit, 1 byte per
-state) is a what-if: its states are scaled from AdamW's, the trainer builds ``torch.optim.AdamW``.
+state: ``train.optimizer=8bit``) is modelled: its states are scaled from AdamW's, simulated with torch's AdamW.
 
 Checked in ``tests/test_estimate.py`` against the peak of live tensor bytes of real tiny runs on the CPU
 (``torch.profiler``'s allocator events).
@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fastgen.assemble import build_run, run_plan, weight_dtype
-from fastgen.config import DistillConfig, config_from_dict, config_to_dict, merge_overrides
+from fastgen.config import OPTIMIZERS, DistillConfig, config_from_dict, config_to_dict, merge_overrides
 from fastgen.data import Batch
 from fastgen.denoiser import Denoiser
 from fastgen.errors import UsageError
@@ -60,7 +60,6 @@ from fastgen.toy import toy_teacher_path
 REAL_SIZE = ("sd15", "sdxl", "sd3-medium")
 """Bundled diffusers configs (no weights) of real-size networks: SD1.5's UNet (859.5 M parameters), SDXL's
 (2.57 B) and an SD3-medium transformer (2.03 B), as published with the models."""
-OPTIMIZERS = ("adamw", "fused", "8bit")
 KINDS = ("weights", "gradients", "optimizer", "ema", "activations")
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}

@@ -14,10 +14,12 @@ Interface, as the trainer uses it::
     clock = Clock(elapsed=0.0); clock.elapsed() -> float; clock.state_dict(); clock.load_state_dict(state)
     throughput = Throughput(); throughput.add(samples); throughput.rate() -> float  # and resets
     peak_memory_bytes(device) -> int; reset_peak_memory(device)
+    with tf32(enabled): ...                    # train.allow_tf32 for the loop, restored afterwards
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -156,3 +158,17 @@ def reset_peak_memory(device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """With ``enabled``, TF32 for float32 matmuls and cuDNN convolutions (``torch.backends.cuda.matmul.allow_tf32``
+    and ``torch.backends.cudnn.allow_tf32``, as diffusers' ``--allow_tf32``) inside the block, both flags restored
+    afterwards; without, torch's settings are left as they are."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -35,7 +35,7 @@ from fastgen.data import build_data, check_data
 from fastgen.errors import EnvironmentMissingError, MissingPathError, UsageError
 from fastgen.networks import load_network_state, network_state
 from fastgen.plan import PLAN_FILE, StudentPlan
-from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory
+from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory, tf32
 from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
 
@@ -196,6 +196,11 @@ class Trainer:
             yield batch.to(self.accelerator.device)
 
     def fit(self) -> dict[str, float]:
+        """Train up to ``train.max_steps`` (TF32 on with ``train.allow_tf32``); the last logged values."""
+        with tf32(self.config.train.allow_tf32):
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         acc, t, run = self.accelerator, self.config.train, self.run
         bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
         backend = AcceleratorBackend(acc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +314,7 @@ def test_validate_lists_every_problem():
         (["method=consistency", "objective.critic_every=5"], "unknown config key 'objective.critic_every'"),
         (["train.lr_scheduler=cosin"],
          "train.lr_scheduler: expected one of 'constant', 'linear', 'cosine', got 'cosin' (str)"),
+        (["train.optimizer=adam8bit"], "train.optimizer: expected one of 'adamw', 'fused', '8bit', got 'adam8bit'"),
     ],
 )
 def test_objective_settings_and_new_train_keys_are_checked_when_the_config_is_built(overrides, message):
@@ -381,3 +383,15 @@ def test_script_flag_table_names_existing_keys_and_flags():
             continue
         name = target.split()[0]
         assert (name in flags) if name.startswith("--") else (name.split("=")[0] in keys), (flag, target)
+
+
+def test_train_optimizer_and_fastgen_estimate_share_one_list_of_optimizer_names():
+    import fastgen.estimate
+    from fastgen.cli import build_parser
+    from fastgen.config import OPTIMIZERS, TrainConfig
+
+    assert OPTIMIZERS == ("adamw", "fused", "8bit") and fastgen.estimate.OPTIMIZERS is OPTIMIZERS
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["optimizer"]) == OPTIMIZERS
+    estimate = build_parser()._subparsers._group_actions[0].choices["estimate"]
+    [flag] = [a for a in estimate._actions if "--optimizer" in a.option_strings]
+    assert tuple(flag.choices) == OPTIMIZERS

@@ -27,6 +27,7 @@ from tiny import make_ddpm_folder
 import fastgen.checkpoint
 from fastgen.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from fastgen.config import DistillConfig, load_config
+from fastgen.errors import EnvironmentMissingError
 from fastgen.experts import expert_index
 from fastgen.losses import OBJECTIVES, Objective, Phase
 from fastgen.plan import StudentPlan
@@ -114,12 +115,14 @@ class RegressionProbe(Objective):
         super().__init__(*args, **kwargs)
         self.snapshots = [flat(self.student.parameters())]
         self.autocast = []
+        self.tf32 = []
 
     def phases(self):
         return [Phase("generator", ("student",), self.regression_loss)]
 
     def regression_loss(self, batch, step):
         self.autocast.append(torch.is_autocast_enabled("cpu"))
+        self.tf32.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         x_t = torch.randn(4, *SHAPE)
         loss = (self.student(x_t, torch.full((4,), 500.0)) - 0.5 * x_t).float().square().mean()
         if step in self.config.nan_steps:
@@ -141,13 +144,17 @@ class CriticProbe(Objective):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_network("critic", self.factory.module(torch.nn.Conv2d(3, 3, 1)))
+        self.add_network("critic", self.factory.module(self.make_critic()))
         self.ema = None  # set by the test to the trainer's EMA
         self.leaked = []
         self.critic_grad_after_generator = []  # per generator step: is every critic .grad still None?
         self.generator_ran = False
         self.student_after, self.critic_after, self.ema_after = [], [], []
         self._record()
+
+    @staticmethod
+    def make_critic() -> torch.nn.Module:
+        return torch.nn.Conv2d(3, 3, 1)
 
     @property
     def critic(self):
@@ -188,10 +195,21 @@ class CriticProbe(Objective):
             self.ema_after.append(flat(self.ema.shadow_params))
 
 
+class WideCriticProbe(CriticProbe):
+    """``CriticProbe`` with a critic whose weight has 192² entries: bitsandbytes keeps 8-bit states only for
+    tensors of 4096 entries or more (every tiny UNet tensor is smaller)."""
+
+    name = "wide_critic_probe"
+
+    @staticmethod
+    def make_critic() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 192), torch.nn.Unflatten(1, SHAPE))
+
+
 @pytest.fixture
 def probes(monkeypatch):
-    monkeypatch.setitem(OBJECTIVES, RegressionProbe.name, RegressionProbe)
-    monkeypatch.setitem(OBJECTIVES, CriticProbe.name, CriticProbe)
+    for probe in (RegressionProbe, CriticProbe, WideCriticProbe):
+        monkeypatch.setitem(OBJECTIVES, probe.name, probe)
 
 
 # ----------------------------------------------------------------------------- run outputs
@@ -516,6 +534,89 @@ def test_bf16_autocast_trains_a_float32_student(teacher, tmp_path, probes):
     assert all(p.dtype == torch.float32 for p in trainer.emas["student"].shadow_params)
     assert not torch.equal(trainer.objective.snapshots[0], trainer.objective.snapshots[-1])
     assert math.isfinite(read_metrics(tmp_path / "run")[-1]["generator/loss"])
+
+
+def test_allow_tf32_turns_tf32_on_during_fit_and_restores_torchs_flags(teacher, tmp_path, probes):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for allow in (True, False):
+            trainer = Trainer(make_config(teacher, tmp_path / f"run-{allow}", "train.max_steps=2",
+                                          f"train.allow_tf32={str(allow).lower()}", method="probe", data=None))
+            trainer.fit()
+            assert trainer.objective.tf32 == [(allow, allow)] * 2  # both flags, inside every step
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ----------------------------------------------------------------------------- optimizers (train.optimizer)
+
+
+def test_fused_adamw_trains_as_adamw_does(teacher, tmp_path, probes):
+    weights = {}
+    for name in ("adamw", "fused"):
+        trainer = Trainer(make_config(teacher, tmp_path / name, "train.max_steps=3", f"train.optimizer={name}",
+                                      method="probe", data=None))
+        assert trainer.optimizers["generator"].defaults["fused"] is (True if name == "fused" else None)
+        trainer.fit()
+        weights[name] = flat(trainer.student.parameters())
+    # the same updates up to the kernels' rounding (Adam divides by the root of tiny second moments)
+    update = (weights["adamw"] - trainer.objective.snapshots[0]).abs().max()
+    assert update > 1e-3 and (weights["fused"] - weights["adamw"]).abs().max() < 0.01 * update
+
+
+def test_8bit_adam_without_bitsandbytes_fails_on_one_line_before_a_weight_is_read(teacher, tmp_path, monkeypatch):
+    import fastgen.assemble
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # the import fails, installed or not
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a teacher weight was read")
+
+    monkeypatch.setattr(fastgen.assemble, "load_teacher", no_weights)
+    run = tmp_path / "run"
+    with pytest.raises(EnvironmentMissingError) as info:
+        Trainer(make_config(teacher, run, "train.max_steps=1", "train.optimizer=8bit"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("train.optimizer is '8bit', but bitsandbytes is not installed")
+    assert 'pip install "fastgen-distill[bnb]"' in message and "train.optimizer=adamw" in message
+    assert not run.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_8bit_adam_trains_with_8bit_states_and_resumes_exactly(teacher, tmp_path, probes):
+    """bitsandbytes' AdamW8bit (on the CPU here): the critic's 192x192 weight has 8-bit states, which a
+    checkpoint holds and a resumed run continues from bit for bit."""
+    from bitsandbytes.optim import AdamW8bit
+
+    def config(run, steps):
+        return make_config(teacher, tmp_path / run, f"train.max_steps={steps}", "train.optimizer=8bit",
+                           "train.checkpoint_every=2", method="wide_critic_probe", data=None)
+
+    straight = Trainer(config("straight", 4))
+    assert all(isinstance(opt.optimizer, AdamW8bit) for opt in straight.optimizers.values())
+    straight.fit()
+    assert changed_at(straight.objective.critic_after, 3) and changed_at(straight.objective.student_after, 2)
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "straight"))
+    critic_state = flat_tensors(state["optimizers"]["critic"]["state"])
+    assert any(t.dtype == torch.uint8 and t.numel() == 192 * 192 for t in critic_state), "no 8-bit state"
+
+    Trainer(config("resumed", 2)).fit()
+    resumed = Trainer(config("resumed", 4), resume="latest")
+    resumed.fit()
+    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
+
+
+def flat_tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in flat_tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in flat_tensors(value)]
+    return []
 
 
 def test_bf16_run_of_a_text_teacher_exports_full_precision_components(sd_teacher, tmp_path):
