@@ -91,7 +91,14 @@ class TrainConfig:
     """Stop after this many non-finite steps in a row."""
     log_every: int = 10
     sample_every: int = 0
-    """0 = never."""
+    """Save a sample grid (``RUN/samples/step-N.png``, also sent to the trackers that take images) every this
+    many steps: a row per step count the student serves, a column per validation prompt (else per condition
+    of the data); 0 = never."""
+    validation_prompts: list[str] | str | None = None
+    """The prompts of the sample grids of a text-to-image teacher: a list, or a text file of prompts, one a
+    line ("toy": the toy world's prompts); None = the data's first conditions."""
+    validation_seed: int | None = None
+    """The seed of the sample grids' noise (the same noise every time); None = ``seed``."""
     checkpoint_every: int = 0
     """0 = only at the end."""
     keep_checkpoints: int = 2
@@ -221,6 +228,8 @@ class DistillConfig:
             (t.max_nonfinite >= 1, "train.max_nonfinite", t.max_nonfinite, ">= 1"),
             (t.log_every >= 0, "train.log_every", t.log_every, ">= 0"),
             (t.sample_every >= 0, "train.sample_every", t.sample_every, ">= 0"),
+            (t.validation_prompts != [], "train.validation_prompts", t.validation_prompts,
+             "a list of prompts, a text file of prompts or None"),
             (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
         ]

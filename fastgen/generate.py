@@ -1,4 +1,4 @@
-"""Generate images from a loaded teacher or exported student, and save them as a grid."""
+"""Generate images from a loaded teacher or exported student, and save them as a grid (or a labelled one)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,50 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
     nrow = nrow or max(1, int(len(images) ** 0.5))
     save_image(images, path, nrow=nrow, padding=1, pad_value=1.0)
     return path
+
+
+GRID_PAD = 2
+"""Pixels between the tiles of a labelled grid (and after its labels)."""
+ROW_LABEL_WIDTH = 64
+"""Pixels left of a labelled grid's tiles for the row labels."""
+COLUMN_LABEL_HEIGHT = 14
+"""Pixels above a labelled grid's tiles for the column labels (none without column labels)."""
+MIN_TILE = 64
+"""Tiles narrower than this are upscaled by the smallest whole factor that reaches it, so that labels fit."""
+
+
+def labelled_grid(images: torch.Tensor, row_labels: Sequence[str], column_labels: Sequence[str] | None = None):
+    """A PIL image of RGB ``images`` in [-1, 1], shaped ``(rows, columns, 3, H, W)``, on white: each row's label
+    left of it, each column's label (when given) above it, in PIL's default font and cut to fit (``..``).
+    Tiles are ``k W x k H`` pixels, ``k`` = ``ceil(MIN_TILE / W)`` (nearest neighbour); the image is
+    ``ROW_LABEL_WIDTH + GRID_PAD + columns (k W + GRID_PAD)`` wide and ``top + GRID_PAD + rows (k H + GRID_PAD)``
+    high, ``top`` = ``COLUMN_LABEL_HEIGHT`` with column labels, else 0."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, columns, _, h, w = images.shape
+    k = -(-MIN_TILE // w)
+    tile_h, tile_w = k * h, k * w
+    top = COLUMN_LABEL_HEIGHT if column_labels else 0
+    grid = Image.new("RGB", (ROW_LABEL_WIDTH + GRID_PAD + columns * (tile_w + GRID_PAD),
+                             top + GRID_PAD + rows * (tile_h + GRID_PAD)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+
+    def label(text: str, x: int, y: int, width: int, height: int) -> None:
+        """``text`` cut to ``width`` pixels, centred vertically in ``height`` pixels from ``(x, y)``."""
+        cut = text
+        while cut and draw.textlength(cut if cut == text else cut + "..", font=font) > width:
+            cut = cut[:-1]
+        cut = cut if cut == text else cut + ".."
+        _, y0, _, y1 = draw.textbbox((0, 0), cut, font=font)
+        draw.text((x, y + (height - (y1 + y0)) // 2), cut, fill="black", font=font)
+
+    for c, text in enumerate(column_labels or ()):
+        label(text, ROW_LABEL_WIDTH + GRID_PAD + c * (tile_w + GRID_PAD), 0, tile_w, top)
+    for r in range(rows):
+        y = top + GRID_PAD + r * (tile_h + GRID_PAD)
+        label(row_labels[r], GRID_PAD, y, ROW_LABEL_WIDTH - GRID_PAD, tile_h)
+        for c in range(columns):
+            tile = Image.fromarray(pixels[r, c]).resize((tile_w, tile_h), Image.NEAREST)
+            grid.paste(tile, (ROW_LABEL_WIDTH + GRID_PAD + c * (tile_w + GRID_PAD), y))
+    return grid

@@ -14,15 +14,21 @@ objective's networks, optimizers, EMA, data), wraps the trained networks for the
 5. logging every ``log_every`` steps: the window averages of every phase's terms across ranks, each phase's
    learning rate (``lr/<phase>``), samples per second, peak memory and the run's cumulative time, to
    ``metrics.jsonl`` and accelerate's trackers;
-6. sample grids every ``sample_every`` steps and checkpoints every ``checkpoint_every`` steps.
+6. sample grids every ``sample_every`` steps (a row per step count the student serves, a column per
+   ``train.validation_prompts`` prompt, the same noise every time; to ``RUN/samples/`` and to the trackers that
+   take images) and checkpoints every ``checkpoint_every`` steps.
+
+``fit`` runs with TF32 matmuls and convolutions when ``train.allow_tf32`` is set.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -31,13 +37,16 @@ from fastgen.allocator import keep_heap
 from fastgen.assemble import build_run, make_student, run_plan, student_names
 from fastgen.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgen.config import DistillConfig, config_to_dict, load_config, save_config
-from fastgen.data import build_data, check_data
-from fastgen.errors import EnvironmentMissingError, MissingPathError, UsageError
+from fastgen.data import TOY_PROMPTS, build_data, check_data, read_prompts
+from fastgen.data.batch import num_rows
+from fastgen.errors import EnvironmentMissingError, InputError, MissingPathError, UsageError
 from fastgen.networks import load_network_state, network_state
 from fastgen.plan import PLAN_FILE, StudentPlan
 from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory, tf32
 from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,12 +112,27 @@ def check_trackers(names) -> None:
                                           f"(pip install {modules[0]}) or remove it from train.trackers")
 
 
+def read_validation_prompts(value: list[str] | str | None) -> list[str] | None:
+    """The prompts of ``train.validation_prompts``: its list, or the lines of its text file (``"toy"``: the toy
+    world's prompts); a missing or empty file is an error naming the key."""
+    if value is None or isinstance(value, list):
+        return value
+    if value != TOY_PROMPTS and not Path(value).is_file():
+        raise MissingPathError(f"train.validation_prompts: {value!r} is not a file; expected a text file of prompts, "
+                               "one a line, or a list of prompts (train.validation_prompts=[a cat, a dog])")
+    try:
+        return read_prompts(value)
+    except InputError as err:
+        raise InputError(f"train.validation_prompts: {err}") from None
+
+
 class Trainer:
     """Distil ``config.teacher`` with ``config.method`` into ``config.output``."""
 
     def __init__(self, config: DistillConfig, resume: str | None = None):
         config.validate()
         check_trackers(config.train.trackers)
+        self.validation_prompts = read_validation_prompts(config.train.validation_prompts)
         self.config = config
         self.run_dir = Path(config.output)
         t = config.train
@@ -131,6 +155,7 @@ class Trainer:
         self.batches_used = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = {phase.name: 0 for phase in run.phases}
+        self._imageless: set[str] = set()  # trackers already named as taking no sample grids
         if resume_from is not None:
             self.load(resume_from)
         if acc.is_main_process:
@@ -141,8 +166,12 @@ class Trainer:
 
     def _data(self, teacher, objective):
         """The run's data source, this process's shard of it (built on the main process first: caches); checked
-        against the objective's needs before anything is read or cached."""
+        against the objective's needs, and the validation prompts against the teacher, before anything is read
+        or cached."""
         config, acc = self.config, self.accelerator
+        if self.validation_prompts and not teacher.text_conditioned:
+            raise UsageError(f"train.validation_prompts: the teacher from {teacher.source} ({teacher.model_class}) "
+                             "takes no prompts; expected a text-to-image teacher, or no train.validation_prompts")
         has_x0 = check_data(config.data, teacher, class_labels=teacher.num_classes > 0, prompts=config.prompts,
                             teacher_guidance=config.teacher_sample_guidance)
         if objective.needs_data and not has_x0:
@@ -351,23 +380,53 @@ class Trainer:
                               method=self.config.method, settings=config_to_dict(self.config)["objective"])
 
     @torch.no_grad()
-    def save_samples(self, num: int = 16) -> Path | None:
+    def save_samples(self, num: int = 8) -> Path | None:
+        """The sample grid of this step (main process only), ``RUN/samples/step-N.png``: a row per step count the
+        student serves (``plan.exported``), a column per validation prompt or, without any, per condition of the
+        data's first batch (at most ``num``), the same noise in every row and at every step (drawn from
+        ``train.validation_seed``, else ``seed``); also sent to the trackers that take images."""
         if not self.accelerator.is_main_process:
             return None
-        from fastgen.generate import save_grid
+        from fastgen.denoiser import slice_cond
+        from fastgen.generate import labelled_grid
         from fastgen.samplers import get_sampler
 
-        den = self.objective.sampling_denoiser()
-        g = torch.Generator().manual_seed(self.config.seed)
-        x = torch.randn((num, *self.teacher.sample_shape), generator=g).to(self.accelerator.device)
-        cond = self.run.data.batch(0).to(self.accelerator.device).cond
-        if cond is not None:
-            from fastgen.denoiser import slice_cond
+        acc, t, plan, teacher = self.accelerator, self.config.train, self.plan, self.teacher
+        if self.validation_prompts:
+            cond, labels = teacher.encode_prompts(self.validation_prompts), self.validation_prompts
+        else:
+            cond, labels = slice_cond(self.run.data.batch(0).to(acc.device).cond, slice(0, num)), None
+        columns = num if cond is None else num_rows(cond)
+        seed = self.config.seed if t.validation_seed is None else t.validation_seed
+        den, sample = self.objective.sampling_denoiser(), get_sampler(plan.rule)
+        counts = plan.exported or (plan.num_steps,)
+        rows = []
+        for count in counts:
+            timesteps = list(plan.grids[count])
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn((columns, *teacher.sample_shape), generator=g).to(acc.device)
+            with acc.autocast():
+                out = sample(den, x * teacher.schedule.prior_scale(timesteps[0]), timesteps, cond=cond, generator=g)
+            rows.append(teacher.decode(out).float().cpu())
+        grid = labelled_grid(torch.stack(rows), [f"{k} step{'s' if k > 1 else ''}" for k in counts], labels)
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self._log_grid(grid)
+        return path
 
-            cond = slice_cond(cond, slice(0, num))
-            x = x[: _batch_size(cond)]
-        out = get_sampler(self.plan.rule)(den, x, self.plan.timesteps, cond=cond, generator=g)
-        return save_grid(self.teacher.decode(out), self.run_dir / "samples" / f"step-{self.step:08d}.png")
+    def _log_grid(self, grid) -> None:
+        """``grid`` (a PIL image) as the image ``samples`` to the run's tensorboard and wandb trackers; any other
+        tracker takes none, which the log says once per tracker."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": np.asarray(grid)[None]}, step=self.step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [grid]}, step=self.step)
+            elif tracker.name not in self._imageless:
+                self._imageless.add(tracker.name)
+                logger.warning("train.trackers: %r takes no sample grids from fastgen (tensorboard and wandb do); "
+                               "they are in %s", tracker.name, self.run_dir / "samples")
 
 
 RESUME_KEYS = ("teacher", "method", "student", "objective")
@@ -395,15 +454,6 @@ def resume_target(run_dir: Path, which: str, config: DistillConfig) -> Path:
         raise UsageError(f"--resume {which}: the checkpoint was trained with other settings ({'; '.join(differ)}); "
                          "resume with the run's own settings, or distil into a new --output")
     return path
-
-
-def _batch_size(cond) -> int:
-    for value in cond.values():
-        if isinstance(value, torch.Tensor):
-            return value.shape[0]
-        if isinstance(value, dict):
-            return _batch_size(value)
-    raise ValueError("condition holds no tensor")
 
 
 def _flat_config(tree: dict, prefix: str = "") -> dict:

@@ -77,6 +77,7 @@ LAYERS = {
     "test_toy": "integration",
     "test_toy_t2i": "e2e",
     "test_trainer": "e2e",
+    "test_validation": "e2e",
 }
 
 

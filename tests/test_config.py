@@ -328,6 +328,7 @@ def test_objective_settings_and_new_train_keys_are_checked_when_the_config_is_bu
 def test_new_train_keys_default_and_validate():
     t = load_config(DistillConfig).train
     assert (t.lr_scheduler, t.lr_warmup_steps, t.num_workers) == ("constant", 0, 0)
+    assert (t.optimizer, t.allow_tf32, t.validation_prompts, t.validation_seed) == ("adamw", False, None, None)
     cfg = load_config(DistillConfig, overrides=["teacher=toy", "method=dmd2", "train.lr_warmup_steps=-1",
                                                 "train.num_workers=-2"])
     with pytest.raises(ConfigError) as info:

@@ -245,7 +245,11 @@ def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher,
     from PIL import Image
 
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
-    assert Image.open(run / "samples" / "step-00000004.png").size[0] >= 8
+    # a row per step count served (a consistency student: 1, 2, 4, ...), a column per condition of a data batch (4):
+    # 8-pixel images upscaled 8x, right of a 64-pixel label column, 2 pixels between and around them
+    rows = len(trainer.plan.exported)
+    assert rows >= 3
+    assert Image.open(run / "samples" / "step-00000004.png").size == (64 + 2 + 4 * (64 + 2), 2 + rows * (64 + 2))
 
     plan = StudentPlan.load(run)  # the run folder's plan.json
     assert plan == trainer.plan
@@ -839,7 +843,10 @@ def test_a_consistency_student_of_two_experts_trains_on_the_plan_and_splits_its_
     finally:
         for hook in hooks:
             hook.remove()
-    assert hits == [0, 0, 1, 1]
+    # a row per step count served; the trained 4-step row runs expert 0, 0, 1, 1
+    rows = [expert_index(torch.tensor(plan.grids[k]), plan.expert_boundaries).tolist() for k in plan.exported]
+    assert 4 in plan.exported and rows[plan.exported.index(4)] == [0, 0, 1, 1]
+    assert hits == [k for row in rows for k in row]
 
 
 def test_a_cosine_schedule_with_warmup_logs_each_phases_lr_along_the_schedule(teacher, tmp_path, probes):
