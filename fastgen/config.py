@@ -108,13 +108,15 @@ class TrainConfig:
     """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
 
 
-SCRIPT_FLAGS: dict[str, str | None] = {
+SCRIPT_FLAGS: dict[str, str] = {
     "gradient_accumulation_steps": "train.grad_accum",
     "report_to": "train.trackers",
     "checkpointing_steps": "train.checkpoint_every",
     "learning_rate": "train.lr",
-    "use_8bit_adam": None,
-    "validation_prompts": None,
+    "use_8bit_adam": "train.optimizer=8bit",
+    "validation_prompts": "train.validation_prompts",
+    "validation_steps": "train.sample_every",
+    "validation_epochs": "train.sample_every",
     "resume_from_checkpoint": "--resume latest",
     "train_batch_size": "train.batch_size",
     "max_train_steps": "train.max_steps",
@@ -133,25 +135,21 @@ SCRIPT_FLAGS: dict[str, str | None] = {
     "adam_weight_decay": "train.weight_decay",
     "max_grad_norm": "train.grad_clip",
     "ema_decay": "train.ema_decay",
-    "allow_tf32": None,
+    "allow_tf32": "train.allow_tf32",
 }
 """The flags of diffusers' training scripts (``train_text_to_image.py`` and its siblings) and fastgen's config key
-(or ``--flag`` of ``fastgen distill``) for each; None: fastgen has none. A config key spelled as one of these
-is reported with fastgen's name instead of the nearest spelling (``DistillConfig.ALIASES``)."""
+(or ``--flag`` of ``fastgen distill``) for each. A config key spelled as one of these is reported with fastgen's
+name instead of the nearest spelling (``DistillConfig.ALIASES``)."""
 
 _SCRIPT_FLAG_NOTES = {
-    "use_8bit_adam": "is not supported by fastgen's trainer (`fastgen estimate --optimizer 8bit` models its memory)",
-    "validation_prompts": "is not supported by fastgen yet",
-    "allow_tf32": "is not supported by fastgen",
     "adam_beta1": "its first item",
     "adam_beta2": "its second item",
+    "validation_epochs": "counted in steps: fastgen has no epochs",
 }
 
 
-def _script_flag_hint(flag: str, target: str | None) -> str:
+def _script_flag_hint(flag: str, target: str) -> str:
     note = _SCRIPT_FLAG_NOTES.get(flag)
-    if target is None:
-        return f"diffusers' training-script flag --{flag} {note or 'is not supported by fastgen'}"
     if target.startswith("--"):
         return f"use the command-line flag {target} of `fastgen distill` (diffusers' training-script flag --{flag})"
     return f"did you mean '{target}'? (diffusers' training-script flag --{flag}{'; ' + note if note else ''})"
