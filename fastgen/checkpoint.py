@@ -8,11 +8,14 @@ tuples, numpy arrays keep their dtype, torch dtypes and 0-d tensors survive. Not
 
 Layout of a run folder::
 
-    run_dir/checkpoints/step-00001000/{state.safetensors, state.json, meta.json}
+    run_dir/checkpoints/step-00001000/{state.safetensors, state.json, meta.json, fastgen_manifest.json}
 
-:func:`save_checkpoint` writes into a hidden ``.tmp-step-...`` sibling, fsyncs every file and the
-folder, and renames it into place, so a crash at any moment leaves either the old set of complete
-checkpoints or the new one. Readers ignore ``.tmp-*`` folders; the next save removes them. One
+:func:`save_checkpoint` writes into a hidden temporary sibling (``fastgen.atomic.atomic_folder``), ends with
+the manifest of every file's sha256 (``fastgen.integrity``), fsyncs every file and the folder, and renames
+it into place, so a crash at any moment leaves either the old set of complete checkpoints or the new one.
+Readers ignore hidden folders; the next save removes those of writes that were killed. Loading verifies
+the manifest and names a damaged file; :func:`latest_checkpoint` is the newest complete and intact
+checkpoint, skipping damaged ones with a warning. Checkpoints from before manifests load unverified. One
 process (the main one) writes a given run folder.
 """
 
@@ -29,10 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from fastgen.atomic import fsync
-from fastgen.errors import InputError, MissingPathError
+from fastgen.atomic import atomic_folder, temp_sibling
+from fastgen.errors import InputError, MissingPathError, UserError, warn
+from fastgen.integrity import (
+    MANIFEST,
+    IncompleteFileError,
+    check_safetensors,
+    read_safetensors,
+    verify_manifest,
+    write_manifest,
+)
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -43,15 +54,12 @@ SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
-_TMP_PREFIX = ".tmp-"
+_LEGACY_TMP_PREFIX = ".tmp-"
+"""Temporary folders of fastgen before they were named by their process (``fastgen.atomic``)."""
 
 
 class UnsafeCheckpointError(InputError):
     """A pickled weights file was given without the explicit trust flag."""
-
-
-class IncompleteFileError(InputError):
-    """A weights or checkpoint file is truncated or corrupt (e.g. a copy or download that stopped midway)."""
 
 
 # ----------------------------------------------------------------------------- flatten / unflatten
@@ -152,7 +160,8 @@ def _encode_key(key: Any, path: str) -> Any:
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` atomically to ``run_dir/checkpoints/step-{step:08d}`` and keep the newest ``keep``.
 
-    Saving a step that already exists replaces it. Returns the checkpoint folder.
+    Saving a step that already exists replaces it. Returns the checkpoint folder. A full disk raises
+    ``NoSpaceError`` (the earlier checkpoints intact).
     """
     if keep < 1:
         raise ValueError(f"keep: expected >= 1 checkpoints to keep, got {keep}")
@@ -160,27 +169,17 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         raise ValueError(f"step: expected >= 0, got {step}")
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{_TMP_PREFIX}*"):
+    for stale in root.glob(f"{_LEGACY_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
     tensors, tree = flatten_state(state)
-    name = f"step-{step:08d}"
-    final, tmp = root / name, root / f"{_TMP_PREFIX}{name}"
-    tmp.mkdir()
-    try:
+    final = root / f"step-{step:08d}"
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_folder(final, needed, intact=f"the earlier checkpoints in {root} are intact") as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "fastgen", "version": str(FORMAT_VERSION)})
         _write_json(tmp / TREE_FILE, tree)
-        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step})
-        for file in (TENSORS_FILE, TREE_FILE, META_FILE):
-            fsync(tmp / file)
-        fsync(tmp)
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync(root)
+        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "manifest": True})
+        write_manifest(tmp)
 
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != final:
@@ -189,7 +188,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.tmp-*`` folders of crashed writes are ignored)."""
+    """Complete checkpoints of a run, oldest first (hidden temporary folders of killed writes are ignored)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -198,9 +197,22 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete and intact checkpoint of a run (:func:`verify_checkpoint`), or None when it has
+    none. Damaged newer ones are skipped with one warning line naming each and why; when every checkpoint is
+    damaged, ``IncompleteFileError`` says so for each."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except UserError as err:
+            skipped.append(f"{path.name} ({err})")
+            continue
+        if skipped:
+            warn(f"skipped damaged checkpoint {'; '.join(skipped)}; using {path}")
+        return path
+    if skipped:
+        raise IncompleteFileError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: {'; '.join(skipped)}")
+    return None
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -224,10 +236,21 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint folder written by :func:`save_checkpoint`; returns ``(step, state)`` on CPU."""
+def verify_checkpoint(path: str | Path) -> Path:
+    """:func:`checkpoint_path`, then every file checked against the checkpoint's manifest (its sha256 hashes);
+    raises ``DamagedFileError`` naming a damaged file. A checkpoint from before manifests is checked cheaply
+    only."""
     path = checkpoint_path(path)
-    meta = _read_json(path / META_FILE)
+    if not verify_manifest(path) and _read_meta(path).get("manifest"):
+        raise IncompleteFileError(f"checkpoint file {path / MANIFEST} is missing; the checkpoint is incomplete")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint folder written by :func:`save_checkpoint`, verified (:func:`verify_checkpoint`);
+    returns ``(step, state)`` on CPU."""
+    path = verify_checkpoint(path)
+    meta = _read_meta(path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(
             f"{path}: checkpoint format version {meta['format_version']} is newer than this fastgen "
@@ -238,6 +261,14 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
     return int(meta["step"]), unflatten_state(tensors, tree)
 
 
+def _read_meta(path: Path) -> dict:
+    meta = _read_json(path / META_FILE)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise IncompleteFileError(f"checkpoint file {path / META_FILE} holds {meta!r:.80}; expected "
+                                  '{"format_version": ..., "step": ...}: the file is corrupt')
+    return meta
+
+
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -246,51 +277,13 @@ def _read_json(file: Path) -> Any:
                                   "corrupt") from err
 
 
-def check_safetensors(file: str | Path) -> None:
-    """Raise :class:`IncompleteFileError` naming ``file`` unless its header parses and its size covers every
-    tensor it lists (a truncated copy or download fails here, before any weights load)."""
-    file = Path(file)
-    size = file.stat().st_size
-    problem = None
-    with file.open("rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else None
-        if length is None or 8 + length > size:
-            problem = f"its header needs {8 + (length or 0)} bytes but the file has {size}"
-        else:
-            try:
-                header = json.loads(f.read(length))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                problem = "its header is not valid safetensors JSON"
-            else:
-                if 8 + length + end > size:
-                    problem = f"it is {size} bytes but its tensors end at byte {8 + length + end}"
-    if problem:
-        raise IncompleteFileError(f"weights file {file} is incomplete or corrupt ({problem}); it was probably cut "
-                                  "off while copying or downloading: copy or save it again")
-
-
-def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """``load_file`` on the CPU after :func:`check_safetensors`; safetensors' own errors name the file."""
-    from safetensors import SafetensorError
-
-    check_safetensors(file)
-    try:
-        return load_file(str(file), device="cpu")
-    except SafetensorError as err:
-        raise IncompleteFileError(f"weights file {file} cannot be read ({err}); expected a complete "
-                                  ".safetensors file") from err
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, allow_nan=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _remove(path: Path) -> None:
-    """Delete a checkpoint folder: first rename it to a ``.tmp-`` name so no reader sees it half-deleted."""
-    doomed = path.with_name(f"{_TMP_PREFIX}old-{path.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
+    """Delete a checkpoint folder: first rename it to a temporary name so no reader sees it half-deleted."""
+    doomed = temp_sibling(path)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
 

@@ -12,6 +12,7 @@ The subclasses also derive from the built-in type a caller would catch (``ValueE
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -38,6 +39,17 @@ class MissingPathError(UserError, FileNotFoundError):
 class EnvironmentMissingError(UserError, ValueError):
     """The environment lacks what an option needs (an optional package, a GPU); a ``ValueError`` as the option's
     value is what cannot be used."""
+
+
+class NoSpaceError(UserError, OSError):
+    """A write failed for lack of room (disk full, quota, file too large for its file system); the message names
+    the path, the bytes needed when known, and what was left intact (``fastgen.atomic``)."""
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr: one line about something fastgen worked around (a damaged cache
+    rebuilt, a damaged checkpoint skipped)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def check_fields(rules, prefix: str = "") -> None:

@@ -16,9 +16,10 @@ from typing import Sequence
 
 import torch
 
-from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError, check_safetensors
+from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.errors import InputError, MissingPathError
+from fastgen.integrity import check_safetensors
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")

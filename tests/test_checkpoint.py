@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -106,9 +107,13 @@ def test_checkpoint_round_trip_and_layout(tmp_path):
     state = _mixed_state()
     path = save_checkpoint(tmp_path, 12, state)
     assert path == tmp_path / "checkpoints" / "step-00000012"
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "state.json", "state.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["fastgen_manifest.json", "meta.json", "state.json",
+                                                       "state.safetensors"]
     meta = json.loads((path / "meta.json").read_text())
-    assert meta == {"format_version": ckpt.FORMAT_VERSION, "step": 12}
+    assert meta == {"format_version": ckpt.FORMAT_VERSION, "step": 12, "manifest": True}
+    manifest = json.loads((path / "fastgen_manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["meta.json", "state.json", "state.safetensors"]
+    assert manifest["files"]["state.json"]["sha256"] == hashlib.sha256((path / "state.json").read_bytes()).hexdigest()
     step, loaded = load_checkpoint(path)
     assert step == 12
     _assert_same(loaded, state)
