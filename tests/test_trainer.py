@@ -245,11 +245,11 @@ def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher,
     from PIL import Image
 
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
-    # a row per step count served (a consistency student: 1, 2, 4, ...), a column per condition of a data batch (4):
+    # a row per step count served (a consistency student: 1, 2, 4, ...), 8 columns (an unconditional teacher):
     # 8-pixel images upscaled 8x, right of a 64-pixel label column, 2 pixels between and around them
     rows = len(trainer.plan.exported)
     assert rows >= 3
-    assert Image.open(run / "samples" / "step-00000004.png").size == (64 + 2 + 4 * (64 + 2), 2 + rows * (64 + 2))
+    assert Image.open(run / "samples" / "step-00000004.png").size == (64 + 2 + 8 * (64 + 2), 2 + rows * (64 + 2))
 
     plan = StudentPlan.load(run)  # the run folder's plan.json
     assert plan == trainer.plan
