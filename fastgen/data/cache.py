@@ -2,8 +2,10 @@
 
 A name hashes the inputs and a fingerprint of the teacher (its source, dtype and the sizes and mtimes of
 its files), so a changed input or teacher misses the cache. Each file is written to a temporary file and
-renamed into place (``fastgen.atomic``), so none is ever half-written. Nested conditions are stored flat,
-one ``dotted.key`` tensor each.
+renamed into place (``fastgen.atomic``), so none is ever half-written, and records the digest of its tensors
+(``fastgen.integrity.tensors_digest``) in its metadata: :func:`load_cache` checks it, and a damaged file (a
+flipped byte, a truncated copy) is rebuilt after a one-line warning naming it, as it is derived data. Nested
+conditions are stored flat, one ``dotted.key`` tensor each.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fastgen.atomic import atomic_path
 from fastgen.denoiser import Cond
+from fastgen.errors import UserError, warn
+from fastgen.integrity import DamagedFileError, read_safetensors, safetensors_header, tensors_digest
 from fastgen.teacher import Teacher
 
 
@@ -62,10 +66,36 @@ def unflatten_cond(flat: Mapping[str, torch.Tensor]) -> dict:
     return cond
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (``fastgen.atomic``)."""
-    with atomic_path(path) as tmp:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, tmp, metadata)
+DIGEST_KEY = "fastgen_sha256"
+"""The metadata key of a cache file's ``tensors_digest``."""
+
+
+def save_cache(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a cache file atomically (``fastgen.atomic``) with ``metadata`` and the digest of its tensors."""
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(path, needed) as tmp:
+        save_file(tensors, tmp, {**(metadata or {}), DIGEST_KEY: tensors_digest(tensors)})
+
+
+def load_cache(path: Path, metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor] | None:
+    """The tensors of the cache file ``path``; None when it must be built: it is absent, was written for other
+    ``metadata`` or before caches recorded digests, or is damaged (then a warning names it)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = dict(safetensors_header(path).get("__metadata__") or {})
+        recorded = stored.pop(DIGEST_KEY, None)
+        if recorded is None or stored != (metadata or {}):
+            return None
+        tensors = read_safetensors(path)
+        if tensors_digest(tensors) != recorded:
+            raise DamagedFileError(f"cache file {path} is damaged: its tensors differ from the digest recorded when "
+                                   "it was written")
+    except UserError as err:
+        warn(f"rebuilding {path}: {err}")
+        return None
+    return tensors
 
 
 def null_cond(teacher: Teacher, cache_dir: Path) -> Cond | None:
@@ -73,6 +103,8 @@ def null_cond(teacher: Teacher, cache_dir: Path) -> Cond | None:
     if teacher.num_classes or not teacher.text_conditioned:
         return None
     path = cache_dir / f"uncond-{digest(teacher_fingerprint(teacher))}.safetensors"
-    if not path.is_file():
-        save_atomic(flatten_cond(teacher.null_cond(1)), path)
-    return unflatten_cond(load_file(path))
+    flat = load_cache(path)
+    if flat is None:
+        flat = flatten_cond(teacher.null_cond(1))
+        save_cache(flat, path)
+    return unflatten_cond(flat)

@@ -6,22 +6,30 @@ webdataset shard (``.tar``) or parquet file, a glob of such files (``shards/*.ta
 a hub dataset (online only). Each image becomes ``x0`` as an image folder's would, and its condition is its
 own caption embedded with the teacher's text encoders (one row per distinct caption); both are encoded
 once and cached.
+
+Local data is checked before it is read: every ``file_name`` of a metadata file must be a path inside its
+folder, and a shard may hold only regular files and folders with paths inside it (no links). Images are
+opened by ``fastgen.data.images.open_image`` (decompression bombs refused from their header, 16-bit
+grayscale scaled), not decoded by ``datasets``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
+import json
 import logging
 import os
+import tarfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from fastgen.data.cache import digest, save_atomic, teacher_fingerprint, unflatten_cond
-from fastgen.data.images import image_tensor
+from fastgen.data.cache import digest, load_cache, save_cache, teacher_fingerprint, unflatten_cond
+from fastgen.data.images import image_tensor, open_image
 from fastgen.data.prompts import encode_texts
 from fastgen.denoiser import Cond
 from fastgen.errors import InputError
@@ -56,7 +64,8 @@ def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, st
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() in CAPTIONED_BUILDERS:
-            found = (text, CAPTIONED_BUILDERS[path.suffix.lower()], {"data_files": [str(path)]}, _listing([path]))
+            files = [path]
+            found = (text, CAPTIONED_BUILDERS[path.suffix.lower()], {"data_files": [str(path)]}, _listing(files))
         elif (path.is_dir() and teacher.text_conditioned
               and any((path / name).is_file() for name in METADATA_FILES)):
             files = [p for p in path.rglob("*") if p.is_file()
@@ -68,7 +77,71 @@ def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, st
         raise InputError(f"captioned data {spec} given to the teacher from {teacher.source}, a "
                          f"{type(teacher.model).__name__} that takes no prompts; expected a text-conditioned "
                          "teacher, or an image folder")
+    if found[1] == "webdataset":
+        for file in files:
+            check_shard(file)
+    elif found[1] == "imagefolder":
+        for file in files:
+            if file.name in METADATA_FILES:
+                check_metadata(file)
     return found
+
+
+def _outside(name: str) -> bool:
+    """Whether a path read from data leaves the folder it is relative to (absolute, ``..``, or a URL)."""
+    normal = os.path.normpath(name).replace("\\", "/")
+    return os.path.isabs(name) or normal == ".." or normal.startswith("../") or "://" in name
+
+
+def check_metadata(file: Path) -> None:
+    """Every ``file_name`` (or ``*_file_name``, ``*file_names``) of a metadata file (``metadata.jsonl`` or
+    ``.csv``) must be a relative path inside the file's folder; the error names the line."""
+    if file.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except ValueError as err:
+                    raise InputError(f"{file} line {number} is not valid JSON ({err}); expected one JSON object "
+                                     "per line") from None
+    else:
+        with file.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    for number, row in rows:
+        for key, value in row.items() if isinstance(row, dict) else ():
+            if key.endswith("file_name"):
+                names = [value]
+            elif key.endswith("file_names") and isinstance(value, list):
+                names = value
+            else:
+                continue
+            for name in names:
+                if isinstance(name, str) and _outside(name):
+                    raise InputError(f"{file} line {number}: {key} {name!r} leaves the folder {file.parent} "
+                                     "(an absolute path or '..'); expected a path relative to it, inside it")
+
+
+def check_shard(file: Path) -> None:
+    """A webdataset shard must hold only regular files and folders, at paths inside it (no links, devices,
+    absolute paths or ``..``); the error names the member."""
+    try:
+        with tarfile.open(file) as tar:
+            for member in tar:
+                if member.issym() or member.islnk():
+                    raise InputError(f"webdataset shard {file}: member {member.name!r} is a "
+                                     f"{'symbolic' if member.issym() else 'hard'} link (to {member.linkname!r}); "
+                                     "expected regular files only")
+                if not (member.isfile() or member.isdir()):
+                    raise InputError(f"webdataset shard {file}: member {member.name!r} is not a regular file; "
+                                     "expected regular files only")
+                if _outside(member.name):
+                    raise InputError(f"webdataset shard {file}: member {member.name!r} lies outside the shard (an "
+                                     "absolute path or '..'); expected relative paths")
+    except tarfile.TarError as err:
+        raise InputError(f"webdataset shard {file} is not a readable tar file ({err}); expected a .tar of "
+                         "images and captions") from None
 
 
 def _listing(files: list[Path], root: Path | None = None) -> list:
@@ -130,15 +203,19 @@ def captioned_data(spec, builder: str, arguments: dict, identity: list | None, t
     """``(x0, cond, cond_index)`` of captioned images: ``x0`` as ``image_data`` gives it, ``cond`` one row per
     distinct caption (the teacher's ``encode_prompts``), ``cond_index`` each image's caption row. Encoded
     once and cached by the data's identity, the teacher, ``resize`` and ``caption_column``."""
+    import datasets
+
     def cache_path(key):
         return cache_dir / f"captioned-{digest(teacher_fingerprint(teacher), resize, caption_column, key)}.safetensors"
 
     path = cache_path(identity) if identity is not None else None
-    if path is None or not path.is_file():
+    cached = None if path is None else load_cache(path)
+    if cached is None:
         dataset = load_captioned(builder, arguments, cache_dir)
         if path is None:
             path = cache_path([str(spec), dataset._fingerprint])
-    if not path.is_file():
+            cached = load_cache(path)
+    if cached is None:
         image_column, text_column = captioned_columns(dataset, spec, caption_column)
         captions = dataset[text_column]
         for row, caption in enumerate(captions):
@@ -149,16 +226,19 @@ def captioned_data(spec, builder: str, arguments: dict, identity: list | None, t
         rows = {caption: k for k, caption in enumerate(distinct)}
         logger.info("encoding %d images and %d captions of %s", len(captions), len(distinct), spec)
         channels = teacher.vae.config.in_channels if teacher.is_latent else teacher.sample_shape[0]
-        images = dataset.select_columns([image_column])
+        images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         device = teacher.model.device
         chunks = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([image_tensor(image, teacher.image_size, channels, resize,
-                                               f"image of row {start + k} of {spec}")
-                                  for k, image in enumerate(images[start:start + batch_size][image_column])])
-            chunks.append(teacher.encode(pixels.to(device)).float().cpu())
+            pixels = []
+            for k, image in enumerate(images[start:start + batch_size][image_column]):
+                name = f"image of row {start + k} of {spec}"
+                source = io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
+                pixels.append(image_tensor(open_image(source, name), teacher.image_size, channels, resize, name))
+            chunks.append(teacher.encode(torch.stack(pixels).to(device)).float().cpu())
         cond = {f"cond.{key}": value for key, value in encode_texts(teacher, distinct).items()}
         index = torch.tensor([rows[caption] for caption in captions], dtype=torch.long)
-        save_atomic({"x0": torch.cat(chunks), "cond_index": index, **cond}, path)
-    cached = unflatten_cond(load_file(path))
+        cached = {"x0": torch.cat(chunks), "cond_index": index, **cond}
+        save_cache(cached, path)
+    cached = unflatten_cond(cached)
     return cached["x0"], cached["cond"], cached["cond_index"]

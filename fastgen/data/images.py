@@ -3,19 +3,22 @@
 A folder is searched recursively for PNG/JPEG/WEBP files (hidden files and folders skipped), read in a
 stable order (sorted by relative path). Images become ``(C, H, W)`` tensors in [-1, 1]; for a latent teacher
 they are encoded once with its VAE and cached. A class-conditional teacher takes each image's label from
-the sub-folder it sits in, named by class index (``folder/3/x.png`` → 3).
+the sub-folder it sits in, named by class index (``folder/3/x.png`` → 3). An image whose header declares more
+than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before it is decoded (a decompression bomb); 16-bit
+grayscale images (modes ``I;16``, ``I``) are scaled to 8 bits (0..65535 → 0..255), not clipped.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors.torch import load_file
 
-from fastgen.data.cache import digest, save_atomic, teacher_fingerprint
+from fastgen.data.cache import digest, load_cache, save_cache, teacher_fingerprint
 from fastgen.errors import InputError
 from fastgen.teacher import Teacher
 from fastgen.toy import TOY_IMAGE_SIZE, toy_images
@@ -36,20 +39,40 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = False) -> torch.Tensor:
-    """One image file as a ``(channels, H, W)`` tensor in [-1, 1] (``image_tensor``)."""
+def open_image(file: Path | BinaryIO, name: str) -> Image.Image:
+    """An image file (a path or a binary file object) decoded and turned upright (its EXIF orientation); ``name``
+    says which image in errors. Refused from its header, before decoding, when it declares more pixels than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(file) as opened:
-            image = ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():  # PIL warns between the limit and twice it; refused here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as opened:
+                if limit and opened.width * opened.height > limit:
+                    raise InputError(f"{name} is {opened.width}x{opened.height} ({opened.width * opened.height:,} "
+                                     f"pixels), above the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS), refused "
+                                     "before decoding; expected a smaller image: downscale it (or raise the limit "
+                                     "if you trust it)")
+                return ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{name} is refused before decoding: {err} (PIL.Image.MAX_IMAGE_PIXELS is {limit:,}); "
+                         "expected a smaller image: downscale it") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read image {file}: {err}") from None
-    return image_tensor(image, size, channels, resize, f"image {file}")
+        raise InputError(f"cannot read {name}: {err}") from None
+
+
+def load_image(file: Path, size: tuple[int, int], channels: int, resize: bool = False) -> torch.Tensor:
+    """One image file as a ``(channels, H, W)`` tensor in [-1, 1] (``open_image``, ``image_tensor``)."""
+    return image_tensor(open_image(file, f"image {file}"), size, channels, resize, f"image {file}")
 
 
 def image_tensor(image, size: tuple[int, int], channels: int, resize: bool = False, name: str = "image"):
     """A PIL image as a ``(channels, H, W)`` tensor in [-1, 1] for ``size = (H, W)``; grayscale, palette and
-    alpha images become RGB for a 3-channel teacher; a 1-channel teacher takes grayscale images only.
-    ``name`` says which image in errors."""
+    alpha images become RGB for a 3-channel teacher; a 1-channel teacher takes grayscale images only; 16-bit
+    grayscale (``I;16``, ``I``) is scaled to 8 bits first. ``name`` says which image in errors."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.round(levels / 257).astype(np.uint8), "L")
     if channels == 3:
         image = image.convert("RGB")
     elif channels == 1 and image.mode in GRAYSCALE_MODES:
@@ -91,8 +114,9 @@ def image_data(folder: Path, teacher: Teacher, cache_dir: Path, batch_size: int,
         channels = teacher.vae.config.in_channels
         listing = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         path = cache_dir / f"images-{digest(teacher_fingerprint(teacher), resize, listing)}.safetensors"
-        if path.is_file():
-            return load_file(path)["x0"], labels
+        cached = load_cache(path)
+        if cached is not None:
+            return cached["x0"], labels
     else:
         channels = teacher.sample_shape[0]
     device = teacher.model.device
@@ -103,7 +127,7 @@ def image_data(folder: Path, teacher: Teacher, cache_dir: Path, batch_size: int,
         chunks.append(teacher.encode(images.to(device)).float().cpu() if teacher.is_latent else images)
     x0 = torch.cat(chunks)
     if teacher.is_latent:
-        save_atomic({"x0": x0}, path)
+        save_cache({"x0": x0}, path)
     return x0, labels
 
 

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from fastgen.data.cache import digest, flatten_cond, save_atomic, teacher_fingerprint, unflatten_cond
+from fastgen.data.cache import digest, flatten_cond, load_cache, save_cache, teacher_fingerprint, unflatten_cond
 from fastgen.denoiser import Cond, cat_cond
 from fastgen.errors import InputError, MissingPathError
 from fastgen.teacher import Teacher
@@ -56,10 +55,12 @@ def prompt_conds(file: Path, teacher: Teacher, cache_dir: Path) -> Cond:
     """The teacher's conditions for every prompt in ``file`` (one row each), encoded once and cached."""
     prompts = check_prompts(file, teacher)
     path = cache_dir / f"prompts-{digest(teacher_fingerprint(teacher), prompts)}.safetensors"
-    if not path.is_file():
+    flat = load_cache(path)
+    if flat is None:
         logger.info("encoding %d prompts from %s", len(prompts), file)
-        save_atomic(encode_texts(teacher, prompts), path)
-    return unflatten_cond(load_file(path))
+        flat = encode_texts(teacher, prompts)
+        save_cache(flat, path)
+    return unflatten_cond(flat)
 
 
 def encode_texts(teacher: Teacher, texts: list[str]) -> dict[str, torch.Tensor]:

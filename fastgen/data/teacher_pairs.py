@@ -11,11 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from fastgen.data.batch import derive_seed, num_rows, to_device
-from fastgen.data.cache import digest, flatten_cond, save_atomic, teacher_fingerprint
+from fastgen.data.cache import digest, flatten_cond, load_cache, save_cache, teacher_fingerprint
 from fastgen.denoiser import Cond, slice_cond
 from fastgen.samplers import Guidance, sample_ddim
 from fastgen.teacher import Teacher
@@ -31,17 +29,17 @@ def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, s
     class-conditional teacher, on the rows ``prompt_index`` of ``prompt_cond`` (every prompt once per
     round, in a seeded order) when given, else on the unconditional branch; guided by
     ``u + guidance (c - u)`` (Ho & Salimans 2022) when ``guidance != 1``. Cached; regenerated when the
-    teacher, count, steps, seed, prompts or guidance differ from the cached file's metadata."""
+    teacher, count, steps, seed, prompts or guidance differ from the cached file's metadata, or when it is
+    damaged (``load_cache``)."""
     prompts_key = "" if prompt_cond is None else digest(*(
         [k, list(v.shape), hashlib.sha256(v.float().numpy().tobytes()).hexdigest()]
         for k, v in sorted(flatten_cond(prompt_cond).items())))
     metadata = {"teacher": teacher_fingerprint(teacher), "count": str(count), "steps": str(steps), "seed": str(seed),
                 "prompts": prompts_key, "guidance": repr(float(guidance))}
     path = cache_dir / f"teacher-samples-{digest(teacher.source, seed)}.safetensors"
-    if path.is_file():
-        with safe_open(path, "pt") as cached:
-            if cached.metadata() == metadata:
-                return load_file(path)
+    cached = load_cache(path, metadata)
+    if cached is not None:
+        return cached
     logger.info("generating %d teacher samples with %d DDIM steps", count, steps)
     timesteps = teacher.schedule.timesteps(steps)
     generator = torch.Generator().manual_seed(derive_seed(seed, "teacher-samples"))
@@ -70,5 +68,5 @@ def teacher_samples(teacher: Teacher, cache_dir: Path, count: int, steps: int, s
                          cond=to_device(cond, device), guidance=guide)
         chunks.append(x0.float().cpu())
     pairs["x0"] = torch.cat(chunks)
-    save_atomic(pairs, path, metadata)
+    save_cache(pairs, path, metadata)
     return pairs
