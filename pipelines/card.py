@@ -1,15 +1,20 @@
 """The model card of an export: ``README.md`` with Hugging Face's YAML front matter, from ``fastgen_export.json``.
 
 It states the method and its settings, the teacher, the trained step counts and their timesteps, the metrics
-``fastgen eval`` measured (``add_metrics``) and two usage snippets that run as written: one with fastgen
-(``fastgen.load_pipeline``), one with diffusers alone.
+``fastgen eval`` measured (``add_metrics``) and two usage snippets that run as written from the folder holding
+the export: one with fastgen (``fastgen.load_pipeline``), one with diffusers alone. The card names no absolute
+local path: the export by its folder name, a local teacher by its folder's name ("a local folder"), a hub
+teacher by its id (also its ``base_model``). A local teacher's own card supplies ``base_model`` and ``license``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
+
+import yaml
 
 from fastgen.atomic import write_bytes
 
@@ -25,11 +30,37 @@ def _call(meta: dict) -> str:
 
 
 def _absent(meta: dict) -> str:
+    """The components the pipeline needs but the teacher was saved without (SD3's T5), passed as ``None``."""
     return "".join(f", {name}=None" for name in meta["absent"])
 
 
+def _local_teacher(meta: dict) -> bool:
+    """Whether the teacher is a local folder (recorded as an absolute path), not a hub id."""
+    return Path(meta["teacher"]).is_absolute()
+
+
+def _teacher_name(meta: dict) -> str:
+    """The teacher as the card names it: its hub id, or its folder's name."""
+    return Path(meta["teacher"]).name if _local_teacher(meta) else meta["teacher"]
+
+
+def read_front_matter(folder: Path) -> dict:
+    """The YAML front matter of the model card ``folder/README.md``; ``{}`` where there is no readable one."""
+    try:
+        text = (Path(folder) / CARD).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    match = re.match(r"---[ \t]*\n(.*?)^---[ \t]*$", text, re.DOTALL | re.MULTILINE)
+    try:
+        fields = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
 def snippets(meta: dict, folder: str) -> dict[str, str]:
-    """``{"fastgen": ..., "diffusers": ...}``: Python code loading the export in ``folder`` and sampling once."""
+    """``{"fastgen": ..., "diffusers": ...}``: Python code loading the export in ``folder`` (the path the code
+    names, e.g. the folder's name) and sampling once."""
     with_fastgen = f'import torch\nimport fastgen\n\npipe = fastgen.load_pipeline("{folder}")\n{_call(meta)}\n'
     remote = ", trust_remote_code=True" if meta["remote_code"] else ""
     if meta["kind"] == "full":
@@ -43,24 +74,26 @@ def snippets(meta: dict, folder: str) -> dict[str, str]:
                           f'module_file="scheduling_few_step.py", class_name="{scheduler}", trust_remote_code=True)\n')
         else:
             imports, load_class = f"from diffusers import DiffusionPipeline, {scheduler}\n", ""
+        where = "  # the teacher: a local folder" if _local_teacher(meta) else ""
         without = (f"import torch\n{imports}\n{load_class}"
-                   f'pipe = DiffusionPipeline.from_pretrained("{meta["teacher"]}", use_safetensors=True{_absent(meta)})\n'
+                   f'pipe = DiffusionPipeline.from_pretrained("{_teacher_name(meta)}", use_safetensors=True'
+                   f'{_absent(meta)}){where}\n'
                    f'pipe.load_lora_weights("{folder}")\n'
                    f'pipe.scheduler = {scheduler}.from_pretrained("{folder}", subfolder="scheduler")\n')
     return {"fastgen": with_fastgen, "diffusers": without + _call(meta) + "\n"}
 
 
 def _front_matter(meta: dict) -> str:
-    lines = ["---", "library_name: diffusers"]
-    if meta["base_model"]:
-        lines.append(f"base_model: {meta['base_model']}")
-    pipeline_tag = "text-to-image" if meta["conditioning"] == "text" else "unconditional-image-generation"
-    lines.append(f"pipeline_tag: {pipeline_tag}")
+    fields = {"library_name": "diffusers"}
+    for key in ("license", "base_model"):  # exports written before fastgen recorded a license lack the key
+        if meta.get(key):
+            fields[key] = meta[key]
+    fields["pipeline_tag"] = "text-to-image" if meta["conditioning"] == "text" else "unconditional-image-generation"
     tags = ["fastgen", "distillation", "few-step", *([meta["method"]] if meta["method"] else [])]
     if meta["kind"] == "lora":
         tags.append("lora")
-    lines += ["tags:", *(f"- {tag}" for tag in tags), "---"]
-    return "\n".join(lines)
+    fields["tags"] = tags
+    return f"---\n{yaml.safe_dump(fields, sort_keys=False)}---"
 
 
 def _metrics_table(metrics: Sequence[dict]) -> str:
@@ -99,7 +132,8 @@ def _experts_line(meta: dict) -> str:
 def model_card(meta: dict, folder: str) -> str:
     """The text of ``README.md`` for the export described by ``meta``, loaded from ``folder`` in its snippets."""
     scheduler = meta["few_step_scheduler"]
-    title = f"{meta['method'] or 'Few-step'} student of {meta['teacher']}"
+    teacher = f"`{_teacher_name(meta)}`" + (" (a local folder)" if _local_teacher(meta) else "")
+    title = f"{meta['method'] or 'Few-step'} student of {_teacher_name(meta)}"
     settings = meta["settings"] or {}
     setting_rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(settings.items()))
     steps = "\n".join(f"| {n} | {', '.join(f'{t:g}' for t in ts)} |"
@@ -121,7 +155,7 @@ Distilled with [fastgen](https://pypi.org/project/fastgen-distill/) {meta['fastg
 - Method: {meta['method'] or 'not recorded'}; sampling rule `{scheduler['rule']}`
   ({'consistency boundary condition ' + json.dumps(scheduler['boundary']) if scheduler['boundary'] else 'no boundary condition'});
   student prediction type `{scheduler['schedule']['prediction_type']}` on a `{scheduler['schedule']['family']}` schedule.
-- Teacher: `{meta['teacher']}`.
+- Teacher: {teacher}.
 - Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}{_experts_line(meta)}
 
 ## Settings
@@ -157,9 +191,9 @@ With diffusers alone:
 
 
 def write_card(folder: Path, meta: dict, final: Path | None = None) -> Path:
-    """Write ``README.md`` into ``folder`` (its snippets name ``final``, where the folder will live)."""
+    """Write ``README.md`` into ``folder`` (its snippets name the folder by its final name, ``final``'s)."""
     path = Path(folder) / CARD
-    write_bytes(path, model_card(meta, str(final or folder)).encode())
+    write_bytes(path, model_card(meta, Path(final or folder).name).encode())
     return path
 
 

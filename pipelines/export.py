@@ -129,12 +129,19 @@ def timestep_boundaries(scheduler: FewStepScheduler, boundaries: Sequence[float]
 
 def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool, method: str | None,
               settings: Mapping | None, experts: dict | None = None) -> dict:
-    """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts."""
+    """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts
+    (``base_model`` and ``license``: a hub teacher's id, else those of a local teacher's own model card)."""
     from fastgen import __version__
+    from fastgen.pipelines.card import read_front_matter
 
     source = Path(teacher.source)
     hub_id = None if source.exists() else teacher.source
-    absent = sorted(name for name, entry in _index_entries(teacher.pipeline).items() if entry is None)
+    card = {} if hub_id else read_front_matter(source)
+    base_model = hub_id or _hub_ids(card.get("base_model"))
+    license_ = card.get("license") if isinstance(card.get("license"), str) else None
+    optional = set(getattr(type(teacher.pipeline), "_optional_components", []))
+    absent = sorted(name for name, entry in _index_entries(teacher.pipeline).items()
+                    if entry is None and name not in optional)
     if not teacher.text_conditioned:
         pipeline = "FewStepPipeline" if _needs_few_step_pipeline(teacher) else "DDPMPipeline"
     else:
@@ -145,10 +152,18 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool
         "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None,
                                                  teacher.denoiser_component if experts else None)),
         "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
-        "teacher": hub_id or str(source.resolve()), "base_model": hub_id, "denoiser": teacher.denoiser_component,
+        "teacher": hub_id or str(source.resolve()), "base_model": base_model, "license": license_,
+        "denoiser": teacher.denoiser_component,
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
         "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
     }
+
+
+def _hub_ids(value) -> str | list[str] | None:
+    """A model card's ``base_model`` (one hub id or a list of them), or ``None`` where it is neither."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return value
+    return None
 
 
 def _index_entries(pipeline) -> dict:

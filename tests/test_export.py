@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -213,6 +214,8 @@ def round_trip(tmp_path_factory):
     out = export_student(sd3, student, root / "sd3-student", TRAINED)
     add("sd3", sd3, student, out, sd3.encode_prompts([PROMPT]), prompt=PROMPT,
         absent=["text_encoder_3", "tokenizer_3"], global_renoise=True)
+    # not in KINDS: only its model card's and README's snippets are run (a LoRA on a teacher saved without T5)
+    folders["sd3-lora"] = export_student(sd3, with_lora(sd3.model), root / "sd3-lora", TRAINED, lora=True)
 
     loaded = {mode: run_loader(cases, root, mode) for mode in ("without", "with")}
     return folders, refs, students, loaded
@@ -286,7 +289,8 @@ def test_shipped_code_is_the_package_source_and_imports_no_fastgen(round_trip):
     folders = round_trip[0]
     shipped = {name: (folder / "scheduler" / "scheduling_few_step.py").read_text()
                for name, folder in folders.items() if (folder / "scheduler" / "scheduling_few_step.py").is_file()}
-    assert sorted(shipped) == ["ddpm-custom", "edm", "sd3"] and set(shipped.values()) == {scheduler_source()}
+    assert sorted(shipped) == ["ddpm-custom", "edm", "sd3", "sd3-lora"]
+    assert set(shipped.values()) == {scheduler_source()}
     assert (folders["edm"] / "pipeline_few_step.py").read_text() == pipeline_source()
     for source in (scheduler_source(), pipeline_source()):
         roots = set()
@@ -329,14 +333,14 @@ def test_model_card_snippets_run_as_written(round_trip):
     process (the diffusers one with fastgen made unimportable), give the in-process student's image."""
     folders, refs, _, _ = round_trip
     root = folders["ddpm"].parent
-    names = ("ddpm", "ddpm-custom", "edm", "sd-lora")
+    names = ("ddpm", "ddpm-custom", "edm", "sd-lora", "sd3", "sd3-lora")  # SD3: saved without T5
     for name in names:
         card = (folders[name] / "README.md").read_text()
         blocks = card.split("```python\n")[1:]
         code = [block.split("```")[0] for block in blocks]
         assert len(code) == 2 and "import fastgen" in code[0] and "fastgen" not in code[1]
         meta = json.loads((folders[name] / METADATA).read_text())
-        assert code == [snippets(meta, str(folders[name]))[k] for k in ("fastgen", "diffusers")]
+        assert code == [snippets(meta, folders[name].name)[k] for k in ("fastgen", "diffusers")]  # by its name
         for way, snippet in zip(("fastgen", "diffusers"), code):
             (root / f"{name}-{way}.py").write_text(snippet + f"import sys, numpy\nnumpy.save(sys.argv[1] + '-{name}.npy', numpy.asarray(image))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules-card")}
@@ -349,10 +353,11 @@ def test_model_card_snippets_run_as_written(round_trip):
     import numpy as np
 
     for name in names:
+        meta = json.loads((folders[name] / METADATA).read_text())
         images = {way: torch.from_numpy(np.load(root / f"card-{way}-{name}.npy")).float().permute(2, 0, 1)[None] / 255
                   for way in ("fastgen", "diffusers")}  # PIL images, 8 bits
         torch.testing.assert_close(images["fastgen"], images["diffusers"], atol=0, rtol=0)
-        if name != "sd-lora":  # the card prompts with its own text
+        if meta["conditioning"] != "text":  # the card prompts with its own text
             torch.testing.assert_close(images["fastgen"], refs[f"{name}/1"][1], atol=1 / 255 + 1e-4, rtol=0)
 
 
@@ -502,21 +507,65 @@ def readme_loading_snippets() -> list[str]:
 
 
 def test_readme_loading_snippets_run(round_trip):
-    """README's two snippets, run in fresh processes on real exports (its folder names replaced by them): the
-    fastgen one as written, the diffusers one with fastgen made unimportable; each on a full export with shipped
-    code (SD3) and a LoRA export with a stock scheduler (SD)."""
+    """README's two snippets, run in fresh processes on real exports (its folder names replaced by them, nothing
+    else): the fastgen one as written, the diffusers one with fastgen made unimportable; on a full SD3 export (shipped
+    code, a teacher saved without T5) with an SD LoRA export (stock scheduler), then a full SD export with an SD3
+    LoRA export."""
     folders = round_trip[0]
     with_fastgen, without = readme_loading_snippets()[:2]  # the third is the experts one (test_export_experts.py)
     root = folders["sd"].parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules-readme")}
-    for full, lora, teacher in [("sd3", "sd-lora", "sd")]:
+    for full, lora, teacher in [("sd3", "sd-lora", "sd"), ("sd", "sd3-lora", "sd3")]:
         for prefix, snippet in [("", with_fastgen), ("import sys; sys.modules['fastgen'] = None\n", without)]:
             code = prefix + snippet.replace("students/lcm-4step-lora", str(folders[lora])) \
                 .replace("students/lcm-4step", str(folders[full])).replace("teachers/sd", str(root / teacher))
-            if full == "sd3":  # the tiny SD3 teacher was saved without T5
-                code = code.replace("trust_remote_code=True)", "trust_remote_code=True, text_encoder_3=None, "
-                                    "tokenizer_3=None)")
             code = code.replace("num_inference_steps=4", "num_inference_steps=2")
             proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                                   timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_model_cards_name_no_local_path(round_trip, tmp_path_factory):
+    folders = round_trip[0]
+    base = tmp_path_factory.getbasetemp()
+    for name, folder in folders.items():
+        card = (folder / "README.md").read_text()
+        assert str(base) not in card and str(base.resolve()) not in card, name
+        assert f'"{folder.name}"' in card  # the snippets name the export by its folder name
+    card = (folders["sd-lora"] / "README.md").read_text()
+    assert "Teacher: `sd` (a local folder)" in card
+    assert '"sd", use_safetensors=True)  # the teacher: a local folder' in card
+
+
+@pytest.mark.parametrize("readme, expected", [
+    ("---\nlicense: openrail\nbase_model: runwayml/stable-diffusion-v1-5\ntags: [art]\n---\n# Teacher\n",
+     {"license": "openrail", "base_model": "runwayml/stable-diffusion-v1-5"}),
+    ("---\nlicense: [openrail\n---\n", {}),  # damaged front matter: ignored
+    ("# Teacher\nlicense: openrail\n", {}),  # no front matter
+    (b"\xff\xfe---", {}),  # not UTF-8
+    (None, {}),  # no README.md
+])
+def test_card_takes_license_and_base_model_from_a_local_teacher_card(tmp_path, readme, expected):
+    teacher_dir = make_ddpm_folder(tmp_path / "teacher")
+    if isinstance(readme, str):
+        (teacher_dir / "README.md").write_text(readme)
+    elif readme is not None:
+        (teacher_dir / "README.md").write_bytes(readme)
+    teacher = load_teacher(teacher_dir)
+    folder = export_student(teacher, teacher.model, tmp_path / "out", TRAINED)
+    fields = front_matter((folder / "README.md").read_text())
+    assert {key: fields[key] for key in ("license", "base_model") if key in fields} == expected
+    meta = json.loads((folder / METADATA).read_text())
+    assert (meta["license"], meta["base_model"]) == (expected.get("license"), expected.get("base_model"))
+
+
+def test_card_of_a_hub_teacher_names_its_id(sd, tmp_path):
+    """A teacher loaded from a hub id (here a local one renamed: nothing is downloaded) is the card's
+    ``base_model`` and the teacher its LoRA snippet loads."""
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    teacher = dataclasses.replace(sd, source=hub_id)
+    folder = export_student(teacher, with_lora(sd.model), tmp_path / "out", TRAINED, lora=True)
+    card = (folder / "README.md").read_text()
+    assert front_matter(card)["base_model"] == hub_id
+    assert f'DiffusionPipeline.from_pretrained("{hub_id}", use_safetensors=True)\n' in card
+    assert f"Teacher: `{hub_id}`." in card and "a local folder" not in card
