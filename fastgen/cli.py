@@ -25,6 +25,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+# --lora-format is checked against fastgen.pipelines.export.LORA_FORMATS when the command runs (_lora): importing
+# that module to build the parser would double the start-up time of every fastgen command
+LORA_FORMAT_HELP = ("layout of the --lora file: peft (default; diffusers' pytorch_lora_weights.safetensors) or kohya "
+                    "(lora_kohya.safetensors for ComfyUI and AUTOMATIC1111; UNet teachers: SD, SDXL)")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -91,8 +97,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _lora(args) -> str | bool:
+    """``--lora`` in its ``--lora-format`` (default peft), the name checked; ``False`` without ``--lora``."""
+    from fastgen.pipelines.export import lora_format
+
+    if not args.lora:
+        if args.lora_format is not None:
+            raise UsageError(f"--lora-format {args.lora_format} applies to a LoRA export; add --lora (a full "
+                             "export merges the adapter into the weights)")
+        return False
+    return lora_format(args.lora_format or "peft")
+
+
 def cmd_distill(args) -> int:
     from fastgen.config import DistillConfig, config_file, load_config
+    from fastgen.pipelines.export import lora_format
     from fastgen.trainer import Trainer
 
     flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "prompts": args.prompts,
@@ -108,16 +127,18 @@ def cmd_distill(args) -> int:
     if args.lora and config.student.experts > 1:
         raise UsageError(f"--lora exports one LoRA adapter, but student.experts is {config.student.experts}; "
                          "drop --lora (a student of experts exports its full weights)")
+    lora = _lora(args)
     run_dir = check_output_path(config.output, "output")
     existed = run_dir.exists()
     try:
         trainer = Trainer(config, resume=args.resume)
+        lora_format(lora, trainer.teacher)  # a LoRA layout this teacher cannot take fails before training
     except BaseException:
         if not existed:  # what only building the data can find (an unreadable image) must not leave a folder
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainer.fit()
-    out = trainer.export(Path(config.output) / "export", lora=args.lora)
+    out = trainer.export(Path(config.output) / "export", lora=lora)
     if out is not None:
         print(f"run in {config.output}; student exported to {out}")
     return 0
@@ -128,7 +149,7 @@ def cmd_export(args) -> int:
 
     check_output_path(args.output, "--output")
     no_ema = []
-    out = export_run(args.run, args.output, lora=args.lora, ema=args.ema, checkpoint=args.checkpoint,
+    out = export_run(args.run, args.output, lora=_lora(args), ema=args.ema, checkpoint=args.checkpoint,
                      on_no_ema=no_ema.append)
     if no_ema:
         print(f"{args.run} has no EMA weights (train.ema_decay was null): exported the trained weights to {out}")
@@ -266,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--max-steps", type=positive_int, help="training steps (train.max_steps)")
     distill.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
     distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
+    distill.add_argument("--lora-format", help=LORA_FORMAT_HELP)
     distill.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) teacher weights")
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
     distill.set_defaults(func=cmd_distill)
@@ -315,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="the run folder of `fastgen distill`")
     export.add_argument("--output", required=True, help="the folder to write")
     export.add_argument("--lora", action="store_true", help="write only the LoRA adapter (LoRA students)")
+    export.add_argument("--lora-format", help=LORA_FORMAT_HELP)
     export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="export the EMA weights (default) or the raw ones")
     export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")

@@ -119,6 +119,17 @@ def _why_code(meta: dict) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _lora_line(meta: dict) -> str:
+    if meta["kind"] != "lora":
+        return ""
+    if meta.get("lora_format") == "kohya":
+        from fastgen.pipelines.export import KOHYA_WEIGHTS
+
+        return (f"\n- LoRA format: kohya-ss (`{KOHYA_WEIGHTS}`, keys `lora_unet_..._lora_down.weight` / `lora_up` / "
+                "`alpha`): ComfyUI and AUTOMATIC1111 load it as a LoRA file, diffusers with `load_lora_weights`.")
+    return "\n- LoRA format: peft, diffusers' layout (`pytorch_lora_weights.safetensors`), for `load_lora_weights`."
+
+
 def _experts_line(meta: dict) -> str:
     experts = meta.get("experts")
     if not experts:
@@ -156,7 +167,7 @@ Distilled with [fastgen](https://pypi.org/project/fastgen-distill/) {meta['fastg
   ({'consistency boundary condition ' + json.dumps(scheduler['boundary']) if scheduler['boundary'] else 'no boundary condition'});
   student prediction type `{scheduler['schedule']['prediction_type']}` on a `{scheduler['schedule']['family']}` schedule.
 - Teacher: {teacher}.
-- Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}{_experts_line(meta)}
+- Pipeline `{meta['pipeline']}`, scheduler `{meta['scheduler']}`. {loading}{_lora_line(meta)}{_experts_line(meta)}
 
 ## Settings
 

@@ -12,10 +12,12 @@ preconditioning); class-conditional and EDM students get ``FewStepPipeline`` wit
     pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, trust_remote_code=True)  # else
 
 With fastgen, ``fastgen.load_pipeline(folder)`` checks the folder and builds it from the installed classes,
-running no code from the folder. LoRA export (``lora=True``): ``pytorch_lora_weights.safetensors`` (diffusers'
-layout) and ``scheduler/`` for ``pipe.load_lora_weights(folder)`` on the teacher. Every export holds
-``fastgen_export.json`` (format version, student settings, teacher) and a model card ``README.md`` with usage
-snippets for both ways (``fastgen.pipelines.card``).
+running no code from the folder. LoRA export (``lora=True`` or ``"peft"``): ``pytorch_lora_weights.safetensors``
+(diffusers' layout) and ``scheduler/`` for ``pipe.load_lora_weights(folder)`` on the teacher; ``lora="kohya"``
+writes the adapter as ``lora_kohya.safetensors`` in kohya-ss's layout instead (``lora_unet_...`` keys, which
+ComfyUI and AUTOMATIC1111 load, as does ``load_lora_weights``; UNet teachers only). Every export holds
+``fastgen_export.json`` (format version, student settings, teacher, LoRA format) and a model card ``README.md``
+with usage snippets for both ways (``fastgen.pipelines.card``).
 
 A student of K experts (``fastgen.experts.ExpertsDenoiser``: ``student_model`` a list of K networks and
 ``expert_boundaries`` their K-1 boundaries in native time) exports as a full pipeline whose denoiser is one
@@ -51,11 +53,15 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 METADATA = "fastgen_export.json"
 FORMAT, FORMAT_VERSION = "fastgen-export", 1
 SCHEDULER_MODULE, PIPELINE_MODULE, EXPERTS_MODULE = "scheduling_few_step", "pipeline_few_step", "modeling_experts"
+LORA_FORMATS = ("peft", "kohya")
+"""The layouts of a LoRA export's weights: diffusers' (peft keys, ``pytorch_lora_weights.safetensors``) and
+kohya-ss's (``lora_unet_..._lora_down.weight``, ``.alpha``: ComfyUI, AUTOMATIC1111), in ``KOHYA_WEIGHTS``."""
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
 
 
 def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[torch.nn.Module],
                    out_dir: str | os.PathLike, trained_timesteps: Mapping[int | str, Sequence[float]],
-                   rule: str = "renoise", boundary: dict | None = None, lora: bool = False,
+                   rule: str = "renoise", boundary: dict | None = None, lora: bool | str = False,
                    prediction_type: str | None = None, method: str | None = None, settings: Mapping | None = None,
                    expert_boundaries: Sequence[float] | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
@@ -69,13 +75,15 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
         trained_timesteps: native times per step count, e.g. ``{1: [399], 4: [999, 749, 499, 249]}``.
         rule: the student's sampling rule, ``"renoise"`` or ``"ddim"`` (see ``FewStepScheduler``).
         boundary: consistency boundary parameters (``{"sigma_data": ..., "timestep_scaling": ...}``) or ``None``.
-        lora: write only the LoRA adapter (text-to-image teachers) instead of the full pipeline.
+        lora: write only the LoRA adapter (text-to-image teachers) instead of the full pipeline, in the layout
+            named (one of ``LORA_FORMATS``; ``True`` is ``"peft"``).
         prediction_type: the student's output type when it differs from the teacher's (``student.prediction_type``).
         method: the distillation method's name, for the model card (e.g. ``"dmd2"``).
         settings: the method's settings, for the model card.
         expert_boundaries: for a student of experts, the K-1 strictly decreasing native times between the
             experts' intervals (expert ``k`` answers ``b_k < t <= b_{k-1}``, as ``ExpertsDenoiser``).
     """
+    lora = lora_format(lora, teacher)
     students = _students(student_model, expert_boundaries, lora)
     for model in students:
         _check_student(teacher, model)
@@ -90,10 +98,13 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    "expert_class": type(students[0]).__name__}
     meta = _metadata(teacher, scheduler, shipped, lora, method, settings, experts)
     if lora:
-        save_lora = _lora_saver(teacher)
         adapter = _adapter_name(student_model)
         _check_base_weights(teacher, student_model)
-        write = partial(_write_lora, save_lora, teacher.denoiser_component, student_model, adapter, shipped)
+        if lora == "kohya":
+            write = partial(_write_kohya, teacher.denoiser_component, student_model, adapter, shipped)
+        else:
+            write = partial(_write_lora, _lora_saver(teacher), teacher.denoiser_component, student_model, adapter,
+                            shipped)
     else:
         write = partial(_write_full, teacher, students, experts, shipped)
     out = Path(out_dir).expanduser().absolute()
@@ -101,7 +112,27 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
     return _write_atomically(out, partial(_write_export, write, meta, out))
 
 
-def _students(student_model, expert_boundaries: Sequence[float] | None, lora: bool) -> list[torch.nn.Module]:
+def lora_format(lora: bool | str, teacher: Teacher | None = None) -> str | None:
+    """The LoRA layout ``lora`` asks for (``None``: a full export; ``True``: ``"peft"``), checked to be one of
+    ``LORA_FORMATS`` and, given the ``teacher``, to be writable for it (a text-to-image pipeline with a LoRA
+    loader; for ``"kohya"``, a UNet denoiser). ``fastgen distill --lora`` calls it before training."""
+    if lora is False or lora is None:
+        return None
+    name = "peft" if lora is True else lora
+    if name not in LORA_FORMATS:
+        raise UsageError(f"--lora-format {name!r} is not a LoRA layout; expected one of {', '.join(LORA_FORMATS)}")
+    if teacher is not None:
+        _lora_saver(teacher)
+        if name == "kohya" and teacher.denoiser_component != "unet":
+            raise UsageError(
+                f"--lora-format kohya writes kohya-ss's UNet layout (Stable Diffusion, SDXL); the denoiser of "
+                f"{type(teacher.pipeline).__name__} is a {teacher.denoiser_component}, which diffusers' conversion "
+                "does not support: use --lora-format peft, or export the full model (no --lora)"
+            )
+    return name
+
+
+def _students(student_model, expert_boundaries: Sequence[float] | None, lora: str | None) -> list[torch.nn.Module]:
     """The networks to export: ``[student_model]``, or the K experts, checked against ``expert_boundaries``."""
     if expert_boundaries is None:
         if isinstance(student_model, (list, tuple)):
@@ -127,7 +158,7 @@ def timestep_boundaries(scheduler: FewStepScheduler, boundaries: Sequence[float]
     return [float(u) for u in scheduler.schedule.model_input(torch.zeros_like(t), t)[1]]
 
 
-def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool, method: str | None,
+def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str | None, method: str | None,
               settings: Mapping | None, experts: dict | None = None) -> dict:
     """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts
     (``base_model`` and ``license``: a hub teacher's id, else those of a local teacher's own model card)."""
@@ -148,7 +179,8 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: bool
         pipeline = type(teacher.pipeline).__name__
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fastgen_version": __version__,
-        "kind": "lora" if lora else "full", "pipeline": pipeline, "scheduler": type(shipped).__name__,
+        "kind": "lora" if lora else "full", "lora_format": lora, "pipeline": pipeline,
+        "scheduler": type(shipped).__name__,
         "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None,
                                                  teacher.denoiser_component if experts else None)),
         "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
@@ -397,4 +429,18 @@ def _write_lora(save_lora: Callable, component: str, student_model: torch.nn.Mod
     if f"{component}_lora_adapter_metadata" in inspect.signature(save_lora).parameters:  # diffusers >= 0.34
         kwargs[f"{component}_lora_adapter_metadata"] = metadata
     save_lora(folder, **kwargs, safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+
+
+def _write_kohya(component: str, student_model: torch.nn.Module, adapter: str, scheduler, folder: Path) -> None:
+    """The adapter in kohya-ss's layout (diffusers' ``convert_state_dict_to_kohya`` of the peft keys: ``lora_A`` →
+    ``lora_down``, ``lora_B`` → ``lora_up``, ``alpha`` = rank, which matches the scaling folded into ``lora_up``)
+    as ``KOHYA_WEIGHTS``, and the scheduler."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    layers, _ = _lora_layers(student_model, adapter)
+    state = convert_state_dict_to_kohya({f"{component}.{key}": value for key, value in layers.items()})
+    save_file({key: value.detach().contiguous() for key, value in state.items()}, folder / KOHYA_WEIGHTS,
+              metadata={"format": "pt"})
     scheduler.save_pretrained(folder / "scheduler")

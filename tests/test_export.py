@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from tiny import make_ddpm_folder, make_sd3_folder, make_sd_folder, make_sdxl_folder
 
 from fastgen import FewStepPipeline, export_student, load_teacher
+from fastgen.cli import main
 from fastgen.denoiser import Denoiser
+from fastgen.errors import UsageError
 from fastgen.generate import generate
 from fastgen.pipelines.card import snippets
-from fastgen.pipelines.export import FORMAT_VERSION, METADATA
+from fastgen.pipelines.export import FORMAT_VERSION, KOHYA_WEIGHTS, LORA_FORMATS, METADATA
 from fastgen.pipelines.load import load_pipeline
 from fastgen.samplers import sample_renoise
 
@@ -523,6 +525,100 @@ def test_readme_loading_snippets_run(round_trip):
             proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                                   timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def lora_layouts(request, tmp_path_factory):
+    """A LoRA student of a tiny SD or SDXL teacher exported in every layout: (teacher folder, {format: folder})."""
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    teacher_dir = {"sd": make_sd_folder, "sdxl": make_sdxl_folder}[request.param](root / "teacher")
+    teacher = load_teacher(teacher_dir)
+    student = with_lora(teacher.model)
+    return teacher_dir, {fmt: export_student(teacher, student, root / fmt, TRAINED, lora=fmt) for fmt in LORA_FORMATS}
+
+
+def lora_latents(teacher_dir, lora=None):
+    """Final latents of the stock teacher pipeline (2 DDIM/Euler steps, seed ``SEED``) with ``lora`` loaded."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir, use_safetensors=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(SEED),
+                output_type="latent").images
+
+
+def test_kohya_export_samples_as_the_peft_export(lora_layouts):
+    """The kohya file, loaded by a stock pipeline's ``load_lora_weights`` (the file itself, and the folder), gives
+    the PEFT export's latents. Measured: max abs difference 0 (both load the same weights at scale 1; latents of
+    magnitude ~6); the LoRA moves them by ~0.8, so an adapter loaded wrongly or not at all fails."""
+    teacher_dir, folders = lora_layouts
+    peft = lora_latents(teacher_dir, folders["peft"])
+    assert (peft - lora_latents(teacher_dir)).abs().max() > 0.1
+    for kohya in (folders["kohya"] / KOHYA_WEIGHTS, folders["kohya"]):
+        torch.testing.assert_close(lora_latents(teacher_dir, kohya), peft, atol=1e-5, rtol=0)
+
+
+def test_kohya_export_layout(lora_layouts):
+    """Keys ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (= rank), the
+    same tensors as the PEFT export's ``lora_A`` / ``lora_B``; the format is recorded in the metadata and card."""
+    _, folders = lora_layouts
+    folder = folders["kohya"]
+    assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == [
+        "README.md", "fastgen_export.json", KOHYA_WEIGHTS, "scheduler/scheduler_config.json"]
+    kohya = load_file(folder / KOHYA_WEIGHTS)
+    peft = load_file(folders["peft"] / "pytorch_lora_weights.safetensors")
+    modules = {key.split(".lora_")[0] for key in peft}  # unet.down_blocks.1.attentions.0....attn1.to_q
+    assert len(kohya) == 3 * len(modules) and all(key.startswith("lora_unet_") for key in kohya)
+    for module in modules:
+        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        assert torch.equal(kohya[f"{name}.lora_down.weight"], peft[f"{module}.lora_A.weight"])
+        assert torch.equal(kohya[f"{name}.lora_up.weight"], peft[f"{module}.lora_B.weight"])
+        assert kohya[f"{name}.alpha"].item() == 4  # the rank: scale 1, as the PEFT export's folded lora_B needs
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in kohya
+    assert json.loads((folder / METADATA).read_text())["lora_format"] == "kohya"
+    assert json.loads((folders["peft"] / METADATA).read_text())["lora_format"] == "peft"
+    assert "LoRA format: kohya-ss" in (folder / "README.md").read_text()
+    assert "LoRA format: peft" in (folders["peft"] / "README.md").read_text()
+
+
+def test_fastgen_loads_a_kohya_export(lora_layouts):
+    teacher_dir, folders = lora_layouts
+    pipes = [load_pipeline(folders[fmt]) for fmt in LORA_FORMATS]
+    latents = [pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(SEED)).images for pipe in pipes]
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=0)
+
+
+def test_lora_format_is_checked(tmp_path):
+    sd3 = load_teacher(make_sd3_folder(tmp_path / "sd3"))
+    with pytest.raises(UsageError, match=r"--lora-format kohya writes kohya-ss's UNet layout .*denoiser of "
+                                         r"StableDiffusion3Pipeline is a transformer.*use --lora-format peft"):
+        export_student(sd3, with_lora(sd3.model), tmp_path / "out", TRAINED, lora="kohya")
+    with pytest.raises(UsageError, match=r"--lora-format 'ckpt' is not a LoRA layout; expected one of peft, kohya"):
+        export_student(sd3, with_lora(sd3.model), tmp_path / "out", TRAINED, lora="ckpt")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["sd3"]
+
+
+def test_cli_lora_format_errors(tmp_path, capsys):
+    """One-line usage errors, before a run or teacher is read (export) or before training (distill)."""
+    sd3 = make_sd3_folder(tmp_path / "sd3")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n")
+    export = ["export", "--run", str(tmp_path / "no-run"), "--output", str(tmp_path / "out")]
+    cases = [
+        (export + ["--lora-format", "kohya"], "--lora-format kohya applies to a LoRA export; add --lora"),
+        (export + ["--lora", "--lora-format", "ckpt"], "expected one of peft, kohya"),
+        (["distill", "--teacher", str(sd3), "--method", "sid", "--prompts", str(tmp_path / "prompts.txt"),
+          "--output", str(tmp_path / "run"), "--lora", "--lora-format", "kohya", "student.lora_rank=4"],
+         "--lora-format kohya writes kohya-ss's UNet layout"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "Traceback" not in err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["prompts.txt", "sd3"]  # refused before training
 
 
 def test_model_cards_name_no_local_path(round_trip, tmp_path_factory):
