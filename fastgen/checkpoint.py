@@ -38,6 +38,8 @@ from fastgen.atomic import atomic_folder, temp_sibling
 from fastgen.errors import InputError, MissingPathError, UserError, warn
 from fastgen.integrity import (
     MANIFEST,
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
     IncompleteFileError,
     check_safetensors,
     read_safetensors,
@@ -50,8 +52,6 @@ CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "state.safetensors"
 TREE_FILE = "state.json"
 META_FILE = "meta.json"
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _LEGACY_TMP_PREFIX = ".tmp-"

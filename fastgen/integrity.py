@@ -22,6 +22,9 @@ import torch
 from fastgen.atomic import write_bytes
 from fastgen.errors import InputError
 
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Weights files that are pickles, which can run code when loaded."""
 MANIFEST = "fastgen_manifest.json"
 MANIFEST_FORMAT = "fastgen-manifest"
 CHUNK_BYTES = 1 << 20
@@ -52,8 +55,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_manifest(folder: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None) -> Path:
-    """Write ``folder/fastgen_manifest.json``: the size and sha256 of each of ``files`` (paths inside ``folder``,
-    relative to it or not; default: every file under it). Call it last, when the files are complete."""
+    """Write ``folder/fastgen_manifest.json``: the size and sha256 of each of ``files`` (paths relative to
+    ``folder``, or absolute paths inside it; default: every file under it). Call it last, when the files are
+    complete."""
     folder = Path(folder)
     if files is None:
         paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)

@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
-from fastgen.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES, UnsafeCheckpointError
+from fastgen.checkpoint import UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.errors import InputError, MissingPathError
-from fastgen.integrity import check_safetensors
+from fastgen.integrity import PICKLE_SUFFIXES, SAFE_SUFFIXES, check_safetensors
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -225,7 +225,7 @@ def _read_index(folder: Path) -> dict[str, list]:
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
     custom = sorted(name for name, (library, _) in components.items() if library not in (None, *LIBRARIES))
     if custom or isinstance(index.get("_class_name"), list):
-        raise ValueError(
+        raise InputError(
             f"{folder} names classes outside diffusers and transformers (components {custom}, pipeline "
             f"{index.get('_class_name')!r}) but is not a fastgen export (no fastgen_export.json); expected a "
             "diffusers pipeline folder or a folder written by `fastgen export`"

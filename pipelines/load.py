@@ -4,6 +4,13 @@ The folder must hold ``fastgen_export.json`` of a format version this fastgen re
 the installed ``FewStepScheduler`` (from the recorded settings, whatever scheduler the folder ships) and, for
 pixel students written as ``FewStepPipeline``, the installed pipeline class, and, for a student of experts, the
 installed ``TimestepExperts``. Weights load as safetensors only.
+
+Before any weights load, the folder is checked (:func:`read_export`, :func:`check_export_files`): its manifest
+(``fastgen.integrity``), when it has one, is verified; ``fastgen_export.json`` and ``model_index.json`` must
+parse and hold what fastgen writes; every class it names must be diffusers' or transformers' own (or the
+fastgen classes that are replaced by the installed ones), no config may name custom code (``auto_map``), and
+every ``.safetensors`` file must be complete. Each problem is one ``InputError`` naming the file and what was
+expected.
 """
 
 from __future__ import annotations
@@ -13,7 +20,30 @@ import json
 import sys
 from pathlib import Path
 
-from fastgen.pipelines.export import EXPERTS_MODULE, FORMAT, FORMAT_VERSION, METADATA, SCHEDULER_MODULE
+from fastgen.errors import InputError, MissingPathError
+from fastgen.integrity import PICKLE_SUFFIXES, check_safetensors, verify_manifest
+from fastgen.pipelines.export import (
+    EXPERTS_MODULE,
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA,
+    PIPELINE_MODULE,
+    SCHEDULER_MODULE,
+)
+
+INDEX = "model_index.json"
+LIBRARIES = ("diffusers", "transformers")
+_FIELDS = {
+    "kind": (lambda v: v in ("full", "lora"), "'full' or 'lora'"),
+    "pipeline": (lambda v: v == "FewStepPipeline" or isinstance(v, str) and _is_library_class("diffusers", v),
+                 "FewStepPipeline or a diffusers pipeline class"),
+    "few_step_scheduler": (lambda v: isinstance(v, dict), "the scheduler's settings (a mapping)"),
+    "teacher": (lambda v: isinstance(v, str), "the teacher's path or hub id"),
+    "denoiser": (lambda v: v in ("unet", "transformer"), "'unet' or 'transformer'"),
+    "absent": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of component names"),
+    "experts": (lambda v: v is None or isinstance(v, dict), "null or the experts' settings (a mapping)"),
+}
+"""The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
 
 
 def is_export(folder: str | Path) -> bool:
@@ -22,26 +52,97 @@ def is_export(folder: str | Path) -> bool:
 
 
 def read_export(folder: str | Path) -> dict:
-    """The export's metadata, checked: a clear error for a folder that is not an export or is too new."""
+    """The export's metadata, checked: the folder's manifest (when present) verified, then a clear error for a
+    folder that is not an export, a file that is not its JSON, a missing or wrong key, or a version too new."""
     folder = Path(folder)
     path = folder / METADATA
     if not path.is_file():
-        raise ValueError(f"{folder} is not a fastgen export: no {METADATA}; expected a folder written by "
+        raise InputError(f"{folder} is not a fastgen export: no {METADATA}; expected a folder written by "
                          "`fastgen export` / `export_student`")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); expected fastgen export metadata") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{path}: format is {found!r}; expected {FORMAT!r}")
+    verify_manifest(folder)
+    meta = _read_json(path, "fastgen export metadata")
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{path}: format is {meta.get('format')!r}; expected {FORMAT!r}")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{folder} is a fastgen export of format version {version!r} (written by fastgen "
             f"{meta.get('fastgen_version')}); this fastgen reads versions up to {FORMAT_VERSION}: upgrade fastgen"
         )
+    for key, (valid, expected) in _FIELDS.items():
+        if key not in meta:
+            raise InputError(f"{path} has no key {key!r}; expected {expected} (the file is damaged or was edited)")
+        if not valid(meta[key]):
+            raise InputError(f"{path}: {key} is {meta[key]!r:.80}; expected {expected}")
     return meta
+
+
+def check_export_files(folder: Path, meta: dict) -> None:
+    """Check an export's files against its metadata before any weights load: ``model_index.json`` (full exports)
+    names the recorded pipeline, denoiser and scheduler and no class outside diffusers and transformers besides
+    fastgen's own; no JSON config names custom code (``auto_map``); weights are complete safetensors files."""
+    if meta["kind"] == "full":
+        index = _read_json(folder / INDEX, "the diffusers model index that `fastgen export` wrote")
+        _check_index(folder / INDEX, index, meta)
+    for config in sorted(folder.rglob("*.json")):
+        data = _read_json(config, "a JSON object", require_object=False)
+        if isinstance(data, dict) and "auto_map" in data:
+            raise InputError(f"{config} names custom code (auto_map: {data['auto_map']!r:.80}); fastgen loads only "
+                             "diffusers' and transformers' own classes and runs no code from the folder; expected "
+                             "the config that `fastgen export` wrote")
+    for weights in sorted(folder.rglob("*")):
+        if weights.suffix in PICKLE_SUFFIXES:
+            raise InputError(f"{weights} is a pickle file, which can run code when loaded; fastgen loads exports "
+                             "as .safetensors only: export the student again")
+        if weights.suffix == ".safetensors":
+            check_safetensors(weights)
+
+
+def _read_json(path: Path, expected: str, require_object: bool = True):
+    if not path.is_file():
+        raise MissingPathError(f"{path} is missing; expected {expected}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}); expected {expected}: the file is damaged (cut off?)") \
+            from None
+    if require_object and not isinstance(data, dict):
+        raise InputError(f"{path} holds a {type(data).__name__}; expected {expected} (a JSON object)")
+    return data
+
+
+def _check_index(path: Path, index: dict, meta: dict) -> None:
+    """``model_index.json`` against the metadata: every component a class of diffusers or transformers, or absent,
+    or one of fastgen's own that loading replaces with the installed class."""
+    own = {"scheduler": [SCHEDULER_MODULE, "FewStepScheduler"]}
+    if meta["experts"]:
+        own[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
+    expected_pipeline = [PIPELINE_MODULE, "FewStepPipeline"] if meta["pipeline"] == "FewStepPipeline" \
+        else meta["pipeline"]
+    pipeline = index.get("_class_name")
+    if pipeline != expected_pipeline:
+        raise InputError(f"{path}: _class_name is {pipeline!r}; expected {expected_pipeline!r}, the pipeline "
+                         f"{METADATA} records (a diffusers pipeline, or fastgen's FewStepPipeline)")
+    for name in (meta["denoiser"], "scheduler"):
+        if not isinstance(index.get(name), list):
+            raise InputError(f"{path} has no component {name!r}; expected the {name} of the exported pipeline")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):  # private keys and pipeline settings
+            continue
+        if entry == [None, None] or entry == own.get(name):
+            continue
+        library, cls = entry if len(entry) == 2 else (None, None)
+        if library not in LIBRARIES or not isinstance(cls, str) or not _is_library_class(library, cls):
+            raise InputError(f"{path}: component {name!r} is {entry!r}; expected a class of {' or '.join(LIBRARIES)} "
+                             "(fastgen loads no custom code)")
+
+
+def _is_library_class(library: str, name: str) -> bool:
+    try:
+        module = importlib.import_module(library)
+    except ImportError:
+        return False
+    return isinstance(getattr(module, name, None), type)
 
 
 def few_step_scheduler(meta: dict):
@@ -59,8 +160,12 @@ def load_pipeline(folder: str | Path, teacher: str | None = None, **kwargs):
 
     folder = Path(folder).expanduser()
     meta = read_export(folder)
+    check_export_files(folder, meta)
     with quiet_loading():
-        return _load_pipeline(folder, meta, teacher, kwargs)
+        try:
+            return _load_pipeline(folder, meta, teacher, kwargs)
+        except OSError as err:  # what diffusers raises for a file it cannot use
+            raise InputError(f"export {folder} cannot be loaded: {' '.join(str(err).split())[:300]}") from err
 
 
 def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
