@@ -93,7 +93,8 @@ def cmd_demo(args) -> int:
     check_output_path(args.out, "--out")
     torch.set_num_threads(args.threads)
     run_demo(Path(args.out), method=args.method, max_steps=args.max_steps, num_samples=args.num_samples,
-             steps=args.steps, seed=args.seed, teacher=args.teacher, guidance_scale=args.guidance)
+             steps=args.steps, seed=args.seed, teacher=args.teacher, guidance_scale=args.guidance,
+             student_steps=args.student_steps, jobs=args.jobs, threads=args.threads, overrides=args.overrides)
     return 0
 
 
@@ -257,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[debug], help="distil, evaluate and export the bundled toy teacher (CPU, minutes)")
     demo.add_argument("--out", default="fastgen_demo", help="output folder (default: %(default)s)")
     toy_methods = sorted(p.stem[len("toy_"):] for p in (Path(__file__).parent / "configs").glob("toy_*.yaml"))
-    demo.add_argument("--method", choices=toy_methods, default="consistency",
+    demo.add_argument("--method", choices=toy_methods, default="dmd",
                       help="objective, with its toy_<method> preset (default: %(default)s)")
-    demo.add_argument("--max-steps", type=positive_int, help="training steps (default: the preset's)")
+    demo.add_argument("--student-steps", type=int_list,
+                      help="one student per step count, e.g. 1,4 (default: 1,4 for dmd; the preset's count for "
+                           "the others)")
+    demo.add_argument("--max-steps", type=positive_int, help="training steps of each student (default: the preset's)")
     demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
     demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
@@ -268,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guidance", type=float, default=1.0,
                       help="CFG scale of the toy-t2i teacher's samples, Ho-Salimans form (1 = none)")
     demo.add_argument("--threads", type=positive_int, default=1,
-                      help="torch CPU threads (default 1: the toy network is too small to gain from more, and "
-                           "measured 30x slower with 2 threads while another process held a core)")
+                      help="torch CPU threads per process (default 1: the toy network is too small to gain from "
+                           "more, and measured 30x slower with 2 threads while another process held a core)")
+    demo.add_argument("--jobs", type=positive_int,
+                      help="students trained at once, one process each (default: one per CPU core, at most one "
+                           "per student)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of every student's run")
     demo.set_defaults(func=cmd_demo)
 
     distill = sub.add_parser("distill", parents=[debug], help="distil a teacher into a few-step student, then export it to RUN/export")
@@ -318,13 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["fid"],
                           help="comma-separated: fid,kid,clip,prompt_acc (default: fid)")
     evaluate.add_argument("--features", choices=["inception", "toy"], default="inception",
-                          help="feature network of FID/KID (toy: the bundled toy feature network)")
+                          help="feature network of FID/KID (toy: the bundled toy feature network, for the 16x16 "
+                               "toy world only: other image shapes are refused, samples unlike it warned about)")
     evaluate.add_argument("--teacher", help="also sweep this teacher with DDIM at the same step counts")
     evaluate.add_argument("--out", default="fastgen_eval", help="output folder (default: %(default)s)")
     evaluate.add_argument("--inception-weights", help="path of weights-inception-2015-12-05-6726825d.pth")
     evaluate.add_argument("--resize", choices=["tf", "clean"], default="tf", help="resize protocol to 299x299")
-    evaluate.add_argument("--clip-model", default="ViT-g-14", help="open_clip model name")
-    evaluate.add_argument("--clip-weights", help="local open_clip checkpoint of --clip-model")
+    evaluate.add_argument("--clip-model", default="ViT-g-14",
+                          help="CLIP score model: a local Hugging Face CLIP folder (config.json with model_type clip, "
+                               "model.safetensors, tokenizer, preprocessor_config.json), or an open_clip model name "
+                               "with --clip-weights (default: %(default)s)")
+    evaluate.add_argument("--clip-weights", help="local weights file of the open_clip --clip-model: .safetensors, or "
+                                                 ".bin/.pt of plain tensors (pickled code is refused)")
     evaluate.add_argument("--prompt", help="one prompt for text-to-image models")
     evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score, "
                           "prompt_acc); 'toy': every shape x colour prompt of the toy world")

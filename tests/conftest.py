@@ -53,6 +53,7 @@ LAYERS = {
     "test_data": "integration",
     "test_data_captions": "integration",
     "test_data_sharding": "e2e",
+    "test_demo": "e2e",
     "test_distributed": "e2e",
     "test_dmd": "integration",
     "test_estimate": "e2e",
