@@ -1,6 +1,11 @@
-"""CLIP score plumbing with a tiny randomly initialised open_clip model loaded from a local file."""
+"""CLIP score plumbing with tiny randomly initialised CLIP models loaded from local files: an open_clip model
+and its weights file, and a Hugging Face ``transformers`` CLIP folder."""
 
+import csv
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 
 import open_clip
@@ -9,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fastgen.errors import InputError
 from fastgen.eval.clip_score import CLIPScorer
 
 TINY_NAME = "fastgen-test-tiny-clip"
@@ -108,8 +114,6 @@ def test_bad_input(scorer, images, tiny_checkpoint, tmp_path):
 
 
 def test_fastgen_eval_clip_metric_matches_the_scorer(tiny_checkpoint, scorer, tmp_path):
-    import csv
-
     from tiny import make_sd_folder
 
     from fastgen.cli import main
@@ -128,3 +132,204 @@ def test_fastgen_eval_clip_metric_matches_the_scorer(tiny_checkpoint, scorer, tm
     expected = scorer(images, [PROMPTS[i % 2] for i in range(4)], value_range=(-1, 1))
     assert float(row["clip"]) == pytest.approx(expected.clip_score, rel=1e-5)
     assert float(row["clip_cosine_raw"]) == pytest.approx(expected.clip_cosine_raw, rel=1e-5, abs=1e-7)
+
+
+# -- a Hugging Face CLIP folder -----------------------------------------------------------------------------
+
+
+def save_hf_clip(folder, vocab_size=200, **processor):
+    """A tiny random ``CLIPModel`` (16-token context) with the character tokenizer (190 tokens) and a
+    ``CLIPImageProcessor`` (shortest edge resized to 32, centre crop 32, unless ``processor`` says otherwise),
+    saved to ``folder``."""
+    from tiny import char_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_hidden_layers=1,
+                max_position_embeddings=16, bos_token_id=188, eos_token_id=189, pad_token_id=189)
+    vision = dict(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    settings = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, **processor}
+    CLIPImageProcessor(**settings).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    return save_hf_clip(tmp_path_factory.mktemp("hf") / "tiny-hf-clip")
+
+
+def direct_hf_cosines(folder, images, prompts, max_length=None):
+    """Cosines computed here with transformers' own API from the folder: processor, tokenizer (truncating to
+    ``max_length`` when given), ``get_image_features`` and ``get_text_features``."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=[Image.fromarray(a) for a in uint8],
+                                                         return_tensors="pt")["pixel_values"]
+    tokens = AutoTokenizer.from_pretrained(folder)(prompts, padding=True, truncation=max_length is not None,
+                                                   max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    image, text = (getattr(out, "pooler_output", out) for out in (image, text))  # transformers 5: an output object
+    return torch.nn.functional.cosine_similarity(image, text, dim=-1).double()
+
+
+@pytest.mark.parametrize("processor", [{}, {"size": {"shortest_edge": 48}, "image_mean": [0.5, 0.5, 0.5],
+                                            "image_std": [0.5, 0.5, 0.5], "resample": 2}])
+def test_hf_folder_scores_as_transformers_computes_it(hf_folder, tmp_path, images, processor):
+    folder = hf_folder
+    if processor:  # the same weights, another preprocessor_config.json: the scorer must follow it
+        folder = tmp_path / "other-preprocessing"
+        shutil.copytree(hf_folder, folder)
+        settings = json.loads((folder / "preprocessor_config.json").read_text())
+        (folder / "preprocessor_config.json").write_text(json.dumps({**settings, **processor}))
+    scorer = CLIPScorer(folder)
+    cosines = direct_hf_cosines(folder, images, PROMPTS)
+    assert (cosines < 0).any() and (cosines > 0).any(), "random model: both signs exercise the clamp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = scorer(images, PROMPTS, value_range=(-1, 1), batch_size=3)
+    assert scorer.name == folder.name and result.num_images == 4
+    assert result.clip_cosine_raw == pytest.approx(float(cosines.mean()), abs=1e-5)
+    assert result.clip_score == pytest.approx(float((100 * cosines.clamp(min=0)).mean()), abs=1e-5)
+    if processor:
+        default = direct_hf_cosines(hf_folder, images, PROMPTS)
+        assert (cosines - default).abs().max() > 1e-3, "the edited preprocessing must change the cosines"
+
+
+def test_hf_folder_truncates_long_prompts_with_a_warning(hf_folder, images):
+    scorer = CLIPScorer(hf_folder)
+    prompts = ["a cat", "a very long prompt of many characters"]  # a token per character: beyond 16 positions
+    with pytest.warns(UserWarning, match="prompt 1 .* longer than the tokenizer context of 16 tokens") as record:
+        cosines = scorer.cosines(images[:2], prompts, value_range=(-1, 1))
+    assert len(record) == 1
+    assert cosines == pytest.approx(direct_hf_cosines(hf_folder, images[:2], prompts, max_length=16), abs=1e-5)
+
+
+# -- files and folders of the wrong kind: one line, no traceback, nothing run --------------------------------
+
+
+class _RunsCode:
+    """Unpickling it creates the file ``path``: what a checkpoint that runs code on load would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _copy(hf_folder, folder, drop=(), **config):
+    shutil.copytree(hf_folder, folder)
+    for name in drop:
+        (folder / name).unlink()
+    if config:
+        settings = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**settings, **config}))
+    return folder
+
+
+def _pickled_only(hf_folder, folder):
+    from safetensors.torch import load_file
+
+    _copy(hf_folder, folder, drop=["model.safetensors"])
+    torch.save(load_file(hf_folder / "model.safetensors"), folder / "pytorch_model.bin")  # transformers 4's layout
+    return folder
+
+
+def _notes(folder):
+    (folder / "notes.txt").write_text("not a model\n")
+    return folder / "notes.txt"
+
+
+def _runs_code(folder):
+    torch.save({"state_dict": _RunsCode(folder / "ran")}, folder / "open_clip_pytorch_model.bin")
+    return folder / "open_clip_pytorch_model.bin"
+
+
+WRONG_KIND = [  # (id, extra eval arguments from (hf_folder, tmp_path), exit status, what the line says)
+    ("text-file-as-model", lambda hf, t: ["--clip-model", str(_notes(t))], 2,
+     ["notes.txt", "neither a folder nor an open_clip model name", "model_type 'clip'"]),
+    ("folder-of-another-model", lambda hf, t: ["--clip-model", str(_copy(hf, t / "bert", model_type="bert"))], 1,
+     ["bert: config.json has model_type 'bert'", "expected a Hugging Face CLIP folder"]),
+    ("pickled-weights-only", lambda hf, t: ["--clip-model", str(_pickled_only(hf, t / "pickled"))], 1,
+     ["pickled has no model.safetensors (pytorch_model.bin is pickled and not read"]),
+    ("no-tokenizer", lambda hf, t: ["--clip-model", str(_copy(hf, t / "notok", drop=["tokenizer.json"]))], 1,
+     ["notok lacks its tokenizer"]),
+    ("weights-beside-a-folder", lambda hf, t: ["--clip-model", str(hf), "--clip-weights", str(_notes(t))], 2,
+     ["is a folder, which holds its own weights"]),
+    ("code-running-pickle-as-weights", lambda hf, t: ["--clip-model", "ViT-B-32", "--clip-weights",
+                                                      str(_runs_code(t))], 1,
+     ["open_clip_pytorch_model.bin cannot be read as plain tensors", "no code"]),
+    ("text-file-as-weights", lambda hf, t: ["--clip-model", "ViT-B-32", "--clip-weights", str(_notes(t))], 1,
+     ["notes.txt cannot be read as plain tensors"]),
+]
+
+
+def _eval_argv(hf_folder, tmp_path, extra):
+    return ["eval", "--model", "toy-t2i", "--steps", "1", "--metrics", "clip", "--prompt", "a red disc", "--out",
+            str(tmp_path / "eval")] + extra(hf_folder, tmp_path)
+
+
+def _check_one_line(status, expected, tmp_path, returncode, stderr):
+    lines = stderr.strip().splitlines()
+    assert returncode == status, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert all(part in lines[0] for part in expected), lines[0]
+    assert not (tmp_path / "ran").exists(), "the checkpoint's pickle ran code"
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("name, extra, status, expected", WRONG_KIND, ids=[case[0] for case in WRONG_KIND])
+def test_wrong_kind_of_clip_model_is_one_line(name, extra, status, expected, hf_folder, tmp_path, capsys):
+    from fastgen.cli import main
+
+    argv = _eval_argv(hf_folder, tmp_path, extra)
+    capsys.readouterr()
+    returncode = main(argv)
+    _check_one_line(status, expected, tmp_path, returncode, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name, extra, status, expected", [WRONG_KIND[0], WRONG_KIND[5]],
+                         ids=[WRONG_KIND[0][0], WRONG_KIND[5][0]])
+def test_wrong_kind_of_clip_model_in_a_child_process(name, extra, status, expected, hf_folder, tmp_path):
+    """``python -m fastgen eval``: the exit status and the one line of a real process."""
+    done = subprocess.run([sys.executable, "-m", "fastgen", *_eval_argv(hf_folder, tmp_path, extra)],
+                          capture_output=True, text=True)
+    _check_one_line(status, expected, tmp_path, done.returncode, done.stderr)
+
+
+def test_weights_that_do_not_fit_the_model(tiny_checkpoint, hf_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_checkpoint)
+    save_file({k: v for k, v in state.items() if k != "text_projection"}, tmp_path / "partial.safetensors")
+    with pytest.raises(InputError, match=r"partial.safetensors do not load into open_clip's fastgen-test-tiny-clip"):
+        CLIPScorer(TINY_NAME, pretrained=tmp_path / "partial.safetensors")
+    folder = _copy(hf_folder, tmp_path / "partial")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"partial: model.safetensors lacks 1 weight\(s\) of its config "
+                                         r"\(e.g. text_projection.weight\)"):
+        CLIPScorer(folder)
+    resized = _copy(hf_folder, tmp_path / "resized", projection_dim=4)
+    with pytest.raises(InputError, match=r"resized cannot be loaded \(.*\); expected a Hugging Face CLIP folder"):
+        CLIPScorer(resized)
+    with pytest.raises(InputError, match="the tokenizer has 190 tokens, the text model 150"):
+        CLIPScorer(save_hf_clip(tmp_path / "small-vocab", vocab_size=150))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    path = _runs_code(tmp_path)
+    with pytest.raises(InputError, match="cannot be read as plain tensors"):
+        CLIPScorer(TINY_NAME, pretrained=path)
+    assert not (tmp_path / "ran").exists()
+    torch.load(path, weights_only=False)  # what an unguarded load does with this file
+    assert (tmp_path / "ran").exists()
+
