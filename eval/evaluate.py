@@ -12,6 +12,11 @@ features are computed a single time) and handed to ``fastgen.eval.sweep.run_swee
 - ``prompt_acc`` — with ``--features toy``: the fraction of samples the toy feature network reads as the
   shape and colour their toy prompt names (``fastgen.eval.toy_prompts``; also ``prompt_acc_shape`` and
   ``prompt_acc_colour``), for the text-conditioned toy teacher and its students.
+
+With ``--features toy``, a model or reference folder whose images are not 16x16 RGB is refused before any
+sampling, and a sweep whose samples do not look like the toy world is warned about
+(``fastgen.eval.toy_fid.ToyWorldCheck``). The rows an export's model card gets also say what was measured
+against what (``Metrics.provenance``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,28 @@ from fastgen.errors import UsageError
 from fastgen.eval.fid import frechet_distance, image_features, image_statistics
 from fastgen.eval.kid import kid
 from fastgen.eval.sweep import run_sweep
+from fastgen.eval.toy_fid import ToyWorldCheck
 
 METRICS = ("fid", "kid", "clip", "prompt_acc")
+TOY_METRICS = ("fid", "kid", "prompt_acc", "prompt_acc_shape", "prompt_acc_colour")
+"""The metric columns that read images with the toy feature network under ``--features toy``."""
 FEATURES = ("inception", "toy")
 RANGE = (-1.0, 1.0)
+
+
+class Metrics(dict):
+    """What ``build_metrics`` returns: the metric callables by name (as ``run_sweep`` takes them), with
+
+    - ``provenance``: the columns an export's model card adds to every row: ``features``, the feature network
+      (Inception's weights file name, or ``toy``); ``ref``, the reference (the ``--ref`` file or folder name,
+      or ``toy world`` for fresh toy images); ``clip_model``, the CLIP model (``CLIPScorer.name``);
+    - ``toy_world``: the ``ToyWorldCheck`` of the samples under ``--features toy``, else None.
+    """
+
+    def __init__(self, metrics: dict[str, Callable], provenance: dict[str, str], toy_world: ToyWorldCheck | None):
+        super().__init__(metrics)
+        self.provenance = provenance
+        self.toy_world = toy_world
 
 
 class ToyExtractor:
@@ -44,22 +67,30 @@ class ToyExtractor:
 def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str | None = None,
                   inception_weights: str | None = None, resize: str = "tf", prompts: Sequence[str] | None = None,
                   clip_model: str = "ViT-g-14", clip_weights: str | None = None, batch_size: int = 50
-                  ) -> dict[str, Callable[[torch.Tensor], float]]:
-    """The metric callables of a sweep; each checks its inputs up front, before any sampling."""
+                  ) -> Metrics:
+    """The metric callables of a sweep; each checks its inputs up front, before any sampling. ``clip_model``:
+    an open_clip name (with ``clip_weights``, its weights file) or a Hugging Face CLIP folder."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise UsageError(f"--metrics: unknown {unknown}; expected some of {list(METRICS)}")
     if features not in FEATURES:
         raise UsageError(f"--features is {features!r}; expected one of {list(FEATURES)}")
     out: dict[str, Callable] = {}
+    provenance: dict[str, str] = {}
+    toy_world = ToyWorldCheck() if features == "toy" and {"fid", "kid", "prompt_acc"} & set(metrics) else None
     extractor = None
     if "fid" in metrics or "kid" in metrics:
         if features == "toy":
             extractor = ToyExtractor()
+            provenance["features"] = "toy"
         else:
             from fastgen.eval.inception import InceptionExtractor
 
             extractor = InceptionExtractor(inception_weights, resize=resize)
+            provenance["features"] = extractor.weights_path.name
+        provenance["ref"] = Path(ref).name if ref is not None else "toy world"
+        if toy_world is not None and ref is not None and Path(ref).is_dir():
+            toy_world.check_reference(ref)
     if "fid" in metrics:
         reference = _fid_reference(features, ref, extractor, batch_size)
 
@@ -86,6 +117,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         from fastgen.eval.clip_score import CLIPScorer
 
         scorer = CLIPScorer(clip_model, clip_weights)
+        provenance["clip_model"] = scorer.name
         last: list = [None, None]  # (images, score): both CLIP metrics of one sweep point share one pass
 
         def _score(images):
@@ -98,7 +130,18 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         out["clip_cosine_raw"] = lambda images: _score(images).clip_cosine_raw
     if "prompt_acc" in metrics:
         out.update(_prompt_accuracy_metrics(features, prompts))
-    return out
+        provenance["features"] = "toy"
+    if toy_world is not None:  # every toy metric reads its images through the check first
+        out = {name: _checked(metric, toy_world) if name in TOY_METRICS else metric for name, metric in out.items()}
+    return Metrics(out, provenance, toy_world)
+
+
+def _checked(metric: Callable, toy_world: ToyWorldCheck) -> Callable:
+    def run(images: torch.Tensor) -> float:
+        toy_world(images)
+        return metric(images)
+
+    return run
 
 
 def _prompt_accuracy_metrics(features: str, prompts: Sequence[str] | None) -> dict[str, Callable]:
@@ -157,31 +200,43 @@ class _Moments:
 
 
 def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samples: int,
-             metrics: dict[str, Callable], teacher_dir: str | None = None, prompts: Sequence[str] | None = None,
-             guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[dict]:
-    """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``; an exported
-    student's model card and metadata get the model's rows."""
+             metrics: Metrics | dict[str, Callable], teacher_dir: str | None = None,
+             prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, seed: int = 0,
+             batch_size: int = 64) -> list[dict]:
+    """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``; return the
+    sweep's rows. An exported student's model card and metadata get the model's rows, each with the
+    ``provenance`` of ``metrics`` (a ``Metrics``) and ``samples``, the number of samples per point."""
     from fastgen.generate import generate, sampling_plan
     from fastgen.teacher import load_teacher
 
+    if not isinstance(metrics, Metrics):  # plain callables: nothing to check, no provenance
+        metrics = Metrics(metrics, {}, None)
+    toy_world = metrics.toy_world
     curves = {}
     model = load_teacher(model_dir)
     for n in steps:  # an untrained step count fails here, before any sampling
         sampling_plan(model, n)
+    if toy_world is not None:
+        toy_world.check_model(model, model_dir, num_samples)
     curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
                                          guidance_scale=guidance_scale, batch_size=batch_size)
     if teacher_dir is not None:
         teacher = load_teacher(teacher_dir)
+        if toy_world is not None:
+            toy_world.check_model(teacher, teacher_dir, num_samples)
         curves["teacher DDIM"] = lambda n: generate(teacher, num_samples, n, seed=seed, prompts=prompts,
                                                     guidance_scale=guidance_scale, batch_size=batch_size)
     rows = run_sweep(curves, list(steps), metrics, out_dir)
+    if toy_world is not None:
+        toy_world.warn_if_foreign()
     from fastgen.pipelines.load import is_export
 
-    if is_export(model_dir):  # the export's model card reports what was measured
+    if is_export(model_dir):  # the export's model card reports what was measured, against what, on how many
         from fastgen.pipelines.card import add_metrics
 
-        add_metrics(model_dir, rows)
+        provenance = {**metrics.provenance, "samples": num_samples}
+        add_metrics(model_dir, [{**row, **provenance} for row in rows])
     return rows
 
 
-__all__ = ["FEATURES", "METRICS", "build_metrics", "evaluate"]
+__all__ = ["FEATURES", "METRICS", "Metrics", "build_metrics", "evaluate"]

@@ -1,5 +1,5 @@
 """CLIP score plumbing with tiny randomly initialised CLIP models loaded from local files: an open_clip model
-and its weights file, and a Hugging Face ``transformers`` CLIP folder."""
+and its weights file, and a Hugging Face ``transformers`` CLIP folder; ``fastgen eval``'s model card rows."""
 
 import csv
 import json
@@ -333,3 +333,46 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     torch.load(path, weights_only=False)  # what an unguarded load does with this file
     assert (tmp_path / "ran").exists()
 
+
+# -- fastgen eval: the model card's rows say what was measured against what -----------------------------------
+
+
+def test_eval_card_rows_carry_feature_network_reference_clip_model_and_sample_count(hf_folder, tmp_path, capsys):
+    from fastgen import export_student, load_teacher
+    from fastgen.cli import main
+    from fastgen.generate import generate
+    from fastgen.pipelines.export import METADATA
+    from fastgen.toy import toy_eval_prompts, toy_images
+
+    teacher = load_teacher("toy-t2i")
+    export = export_student(teacher, teacher.model, tmp_path / "student", {2: [999, 499]})
+    ref = tmp_path / "toy-ref"
+    ref.mkdir()
+    for i, image in enumerate(toy_images(24, seed=3)):
+        Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref / f"{i:02d}.png")
+    out = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # toy prompts beyond the tiny CLIP's 16 character tokens are truncated
+        assert main(["eval", "--model", str(export), "--steps", "2", "--metrics", "fid,clip,prompt_acc", "--features",
+                     "toy", "--ref", str(ref), "--clip-model", str(hf_folder), "--prompts-file", "toy",
+                     "--num-samples", "24", "--out", str(out)]) == 0
+        prompts = toy_eval_prompts()
+        expected = CLIPScorer(hf_folder)(generate(load_teacher(export), 24, 2, seed=0, prompts=prompts), prompts,
+                                         value_range=(-1, 1))
+    assert "warning: --features toy" not in capsys.readouterr().err  # toy-t2i's samples look like the toy world
+    (row,) = list(csv.DictReader((out / "sweep.csv").open()))
+    assert float(row["clip"]) == pytest.approx(expected.clip_score, abs=1e-4)
+    (measured,) = json.loads((export / METADATA).read_text())["metrics"]
+    columns = ["steps", "fid", "clip", "clip_cosine_raw", "prompt_acc", "prompt_acc_shape", "prompt_acc_colour",
+               "features", "ref", "clip_model", "samples"]
+    assert list(measured) == columns
+    assert [measured[c] for c in columns[-4:]] == ["toy", "toy-ref", "tiny-hf-clip", 24]
+    card = (export / "README.md").read_text()
+    assert "| " + " | ".join(columns) + " |" in card and "| toy | toy-ref | tiny-hf-clip | 24 |" in card
+
+    assert main(["eval", "--model", str(export), "--steps", "2", "--features", "toy", "--num-samples", "8",
+                 "--prompts-file", "toy", "--out", str(tmp_path / "again")]) == 0
+    (measured,) = json.loads((export / METADATA).read_text())["metrics"]
+    assert list(measured) == ["steps", "fid", "features", "ref", "samples"]
+    assert [measured["features"], measured["ref"], measured["samples"]] == ["toy", "toy world", 8]
+    assert "| steps | fid | features | ref | samples |" in (export / "README.md").read_text()

@@ -1,4 +1,5 @@
-"""The toy world: the procedural dataset, the bundled feature net and teacher, and toy FID."""
+"""The toy world: the procedural dataset, the bundled feature net and teacher, toy FID, and the check of
+images measured with ``--features toy`` (refused when they cannot be toy images, warned about when unlike them)."""
 
 import json
 
@@ -8,7 +9,15 @@ import torchvision.transforms.functional as TF
 
 import fastgen.toy
 from fastgen.eval.fid import frechet_distance
-from fastgen.eval.toy_fid import toy_feature_stats, toy_features, toy_fid
+from fastgen.errors import InputError
+from fastgen.eval.toy_fid import (
+    SHAPE_RATE_FLOOR,
+    ToyWorldCheck,
+    toy_feature_stats,
+    toy_features,
+    toy_fid,
+    toy_shape_rate,
+)
 from fastgen.toy import (
     TOY_CLASSES,
     TOY_FEATURE_CLASSES,
@@ -126,3 +135,91 @@ def test_bundled_teacher_loads_with_stock_diffusers():
         eps = pipe.unet(x_t, torch.tensor([999, 999])).sample
     assert eps.shape == x_t.shape and torch.isfinite(eps).all()
     assert torch.nn.functional.cosine_similarity(eps.flatten(), x_t.flatten(), dim=0) > 0.9
+
+
+# -- --features toy on images that are not the toy world ------------------------------------------------------
+
+
+def _save_pngs(folder, images):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: --features toy")]
+
+
+def test_shape_rate_tells_toy_images_from_noise_and_grey_images_where_confidence_does_not():
+    real = toy_images(500, seed=777)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    grey = real.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    assert toy_shape_rate(real) > 0.99
+    assert toy_shape_rate(noise) == 0.0 and toy_shape_rate(grey) < SHAPE_RATE_FLOOR / 2
+    with torch.no_grad():  # the maximum class probability: as high on noise ("corrupted") as on toy images
+        confidence = [load_toy_feature_net()(x).softmax(1).max(1).values.mean() for x in (real, noise)]
+    assert confidence[1] >= confidence[0] > 0.9
+
+
+def test_images_that_cannot_be_toy_images_are_refused(tmp_path, monkeypatch):
+    from tiny import make_ddpm_folder
+
+    import fastgen.generate
+    from fastgen.eval.evaluate import build_metrics, evaluate
+
+    metrics = build_metrics(["fid"], features="toy")
+    with pytest.raises(InputError, match=r"16x16 RGB images, expected \(N, 3, 16, 16\); got images of shape "
+                                         r"\(4, 1, 16, 16\)"):
+        metrics["fid"](torch.zeros(4, 1, 16, 16))  # without the check, fid's uint8 path would grey-expand them
+    with pytest.raises(InputError, match=r"\(4, 3, 32, 32\)"):
+        metrics["fid"](torch.zeros(4, 3, 32, 32))
+    small = _save_pngs(tmp_path / "small-ref", toy_images(3, size=8))
+    with pytest.raises(InputError, match="--ref .*small-ref: images of 8x8 pixels; toy features"):
+        build_metrics(["fid"], features="toy", ref=str(small))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing the model")
+
+    monkeypatch.setattr(fastgen.generate, "generate", no_sampling)
+    model = make_ddpm_folder(tmp_path / "ddpm8", sample_size=8)
+    with pytest.raises(InputError, match=r"ddpm8 samples images of shape \(4, 3, 8, 8\)"):
+        evaluate(str(model), [1], tmp_path / "eval", 4, metrics)
+    with pytest.raises(InputError, match=r"ddpm8 samples images of shape \(4, 3, 8, 8\)"):
+        evaluate("toy", [1], tmp_path / "eval", 4, metrics, teacher_dir=str(model))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_toy_world_check_warns_once_and_only_when_no_sample_set_looks_like_toy_images(capsys):
+    real = toy_images(200, seed=5)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    check = ToyWorldCheck()
+    check(noise)
+    check(real)  # a poor point and a good one: the sweep measured toy-like samples somewhere
+    check.warn_if_foreign()
+    assert check.best_shape_rate > 0.99 and not _warnings(capsys.readouterr().err)
+    check = ToyWorldCheck()
+    check(noise)
+    check(real.mean(1, keepdim=True).expand(-1, 3, -1, -1))
+    check.warn_if_foreign()
+    check.warn_if_foreign()
+    (line,) = _warnings(capsys.readouterr().err)
+    assert f"reads only {check.best_shape_rate:.0%} of the samples even at the best sweep point" in line
+    assert "below 40%" in line
+
+
+def test_eval_warns_once_about_a_foreign_reference_and_foreign_samples(tmp_path, capsys):
+    from fastgen.eval.evaluate import build_metrics, evaluate
+
+    grey = _save_pngs(tmp_path / "grey-ref", toy_images(24, seed=4).mean(1, keepdim=True).expand(-1, 3, -1, -1))
+    metrics = build_metrics(["fid", "kid"], features="toy", ref=str(grey))
+    (line,) = _warnings(capsys.readouterr().err)
+    assert "of the reference images in" in line and "grey-ref" in line
+    evaluate("toy", [1, 2], tmp_path / "eval", 16, metrics)  # 1 and 2 DDIM steps of the toy teacher: noise
+    assert not _warnings(capsys.readouterr().err), "warned once already"
+
+    evaluate("toy", [1, 2], tmp_path / "again", 16, build_metrics(["fid"], features="toy"))
+    (line,) = _warnings(capsys.readouterr().err)
+    assert "of the samples even at the best sweep point" in line
