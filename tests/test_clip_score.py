@@ -376,3 +376,25 @@ def test_eval_card_rows_carry_feature_network_reference_clip_model_and_sample_co
     assert list(measured) == ["steps", "fid", "features", "ref", "samples"]
     assert [measured["features"], measured["ref"], measured["samples"]] == ["toy", "toy world", 8]
     assert "| steps | fid | features | ref | samples |" in (export / "README.md").read_text()
+
+
+def test_provenance_names_inception_and_open_clip_weight_files(tiny_checkpoint, tmp_path, monkeypatch):
+    import fastgen.eval.inception
+    from fastgen.eval.evaluate import build_metrics
+
+    class NamedExtractor:  # Inception's interface without its weights: features are the mean colours
+        def __init__(self, weights_path, resize):
+            self.weights_path = tmp_path / weights_path
+
+        def __call__(self, images):
+            return images.float().mean((2, 3))
+
+    monkeypatch.setattr(fastgen.eval.inception, "InceptionExtractor", NamedExtractor)
+    ref = tmp_path / "my-ref"
+    ref.mkdir()
+    for i in range(4):
+        Image.fromarray(torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8).numpy()).save(ref / f"{i}.png")
+    metrics = build_metrics(["fid", "clip"], ref=str(ref), inception_weights="my-inception.pth", prompts=["a cat"],
+                            clip_model=TINY_NAME, clip_weights=str(tiny_checkpoint))
+    assert metrics.provenance == {"features": "my-inception.pth", "ref": "my-ref",
+                                  "clip_model": f"{TINY_NAME} (tiny.safetensors)"}
