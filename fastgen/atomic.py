@@ -111,12 +111,11 @@ def reporting_no_space(target: Path, needed: int | None = None, intact: str | No
         code = no_space_errno(err)
         if code is None:
             raise
-        reason = os.strerror(code)
-        file = getattr(err, "filename", None)
-        where = f" (writing {file})" if file and Path(file) != target else ""
         room = f"; it needs about {needed:,} bytes, {_free_bytes(target):,} are free there" if needed else ""
-        error = NoSpaceError(f"cannot write {target}: {reason}{where}{room}; {intact} and the partial write was "
-                             "removed: free space (or write elsewhere) and run the command again")
+        remedy = ("files there are limited in size (by the file system or `ulimit -f`): write elsewhere"
+                  if code == errno.EFBIG else "free space (or write elsewhere)")
+        error = NoSpaceError(f"cannot write {target}: {os.strerror(code)}{room}; {intact} and the partial write was "
+                             f"removed: {remedy} and run the command again")
         error.errno = code
         raise error from err
 

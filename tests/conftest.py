@@ -59,6 +59,7 @@ LAYERS = {
     "test_estimate": "e2e",
     "test_export": "e2e",
     "test_export_experts": "e2e",
+    "test_faults": "e2e",
     "test_features": "integration",
     "test_fid": "integration",
     "test_kid": "unit",
