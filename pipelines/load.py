@@ -44,6 +44,8 @@ _FIELDS = {
     "experts": (lambda v: v is None or isinstance(v, dict), "null or the experts' settings (a mapping)"),
 }
 """The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
+_ADDED_LATER = ("experts",)
+"""Keys that exports of format version 1 written before them lack (read as null)."""
 
 
 def is_export(folder: str | Path) -> bool:
@@ -70,6 +72,8 @@ def read_export(folder: str | Path) -> dict:
             f"{meta.get('fastgen_version')}); this fastgen reads versions up to {FORMAT_VERSION}: upgrade fastgen"
         )
     for key, (valid, expected) in _FIELDS.items():
+        if key not in meta and key in _ADDED_LATER:
+            continue
         if key not in meta:
             raise InputError(f"{path} has no key {key!r}; expected {expected} (the file is damaged or was edited)")
         if not valid(meta[key]):
@@ -115,7 +119,7 @@ def _check_index(path: Path, index: dict, meta: dict) -> None:
     """``model_index.json`` against the metadata: every component a class of diffusers or transformers, or absent,
     or one of fastgen's own that loading replaces with the installed class."""
     own = {"scheduler": [SCHEDULER_MODULE, "FewStepScheduler"]}
-    if meta["experts"]:
+    if meta.get("experts"):
         own[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
     expected_pipeline = [PIPELINE_MODULE, "FewStepPipeline"] if meta["pipeline"] == "FewStepPipeline" \
         else meta["pipeline"]
