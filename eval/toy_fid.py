@@ -33,12 +33,11 @@ samples are not toy-like there), and when a reference folder's shape rate is bel
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import torch
 
-from fastgen.errors import InputError
+from fastgen.errors import InputError, warn
 from fastgen.eval.fid import FeatureStats, frechet_distance, iter_image_batches
 from fastgen.toy import TOY_CLASSES, TOY_IMAGE_SIZE, ToyFeatureNet, ToyShapes, load_toy_feature_net
 
@@ -134,10 +133,9 @@ class ToyWorldCheck:
     def _warn_below(self, rate: float, subject: str) -> None:
         if rate < SHAPE_RATE_FLOOR and not self._warned:
             self._warned = True
-            print(f"warning: --features toy: the toy feature network reads only {rate:.0%} of {subject} as a toy "
-                  f"shape (real toy images: over 99%), below {SHAPE_RATE_FLOOR:.0%}; toy FID, KID and prompt "
-                  "accuracy measure images of fastgen's toy world, and these do not look like it",
-                  file=sys.stderr)
+            warn(f"--features toy: the toy feature network reads only {rate:.0%} of {subject} as a toy shape (real "
+                 f"toy images: over 99%), below {SHAPE_RATE_FLOOR:.0%}; toy FID, KID and prompt accuracy measure "
+                 "images of fastgen's toy world, and these do not look like it")
 
 
 def toy_feature_stats(images: torch.Tensor, batch_size: int = 256, net: ToyFeatureNet | None = None) -> FeatureStats:
