@@ -106,8 +106,9 @@ def test_a_damaged_checkpoint_is_named_and_skipped_by_export_and_resume(teacher,
     with pytest.raises(DamagedFileError, match=rf"{damaged} is damaged: its sha256 differs"):
         load_checkpoint(damaged.parent)
 
-    done = subprocess.run([sys.executable, "-m", "fastgen", "export", "--run", str(run), "--output", str(tmp_path / "out")],
-                          capture_output=True, text=True, env={**os.environ, "FASTGEN_DEBUG": ""})
+    argv = ["export", "--run", str(run), "--output", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "fastgen", *argv], capture_output=True, text=True,
+                          env={**os.environ, "FASTGEN_DEBUG": ""})
     assert done.returncode == 0, done.stderr
     assert warnings_of(done.stderr) == [
         f"warning: skipped damaged checkpoint {STEP(2)} ({damaged} is damaged: its sha256 differs from the one "
@@ -306,9 +307,9 @@ def test_file_too_large_for_real_through_the_command(teacher, finished, tmp_path
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    done = subprocess.run([sys.executable, "-m", "fastgen", *distill(teacher, run, "--max-steps", "3", "--resume",
-                                                                      "latest")],
-                          capture_output=True, text=True, preexec_fn=small_files, env={**os.environ, "FASTGEN_DEBUG": ""})
+    argv = distill(teacher, run, "--max-steps", "3", "--resume", "latest")
+    done = subprocess.run([sys.executable, "-m", "fastgen", *argv], capture_output=True, text=True,
+                          preexec_fn=small_files, env={**os.environ, "FASTGEN_DEBUG": ""})
     assert done.returncode == 1
     line = one_error_line(done.stderr)
     assert line.startswith(f"error: cannot write {run / 'checkpoints' / STEP(3)}: File too large")
