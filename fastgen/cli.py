@@ -192,7 +192,7 @@ def cmd_estimate(args) -> int:
     import json
 
     from fastgen.config import DistillConfig, config_file, load_config
-    from fastgen.estimate import estimate_memory, estimate_modes, format_table, parse_bytes
+    from fastgen.estimate import estimate_memory, estimate_with_modes, format_table, parse_bytes
 
     flags = {"teacher": args.teacher, "method": args.method, "train.batch_size": args.batch_size}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
@@ -201,9 +201,8 @@ def cmd_estimate(args) -> int:
         budget = parse_bytes(args.budget) if args.budget else None
     except ValueError as err:
         raise UsageError(f"--budget: {err}") from None
-    est = estimate_memory(config, args.resolution, device=args.device, optimizer=args.optimizer)
-    if args.modes:
-        est.modes = estimate_modes(config, args.resolution, device=args.device, optimizer=args.optimizer)
+    estimate = estimate_with_modes if args.modes else estimate_memory
+    est = estimate(config, args.resolution, device=args.device, optimizer=args.optimizer)
     if args.json:
         out = est.to_json()
         if budget is not None:
@@ -237,7 +236,9 @@ def add_estimate_parser(sub, parents=()) -> None:
     estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                           help="the device the run will use (the optimizer's implementation differs)")
     estimate.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,
-                          help="also estimate every memory mode (up to 8 more simulations; --no-modes skips them)")
+                          help="also estimate the memory modes: gradient checkpointing, then a LoRA fake score, then a "
+                               "LoRA student switched on one after another (up to 3 more simulations, side by side "
+                               "in processes; --no-modes skips them)")
     estimate.add_argument("--json", action="store_true", help="print one JSON object (parameters, total_bytes, "
                           "rows, modes) instead of the table")
     estimate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for distill")

@@ -431,28 +431,59 @@ def _live_tensors(run, batch):
 # -- modes and budgets --------------------------------------------------------------------------------------
 
 
+MODE_LORA_RANK = 64
+"""The LoRA rank of the modes that switch a LoRA fake score or student on (DMD2's SDXL recipe's rank)."""
+AS_CONFIGURED = "(as configured)"
+"""The mode key of the run's own settings."""
+
+
 def mode_overrides(config: DistillConfig) -> list[list[str]]:
-    """The memory modes side by side, each as the overrides that select it: full or LoRA fake score (objectives
-    with ``fake_lora_rank``), gradient checkpointing off or on, full or LoRA student."""
-    axes = []
-    if hasattr(config.objective, "fake_lora_rank"):
-        rank = config.objective.fake_lora_rank or 64
-        axes.append(["objective.fake_lora_rank=0", f"objective.fake_lora_rank={rank}"])
-    axes.append(["train.gradient_checkpointing=false", "train.gradient_checkpointing=true"])
-    rank = config.student.lora_rank or 64
-    axes.append(["student.lora_rank=0", f"student.lora_rank={rank}"])
-    return [list(combo) for combo in itertools.product(*axes)]
+    """The memory modes, each as the overrides that select it: the run's own settings, then one memory saving
+    after another switched on, the cheapest in quality first: gradient checkpointing (costs time only), a LoRA
+    fake score on the teacher's shared weights (objectives with ``fake_lora_rank``; DMD2's SDXL recipe), a LoRA
+    student. A saving the run already has is not repeated."""
+    savings = []
+    if not config.train.gradient_checkpointing:
+        savings.append("train.gradient_checkpointing=true")
+    if getattr(config.objective, "fake_lora_rank", None) == 0:
+        savings.append(f"objective.fake_lora_rank={MODE_LORA_RANK}")
+    if config.student.lora_rank == 0:
+        savings.append(f"student.lora_rank={MODE_LORA_RANK}")
+    return [savings[:k] for k in range(len(savings) + 1)]
 
 
 def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
     return config_from_dict(DistillConfig, merge_overrides(DistillConfig, config_to_dict(config), overrides))
 
 
-def estimate_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
-                   optimizer: str = "adamw") -> dict[str, int]:
-    """``{"k=v k=v ...": total_bytes}`` for every mode of ``mode_overrides``."""
-    return {" ".join(o): estimate_memory(with_overrides(config, o), resolution, device, optimizer).total_bytes
-            for o in mode_overrides(config)}
+def _mode_total(settings: dict, overrides: list[str], resolution: int | None, device: str, optimizer: str) -> int:
+    """One mode's total bytes (in a worker process: the config travels as its dict)."""
+    config = config_from_dict(DistillConfig, merge_overrides(DistillConfig, settings, overrides))
+    return estimate_memory(config, resolution, device, optimizer).total_bytes
+
+
+def estimate_with_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
+                        optimizer: str = "adamw", workers: int | None = None) -> Estimate:
+    """``estimate_memory`` of the run, with ``modes``: ``{overrides: total_bytes}`` for every mode of
+    ``mode_overrides`` (the run's own settings keyed ``AS_CONFIGURED``). Fake tensors are Python dispatch, so
+    the modes are simulated side by side in ``workers`` spawned processes (default: one per CPU core, at most
+    one per mode) while this process simulates the run itself."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    ladder = mode_overrides(config)[1:]
+    if not ladder:
+        est = estimate_memory(config, resolution, device, optimizer)
+        est.modes = {AS_CONFIGURED: est.total_bytes}
+        return est
+    workers = workers or min(len(ladder), os.cpu_count() or 1)
+    settings = config_to_dict(config)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {" ".join(o): pool.submit(_mode_total, settings, o, resolution, device, optimizer) for o in ladder}
+        est = estimate_memory(config, resolution, device, optimizer)
+        est.modes = {AS_CONFIGURED: est.total_bytes, **{key: f.result() for key, f in futures.items()}}
+    return est
 
 
 def parse_bytes(text: str) -> int:
@@ -491,7 +522,8 @@ def format_table(est: Estimate, budget: int | None = None) -> str:
                   "|---|---:|---|" if budget else "|---|---:|"]
         for key, n in sorted(est.modes.items(), key=lambda kv: kv[1]):
             fits = ("yes" if n <= budget else "no") if budget else None
-            lines.append(f"| `{key}` | {human(n)} |" + (f" {fits} |" if fits else ""))
+            label = key if key == AS_CONFIGURED else f"`{key}`"
+            lines.append(f"| {label} | {human(n)} |" + (f" {fits} |" if fits else ""))
     if budget:
         lines.append("")
         if est.total_bytes <= budget:

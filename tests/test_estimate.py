@@ -119,3 +119,25 @@ def test_estimate_command_exits_cleanly_with_gradient_checkpointing():
                           "train.gradient_checkpointing=true"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "**total**" in out.stdout
+
+
+def test_modes_switch_one_saving_on_after_another_and_each_equals_its_own_estimate(sd_folder, tmp_path):
+    """The modes ladder (simulated in spawned worker processes) against estimates made here of the same
+    overrides: the same bytes."""
+    from fastgen.estimate import AS_CONFIGURED, estimate_with_modes, mode_overrides, with_overrides
+
+    config = load_config(DistillConfig, None, [f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path}",
+                                               "train.batch_size=2"])
+    ladder = mode_overrides(config)
+    assert ladder == [[], ["train.gradient_checkpointing=true"],
+                      ["train.gradient_checkpointing=true", "objective.fake_lora_rank=64"],
+                      ["train.gradient_checkpointing=true", "objective.fake_lora_rank=64", "student.lora_rank=64"]]
+    est = estimate_with_modes(config, device="cpu", workers=2)
+    assert list(est.modes) == [AS_CONFIGURED] + [" ".join(o) for o in ladder[1:]]
+    assert est.modes[AS_CONFIGURED] == est.total_bytes
+    for overrides in ladder[1:]:
+        assert est.modes[" ".join(overrides)] == estimate_memory(with_overrides(config, overrides), device="cpu").total_bytes
+    assert est.modes["train.gradient_checkpointing=true"] < est.total_bytes  # (rank-64 LoRA outweighs this tiny UNet)
+    on = load_config(DistillConfig, None, [f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path}",
+                                           "train.gradient_checkpointing=true", "student.lora_rank=4"])
+    assert mode_overrides(on) == [[], ["objective.fake_lora_rank=64"]]  # savings already on are not repeated
