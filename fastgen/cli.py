@@ -3,13 +3,15 @@
 A mistake in the input (a path, a file, a flag, a config value, a missing optional package) prints one line,
 ``error: <message>``, on stderr and exits with status 2 for usage errors (as argparse does) or 1 otherwise;
 ``--debug`` (or ``FASTGEN_DEBUG=1``) shows the traceback. Any other exception is a bug: its traceback is
-printed with one line saying so.
+printed with one line saying so. ``distill`` stopped by SIGTERM or SIGINT writes a checkpoint, prints
+``stopped at step N by SIGTERM; resume with: <command>`` and exits with 143 or 130, as a shell reports them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import traceback
@@ -113,7 +115,7 @@ def _lora(args) -> str | bool:
 def cmd_distill(args) -> int:
     from fastgen.config import DistillConfig, config_file, load_config
     from fastgen.pipelines.export import lora_format
-    from fastgen.trainer import Trainer
+    from fastgen.trainer import Trainer, TrainingStopped
 
     flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "prompts": args.prompts,
              "output": args.output,
@@ -129,20 +131,37 @@ def cmd_distill(args) -> int:
         raise UsageError(f"--lora exports one LoRA adapter, but student.experts is {config.student.experts}; "
                          "drop --lora (a student of experts exports its full weights)")
     lora = _lora(args)
-    run_dir = check_output_path(config.output, "output")
-    existed = run_dir.exists()
+    check_output_path(config.output, "output")
+    trainer = Trainer(config, resume=args.resume)  # a failure here leaves no folder it created
     try:
-        trainer = Trainer(config, resume=args.resume)
-        lora_format(lora, trainer.teacher)  # a LoRA layout this teacher cannot take fails before training
-    except BaseException:
-        if not existed:  # what only building the data can find (an unreadable image) must not leave a folder
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    trainer.fit()
-    out = trainer.export(Path(config.output) / "export", lora=lora)
+        try:
+            lora_format(lora, trainer.teacher)  # a LoRA layout this teacher cannot take fails before training
+        except BaseException:
+            trainer.discard()
+            raise
+        try:
+            trainer.fit()
+        except TrainingStopped as stop:
+            if trainer.accelerator.is_main_process:
+                print(f"stopped at step {stop.step} by {stop.signal_name}; resume with: "
+                      f"{_resume_command(trainer.run_dir, args)}", file=sys.stderr)
+            return stop.exit_code
+        out = trainer.export(trainer.run_dir / "export", lora=lora)
+    finally:
+        trainer.close()
     if out is not None:
-        print(f"run in {config.output}; student exported to {out}")
+        print(f"run in {trainer.run_dir}; student exported to {out}")
     return 0
+
+
+def _resume_command(run_dir: Path, args) -> str:
+    """The command that continues the run in ``run_dir`` as ``args`` asked (its config holds every setting but the
+    export's flags)."""
+    command = ["fastgen", "distill", "--config", str(run_dir / "config.yaml"),
+               "--resume", "auto" if args.resume == "auto" else "latest"]
+    if args.lora:
+        command += ["--lora"] + (["--lora-format", args.lora_format] if args.lora_format else [])
+    return shlex.join(command)
 
 
 def cmd_export(args) -> int:
@@ -294,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
     distill.add_argument("--steps", type=positive_int, help="student sampling steps (student.num_steps)")
     distill.add_argument("--max-steps", type=positive_int, help="training steps (train.max_steps)")
-    distill.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
+    distill.add_argument("--resume", help="'latest', a checkpoint folder of this run, or 'auto': the latest "
+                         "checkpoint when --output has one, else a new run (one command for a first start and every "
+                         "restart); without it, an --output that holds a run is refused")
     distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
     distill.add_argument("--lora-format", help=LORA_FORMAT_HELP)
     distill.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) teacher weights")

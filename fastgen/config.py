@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from fastgen.losses import objective_class, objective_config
 from fastgen.typed_config import (ConfigError, config_from_dict, config_to_dict, load_config, parse_value,
                                   parse_override, merge_overrides, save_config)
 
-__all__ = ["OPTIMIZERS", "ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "config_file",
-           "config_from_dict", "config_to_dict", "load_config", "merge_overrides", "parse_value", "preset_names",
-           "save_config"]
+__all__ = ["OPTIMIZERS", "ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "absolute_paths",
+           "config_file", "config_from_dict", "config_to_dict", "load_config", "merge_overrides", "parse_value",
+           "preset_names", "save_config"]
 
 OptimizerName = Literal["adamw", "fused", "8bit"]
 """torch's AdamW, torch's fused AdamW (``fused=True``) or bitsandbytes' AdamW8bit."""
@@ -234,6 +235,33 @@ class DistillConfig:
         problems = [f"{key}: expected {expected}, got {value!r}" for ok, key, value, expected in rules if not ok]
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+NAMES_NOT_PATHS = {"teacher": ("toy", "toy-t2i"), "data": ("teacher", "toy"), "prompts": ("toy",),
+                   "train.validation_prompts": ("toy",)}
+"""Per path key, the values that name something else (the toy teachers, teacher samples, the toy data and
+prompts), even where a file or folder of that name exists (``./teacher`` is the folder)."""
+
+
+def absolute_paths(config: DistillConfig) -> DistillConfig:
+    """A copy of ``config`` with its local paths absolute, so that the run's ``config.yaml`` resumes and exports
+    from any working directory: ``output`` and ``cache_dir`` always (folders the run writes); ``teacher``, ``data``,
+    ``prompts`` and ``train.validation_prompts`` where they name an existing file or folder (a hub id, ``hf:...``
+    and ``NAMES_NOT_PATHS`` stay as given)."""
+
+    def absolute(value: str) -> str:
+        return os.path.abspath(Path(value).expanduser())
+
+    def existing(key: str, value):
+        if not isinstance(value, str) or value in ("", *NAMES_NOT_PATHS[key]) or not Path(value).expanduser().exists():
+            return value
+        return absolute(value)
+
+    train = dataclasses.replace(config.train, validation_prompts=existing("train.validation_prompts",
+                                                                           config.train.validation_prompts))
+    return dataclasses.replace(config, output=absolute(config.output), teacher=existing("teacher", config.teacher),
+                               data=existing("data", config.data), prompts=existing("prompts", config.prompts),
+                               cache_dir=config.cache_dir and absolute(config.cache_dir), train=train)
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"

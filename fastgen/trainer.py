@@ -19,13 +19,24 @@ objective's networks, optimizers, EMA, data), wraps the trained networks for the
    take images) and checkpoints every ``checkpoint_every`` steps.
 
 ``fit`` runs with TF32 matmuls and convolutions when ``train.allow_tf32`` is set.
+
+A run folder is written by one process: the main process holds ``RUN/.lock`` (``fastgen.runlock``) from before
+anything is written until ``close()``. A folder that holds a run (``config.yaml`` or ``checkpoints/``) is resumed
+(``resume="latest"``, a checkpoint folder, or ``"auto"``: the latest checkpoint when there is one, else a new run),
+never trained over. A resumed run's ``metrics.jsonl`` is cut back to the checkpoint's step. SIGTERM and SIGINT
+during ``fit`` stop the run after the current step and a checkpoint of it (``TrainingStopped``); a second one ends
+the process at once. The teacher is probed once before any data is built (``probe_teacher``), and no export is
+written of a student with non-finite weights or of a run whose phase never stepped (``check_exportable``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,22 +46,70 @@ from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
 from fastgen.assemble import build_run, make_student, run_plan, student_names
-from fastgen.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastgen.config import DistillConfig, config_to_dict, load_config, save_config
+from fastgen.atomic import atomic_path
+from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, latest_checkpoint, list_checkpoints,
+                                load_checkpoint, save_checkpoint)
+from fastgen.config import DistillConfig, absolute_paths, config_to_dict, load_config, save_config
 from fastgen.data import TOY_PROMPTS, build_data, check_data, read_prompts
 from fastgen.data.batch import num_rows
-from fastgen.errors import EnvironmentMissingError, InputError, MissingPathError, UsageError
+from fastgen.errors import EnvironmentMissingError, InputError, MissingPathError, UsageError, UserError
 from fastgen.networks import load_network_state, network_state
 from fastgen.plan import PLAN_FILE, StudentPlan
 from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory, tf32
+from fastgen.runlock import RunLock
 from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
 
 logger = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+NONFINITE_REMEDY = "lower train.lr, enable train.grad_clip or use bf16 instead of fp16"
 
-class NonFiniteLossError(RuntimeError):
-    pass
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """A phase's loss was not finite in ``train.max_nonfinite`` steps in a row, or in every step it ran."""
+
+
+class NonFiniteWeightsError(UserError, ValueError):
+    """A student to export holds NaN or infinite weights."""
+
+
+class TrainingStopped(Exception):
+    """``fit`` stopped by a signal (SIGTERM, SIGINT) after the current step and a checkpoint of it;
+    ``exit_code`` is a shell's for that signal (128 + its number)."""
+
+    def __init__(self, step: int, signum: int, run_dir: Path):
+        self.step, self.signal_name, self.exit_code = step, signal.Signals(signum).name, 128 + signum
+        super().__init__(f"stopped at step {step} by {self.signal_name}; its checkpoint is in "
+                         f"{run_dir / CHECKPOINTS_DIR}")
+
+
+class StopSignals:
+    """Within: the first SIGTERM or SIGINT sets ``signum`` (the loop stops after its step); a second one restores
+    the default action and raises it again, ending the process at once. Installed only in the main thread (where
+    Python runs signal handlers); the previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -126,26 +185,91 @@ def read_validation_prompts(value: list[str] | str | None) -> list[str] | None:
         raise InputError(f"train.validation_prompts: {err}") from None
 
 
+@torch.no_grad()
+def probe_teacher(teacher, autocast=contextlib.nullcontext) -> None:
+    """Refuse a teacher whose denoiser gives non-finite values on a probe batch: one forward of one sample of
+    seeded noise at the middle of a 3-step grid of its schedule (class 0, the empty prompt or no condition), under
+    ``autocast``. The error names the first non-finite weight when there is one."""
+    schedule = teacher.schedule
+    t = float(schedule.timesteps(3)[1])
+    noise = torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    cond = teacher.class_cond(torch.zeros(1)) if teacher.num_classes else teacher.null_cond(1)
+    with autocast():
+        out = teacher(noise.to(teacher.model.device) * schedule.prior_scale(t), t, cond)
+    if bool(torch.isfinite(out).all()):
+        return
+    bad = first_nonfinite(teacher.model)
+    where = f"; its weight {bad} holds NaN or inf" if bad else ""
+    raise InputError(f"teacher {teacher.source} gives non-finite values (NaN or inf) on a probe batch (noise at "
+                     f"timestep {t:g}){where}; expected a teacher whose outputs are finite: check its weights (and "
+                     "train.mixed_precision: fp16 may overflow where bf16 does not)")
+
+
+def first_nonfinite(model: torch.nn.Module) -> str | None:
+    """The name of ``model``'s first floating-point parameter or buffer holding a NaN or an infinity, or None."""
+    return next((name for name, value in model.state_dict().items()
+                 if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+
+
+def phase_updates(lr_schedules: dict) -> dict[str, int]:
+    """Each phase's optimizer updates, from the state of its learning-rate schedule (which steps once per update)."""
+    return {phase: state["last_epoch"] for phase, state in lr_schedules.items()}
+
+
+def check_exportable(students: dict[str, torch.nn.Module], updates: dict[str, int], skipped_in_a_row: dict[str, int],
+                     step: int, run_dir: Path) -> None:
+    """Refuse to export a run in which a phase ran but never stepped (every step skipped as non-finite:
+    ``NonFiniteLossError``), or a student holding non-finite weights (``NonFiniteWeightsError``)."""
+    kept = f"nothing was exported, and the run's checkpoints in {run_dir / CHECKPOINTS_DIR} are kept"
+    for phase, skipped in skipped_in_a_row.items():
+        if skipped and updates.get(phase) == 0:
+            raise NonFiniteLossError(f"no step of the {phase!r} phase succeeded: its loss was not finite in all "
+                                     f"{skipped} steps it ran (up to step {step}); {kept}; {NONFINITE_REMEDY}, or "
+                                     "check the teacher")
+    for name, model in students.items():
+        bad = first_nonfinite(model)
+        if bad:
+            raise NonFiniteWeightsError(f"the student network {name!r} holds non-finite weights at step {step} (NaN "
+                                        f"or inf in {bad}); {kept}: resume from an earlier one (--resume "
+                                        f"CHECKPOINT) and {NONFINITE_REMEDY}")
+
+
 class Trainer:
-    """Distil ``config.teacher`` with ``config.method`` into ``config.output``."""
+    """Distil ``config.teacher`` with ``config.method`` into ``config.output`` (its local paths made absolute).
+
+    ``resume``: None for a new run (a folder that holds a run is refused), ``"latest"``, a checkpoint folder, or
+    ``"auto"`` (the latest checkpoint when the folder has one, else a new run). The main process holds the run
+    folder's lock until ``close()`` (or its end)."""
 
     def __init__(self, config: DistillConfig, resume: str | None = None):
         config.validate()
         check_trackers(config.train.trackers)
+        config = absolute_paths(config)
         self.validation_prompts = read_validation_prompts(config.train.validation_prompts)
         self.config = config
         self.run_dir = Path(config.output)
         t = config.train
         # everything is checked before the run folder is written: a failing run leaves no new folder behind,
         # and an existing one as it was
-        resume_from = resume_target(self.run_dir, resume, config) if resume else None
+        resume_from = resume_target(self.run_dir, resume, config)
         if t.mixed_precision == "fp16" and not torch.accelerator.is_available():
             raise EnvironmentMissingError(
                 "train.mixed_precision is 'fp16', but no GPU is available: fp16 weights on a CPU train without "
                 "loss scaling; use train.mixed_precision=bf16 (CPU autocast) or no")
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
                                        project_dir=str(self.run_dir))
-        acc = self.accelerator
+        self.lock = RunLock(self.run_dir)
+        if self.accelerator.is_main_process:
+            self.lock.acquire()
+        try:
+            self._build(resume_from)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _build(self, resume_from: Path | None) -> None:
+        """Assemble the run, resume it, and write its config, plan and trackers (main process)."""
+        config, t, acc = self.config, self.config.train, self.accelerator
         run = self.run = build_run(config, device=acc.device, data=self._data)
         run.wrap(acc.prepare)
         run.optimizers = {name: acc.prepare(opt) for name, opt in run.optimizers.items()}
@@ -159,10 +283,19 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             save_config(config, self.run_dir / "config.yaml")
             run.plan.save(self.run_dir)
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
+
+    def close(self) -> None:
+        """Release the run folder's lock (idempotent)."""
+        self.lock.release()
+
+    def discard(self) -> None:
+        """After a failure before training: remove the run folder if this trainer created it, and release the lock
+        (``RunLock.discard``)."""
+        self.lock.discard()
 
     def _data(self, teacher, objective):
         """The run's data source, this process's shard of it (built on the main process first: caches); checked
@@ -177,6 +310,7 @@ class Trainer:
         if objective.needs_data and not has_x0:
             raise UsageError(f"method {config.method!r} needs data: pass --data with a folder of images or "
                              "'teacher' (samples generated by the teacher)")
+        probe_teacher(teacher, acc.autocast)
         with acc.main_process_first():
             return build_data(config.data, teacher, config.train.batch_size, config.seed,
                               Path(config.cache_dir) if config.cache_dir else self.run_dir / "cache",
@@ -225,13 +359,25 @@ class Trainer:
             yield batch.to(self.accelerator.device)
 
     def fit(self) -> dict[str, float]:
-        """Train up to ``train.max_steps`` (TF32 on with ``train.allow_tf32``); the last logged values."""
-        with tf32(self.config.train.allow_tf32):
-            return self._fit()
+        """Train up to ``train.max_steps`` (TF32 on with ``train.allow_tf32``); the last logged values. A SIGTERM
+        or SIGINT stops it after the current step and a checkpoint of it: ``TrainingStopped``."""
+        t, acc = self.config.train, self.accelerator
+        with tf32(t.allow_tf32), StopSignals() as signals, tqdm(  # closed before an error's line is printed
+                total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process) as bar:
+            return self._fit(signals, bar)
 
-    def _fit(self) -> dict[str, float]:
+    def _stop_signal(self, signals: StopSignals) -> int:
+        """The signal that stops the run after this step (0: none), agreed by every process (a max-reduction per
+        step when there are several)."""
+        signum = signals.signum or 0
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([signum], device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def _fit(self, signals: StopSignals, bar: tqdm) -> dict[str, float]:
         acc, t, run = self.accelerator, self.config.train, self.run
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="distill", disable=not acc.is_main_process)
         backend = AcceleratorBackend(acc)
         window = MetricsWindow(lambda x: acc.reduce(x, "mean") if acc.num_processes > 1 else x)
         throughput = Throughput()
@@ -243,6 +389,7 @@ class Trainer:
         batches = self._batches()
         reset_peak_memory(acc.device)
         self.clock = Clock(self.clock.offset)  # the resumed run's training time; set-up is not training
+        saved, stop = None, 0
         while self.step < t.max_steps:
             seed(step_seed(self.config.seed, self.step, acc.process_index))
             used = self.batches_used
@@ -266,9 +413,16 @@ class Trainer:
                 self.save_samples()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                 self.save()
-        bar.close()
-        self.save()
+                saved = self.step
+            stop = self._stop_signal(signals)
+            if stop:
+                break
+        if saved != self.step:
+            self.save()
+        stop = stop or self._stop_signal(signals)  # a signal during the last step's checkpoint stops before export
         acc.end_training()
+        if stop:
+            raise TrainingStopped(self.step, stop, self.run_dir)
         return values
 
     def _log(self, window: MetricsWindow, throughput: Throughput, bar) -> dict[str, float]:
@@ -282,7 +436,7 @@ class Trainer:
         if acc.is_main_process:
             record = {"step": self.step, "time": round(self.clock.elapsed(), 3), **values, **extra,
                       "nonfinite_skipped": self.nonfinite_total}
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
+            with (self.run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
         acc.log({**values, **extra}, step=self.step)
@@ -292,15 +446,16 @@ class Trainer:
         self.nonfinite_total += 1
         self.nonfinite_in_a_row[phase] += 1
         if self.accelerator.is_main_process:
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
+            with (self.run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps({"step": self.step, "event": "nonfinite_loss_skipped", "phase": phase,
                                     "loss": str(float(loss))}) + "\n")
         limit = self.config.train.max_nonfinite
         if self.nonfinite_in_a_row[phase] >= limit:
+            kept = list_checkpoints(self.run_dir)
+            resume = " and resume (--resume latest; the checkpoints are kept)" if kept else ""
             raise NonFiniteLossError(
                 f"the {phase!r} loss was not finite in {self.nonfinite_in_a_row[phase]} steps in a row (last at step "
-                f"{self.step}; train.max_nonfinite = {limit}); lower train.lr, enable train.grad_clip or use "
-                "bf16 instead of fp16"
+                f"{self.step}; train.max_nonfinite = {limit}); {NONFINITE_REMEDY}{resume}"
             )
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -366,12 +521,14 @@ class Trainer:
 
     def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
         """Export the student (EMA weights by default, of each expert for a student of experts) as a diffusers
-        folder; main process only."""
+        folder; main process only. A run that ``check_exportable`` refuses writes nothing."""
         if not self.accelerator.is_main_process:
             return None
         from fastgen.pipelines import export_student
 
         models = [self.student_weights(ema, name) for name in self.student_names]
+        check_exportable(dict(zip(self.student_names, models)), phase_updates(self.lr_schedules.state_dict()),
+                         self.nonfinite_in_a_row, self.step, self.run_dir)
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
@@ -429,24 +586,59 @@ class Trainer:
                                "they are in %s", tracker.name, self.run_dir / "samples")
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Cut ``metrics.jsonl`` back to a run resumed at ``step`` (atomically): the records of later steps and the
+    events of steps from ``step`` on (an event's ``step`` is the index of the step it happened in; a record's, the
+    number of steps done) go, and so does a line a killed write left incomplete. The resumed run writes them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            at = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+        if at < step or (at == step and "event" not in record):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+
+
 RESUME_KEYS = ("teacher", "method", "student", "objective")
 """Settings a resumed run must share with its checkpoint (the rest, e.g. ``train.max_steps``, may change)."""
 
 
-def resume_target(run_dir: Path, which: str, config: DistillConfig) -> Path:
-    """The checkpoint folder that ``--resume which`` names (``"latest"`` or a folder), checked to be complete and
-    trained with this config's teacher, method, student and objective settings (``RESUME_KEYS``)."""
+def resume_target(run_dir: Path, which: str | None, config: DistillConfig) -> Path | None:
+    """The checkpoint folder that ``--resume which`` names, checked to be complete and trained with this config's
+    teacher, method, student and objective settings (``RESUME_KEYS``); None for a new run. ``which``: None (a
+    new run: a folder that holds a run is refused), ``"latest"``, ``"auto"`` (``"latest"`` when the folder has a
+    complete checkpoint, else a new run) or a checkpoint folder."""
+    if which is None:
+        held = [name for name in ("config.yaml", CHECKPOINTS_DIR) if (run_dir / name).exists()]
+        if held:
+            raise UsageError(f"output {run_dir} holds a run already ({' and '.join(held)}); continue it with "
+                             "--resume latest (or --resume auto), or distil into a new --output")
+        return None
+    if which == "auto":
+        if not list_checkpoints(run_dir):
+            return None
+        which = "latest"
     if which == "latest":
         path = latest_checkpoint(run_dir)
         if path is None:
             raise MissingPathError(f"--resume latest: run folder {run_dir} has no checkpoint in "
-                                   f"{run_dir / 'checkpoints'}; expected the --output of an earlier `fastgen distill`")
+                                   f"{run_dir / CHECKPOINTS_DIR}; expected the --output of an earlier `fastgen "
+                                   "distill` (--resume auto starts a new run where there is none)")
     path = checkpoint_path(path if which == "latest" else which)
     stored_file = path.parent.parent / "config.yaml"
     if not stored_file.is_file():
         raise MissingPathError(f"--resume {which}: {stored_file} is missing; expected the checkpoint of a run folder")
-    stored = _flat_config({k: v for k, v in config_to_dict(load_config(DistillConfig, stored_file)).items()
-                           if k in RESUME_KEYS})
+    # a run from before paths were stored absolute: its relative paths as they were read, from here
+    stored = _flat_config({k: v for k, v in config_to_dict(absolute_paths(load_config(DistillConfig, stored_file)))
+                           .items() if k in RESUME_KEYS})
     given = _flat_config({k: v for k, v in config_to_dict(config).items() if k in RESUME_KEYS})
     differ = [f"{key} {stored.get(key)!r} -> {given.get(key)!r}" for key in sorted(stored.keys() | given.keys())
               if stored.get(key) != given.get(key)]
@@ -474,7 +666,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     """Export a finished or interrupted run from its checkpoint (latest by default) without its data: the
     students and their EMA weights are rebuilt as ``build_run`` builds them, the plan read from the run. A run
     without EMA weights (``train.ema_decay`` null) exports its trained weights, as ``Trainer.export`` does, and
-    says so: ``on_no_ema(checkpoint_path)`` is called, when given, before anything is loaded."""
+    says so: ``on_no_ema(checkpoint_path)`` is called, when given, before anything is loaded. A run that
+    ``check_exportable`` refuses writes nothing."""
     from diffusers.training_utils import EMAModel
 
     from fastgen.pipelines import export_student
@@ -491,7 +684,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     path = checkpoint_path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
-    _, state = load_checkpoint(path)
+    step, state = load_checkpoint(path)
     names = student_names(config)
     if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):
         raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; its run's config "
@@ -513,6 +706,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
             averaged.load_state_dict(state["ema"][name])
             averaged.copy_to(trainable)
         students.append(student.eval())
+    check_exportable(dict(zip(names, students)), phase_updates(state.get("lr_schedules") or {}),
+                     state["nonfinite"][1], step, run_dir)
     return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **plan.export_config(),
                           lora=lora, prediction_type=plan.prediction_type, method=config.method,
                           settings=config_to_dict(config)["objective"])
