@@ -69,6 +69,7 @@ LAYERS = {
     "test_packaging": "e2e",
     "test_phased_dmd": "integration",
     "test_policies": "e2e",
+    "test_preemption": "e2e",
     "test_quiet": "integration",
     "test_reference": "unit",
     "test_samplers": "unit",
