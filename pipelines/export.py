@@ -34,15 +34,13 @@ import copy
 import inspect
 import json
 import os
-import shutil
-import uuid
 from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from fastgen.atomic import fsync_tree
+from fastgen.atomic import atomic_folder
 from fastgen.errors import UsageError
 from fastgen.pipelines.few_step import FewStepPipeline
 from fastgen.pipelines.stock import stock_scheduler
@@ -218,6 +216,7 @@ def _remote_code_files(shipped, pipeline: str | None, experts_component: str | N
 
 def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: Path) -> None:
     """Write the weights (``write``), the custom code the loaders without fastgen need, the metadata and the card."""
+    from fastgen.integrity import write_manifest
     from fastgen.pipelines.card import write_card
     from fastgen.pipelines.remote_code import experts_source, pipeline_source, scheduler_source
 
@@ -240,6 +239,8 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     write_card(folder, meta, out)
+    # the card stays editable: every other file is hashed, and verified when fastgen loads the folder
+    write_manifest(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"])
 
 
 def _timesteps(trained_timesteps: Mapping[int | str, Sequence[float]]) -> dict[str, list[float]]:
@@ -293,23 +294,10 @@ def _check_target(out: Path) -> None:
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a hidden sibling folder, fsync it, then swap it in for ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
-    tmp.mkdir()
-    try:
+    """Run ``write`` on a temporary sibling folder, fsync it, then swap it in for ``out`` (``fastgen.atomic``:
+    a full disk is one line, the previous export stays as it was)."""
+    with atomic_folder(out) as tmp:
         write(tmp)
-        fsync_tree(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

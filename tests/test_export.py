@@ -307,7 +307,8 @@ def test_shipped_code_is_the_package_source_and_imports_no_fastgen(round_trip):
 def test_lora_export_layout(round_trip):
     folder = round_trip[0]["sd-lora"]
     assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == [
-        "README.md", "fastgen_export.json", "pytorch_lora_weights.safetensors", "scheduler/scheduler_config.json"]
+        "README.md", "fastgen_export.json", "fastgen_manifest.json", "pytorch_lora_weights.safetensors",
+        "scheduler/scheduler_config.json"]
     keys = load_file(folder / "pytorch_lora_weights.safetensors")
     assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
 
@@ -566,7 +567,7 @@ def test_kohya_export_layout(lora_layouts):
     _, folders = lora_layouts
     folder = folders["kohya"]
     assert sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) == [
-        "README.md", "fastgen_export.json", KOHYA_WEIGHTS, "scheduler/scheduler_config.json"]
+        "README.md", "fastgen_export.json", "fastgen_manifest.json", KOHYA_WEIGHTS, "scheduler/scheduler_config.json"]
     kohya = load_file(folder / KOHYA_WEIGHTS)
     peft = load_file(folders["peft"] / "pytorch_lora_weights.safetensors")
     modules = {key.split(".lora_")[0] for key in peft}  # unet.down_blocks.1.attentions.0....attn1.to_q
