@@ -4,7 +4,8 @@
    Stable-Diffusion-style toy teacher) with the bundled preset ``toy_<method>``, one student per step count of
    ``student_steps`` (default: DMD, a one-step and a four-step student; a method whose student serves several
    counts, such as consistency, trains one), each a ``fastgen distill`` child process in ``OUT/run-<n>step``
-   exporting to ``OUT/run-<n>step/export``. Up to ``jobs`` children run at once, one torch thread each (the
+   exporting to ``OUT/run-<n>step/export`` (``--resume auto``: a demo run again into the same ``OUT`` continues
+   or reuses its students, and refuses, naming what differs, when the settings changed). Up to ``jobs`` children run at once, one torch thread each (the
    toy networks gain little from more), and all share one cache (``OUT/cache``): a child starts once the
    one before it has begun training, so the teacher samples are generated once;
 2. sweep toy FID of the students and of the teacher's DDIM at the same step counts
@@ -99,7 +100,8 @@ def distill_all(out_dir: Path, preset: str, runs: dict[int, list[str]], jobs: in
                 if waiting and len(running) < jobs and all(started_training(n) for n in running):
                     n = waiting.pop(0)
                     log = open(out_dir / f"distill-{n}step.log", "w")
-                    command = [sys.executable, "-m", "fastgen", "distill", "--config", preset, *runs[n]]
+                    command = [sys.executable, "-m", "fastgen", "distill", "--config", preset, "--resume", "auto",
+                               *runs[n]]
                     running[n] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
                 for n, (child, log) in list(running.items()):
                     if child.poll() is None:

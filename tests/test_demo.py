@@ -30,6 +30,11 @@ def test_the_demo_trains_one_student_per_step_count_and_sweeps_each_at_its_count
     with Image.open(out / "grid.png") as grid:  # rows teacher 1, student 1, teacher 64; 12 columns of 16x16 x4
         assert grid.size == (12 * 64 + 13, 3 * 64 + 4)  # 1-pixel padding
     assert "student (dmd)" in done.stdout and "distillation" in done.stdout
+    weights = (out / "run-1step" / "export" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = demo(out, "--student-steps", "1,2", "--steps", "1,2,4", "teacher_samples=16", "teacher_sample_steps=2",
+                 "train.batch_size=4", "train.log_every=1")  # the same command again: the finished runs are reused
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "run-1step" / "export" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
 def test_a_bad_override_is_one_line_before_any_student_starts(tmp_path):
