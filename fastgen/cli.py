@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--student-steps", type=int_list,
                       help="one student per step count, e.g. 1,4 (default: 1,4 for dmd; the preset's count for "
                            "the others)")
-    demo.add_argument("--max-steps", type=positive_int, help="training steps of each student (default: the preset's)")
+    demo.add_argument("--max-steps", type=positive_int,
+                      help="training steps of each student (default: 500 for dmd; the preset's for the others)")
     demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
     demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
