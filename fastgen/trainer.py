@@ -52,7 +52,7 @@ from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, latest_checkpo
 from fastgen.config import DistillConfig, absolute_paths, config_to_dict, load_config, save_config
 from fastgen.data import TOY_PROMPTS, build_data, check_data, read_prompts
 from fastgen.data.batch import num_rows
-from fastgen.errors import EnvironmentMissingError, InputError, MissingPathError, UsageError, UserError
+from fastgen.errors import EnvironmentMissingError, InputError, MissingPathError, UsageError, UserError, warn
 from fastgen.networks import load_network_state, network_state
 from fastgen.plan import PLAN_FILE, StudentPlan
 from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory, tf32
@@ -471,6 +471,7 @@ class Trainer:
             "data_position": self.batches_used,
             "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row],
             "clock": self.clock.state_dict(),
+            "config": config_to_dict(self.config),  # what the run was trained with, beside its own config.yaml
         }
 
     def save(self) -> Path | None:
@@ -509,6 +510,14 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite"]
         self.clock = Clock((state.get("clock") or {}).get("elapsed", 0.0))
         self.step = step
+        if state.get("config") is not None:  # (checkpoints written before it was recorded: none)
+            check_complete(self.run_dir / "config.yaml", path, state["config"])
+        if state.get("config") is not None and acc.is_main_process:
+            trained, now = _flat_config(state["config"]), _flat_config(config_to_dict(self.config))
+            differ = [f"{key} {trained.get(key)!r} -> {now.get(key)!r}" for key in sorted(trained.keys() | now.keys())
+                      if trained.get(key) != now.get(key) and key not in EXPECTED_CHANGES]
+            if differ:
+                warn(f"resuming {path} with settings other than it was trained with: {'; '.join(differ)}")
 
     # -- outputs ------------------------------------------------------------------------------------
     def student_weights(self, ema: bool = True, name: str = "student") -> torch.nn.Module:
@@ -636,6 +645,7 @@ def resume_target(run_dir: Path, which: str | None, config: DistillConfig) -> Pa
     stored_file = path.parent.parent / "config.yaml"
     if not stored_file.is_file():
         raise MissingPathError(f"--resume {which}: {stored_file} is missing; expected the checkpoint of a run folder")
+    check_complete(stored_file, path)
     # a run from before paths were stored absolute: its relative paths as they were read, from here
     stored = _flat_config({k: v for k, v in config_to_dict(absolute_paths(load_config(DistillConfig, stored_file)))
                            .items() if k in RESUME_KEYS})
@@ -646,6 +656,37 @@ def resume_target(run_dir: Path, which: str | None, config: DistillConfig) -> Pa
         raise UsageError(f"--resume {which}: the checkpoint was trained with other settings ({'; '.join(differ)}); "
                          "resume with the run's own settings, or distil into a new --output")
     return path
+
+
+EXPECTED_CHANGES = ("output", "train.max_steps")
+"""Settings a resume changes as a matter of course (a run folder moved, a run trained longer): not warned about."""
+SECTIONS = ("teacher", "method", "student", "train", "objective")
+"""Keys every run's ``config.yaml`` has held since the first version of fastgen."""
+
+
+def check_complete(config_file: Path, checkpoint: Path, recorded: dict | None = None) -> None:
+    """Refuse a run's ``config.yaml`` cut short or damaged, which would otherwise resume on defaults silently: one
+    that lacks a key of ``recorded`` (the config the checkpoint recorded), or without it one of ``SECTIONS``."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        tree = None
+    tree = tree if isinstance(tree, dict) else {}
+    expected = _flat_config(recorded) if recorded is not None else dict.fromkeys(SECTIONS)
+    have = _flat_config(tree) | dict.fromkeys(tree)
+    missing = [key for key in expected if key not in have and key.split(".")[0] not in _empty_sections(tree)]
+    if missing:
+        named = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise InputError(f"{config_file} is cut short or damaged: it lacks {named}, which fastgen "
+                         f"writes into every run's config.yaml; the settings the run was trained with are recorded "
+                         f"in {checkpoint}: restore the file, or resume with a config that states them")
+
+
+def _empty_sections(tree: dict) -> set[str]:
+    """Top-level keys written as an empty mapping (``objective: {}``), whose recorded keys were defaults."""
+    return {key for key, value in tree.items() if value == {}}
 
 
 def _flat_config(tree: dict, prefix: str = "") -> dict:

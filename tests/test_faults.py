@@ -495,3 +495,36 @@ def test_stale_temporaries_are_removed_on_the_next_write_and_live_ones_kept(tmp_
         live.wait()
     save_checkpoint(tmp_path, 2, {"w": torch.ones(1)})
     assert hidden(tmp_path / "checkpoints") == [new_elsewhere.name]  # its writer is gone now
+
+
+# ----------------------------------------------------------------------------- a damaged config.yaml
+
+
+def resume(run: Path, *extra: str) -> list[str]:
+    return ["distill", "--config", str(run / "config.yaml"), "--output", str(run), "--resume", "latest", *extra]
+
+
+def test_a_config_cut_short_is_refused_on_resume_not_trained_on_defaults(finished, tmp_path, capsys):
+    """Cut before ``train:`` (the sections every config.yaml has), or one line of ``train`` gone (the keys the
+    checkpoint recorded): one line naming what is missing, and the run left as it was."""
+    run = copy_run(finished, tmp_path)
+    text = (run / "config.yaml").read_text()
+    for damaged, missing in [(text[: text.index("\ntrain:")], "train"),
+                             ("".join(line for line in text.splitlines(keepends=True)
+                                      if not line.strip().startswith("batch_size:")), "train.batch_size")]:
+        (run / "config.yaml").write_text(damaged)
+        before = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file())
+        capsys.readouterr()
+        assert main(resume(run, "--max-steps", "3")) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert "config.yaml is cut short or damaged" in line and missing in line, line
+        assert (run / "config.yaml").read_text() == damaged  # not rewritten
+        assert sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file()) == before
+
+
+def test_a_resume_with_other_settings_than_the_checkpoint_recorded_says_so(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    capsys.readouterr()
+    assert main(resume(run, "--max-steps", "3", "train.lr=3e-4")) == 0
+    said = [line for line in warnings_of(capsys.readouterr().err) if "other than it was trained with" in line]
+    assert len(said) == 1 and said[0].endswith("train.lr 0.0001 -> 0.0003"), said  # (more steps: expected)

@@ -71,11 +71,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def without_clock(state: dict) -> dict:
-    """A training state without its wall clock (``clock``: the run's cumulative training time), which no two
-    runs share."""
-    assert "clock" in state and "lr_schedules" in state
-    return {k: v for k, v in state.items() if k != "clock"}
+def comparable(state: dict) -> dict:
+    """A training state without what no two runs share: its wall clock (``clock``: the run's cumulative training
+    time) and its recorded config (``config``: which names the run's own folder)."""
+    assert "clock" in state and "lr_schedules" in state and "config" in state
+    return {k: v for k, v in state.items() if k not in ("clock", "config")}
 
 
 def assert_same(a, b, path="state"):
@@ -332,9 +332,9 @@ def test_resume_continues_exactly(teacher, tmp_path, method, overrides):
     assert resumed.lr_schedules.last_lr("generator") == first.lr_schedules.last_lr("generator")
     resumed.fit()
     assert resumed.step == 6
-    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
-    assert_same(without_clock(load_checkpoint(latest_checkpoint(tmp_path / "resumed"))[1]),
-                without_clock(load_checkpoint(latest_checkpoint(tmp_path / "straight"))[1]))
+    assert_same(comparable(resumed.state()), comparable(straight.state()))
+    assert_same(comparable(load_checkpoint(latest_checkpoint(tmp_path / "resumed"))[1]),
+                comparable(load_checkpoint(latest_checkpoint(tmp_path / "straight"))[1]))
 
     records = {name: [r for r in read_metrics(tmp_path / name) if "event" not in r] for name in ("straight", "resumed")}
     assert [r["step"] for r in records["resumed"]] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in records["straight"]]
@@ -428,7 +428,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_works(teach
     assert not stale.exists()
     straight = Trainer(make_config(teacher, tmp_path / "straight", "train.max_steps=4"))
     straight.fit()
-    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
+    assert_same(comparable(resumed.state()), comparable(straight.state()))
 
 
 # ----------------------------------------------------------------------------- non-finite guard
@@ -610,7 +610,7 @@ def test_8bit_adam_trains_with_8bit_states_and_resumes_exactly(teacher, tmp_path
     Trainer(config("resumed", 2)).fit()
     resumed = Trainer(config("resumed", 4), resume="latest")
     resumed.fit()
-    assert_same(without_clock(resumed.state()), without_clock(straight.state()))
+    assert_same(comparable(resumed.state()), comparable(straight.state()))
 
 
 def flat_tensors(tree) -> list[torch.Tensor]:
