@@ -209,11 +209,15 @@ def write_card(folder: Path, meta: dict, final: Path | None = None) -> Path:
 
 
 def add_metrics(folder: str | Path, rows: Sequence[dict]) -> None:
-    """Record ``fastgen eval`` results (rows of the sweep's ``"model"`` curve) in the export's metadata and card."""
-    from fastgen.pipelines.export import METADATA
+    """Record ``fastgen eval`` results (rows of the sweep's ``"model"`` curve) in the export's metadata and card;
+    an export with a manifest (checked when it was loaded for the evaluation) is sealed again."""
+    from fastgen.integrity import MANIFEST
+    from fastgen.pipelines.export import METADATA, seal
 
     folder = Path(folder)
     meta = json.loads((folder / METADATA).read_text())
     meta["metrics"] = [{k: v for k, v in row.items() if k != "curve"} for row in rows if row.get("curve") == "model"]
     write_bytes(folder / METADATA, (json.dumps(meta, indent=2) + "\n").encode())
     write_card(folder, meta)
+    if (folder / MANIFEST).is_file():
+        seal(folder)

@@ -216,7 +216,6 @@ def _remote_code_files(shipped, pipeline: str | None, experts_component: str | N
 
 def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: Path) -> None:
     """Write the weights (``write``), the custom code the loaders without fastgen need, the metadata and the card."""
-    from fastgen.integrity import write_manifest
     from fastgen.pipelines.card import write_card
     from fastgen.pipelines.remote_code import experts_source, pipeline_source, scheduler_source
 
@@ -239,8 +238,7 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     write_card(folder, meta, out)
-    # the card stays editable: every other file is hashed, and verified when fastgen loads the folder
-    write_manifest(folder, [p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"])
+    seal(folder)
 
 
 def _timesteps(trained_timesteps: Mapping[int | str, Sequence[float]]) -> dict[str, list[float]]:
@@ -291,6 +289,14 @@ def _check_target(out: Path) -> None:
             f"export folder {out} is not empty and was not written by fastgen export (no {METADATA}); "
             "choose a new or empty folder, or remove this one first"
         )
+
+
+def seal(folder: Path) -> None:
+    """Record the size and sha256 of every file of an export (``fastgen.integrity``, verified when fastgen loads
+    it) but its card, which stays editable, and the manifest itself."""
+    from fastgen.integrity import MANIFEST, write_manifest
+
+    write_manifest(folder, [p for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", MANIFEST)])
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
