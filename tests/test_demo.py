@@ -4,19 +4,25 @@ then swept, gridded and exported (tiny budgets: the figures of a real run are in
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
 
-def demo(out, *extra):
-    return subprocess.run([sys.executable, "-m", "fastgen", "demo", "--out", str(out), "--num-samples", "8",
-                           "--max-steps", "2", *extra], capture_output=True, text=True)
+def demo(out, *extra, cwd=None):
+    """The ``fastgen`` console script, as README runs it."""
+    script = Path(sys.executable).parent / "fastgen"
+    return subprocess.run([str(script), "demo", "--out", str(out), "--num-samples", "8", "--max-steps", "2", *extra],
+                          capture_output=True, text=True, cwd=cwd)
 
 
 def test_the_demo_trains_one_student_per_step_count_and_sweeps_each_at_its_count(tmp_path):
     out = tmp_path / "demo"
+    checkout = tmp_path / "checkout"  # run from a folder holding a fastgen/ folder, as README's clone does: the
+    (checkout / "fastgen").mkdir(parents=True)  # children must import the installed package, not this one
+    (checkout / "fastgen" / "__init__.py").write_text("raise ImportError('the checkout, not the installed fastgen')")
     done = demo(out, "--student-steps", "1,2", "--steps", "1,2,4", "teacher_samples=16", "teacher_sample_steps=2",
-                "train.batch_size=4", "train.log_every=1")
+                "train.batch_size=4", "train.log_every=1", cwd=checkout)
     assert done.returncode == 0, done.stderr[-2000:]
     for n in (1, 2):
         assert (out / f"run-{n}step" / "export" / "model_index.json").is_file()
