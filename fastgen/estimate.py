@@ -466,10 +466,13 @@ def estimate_with_modes(config: DistillConfig, resolution: int | None = None, de
                         optimizer: str = "adamw", workers: int | None = None) -> Estimate:
     """``estimate_memory`` of the run, with ``modes``: ``{overrides: total_bytes}`` for every mode of
     ``mode_overrides`` (the run's own settings keyed ``AS_CONFIGURED``). Fake tensors are Python dispatch, so
-    the modes are simulated side by side in ``workers`` spawned processes (default: one per CPU core, at most
-    one per mode) while this process simulates the run itself."""
+    the modes are simulated side by side in ``workers`` processes (default: one per CPU core, at most one per
+    mode) while this process simulates the run itself. The workers are forked (they inherit the imports, 5-6 s
+    of CPU each) where this process runs one thread, else spawned (forking a process with other threads can
+    deadlock a child on a lock one of them held)."""
     import multiprocessing
     import os
+    import threading
     from concurrent.futures import ProcessPoolExecutor
 
     ladder = mode_overrides(config)[1:]
@@ -479,7 +482,8 @@ def estimate_with_modes(config: DistillConfig, resolution: int | None = None, de
         return est
     workers = workers or min(len(ladder), os.cpu_count() or 1)
     settings = config_to_dict(config)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    start = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
         futures = {" ".join(o): pool.submit(_mode_total, settings, o, resolution, device, optimizer) for o in ladder}
         est = estimate_memory(config, resolution, device, optimizer)
         est.modes = {AS_CONFIGURED: est.total_bytes, **{key: f.result() for key, f in futures.items()}}
