@@ -385,8 +385,10 @@ def _adapter_name(model: torch.nn.Module) -> str:
 
 def _check_base_weights(teacher: Teacher, student_model: torch.nn.Module) -> None:
     """A LoRA export ships only the adapter: refuse it if the student's other weights left the teacher's
-    (compared exactly, in the teacher's dtype)."""
-    reference = teacher.model.state_dict()
+    (compared exactly, in the teacher's dtype). The teacher's own network may carry adapters too (a LoRA fake
+    score on its weights): its base weights are compared."""
+    reference = {key.replace(".base_layer.", "."): value for key, value in teacher.model.state_dict().items()
+                 if ".lora_" not in key}
     for key, value in student_model.state_dict().items():
         if ".lora_" in key:
             continue

@@ -500,6 +500,22 @@ def test_lora_export_needs_an_untouched_base_and_an_adapter(sd, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_lora_student_beside_a_lora_fake_score_on_the_teachers_weights_exports_its_adapter(tmp_path, capsys):
+    """DMD2 with a LoRA student and a LoRA fake score: the teacher's own network then carries the fake score's
+    adapter, and the export compares the student's base with the teacher's base weights (their keys differ by
+    peft's ``base_layer``), not with nothing."""
+    teacher = make_sd_folder(tmp_path / "teacher")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red disc\n")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--method", "dmd2", "--data", "teacher", "--prompts",
+                 str(prompts), "--output", str(run), "--max-steps", "1", "--lora", "student.lora_rank=2",
+                 "objective.fake_lora_rank=2", "train.batch_size=2", "teacher_samples=2",
+                 "teacher_sample_steps=2"]) == 0, capsys.readouterr().err
+    assert sorted(load_file(run / "export" / "pytorch_lora_weights.safetensors"))  # the adapter alone
+    assert not (run / "export" / "unet").exists()
+
+
 def readme_loading_snippets() -> list[str]:
     """The Python blocks of README's "Loading a student" section."""
     from pathlib import Path
