@@ -35,6 +35,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -234,6 +235,32 @@ def check_exportable(students: dict[str, torch.nn.Module], updates: dict[str, in
                                         f"CHECKPOINT) and {NONFINITE_REMEDY}")
 
 
+def make_accelerator(t, run_dir: Path) -> Accelerator:
+    """accelerate's ``Accelerator`` for this process, checked to be one of the process group it was launched in.
+
+    Under ``torchrun`` on a machine without a GPU, accelerate forms the group but reports one process on every
+    rank (each would train alone, all into one folder) unless it is told the run is on the CPU
+    (docs/fsdp2_findings.md, question 9): it is told. A process launched as one of several that forms no group
+    (``MASTER_ADDR`` set without ``WORLD_SIZE``: ``accelerate launch --cpu --num_processes N`` starts one
+    process) is refused, as is any disagreement between ``WORLD_SIZE`` and accelerate's count."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ:
+        raise UsageError("this process was launched as one of several (MASTER_ADDR is set) but no process group "
+                         "was formed (no WORLD_SIZE): `accelerate launch --cpu --num_processes N` starts one process; "
+                         "launch N processes with `torchrun --nproc_per_node N -m fastgen distill ...`, or unset "
+                         "MASTER_ADDR to train in one process")
+    acc = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None, project_dir=str(run_dir),
+                      cpu=world > 1 and not torch.accelerator.is_available())
+    if acc.num_processes != world:
+        raise UsageError(f"WORLD_SIZE is {world}, but accelerate formed a group of {acc.num_processes}: the "
+                         "processes would train as separate copies; launch with `torchrun --nproc_per_node N -m "
+                         "fastgen distill ...` or `accelerate launch`")
+    if world > 1 and acc.is_main_process:
+        print(f"{world} processes ({acc.distributed_type.value}, data parallel): global batch "
+              f"{t.batch_size} x {t.grad_accum} x {world} = {t.batch_size * t.grad_accum * world} per step")
+    return acc
+
+
 class Trainer:
     """Distil ``config.teacher`` with ``config.method`` into ``config.output`` (its local paths made absolute).
 
@@ -256,8 +283,7 @@ class Trainer:
             raise EnvironmentMissingError(
                 "train.mixed_precision is 'fp16', but no GPU is available: fp16 weights on a CPU train without "
                 "loss scaling; use train.mixed_precision=bf16 (CPU autocast) or no")
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
-                                       project_dir=str(self.run_dir))
+        self.accelerator = make_accelerator(t, self.run_dir)
         self.lock = RunLock(self.run_dir)
         if self.accelerator.is_main_process:
             self.lock.acquire()

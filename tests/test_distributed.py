@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,38 @@ def test_two_processes_train_a_head_on_a_critic_feature_with_the_critic_excluded
     assert {k.split(".")[1] for k in rank0 if k.startswith("networks.")} == {"student", "critic", "head"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("critic/loss" in r for r in records) and sum("generator/loss" in r for r in records) == 2
+
+
+def test_plain_torchrun_of_the_cli_trains_as_one_group(teacher, tmp_path):
+    """``torchrun --nproc_per_node 2 -m fastgen distill`` on CPUs, without ACCELERATE_USE_CPU: accelerate alone
+    would report one process per rank (two copies training into one folder); the trainer forms the group."""
+    run = tmp_path / "run"
+    with socket.socket() as probe:  # a free port (torchrun's --master_port 0 hangs the rendezvous)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "fastgen", "distill", "--teacher", str(teacher), "--method", "consistency", "--data", "teacher",
+               "--output", str(run), "--steps", "2", "--max-steps", "2", "teacher_samples=16",
+               "teacher_sample_steps=2", "train.batch_size=4", "train.log_every=1"]
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "2 processes (MULTI_CPU, data parallel): global batch 4 x 1 x 2 = 8 per step" in done.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # one writer
+    step, state = load_checkpoint(latest_checkpoint(run))
+    assert step == 2 and state["data_position"] == 2  # each rank drew 2 batches of its own shard
+
+
+def test_a_process_launched_as_one_of_several_without_a_group_is_refused(teacher, tmp_path):
+    """What ``accelerate launch --cpu --num_processes 2`` gives: one process, MASTER_ADDR set, no WORLD_SIZE."""
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "fastgen", "distill", "--teacher", str(teacher), "--method",
+                           "consistency", "--output", str(tmp_path / "run"), "--max-steps", "1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: this process was launched as one of several") and "torchrun" in line
+    assert not (tmp_path / "run").exists()
