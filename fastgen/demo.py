@@ -5,9 +5,10 @@
    ``student_steps`` (default: DMD, a one-step and a four-step student; a method whose student serves several
    counts, such as consistency, trains one), each a ``fastgen distill`` child process in ``OUT/run-<n>step``
    exporting to ``OUT/run-<n>step/export`` (``--resume auto``: a demo run again into the same ``OUT`` continues
-   or reuses its students, and refuses, naming what differs, when the settings changed). Up to ``jobs`` children run at once, one torch thread each (the
-   toy networks gain little from more), and all share one cache (``OUT/cache``): a child starts once the
-   one before it has begun training, so the teacher samples are generated once;
+   or reuses its students, and refuses, naming what differs, when the settings changed). Up to ``jobs``
+   children run at once, one torch thread each (the toy networks gain little from more), and all share one cache
+   (``OUT/cache``): a child starts once the one before it has begun training, so the teacher samples are
+   generated once;
 2. sweep toy FID of the students and of the teacher's DDIM at the same step counts
    (``OUT/sweep.{csv,md,png}``) and the teacher's many-step FID for reference; for ``"toy-t2i"`` both are
    sampled on the toy evaluation prompts (every shape x colour), the teacher with classifier-free guidance
@@ -41,6 +42,7 @@ from fastgen.eval.toy_fid import toy_fid
 from fastgen.eval.toy_prompts import toy_eval_prompts
 from fastgen.generate import generate, save_grid
 from fastgen.teacher import Teacher, load_teacher
+from fastgen.trainer import METRICS_FILE
 
 GRID_COLUMNS = 12
 TEACHERS = ("toy", "toy-t2i")
@@ -58,10 +60,10 @@ class DistillFailed(UserError):
 
 
 def demo_runs(out_dir: Path, method: str, student_steps: Sequence[int] | None, teacher: str, seed: int,
-              max_steps: int | None, overrides: Sequence[str] = ()) -> dict[int, list[str]]:
-    """The ``fastgen distill`` overrides of every student the demo trains, by step count, each checked by
-    ``load_config`` before any child starts. A count other than the preset's drops the preset's timesteps,
-    experts and phase boundaries (they are for its own count): the objective's default grid is used."""
+              max_steps: int | None, overrides: Sequence[str] = ()) -> dict[int, tuple[list[str], int]]:
+    """The ``fastgen distill`` overrides of every student the demo trains and its training steps, by step count,
+    each checked by ``load_config`` before any child starts. A count other than the preset's drops the preset's
+    timesteps, experts and phase boundaries (they are for its own count): the objective's default grid is used."""
     preset = config_file(f"toy_{method}")
     base = [f"seed={seed}", f"cache_dir={out_dir / 'cache'}"]
     if teacher == "toy-t2i":
@@ -76,27 +78,26 @@ def demo_runs(out_dir: Path, method: str, student_steps: Sequence[int] | None, t
         if n != own:
             run += ["student.timesteps=null", "student.experts=1", "student.expert_boundaries=null"]
         run += list(overrides)
-        load_config(DistillConfig, preset, run)
-        runs[n] = run
+        runs[n] = run, load_config(DistillConfig, preset, run).train.max_steps
     return runs
 
 
-def distill_all(out_dir: Path, preset: str, runs: dict[int, list[str]], jobs: int, threads: int) -> float:
+def distill_all(out_dir: Path, preset: str, runs: dict[int, tuple[list[str], int]], jobs: int, threads: int) -> float:
     """Run ``fastgen distill --config preset`` for every run, up to ``jobs`` at once, each logging to
     ``OUT/distill-<n>step.log``; one progress bar over all their training steps (read from each run's
     ``metrics.jsonl``). Returns the wall time. The first child that fails stops the others."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    max_steps = {n: load_config(DistillConfig, config_file(preset), run).train.max_steps for n, run in runs.items()}
-    waiting, running, done = list(runs), {}, {}
+    max_steps = {n: steps for n, (_, steps) in runs.items()}
+    waiting, running, done = list(runs), {}, set()
     start = time.perf_counter()
 
     def started_training(n: int) -> bool:
-        return (out_dir / f"run-{n}step" / "metrics.jsonl").is_file()
+        return (out_dir / f"run-{n}step" / METRICS_FILE).is_file()
 
     def progress(n: int) -> int:
         if n in done:
             return max_steps[n]
-        path = out_dir / f"run-{n}step" / "metrics.jsonl"
+        path = out_dir / f"run-{n}step" / METRICS_FILE
         lines = path.read_text().splitlines() if path.is_file() else []
         return json.loads(lines[-1]).get("step", 0) if lines and lines[-1].endswith("}") else 0
 
@@ -107,7 +108,7 @@ def distill_all(out_dir: Path, preset: str, runs: dict[int, list[str]], jobs: in
                     n = waiting.pop(0)
                     log = open(out_dir / f"distill-{n}step.log", "w")
                     command = [sys.executable, "-c", CHILD, "distill", "--config", preset, "--resume", "auto",
-                               *runs[n]]
+                               *runs[n][0]]
                     running[n] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
                 for n, (child, log) in list(running.items()):
                     if child.poll() is None:
@@ -120,10 +121,10 @@ def distill_all(out_dir: Path, preset: str, runs: dict[int, list[str]], jobs: in
                         raise DistillFailed(f"the {n}-step student's run failed (exit {child.returncode}): "
                                             f"{last.removeprefix('error: ') or 'see its log'}; log: "
                                             f"{out_dir / f'distill-{n}step.log'}")
-                    done[n] = time.perf_counter() - start
+                    done.add(n)
                 bar.n = sum(progress(n) for n in runs)
-                bar.set_postfix_str(", ".join(f"{n}-step {'done' if n in done else 'running' if n in running else 'queued'}"
-                                              for n in runs))
+                state = {n: "done" if n in done else "running" if n in running else "queued" for n in runs}
+                bar.set_postfix_str(", ".join(f"{n}-step {state[n]}" for n in runs))
                 bar.refresh()
                 time.sleep(0.5)
         finally:

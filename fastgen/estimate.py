@@ -31,7 +31,6 @@ Checked in ``tests/test_estimate.py`` against the peak of live tensor bytes of r
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
 import itertools
@@ -456,10 +455,10 @@ def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig
     return config_from_dict(DistillConfig, merge_overrides(DistillConfig, config_to_dict(config), overrides))
 
 
-def _mode_total(settings: dict, overrides: list[str], resolution: int | None, device: str, optimizer: str) -> int:
-    """One mode's total bytes (in a worker process: the config travels as its dict)."""
-    config = config_from_dict(DistillConfig, merge_overrides(DistillConfig, settings, overrides))
-    return estimate_memory(config, resolution, device, optimizer).total_bytes
+def _mode_total(config: DistillConfig, overrides: list[str], resolution: int | None, device: str,
+                optimizer: str) -> int:
+    """One mode's total bytes (in a worker process)."""
+    return estimate_memory(with_overrides(config, overrides), resolution, device, optimizer).total_bytes
 
 
 def estimate_with_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
@@ -481,10 +480,9 @@ def estimate_with_modes(config: DistillConfig, resolution: int | None = None, de
         est.modes = {AS_CONFIGURED: est.total_bytes}
         return est
     workers = workers or min(len(ladder), os.cpu_count() or 1)
-    settings = config_to_dict(config)
     start = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
-        futures = {" ".join(o): pool.submit(_mode_total, settings, o, resolution, device, optimizer) for o in ladder}
+        futures = {" ".join(o): pool.submit(_mode_total, config, o, resolution, device, optimizer) for o in ladder}
         est = estimate_memory(config, resolution, device, optimizer)
         est.modes = {AS_CONFIGURED: est.total_bytes, **{key: f.result() for key, f in futures.items()}}
     return est

@@ -537,9 +537,14 @@ class Trainer:
         self.clock = Clock((state.get("clock") or {}).get("elapsed", 0.0))
         self.step = step
         if state.get("config") is not None:  # (checkpoints written before it was recorded: none)
-            check_complete(self.run_dir / "config.yaml", path, state["config"])
-        if state.get("config") is not None and acc.is_main_process:
-            trained, now = _flat_config(state["config"]), _flat_config(config_to_dict(self.config))
+            self._check_recorded_config(path, state["config"])
+
+    def _check_recorded_config(self, path: Path, recorded: dict) -> None:
+        """Refuse a ``config.yaml`` that lacks a key the checkpoint ``path`` recorded (``check_complete``), and
+        name the settings this resume changes, but those ``EXPECTED_CHANGES`` (one warning line)."""
+        check_complete(self.run_dir / "config.yaml", path, recorded)
+        if self.accelerator.is_main_process:
+            trained, now = _flat_config(recorded), _flat_config(config_to_dict(self.config))
             differ = [f"{key} {trained.get(key)!r} -> {now.get(key)!r}" for key in sorted(trained.keys() | now.keys())
                       if trained.get(key) != now.get(key) and key not in EXPECTED_CHANGES]
             if differ:

@@ -295,8 +295,9 @@ def seal(folder: Path) -> None:
     """Record the size and sha256 of every file of an export (``fastgen.integrity``, verified when fastgen loads
     it) but its card, which stays editable, and the manifest itself."""
     from fastgen.integrity import MANIFEST, write_manifest
+    from fastgen.pipelines.card import CARD
 
-    write_manifest(folder, [p for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", MANIFEST)])
+    write_manifest(folder, [p for p in folder.rglob("*") if p.is_file() and p.name not in (CARD, MANIFEST)])
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
