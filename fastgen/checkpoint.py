@@ -37,7 +37,6 @@ from safetensors.torch import save_file
 from fastgen.atomic import atomic_folder, temp_sibling
 from fastgen.errors import InputError, MissingPathError, UserError, warn
 from fastgen.integrity import (
-    MANIFEST,
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     IncompleteFileError,
@@ -211,7 +210,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             warn(f"skipped damaged checkpoint {'; '.join(skipped)}; using {path}")
         return path
     if skipped:
-        raise IncompleteFileError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: {'; '.join(skipped)}")
+        raise IncompleteFileError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: {'; '.join(skipped)}; "
+                                  "expected at least one: restore one from a copy, or distil into a new --output")
     return None
 
 
@@ -241,8 +241,7 @@ def verify_checkpoint(path: str | Path) -> Path:
     raises ``DamagedFileError`` naming a damaged file. A checkpoint from before manifests is checked cheaply
     only."""
     path = checkpoint_path(path)
-    if not verify_manifest(path) and _read_meta(path).get("manifest"):
-        raise IncompleteFileError(f"checkpoint file {path / MANIFEST} is missing; the checkpoint is incomplete")
+    verify_manifest(path, required=bool(_read_meta(path).get("manifest")))
     return path
 
 

@@ -221,7 +221,7 @@ def cmd_estimate(args) -> int:
     except ValueError as err:
         raise UsageError(f"--budget: {err}") from None
     estimate = estimate_with_modes if args.modes else estimate_memory
-    est = estimate(config, args.resolution, device=args.device, optimizer=args.optimizer)
+    est = estimate(config, args.resolution, device=args.device, optimizer=args.optimizer or config.train.optimizer)
     if args.json:
         out = est.to_json()
         if budget is not None:
@@ -234,6 +234,8 @@ def cmd_estimate(args) -> int:
 
 
 def add_estimate_parser(sub, parents=()) -> None:
+    from fastgen.config import OPTIMIZERS
+
     estimate = sub.add_parser(
         "estimate", parents=list(parents), help="expected peak memory per device of a `distill` run, before anything is allocated",
         description="Expected peak memory per device of `fastgen distill` with the same arguments, broken down per "
@@ -249,9 +251,9 @@ def add_estimate_parser(sub, parents=()) -> None:
     estimate.add_argument("--resolution", type=int, help="student resolution in pixels (default: the teacher's)")
     estimate.add_argument("--batch-size", type=int, help="micro-batch per device (train.batch_size)")
     estimate.add_argument("--budget", help="device memory, e.g. 24GiB or 80GB: says which modes fit")
-    estimate.add_argument("--optimizer", choices=["adamw", "fused", "8bit"], default="adamw",
-                          help="adamw: the trainer's torch AdamW (foreach on CUDA); fused: fused=True; 8bit: a "
-                          "what-if with 1-byte states (bitsandbytes), not built into the trainer")
+    estimate.add_argument("--optimizer", choices=OPTIMIZERS,
+                          help="train.optimizer (default: the config's): adamw, torch's AdamW (foreach on CUDA); "
+                               "fused, fused=True; 8bit, bitsandbytes' AdamW8bit (1-byte states)")
     estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                           help="the device the run will use (the optimizer's implementation differs)")
     estimate.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,

@@ -228,7 +228,7 @@ class DistillConfig:
             (t.log_every >= 0, "train.log_every", t.log_every, ">= 0"),
             (t.sample_every >= 0, "train.sample_every", t.sample_every, ">= 0"),
             (t.validation_prompts != [], "train.validation_prompts", t.validation_prompts,
-             "a list of prompts, a text file of prompts or None"),
+             "at least one prompt (a non-empty list), a text file of prompts or None"),
             (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
         ]

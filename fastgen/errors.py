@@ -48,8 +48,9 @@ class NoSpaceError(UserError, OSError):
 
 def warn(message: str) -> None:
     """Print ``warning: <message>`` on stderr: one line about something fastgen worked around (a damaged cache
-    rebuilt, a damaged checkpoint skipped)."""
-    print(f"warning: {message}", file=sys.stderr)
+    rebuilt, a damaged checkpoint skipped); once per run, by its first process (``RANK`` 0 or unset)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def check_fields(rules, prefix: str = "") -> None:

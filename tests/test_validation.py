@@ -125,5 +125,6 @@ def test_validation_prompts_files_and_their_errors(tmp_path):
     with pytest.raises(InputError, match=r"^train.validation_prompts: prompts file .*empty.txt is empty"):
         read_validation_prompts(str(tmp_path / "empty.txt"))
     config = make_config("somewhere", tmp_path / "run", "train.validation_prompts=[]")
-    with pytest.raises(ConfigError, match=r"train.validation_prompts: expected a list of prompts, a text file"):
+    with pytest.raises(ConfigError, match=r"train.validation_prompts: expected at least one prompt \(a non-empty "
+                                          r"list\), a text file"):
         config.validate()
