@@ -528,3 +528,17 @@ def test_a_resume_with_other_settings_than_the_checkpoint_recorded_says_so(finis
     assert main(resume(run, "--max-steps", "3", "train.lr=3e-4")) == 0
     said = [line for line in warnings_of(capsys.readouterr().err) if "other than it was trained with" in line]
     assert len(said) == 1 and said[0].endswith("train.lr 0.0001 -> 0.0003"), said  # (more steps: expected)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("metadata.csv", b"file_name,text\nx.png,hello,extra\n", "line 2 has 1 more field(s) than its header"),
+    ("metadata.jsonl", '{"file_name": "x.png", "text": "caf\xe9"}\n'.encode("latin-1"), "is not UTF-8 text"),
+], ids=["csv-extra-field", "not-utf8"])
+def test_a_malformed_metadata_file_is_one_line_naming_it(tmp_path, name, content, expected):
+    from fastgen.data.captions import check_metadata
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError) as info:
+        check_metadata(tmp_path / name)
+    assert str(info.value).startswith(f"{tmp_path / name}") and expected in str(info.value)

@@ -95,21 +95,17 @@ def _outside(name: str) -> bool:
 
 def check_metadata(file: Path) -> None:
     """Every ``file_name`` (or ``*_file_name``, ``*file_names``) of a metadata file (``metadata.jsonl`` or
-    ``.csv``) must be a relative path inside the file's folder; the error names the line."""
-    if file.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except ValueError as err:
-                    raise InputError(f"{file} line {number} is not valid JSON ({err}); expected one JSON object "
-                                     "per line") from None
-    else:
-        with file.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = [(reader.line_num, row) for row in reader]
+    ``.csv``) must be a relative path inside the file's folder; the error names the line. A file that is not UTF-8
+    text, and a CSV row with more fields than its header, are refused naming the file."""
+    try:
+        rows = _metadata_rows(file)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); expected a UTF-8 "
+                         "metadata file") from None
     for number, row in rows:
+        if isinstance(row, dict) and None in row:  # csv.DictReader files a row's extra fields under None
+            raise InputError(f"{file} line {number} has {len(row[None])} more field(s) than its header; expected "
+                             "one field per column (quote captions that hold commas)")
         for key, value in row.items() if isinstance(row, dict) else ():
             if key.endswith("file_name"):
                 names = [value]
@@ -121,6 +117,23 @@ def check_metadata(file: Path) -> None:
                 if isinstance(name, str) and _outside(name):
                     raise InputError(f"{file} line {number}: {key} {name!r} leaves the folder {file.parent} "
                                      "(an absolute path or '..'); expected a path relative to it, inside it")
+
+
+def _metadata_rows(file: Path) -> list[tuple[int, object]]:
+    """``(line number, row)`` of a ``metadata.jsonl`` (one JSON value a line) or ``metadata.csv`` (a dict a row)."""
+    if file.suffix != ".jsonl":
+        with file.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except ValueError as err:
+                raise InputError(f"{file} line {number} is not valid JSON ({err}); expected one JSON object "
+                                 "per line") from None
+    return rows
 
 
 def check_shard(file: Path) -> None:
