@@ -107,6 +107,21 @@ class TrainConfig:
     """Data-loader worker processes per rank (``torch.utils.data.DataLoader``); 0 = load in the main process."""
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers besides metrics.jsonl, e.g. ["tensorboard"] or ["wandb"] (when installed)."""
+    sharding: Literal["none", "fsdp2"] = "none"
+    """How the networks are spread over the processes of a multi-process launch (``torchrun --nproc_per_node N``):
+    "none" replicates them (DDP when there are several processes); "fsdp2" shards the student, the objective's
+    networks and the frozen teacher over the processes with torch's ``fully_shard`` (FSDP2), parameters,
+    gradients, optimizer states and EMA divided by the number of processes (``fastgen.sharding``)."""
+    fsdp_blocks: list[str] | None = None
+    """With sharding "fsdp2": the attributes of a network whose blocks are sharded one by one before the whole
+    network (a list of modules is sharded item by item); None = the known block attributes of diffusers'
+    UNets and transformers (``fastgen.sharding.BLOCK_ATTRIBUTES``)."""
+    fsdp_reshard_after_forward: bool = True
+    """With sharding "fsdp2": free the gathered parameters of a block after its forward (less memory, one more
+    all-gather in backward); false keeps them to the backward (FSDP2's ``reshard_after_forward``)."""
+    fsdp_offload: bool = False
+    """With sharding "fsdp2": keep the sharded parameters, gradients and optimizer states in CPU memory and move
+    each block's parameters to the GPU for its compute (FSDP2's ``CPUOffloadPolicy``)."""
 
 
 SCRIPT_FLAGS: dict[str, str] = {
@@ -231,6 +246,12 @@ class DistillConfig:
              "at least one prompt (a non-empty list), a text file of prompts or None"),
             (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1"),
+            (t.sharding == "fsdp2" or not t.fsdp_offload, "train.fsdp_offload", t.fsdp_offload,
+             "false unless train.sharding is 'fsdp2'"),
+            (t.fsdp_blocks is None or all(t.fsdp_blocks), "train.fsdp_blocks", t.fsdp_blocks,
+             "attribute names of the networks' blocks, or null"),
+            (t.sharding != "fsdp2" or self.method != "progressive", "train.sharding", t.sharding,
+             "'none' for method 'progressive' (each round copies the student, which a sharded network cannot)"),
         ]
         problems = [f"{key}: expected {expected}, got {value!r}" for ok, key, value, expected in rules if not ok]
         if problems:
