@@ -28,24 +28,124 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def configure_network(model: nn.Module, attention: str = "default", gradient_checkpointing: bool = False) -> None:
-    """Attention backend through diffusers' processors, and gradient checkpointing."""
-    if attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        if hasattr(model, "set_attn_processor"):
-            model.set_attn_processor(AttnProcessor2_0())
-    elif attention == "xformers":
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise EnvironmentMissingError("train.attention is 'xformers' but xformers is not installed; "
-                                          "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
-        model.enable_xformers_memory_efficient_attention()
+    """The run's attention backend (``set_attention``) and gradient checkpointing (diffusers'
+    ``enable_gradient_checkpointing``)."""
+    set_attention(model, attention)
     if gradient_checkpointing:
         if not getattr(model, "_supports_gradient_checkpointing", False):
             raise UsageError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; "
                              "expected false")
         model.enable_gradient_checkpointing()
+
+
+def set_attention(model: nn.Module, attention: str) -> None:
+    """Attention backend ``attention`` (``train.attention``) through diffusers' own mechanism for each attention
+    module of ``model``, never a processor of another family (``attention_modules`` tells the two kinds apart):
+
+    - "default": the processors diffusers installed, untouched;
+    - "sdpa": torch's ``scaled_dot_product_attention`` (``_use_sdpa``);
+    - "xformers": xformers' memory-efficient kernel (``_use_xformers``)."""
+    if attention == "default":
+        return
+    dispatched, classic = attention_modules(model)
+    if attention == "sdpa":
+        _use_sdpa(model, dispatched, classic)
+    elif attention == "xformers":
+        _use_xformers(model, dispatched, classic)
+    else:
+        raise UsageError(f"train.attention is {attention!r}; expected 'default', 'sdpa' or 'xformers'")
+
+
+def attention_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``model``'s attention modules (those with a diffusers processor), split by how the processor computes:
+
+    - dispatched: the processor calls ``diffusers.models.attention_dispatch.dispatch_attention_fn`` and carries the
+      backend it asks for (``_attention_backend``; Flux, Wan, QwenImage, HunyuanVideo, ...);
+    - classic: the processor calls torch itself, so its class is the backend (``AttnProcessor2_0`` of the UNets,
+      ``JointAttnProcessor2_0`` of SD3, Sana's linear attention, ...)."""
+    modules = [m for m in model.modules() if getattr(m, "processor", None) is not None and hasattr(m, "set_processor")]
+    dispatched = [m for m in modules if hasattr(m.processor, "_attention_backend")]
+    classic = [m for m in modules if not hasattr(m.processor, "_attention_backend")]
+    return dispatched, classic
+
+
+def _sdpa_siblings() -> dict[type, type]:
+    """The classic processors that compute attention without SDPA and their SDPA sibling: the processor diffusers'
+    ``Attention`` itself picks when torch has ``scaled_dot_product_attention`` and the scale is the default one."""
+    from diffusers.models import attention_processor as ap
+
+    return {ap.AttnProcessor: ap.AttnProcessor2_0, ap.AttnAddedKVProcessor: ap.AttnAddedKVProcessor2_0}
+
+
+def _xformers_families() -> tuple[type, ...]:
+    """The classic processors that diffusers' ``Attention.set_use_memory_efficient_attention_xformers`` replaces
+    by the xformers processor of their own family (plain → ``XFormersAttnProcessor``, joint →
+    ``XFormersJointAttnProcessor``, added key/value → ``XFormersAttnAddedKVProcessor``); it would replace any other
+    processor (Sana's linear attention, ...) by the plain one."""
+    from diffusers.models import attention_processor as ap
+
+    return (ap.AttnProcessor, ap.AttnProcessor2_0, ap.XFormersAttnProcessor, ap.JointAttnProcessor2_0,
+            ap.XFormersJointAttnProcessor, ap.AttnAddedKVProcessor, ap.AttnAddedKVProcessor2_0,
+            ap.XFormersAttnAddedKVProcessor)
+
+
+def _use_sdpa(model: nn.Module, dispatched: list[nn.Module], classic: list[nn.Module]) -> None:
+    """SDPA: the dispatcher's "native" backend for dispatched processors (``ModelMixin.set_attention_backend``);
+    a classic processor is kept when it is SDPA-based already (what diffusers installs by default on torch 2:
+    ``AttnProcessor2_0``, ``JointAttnProcessor2_0``, ...) or has no SDPA form (linear attention), and replaced by
+    its SDPA sibling when it is one of the plain processors without SDPA (``_sdpa_siblings``)."""
+    if dispatched:
+        _set_backend(model, "native")
+    siblings = _sdpa_siblings()
+    for module in classic:
+        sibling = siblings.get(type(module.processor))
+        if sibling is not None and getattr(module, "scale_qk", False):
+            module.set_processor(sibling())
+
+
+def _use_xformers(model: nn.Module, dispatched: list[nn.Module], classic: list[nn.Module]) -> None:
+    """xformers: the dispatcher's "xformers" backend for dispatched processors (``ModelMixin.set_attention_backend``),
+    diffusers' own per-module switch for classic ones (``set_use_memory_efficient_attention_xformers``, what
+    ``enable_xformers_memory_efficient_attention`` calls on every module; called here on classic modules only, as it
+    would give a dispatched processor in a classic ``Attention`` module the plain xformers processor). A model with
+    classic processors of a family that switch does not map (``_xformers_families``) is refused."""
+    import importlib.util
+
+    families = _xformers_families()
+    other = sorted({type(m.processor).__name__ for m in classic if not isinstance(m.processor, families)})
+    if other:
+        raise UsageError(f"train.attention is 'xformers' but {type(model).__name__} has attention processors "
+                         f"diffusers has no xformers form of ({', '.join(other)}); expected 'default' or 'sdpa'")
+    if importlib.util.find_spec("xformers") is None:
+        raise EnvironmentMissingError("train.attention is 'xformers' but xformers is not installed; "
+                                      "pip install 'fastgen-distill[xformers]' or use 'sdpa'")
+    if not torch.cuda.is_available():
+        raise EnvironmentMissingError("train.attention is 'xformers' but xformers' kernels need a CUDA GPU and "
+                                      "none is visible; use 'sdpa'")
+    if dispatched:
+        _set_backend(model, "xformers")
+    for module in classic:
+        module.set_use_memory_efficient_attention_xformers(True)
+
+
+def _set_backend(model: nn.Module, backend: str) -> None:
+    """``model.set_attention_backend(backend)`` (diffusers' dispatcher: every processor that carries
+    ``_attention_backend``; it also makes ``backend`` the process's active one). Its "experimental feature" log
+    line, which fastgen's call causes and which tells the user nothing, is dropped within the call only."""
+    import logging
+
+    def not_experimental(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Attention backends are an experimental feature")
+
+    if not hasattr(model, "set_attention_backend"):
+        raise UsageError(f"train.attention: {type(model).__name__} has dispatched attention processors but no "
+                         "set_attention_backend (not a diffusers ModelMixin); expected 'default'")
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_logger.addFilter(not_experimental)
+    try:
+        model.set_attention_backend(backend)
+    finally:
+        diffusers_logger.removeFilter(not_experimental)
 
 
 def float32(module: nn.Module) -> nn.Module:
