@@ -87,6 +87,10 @@ class TrainConfig:
     ema_decay: float | None = 0.999
     """EMA decay of the student; None = no EMA."""
     attention: Literal["default", "sdpa", "xformers"] = "default"
+    """Attention kernel of the trained networks, per family through diffusers' own mechanism
+    (``fastgen.networks.set_attention``): "default" keeps the processors diffusers installed; "sdpa" is torch's
+    ``scaled_dot_product_attention`` (the dispatcher's "native" backend for Flux, Wan and other dispatched models,
+    the family's own SDPA processor for the UNets and SD3); "xformers" needs xformers and a CUDA GPU."""
     gradient_checkpointing: bool = False
     max_nonfinite: int = 10
     """Stop after this many non-finite steps in a row."""
