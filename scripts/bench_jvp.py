@@ -154,7 +154,8 @@ def main():
         model.zero_grad(set_to_none=True)
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python scripts/bench_jvp.py --rounds {args.rounds} "
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    print(f"`OMP_NUM_THREADS={threads} python scripts/bench_jvp.py --rounds {args.rounds} "
           f"--batch {args.batch} --size {args.size}`: {cpu_name()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch thread(s), no GPU; torch {torch.__version__}, diffusers "
           f"{diffusers.__version__}; UNet2DModel {params / 1e6:.2f} M parameters, batch {args.batch}, "

@@ -4,7 +4,7 @@ References are computed here, never by ``fastgen.jvp``: a float64 central differ
 the network computes in float64 along the tangent, and reverse-mode autograd (``torch.autograd.functional.jvp``,
 a double backward) everywhere, including the time path of diffusers' sinusoidal embeddings, which diffusers
 computes in float32 whatever the model's dtype (``get_timestep_embedding``: ``timesteps.float()``), so that a
-float64 difference in ``t`` resolves no better than about 1e-2 there (docs/jvp.md).
+float64 difference in ``t`` comes no closer than about 2e-4 there (docs/jvp.md).
 
 Networks are called in unit time ``s`` (``timestep = scale * s``): the UNets and SD3 take diffusers timesteps
 (scale 1000), Flux scales its own timestep by 1000 (scale 1), the Fourier UNet takes ``sigma`` (scale 1).
