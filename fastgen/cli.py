@@ -213,7 +213,9 @@ def cmd_estimate(args) -> int:
     from fastgen.config import DistillConfig, config_file, load_config
     from fastgen.estimate import estimate_memory, estimate_with_modes, format_table, parse_bytes
 
-    flags = {"teacher": args.teacher, "method": args.method, "train.batch_size": args.batch_size}
+    flags = {"teacher": args.teacher, "method": args.method, "train.batch_size": args.batch_size,
+             "train.sharding": args.sharding,
+             "train.fsdp_offload": None if args.offload is None else str(args.offload).lower()}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
     try:
@@ -221,7 +223,8 @@ def cmd_estimate(args) -> int:
     except ValueError as err:
         raise UsageError(f"--budget: {err}") from None
     estimate = estimate_with_modes if args.modes else estimate_memory
-    est = estimate(config, args.resolution, device=args.device, optimizer=args.optimizer or config.train.optimizer)
+    est = estimate(config, args.resolution, device=args.device, optimizer=args.optimizer or config.train.optimizer,
+                   world_size=args.world_size)
     if args.json:
         out = est.to_json()
         if budget is not None:
@@ -234,7 +237,9 @@ def cmd_estimate(args) -> int:
 
 
 def add_estimate_parser(sub, parents=()) -> None:
-    from fastgen.config import OPTIMIZERS
+    from typing import get_args, get_type_hints
+
+    from fastgen.config import OPTIMIZERS, TrainConfig
 
     estimate = sub.add_parser(
         "estimate", parents=list(parents), help="expected peak memory per device of a `distill` run, before anything is allocated",
@@ -243,7 +248,9 @@ def add_estimate_parser(sub, parents=()) -> None:
         "memory modes side by side (full or LoRA fake score, gradient checkpointing, LoRA student). One training "
         "step is simulated on fake tensors (no memory, no weights: --teacher may be a folder without weights or "
         "one of the bundled real-size configs sd15, sdxl, sd3-medium); the activations are simulated, not "
-        "modelled. Add the CUDA context and allocator slack (~0.5-1 GiB) on a GPU.")
+        "modelled. --world-size N gives one device of N processes: replicated (DDP) or, with --sharding fsdp2, "
+        "sharded (and with --offload, the state in host memory). Add the CUDA context and allocator slack "
+        "(~0.5-1 GiB) on a GPU.")
     estimate.add_argument("--teacher", help="teacher diffusers folder (only its configs are read), or sd15, sdxl, "
                           "sd3-medium, toy")
     estimate.add_argument("--method", help="objective, as for distill")
@@ -254,6 +261,16 @@ def add_estimate_parser(sub, parents=()) -> None:
     estimate.add_argument("--optimizer", choices=OPTIMIZERS,
                           help="train.optimizer (default: the config's): adamw, torch's AdamW (foreach on CUDA); "
                                "fused, fused=True; 8bit, bitsandbytes' AdamW8bit (1-byte states)")
+    estimate.add_argument("--world-size", type=positive_int, default=1, metavar="N",
+                          help="processes of the launch (torchrun --nproc_per_node N; default 1): the figure is per "
+                               "device, and the global batch is batch_size x grad_accum x N")
+    estimate.add_argument("--sharding", choices=get_args(get_type_hints(TrainConfig)["sharding"]),
+                          help="train.sharding (default: the config's): none replicates every network (DDP when N > "
+                               "1, plus its gradient buckets); fsdp2 divides weights, gradients, optimizer states and "
+                               "EMA by N (per tensor, on dim 0), adds FSDP2's gathered blocks, activations undivided")
+    estimate.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                          help="train.fsdp_offload (default: the config's), with --sharding fsdp2: the sharded state "
+                               "and the optimizer step in host memory (printed per process), off the device")
     estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                           help="the device the run will use (the optimizer's implementation differs)")
     estimate.add_argument("--modes", action=argparse.BooleanOptionalAction, default=True,

@@ -26,11 +26,22 @@ state: ``train.optimizer=8bit``) is modelled: its states are scaled from AdamW's
 
 Checked in ``tests/test_estimate.py`` against the peak of live tensor bytes of real tiny runs on the CPU
 (``torch.profiler``'s allocator events).
+
+**A launch of N processes** (``per_device``, ``fastgen estimate --world-size N --sharding none|fsdp2
+[--offload]``) is derived from the same simulated step of one process, not simulated again: the steady state's
+tensors are kept by ``(network, kind)`` with their shapes, and each phase by its measured moments (its start, the
+peak of its forward and backward with the gradients it had made by then, its optimizer step). Replicated (DDP),
+N > 1 adds DDP's gradient buckets; FSDP2 divides the weights (the frozen teacher's too), gradients, optimizer
+states and EMA per tensor on dim 0 (``sharded_bytes``), leaves the activations, batch, buffers, VAE and text
+encoders whole, and adds its all-gathered blocks (``gathered_bytes``); with CPU offload the sharded state and the
+optimizer step live in host memory, reported per process. The sharding itself is not simulated (no process group,
+no DTensors): its rule is modelled from docs/fsdp2_findings.md and torch's FSDP2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -40,6 +51,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import get_args, get_type_hints
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -47,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fastgen.assemble import build_run, run_plan, weight_dtype
-from fastgen.config import OPTIMIZERS, DistillConfig, config_from_dict, config_to_dict, merge_overrides
+from fastgen.config import OPTIMIZERS, DistillConfig, TrainConfig, config_from_dict, config_to_dict, merge_overrides
 from fastgen.data import Batch
 from fastgen.denoiser import Denoiser
 from fastgen.errors import UsageError
@@ -241,9 +253,58 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class StepTracker(LiveBytes):
+    """``LiveBytes`` that also splits each phase in two moments: its *pass* (forward and backward, from after its
+    ``zero_grad``) and its *update* (clipping, the optimizer step, the EMA, after the backward); for the pass it
+    records which of the phase's gradients backward had made at the pass's peak (``grad_made``, a
+    post-accumulate-grad hook). ``fastgen.estimate.per_device`` shards these measured moments."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[torch.Tensor] = []
+        self.made_at_peak = 0
+        self.moments: dict[str, int] = {}
+
+    def track(self, tensor: torch.Tensor) -> None:
+        before = self.peak
+        super().track(tensor)
+        if self.peak > before:
+            self.made_at_peak = len(self.made)
+
+    def grad_made(self, param: torch.Tensor) -> None:
+        self.made.append(param)
+
+    def begin_pass(self) -> None:
+        self.made, self.made_at_peak = [], 0
+        self.reset_peak()
+        self.moments = {}
+
+    def backward_done(self) -> None:
+        self.moments.update(pass_peak=self.peak, after_backward=self.now, made=self.made[:self.made_at_peak])
+        self.reset_peak()
+
+    def end_phase(self) -> dict:
+        """The phase's moments (live bytes) and the gradients backward had made at the pass's peak."""
+        return {**self.moments, "update_peak": self.peak}
+
+
+class TrackedBackend(PlainBackend):
+    """``PlainBackend`` that tells a ``StepTracker`` when the phase's backward is done."""
+
+    def __init__(self, tracker: StepTracker, dtype: torch.dtype = torch.float32):
+        super().__init__(dtype)
+        self.tracker = tracker
+
+    def backward(self, loss):
+        super().backward(loss)
+        self.tracker.backward_done()
+
+
 @dataclass
 class Estimate:
-    """Expected peak memory of one device; ``rows``: ``(network, kind, bytes)``."""
+    """Expected peak memory of one device; ``rows``: ``(network, kind, bytes)``. ``layout``: the launch it is for
+    (world size, sharding, offload, global batch, host memory per process); ``footprint``: what the simulation
+    measured, from which ``per_device`` derives the figure of any launch."""
 
     rows: list[tuple[str, str, int]]
     parameters: dict[str, int]
@@ -252,12 +313,14 @@ class Estimate:
     settings: dict
     modes: dict[str, int] = field(default_factory=dict)
     activations: str = "simulated"
+    layout: dict = field(default_factory=dict)
+    footprint: Footprint | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {"parameters": self.parameters, "total_bytes": self.total_bytes,
                 "rows": [{"network": n, "kind": k, "bytes": b} for n, k, b in self.rows],
                 "peak_phase": self.peak_phase, "activations": self.activations, "settings": self.settings,
-                "modes": self.modes}
+                "modes": self.modes, "layout": self.layout}
 
 
 def _bytes(tensors) -> int:
@@ -270,16 +333,191 @@ def _bytes(tensors) -> int:
     return total
 
 
+# -- one device of a launch: replicated (DDP) or sharded (FSDP2) ----------------------------------------------
+
+
+SHARDINGS = get_args(get_type_hints(TrainConfig)["sharding"])
+"""``train.sharding``'s values (``none``, ``fsdp2``)."""
+
+
+def shard_shapes(tensors) -> list[tuple[int, int]]:
+    """``(dim 0, bytes per index of dim 0)`` of each distinct storage among ``tensors`` (a 0-d tensor: one index)."""
+    seen, shapes = set(), []
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            rows = t.shape[0] if t.dim() and t.shape[0] else 1
+            shapes.append((rows, storage.nbytes() // rows))
+    return shapes
+
+
+def sharded_bytes(shapes: list[tuple[int, int]], world_size: int) -> int:
+    """The bytes one device holds of tensors sharded on dim 0 over ``world_size`` processes: ``ceil(dim0 / N)``
+    indices of each. FSDP2 (``fully_shard``) chunks every parameter on dim 0 with ``torch.chunk`` and pads each
+    shard to the first (largest) chunk, so the first process holds exactly this much (docs/fsdp2_findings.md, 1);
+    the gradients, AdamW's states and the EMA shadows are made like their parameters."""
+    return sum(-(-rows // world_size) * size for rows, size in shapes)
+
+
+@dataclass
+class PhaseMoments:
+    """One phase of the simulated step, in live bytes (``StepTracker``): ``start``, before its ``zero_grad``;
+    ``pass_peak``, the peak of its forward and backward; ``after_backward``; ``update_peak``, the peak of its
+    clipping, optimizer step and EMA. ``own``: its own gradients, freed at its start (shapes, bytes); ``made``:
+    those of them that backward had made again at ``pass_peak``."""
+
+    start: int
+    pass_peak: int
+    after_backward: int
+    update_peak: int
+    own: list[tuple[int, int]]
+    own_bytes: int
+    made: list[tuple[int, int]]
+    made_bytes: int
+
+
+@dataclass
+class Footprint:
+    """What the simulation measured: the steady state's tensors by ``(network, kind)`` (``shard_shapes``),
+    AdamW's states' scale (8-bit: a quarter), each phase's moments, the VAE's and text encoders' bytes,
+    ``static`` (live bytes of the steady state: those tensors, the batch and buffers) and ``gathered``
+    (FSDP2's unsharded parameters at once, ``gathered_bytes``)."""
+
+    state: dict[tuple[str, str], list[tuple[int, int]]]
+    optimizer_scale: float
+    phases: dict[str, PhaseMoments]
+    components: dict[str, int]
+    static: int
+    gathered: int
+
+    def state_rows(self, world_size: int = 1) -> list[tuple[str, str, int]]:
+        """The steady state's rows on one device, each tensor sharded over ``world_size`` processes."""
+        return [(network, kind, int(sharded_bytes(shapes, world_size)
+                                    * (self.optimizer_scale if kind == "optimizer" else 1.0)))
+                for (network, kind), shapes in self.state.items()]
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(sharded_bytes(shapes, 1) for (_, kind), shapes in self.state.items() if kind == "gradients")
+
+    @property
+    def other(self) -> int:
+        """Batch, buffers, step counters: the steady state's live bytes that are not the state's tensors."""
+        return self.static - sum(sharded_bytes(shapes, 1) for shapes in self.state.values())
+
+
+def gathered_bytes(run, trained: set[int], attributes, dtype: torch.dtype, reshard_after_forward: bool) -> int:
+    """FSDP2's transient on one device: the unsharded parameters its all-gathers hold at once, for the networks
+    the trainer shards (``fastgen.assemble.every_network``), each split in blocks as ``fastgen.sharding.blocks``
+    splits it (``train.fsdp_blocks``). The rule, with ``reshard_after_forward`` (FSDP2's default): every
+    network's root parameters (outside its blocks; a root is not resharded after its forward, so all may be held
+    together) plus twice the largest block (the block computing and the next one prefetched, FSDP2's default in
+    forward and backward); without it, every network whole (its blocks stay gathered from forward to backward).
+    Plus the largest block's trained parameters' unsharded gradients in float32 (FSDP2's reduce-scatter input).
+    Gathered in the run's precision (the trainer's ``MixedPrecisionPolicy``; float32 runs: as stored)."""
+    from fastgen.assemble import every_network
+    from fastgen.sharding import blocks
+
+    def size(params) -> int:
+        return sum(p.numel() * (p.element_size() if dtype == torch.float32 else dtype.itemsize) for p in params)
+
+    roots = every_network(run.teacher, {n: run.nets[n] for n in run.network_names}, run.objective)
+    own = largest = whole = grads = 0
+    for root in roots:
+        parts = blocks(root, attributes)
+        inside = {id(p) for block in parts for p in block.parameters()}
+        own += size(p for p in root.parameters() if id(p) not in inside)
+        whole += size(root.parameters())
+        for block in parts:
+            largest = max(largest, size(block.parameters()))
+            grads = max(grads, 4 * sum(p.numel() for p in block.parameters() if id(p) in trained))
+    return (own + 2 * largest if reshard_after_forward else whole) + grads
+
+
+def check_layout(world_size: int, sharding: str, offload: bool) -> None:
+    """A launch's settings, checked: one line naming the flag and what was expected."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise UsageError(f"--world-size is {world_size!r}; expected a positive integer (the number of processes)")
+    if sharding not in SHARDINGS:
+        raise UsageError(f"--sharding is {sharding!r}; expected one of {list(SHARDINGS)}")
+    if offload and sharding != "fsdp2":
+        raise UsageError(f"--offload (train.fsdp_offload) is set with sharding {sharding!r}; expected --sharding fsdp2 "
+                         "(the CPU offload is FSDP2's)")
+
+
+def phase_peaks(fp: Footprint, shards: int, offload: bool, gathered: int, buckets: int) -> dict[str, int]:
+    """Each phase's peak on one device, from its measured moments, the state sharded over ``shards`` processes
+    (1: replicated). The largest of: its start (the steady state); its pass, where the activations (the pass's
+    peak less the state then live) are not divided but the state is, its own gradients freed and those made
+    again by the peak included, plus ``gathered``; its update, where the optimizer's temporaries are divided
+    like the parameters they are made of. ``offload``: the state lives on the host, and so does the update's
+    work. ``buckets``: DDP's, held throughout."""
+    held = 0 if offload else sum(b for _, _, b in fp.state_rows(shards))
+    raw = fp.static - fp.other
+    peaks = {}
+    for name, m in fp.phases.items():
+        rest = m.start - raw + buckets  # not the state: batch, buffers, what earlier phases left, DDP's buckets
+        activations = m.pass_peak - (m.start - m.own_bytes + m.made_bytes)
+        grads = 0 if offload else sharded_bytes(m.made, shards) - sharded_bytes(m.own, shards)
+        temporaries = 0 if offload else -(-(m.update_peak - m.after_backward) // shards)
+        peaks[name] = max(rest + held, rest + held + grads + activations + gathered,
+                          rest + held + (m.after_backward - m.start) + temporaries)
+    return peaks
+
+
+def per_device(est: Estimate, world_size: int = 1, sharding: str | None = None,
+               offload: bool | None = None) -> Estimate:
+    """``est`` (a simulated step of one process) as the peak of one device of a launch of ``world_size``
+    processes (``torchrun --nproc_per_node N``), derived from the same measured footprint:
+
+    - ``sharding="none"`` (DDP when N > 1): everything replicated; N > 1 adds DDP's gradient buckets, one more
+      copy of every trained network's gradients (accelerate's default ``gradient_as_bucket_view=False``);
+    - ``"fsdp2"``: weights (the frozen teacher's too), gradients, optimizer states and EMA sharded per tensor
+      (``sharded_bytes``); activations, the batch, buffers, the VAE and text encoders (not sharded by the
+      trainer) not divided; plus the all-gathered blocks (``gathered_bytes``), also at N = 1;
+    - ``offload`` (FSDP2's ``CPUOffloadPolicy``, ``train.fsdp_offload``): the sharded state and the optimizer
+      step move to host memory (``layout["host_bytes"]`` per process); the device holds the rest.
+
+    ``sharding`` and ``offload`` default to the run's config (``train.sharding``, ``train.fsdp_offload``)."""
+    s = est.settings
+    sharding = s["sharding"] if sharding is None else sharding
+    offload = s["fsdp_offload"] if offload is None else offload
+    check_layout(world_size, sharding, offload)
+    fp = est.footprint
+    shards = world_size if sharding == "fsdp2" else 1
+    gathered = fp.gathered if sharding == "fsdp2" else 0
+    buckets = fp.gradient_bytes if sharding == "none" and world_size > 1 else 0
+    peaks = phase_peaks(fp, shards, offload, gathered, buckets)
+    peak_phase = max(peaks, key=peaks.get)
+    total = peaks[peak_phase] + sum(fp.components.values())
+    state = [r for r in fp.state_rows(shards) if r[2] > 0]
+    rows = [] if offload else list(state)
+    rows += [(name, "weights", n) for name, n in fp.components.items()] + [("batch, buffers", "other", fp.other)]
+    rows += [r for r in [("fsdp2", "gathered blocks", gathered), ("ddp", "gradient buckets", buckets)] if r[2]]
+    rows.append((peak_phase, "activations", total - sum(r[2] for r in rows)))  # and the step's temporaries
+    host = sum(r[2] for r in state) + max(-(-(m.update_peak - m.after_backward) // shards)
+                                          for m in fp.phases.values()) if offload else 0
+    batch = s["batch_size"] * s["grad_accum"] * world_size
+    layout = {"world_size": world_size, "sharding": sharding, "offload": offload, "global_batch": batch,
+              "host_bytes": host, "host_rows": [list(r) for r in state] if offload else [],
+              "gathered_bytes": gathered, "ddp_bucket_bytes": buckets}
+    return dataclasses.replace(est, rows=rows, total_bytes=int(total), peak_phase=peak_phase, layout=layout)
+
+
 def estimate_memory(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
-                    optimizer: str = "adamw") -> Estimate:
-    """Expected peak memory per device of ``Trainer(config)`` (one process), at ``resolution`` pixels
-    (default: the teacher's sample size) and ``config.train.batch_size``; see the module docstring.
+                    optimizer: str = "adamw", world_size: int = 1) -> Estimate:
+    """Expected peak memory per device of ``Trainer(config)`` launched on ``world_size`` processes (sharded or
+    not as ``config.train.sharding`` says: ``per_device``), at ``resolution`` pixels (default: the teacher's
+    sample size) and ``config.train.batch_size``; see the module docstring.
 
     Within it only, two messages that the estimate's own fake tensors cause and that tell the user nothing are
     dropped: torch's "Accessing the data pointer of FakeTensor is deprecated" warning and diffusers' "There are
     modules in ... that should be kept in float32" log line (networks built in their dtype are cast, as fakes)."""
     import logging
     import warnings
+
+    check_layout(world_size, config.train.sharding, config.train.fsdp_offload)
 
     def kept_in_float32(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("There are modules in ")
@@ -290,7 +528,7 @@ def estimate_memory(config: DistillConfig, resolution: int | None = None, device
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor is deprecated",
                                     category=UserWarning)
-            return _estimate_memory(config, resolution, device, optimizer)
+            return per_device(_estimate_memory(config, resolution, device, optimizer), world_size)
     finally:
         diffusers_logger.removeFilter(kept_in_float32)
 
@@ -311,7 +549,7 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
     shape = spec.sample_shape(resolution)
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
     plan = run_plan(config, schedule)  # on real tensors too: the plan reads the grids' values
-    tracker = LiveBytes()
+    tracker = StepTracker()
     kwargs = {"fused": True} if optimizer == "fused" else {"foreach": device == "cuda"}
     # built on the meta device (conversions and peft's adapter moves work there), then turned into fake tensors on
     # the CPU (shapes, dtypes and CPU autocast, no memory) before the optimizers and the EMA are made
@@ -335,52 +573,68 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
         for params in trainable.values():
             for p in params:
                 p.grad = torch.zeros_like(p)
+                p.register_post_accumulate_grad_hook(tracker.grad_made)
         for opt in run.optimizers.values():
             opt.step()
         batch = synthetic_batch(teacher, t.batch_size, shape)
-        state_bytes = {name: _bytes(s for p in trainable[name] for opt in run.optimizers.values()
-                                    for s in opt.state.get(p, {}).values() if s.dim() > 0)
-                       for name in run.network_names}
-        rows = [("teacher", "weights", _bytes(base))]
-        for name in run.network_names:
-            rows.append((name, "weights", _bytes(trainable[name] + frozen[name])))
-        rows += [(name, "gradients", _bytes(p.grad for p in trainable[name])) for name in run.network_names]
-        scale = 0.25 if optimizer == "8bit" else 1.0
-        rows += [(name, "optimizer", int(state_bytes[name] * scale)) for name in run.network_names]
-        for name, ema in run.emas.items():
-            rows.append((name, "ema", _bytes(ema.shadow_params)))
+        # shapes only: a list of the gradients would keep them alive through the phases' zero_grad
+        state = {key: shard_shapes(tensors) for key, tensors in _state_tensors(run, base, frozen).items()}
+        gathered = gathered_bytes(run, owned_ids, t.fsdp_blocks, dtype, t.fsdp_reshard_after_forward)
         for tensor in _live_tensors(run, batch):
             tracker.track(tensor)
         static = tracker.now
-        phase_peaks = {}
-        backend = PlainBackend(dtype)
+        phases = {}
+        backend = TrackedBackend(tracker, dtype)
         with tracker:
             for phase in run.phases:
-                tracker.reset_peak()
-                run_phase(run, phase, itertools.repeat(batch), 0, backend, grad_clip=t.grad_clip)
-                phase_peaks[phase.name] = tracker.peak
+                phases[phase.name] = _simulate_phase(run, phase, batch, backend, t.grad_clip)
         parameters = {"teacher": sum(p.numel() for p in base),
                       **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names}}
         # the fake tensors die here, while their mode is alive: left to the interpreter's teardown, those saved by
         # a gradient-checkpointed step abort it ('corrupted double-linked list', exit status 134)
         del run, trainable, base, frozen, teacher, full, batch, backend
         gc.collect()
-    peak_phase = max(phase_peaks, key=phase_peaks.get)
-    saved = sum(state_bytes.values()) * (1.0 - scale)  # 8-bit states: a quarter of AdamW's float32 ones
-    other = static - sum(r[2] for r in rows) - int(saved)  # buffers, the batch, step counters
     components = spec.component_parameters()
     element = torch.tensor([], dtype=dtype).element_size()
-    rows = ([r for r in rows if r[2] > 0] + [(name, "weights", n * element) for name, n in components.items()]
-            + [("batch, buffers", "other", other)])
-    rows.append((peak_phase, "activations", phase_peaks[peak_phase] - static))  # and the step's temporaries
-    total = phase_peaks[peak_phase] - int(saved) + sum(components.values()) * element
+    footprint = Footprint(state, 0.25 if optimizer == "8bit" else 1.0, phases,
+                          {name: n * element for name, n in components.items()}, static, gathered)
     parameters = {"teacher": parameters.pop("teacher"), **components, **parameters}
     settings = {"teacher": str(config.teacher), "method": config.method, "sample_shape": list(shape),
-                "batch_size": t.batch_size, "mixed_precision": t.mixed_precision,
+                "batch_size": t.batch_size, "grad_accum": t.grad_accum, "mixed_precision": t.mixed_precision,
                 "gradient_checkpointing": t.gradient_checkpointing, "student.lora_rank": config.student.lora_rank,
                 "objective.fake_lora_rank": getattr(config.objective, "fake_lora_rank", 0),
-                "ema_decay": t.ema_decay, "optimizer": optimizer, "device": device}
-    return Estimate(rows, parameters, int(total), peak_phase, settings)
+                "ema_decay": t.ema_decay, "optimizer": optimizer, "device": device, "sharding": t.sharding,
+                "fsdp_offload": t.fsdp_offload, "fsdp_reshard_after_forward": t.fsdp_reshard_after_forward}
+    return per_device(Estimate([], parameters, 0, "", settings, footprint=footprint), 1, "none", False)
+
+
+def _state_tensors(run, base, frozen) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """The steady state's tensors by ``(network, kind)``: weights (the teacher's base, then each network's own),
+    gradients, optimizer states (AdamW's two moments; step counts left out) and the students' EMA shadows."""
+    trainable, names = run.trainable, run.network_names
+    state = {("teacher", "weights"): base}
+    state.update({(name, "weights"): trainable[name] + frozen[name] for name in names})
+    state.update({(name, "gradients"): [p.grad for p in trainable[name]] for name in names})
+    state.update({(name, "optimizer"): [s for p in trainable[name] for opt in run.optimizers.values()
+                                        for s in opt.state.get(p, {}).values() if s.dim() > 0] for name in names})
+    state.update({(name, "ema"): list(ema.shadow_params) for name, ema in run.emas.items()})
+    return state
+
+
+def _simulate_phase(run, phase, batch, backend: TrackedBackend, grad_clip) -> PhaseMoments:
+    """Run ``phase`` once through the trainer's ``run_phase`` and return its measured moments. The phase's own
+    ``zero_grad`` (its first act) is done here first, so that its pass is measured from the freed gradients."""
+    tracker = backend.tracker
+    own = [p.grad for name in run.owned(phase) for p in run.trainable[name] if p.grad is not None]
+    start, own_shapes, own_bytes = tracker.now, shard_shapes(own), _bytes(own)
+    del own
+    run.optimizers[phase.name].zero_grad(set_to_none=True)
+    tracker.begin_pass()
+    run_phase(run, phase, itertools.repeat(batch), 0, backend, grad_clip=grad_clip)
+    moments = tracker.end_phase()
+    made = [p.grad for p in moments.pop("made") if p.grad is not None]
+    return PhaseMoments(start, moments["pass_peak"], moments["after_backward"], moments["update_peak"],
+                        own_shapes, own_bytes, shard_shapes(made), _bytes(made))
 
 
 def to_fake(mode: FakeTensorMode, memo: dict, module: torch.nn.Module) -> None:
@@ -456,13 +710,13 @@ def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig
 
 
 def _mode_total(config: DistillConfig, overrides: list[str], resolution: int | None, device: str,
-                optimizer: str) -> int:
-    """One mode's total bytes (in a worker process)."""
-    return estimate_memory(with_overrides(config, overrides), resolution, device, optimizer).total_bytes
+                optimizer: str, world_size: int = 1) -> int:
+    """One mode's total bytes per device (in a worker process)."""
+    return estimate_memory(with_overrides(config, overrides), resolution, device, optimizer, world_size).total_bytes
 
 
 def estimate_with_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
-                        optimizer: str = "adamw", workers: int | None = None) -> Estimate:
+                        optimizer: str = "adamw", workers: int | None = None, world_size: int = 1) -> Estimate:
     """``estimate_memory`` of the run, with ``modes``: ``{overrides: total_bytes}`` for every mode of
     ``mode_overrides`` (the run's own settings keyed ``AS_CONFIGURED``). Fake tensors are Python dispatch, so
     the modes are simulated side by side in ``workers`` processes (default: one per CPU core, at most one per
@@ -476,14 +730,15 @@ def estimate_with_modes(config: DistillConfig, resolution: int | None = None, de
 
     ladder = mode_overrides(config)[1:]
     if not ladder:
-        est = estimate_memory(config, resolution, device, optimizer)
+        est = estimate_memory(config, resolution, device, optimizer, world_size)
         est.modes = {AS_CONFIGURED: est.total_bytes}
         return est
     workers = workers or min(len(ladder), os.cpu_count() or 1)
     start = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
-        futures = {" ".join(o): pool.submit(_mode_total, config, o, resolution, device, optimizer) for o in ladder}
-        est = estimate_memory(config, resolution, device, optimizer)
+        futures = {" ".join(o): pool.submit(_mode_total, config, o, resolution, device, optimizer, world_size)
+                   for o in ladder}
+        est = estimate_memory(config, resolution, device, optimizer, world_size)
         est.modes = {AS_CONFIGURED: est.total_bytes, **{key: f.result() for key, f in futures.items()}}
     return est
 
@@ -504,11 +759,43 @@ def human(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def launch_line(est: Estimate) -> str:
+    """The launch an estimate is for, with its global batch (as ``fastgen distill`` prints it)."""
+    lay, s = est.layout, est.settings
+    n = lay.get("world_size", 1)
+    how = f"sharding {lay.get('sharding', 'none')}" + (", CPU offload" if lay.get("offload") else "")
+    return (f"{n} process{'es' if n > 1 else ''}, {how}: global batch {s['batch_size']} x {s['grad_accum']} x {n} = "
+            f"{lay.get('global_batch', s['batch_size'] * s['grad_accum'])} per step")
+
+
+def layout_notes(est: Estimate) -> list[str]:
+    """What a sharded or data-parallel figure divides and adds (``per_device``), and the host memory of offload."""
+    lay = est.layout
+    n = lay.get("world_size", 1)
+    if lay.get("sharding") == "fsdp2":
+        lines = [f"fsdp2: weights (the teacher's too), gradients, optimizer states and EMA sharded over {n} "
+                 f"(ceil(dim 0 / {n}) of each tensor per device); activations, batch, buffers, VAE and text encoders "
+                 "not divided; gathered blocks: every network's root parameters, twice the largest block (computing, "
+                 "prefetched) and one block's float32 gradients"]
+        if lay.get("offload"):
+            kinds = {}
+            for _, kind, b in lay["host_rows"]:
+                kinds[kind] = kinds.get(kind, 0) + b
+            parts = ", ".join(f"{kind} {human(b)}" for kind, b in kinds.items())
+            lines.append(f"host memory per process (CPU offload): {human(lay['host_bytes'])} ({parts}, plus the "
+                         "optimizer step's temporaries)")
+        return lines
+    if n > 1:
+        return ["ddp: every network replicated; gradient buckets: one more copy of the trained gradients (DDP's "
+                "default gradient_as_bucket_view=False)"]
+    return []
+
+
 def format_table(est: Estimate, budget: int | None = None) -> str:
     s = est.settings
     lines = [f"peak memory per device: {s['teacher']}, {s['method']}, sample {tuple(s['sample_shape'])}, batch "
              f"{s['batch_size']}, {s['mixed_precision']}, gradient checkpointing {s['gradient_checkpointing']}, "
-             f"optimizer {s['optimizer']} ({s['device']})",
+             f"optimizer {s['optimizer']} ({s['device']})", launch_line(est),
              "", "| network | kind | parameters | memory |", "|---|---|---:|---:|"]
     for network, kind, n in est.rows:
         count = est.parameters.get(network, "") if kind == "weights" else ""
@@ -519,6 +806,7 @@ def format_table(est: Estimate, budget: int | None = None) -> str:
     lines.append("")
     lines.append(f"activations: {est.activations} on fake tensors (one micro-batch, every phase; peak in "
                  f"{est.peak_phase!r}); add the CUDA context and allocator slack (~0.5-1 GiB) on a GPU")
+    lines += layout_notes(est)
     if est.modes:
         lines += ["", "| mode (overrides) | total | fits |" if budget else "| mode (overrides) | total |",
                   "|---|---:|---|" if budget else "|---|---:|"]

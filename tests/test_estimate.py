@@ -141,3 +141,143 @@ def test_modes_switch_one_saving_on_after_another_and_each_equals_its_own_estima
     on = load_config(DistillConfig, None, [f"teacher={sd_folder}", "method=dmd2", f"output={tmp_path}",
                                            "train.gradient_checkpointing=true", "student.lora_rank=4"])
     assert mode_overrides(on) == [[], ["objective.fake_lora_rank=64"]]  # savings already on are not repeated
+
+
+# -- per device of a launch: --world-size, --sharding fsdp2, --offload -------------------------------------------
+
+
+FSDP2_RUN = ["method=dmd2", "train.batch_size=2", "objective.gan_weight=0", "objective.gan_critic_weight=0",
+             "train.sharding=fsdp2"]
+"""A tiny DMD2 run of three float32 UNets (teacher, student, full fake score; no GAN head), sharded by FSDP2."""
+
+
+@pytest.fixture(scope="module")
+def fsdp2_estimate(sd_folder, tmp_path_factory):
+    """One simulated step of ``FSDP2_RUN`` on one process; every launch below is derived from it (no simulation)."""
+    config = load_config(DistillConfig, None, [f"teacher={sd_folder}", f"output={tmp_path_factory.mktemp('run')}",
+                                               *FSDP2_RUN])
+    return estimate_memory(config, device="cpu")
+
+
+def unet_params(sd_folder) -> list[torch.nn.Parameter]:
+    from diffusers import UNet2DConditionModel
+
+    return list(UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet").parameters())
+
+
+def one_unet_per_device(sd_folder, n: int) -> int:
+    """Bytes of one float32 UNet on one of ``n`` devices under FSDP2: ceil(dim 0 / n) rows of every parameter,
+    counted here from the UNet's own parameters, independently of fastgen.estimate."""
+    return sum(-(-p.shape[0] // n) * (p.numel() // p.shape[0]) * 4 for p in unet_params(sd_folder))
+
+
+def state_rows(est) -> dict[tuple[str, str], int]:
+    return {(n, k): b for n, k, b in est.rows if k in ("weights", "gradients", "optimizer", "ema")
+            and n in ("teacher", "student", "fake")}
+
+
+def test_fsdp2_on_two_processes_halves_the_state_and_keeps_the_rest(fsdp2_estimate, sd_folder):
+    """Weights (teacher, student, fake score), gradients (student, fake), AdamW's two states (both) and the
+    student's EMA: ten UNets' worth on one device, each ceil-halved per tensor at N=2. At the step's peak (a
+    phase's forward, its own network's gradients freed at its start and not yet made again) nine of them are
+    live, so the total falls by nine halves; the batch, buffers, VAE, text encoders and gathered blocks stay."""
+    from fastgen.estimate import per_device
+
+    one, two = per_device(fsdp2_estimate, 1), per_device(fsdp2_estimate, 2)
+    h1, h2 = one_unet_per_device(sd_folder, 1), one_unet_per_device(sd_folder, 2)
+    assert h2 < h1 / 2 + 4 * len(unet_params(sd_folder))  # (odd first dimensions round up)
+    copies = {("teacher", "weights"): 1, ("student", "weights"): 1, ("fake", "weights"): 1,
+              ("student", "gradients"): 1, ("fake", "gradients"): 1, ("student", "optimizer"): 2,
+              ("fake", "optimizer"): 2, ("student", "ema"): 1}
+    assert state_rows(one) == {key: k * h1 for key, k in copies.items()}
+    assert state_rows(two) == {key: k * h2 for key, k in copies.items()}
+    peak = fsdp2_estimate.footprint.phases[two.peak_phase]
+    assert peak.made_bytes == 0 and peak.own_bytes == h1  # the premise: its own UNet's gradients are not yet made
+    assert one.total_bytes - two.total_bytes == 9 * (h1 - h2)
+    unchanged = {(n, k): b for n, k, b in one.rows if k in ("other", "gathered blocks") or n in ("vae", "text_encoder")}
+    assert unchanged == {(n, k): b for n, k, b in two.rows if (n, k) in unchanged} and len(unchanged) == 4
+    assert two.layout["global_batch"] == 4 and one.layout["global_batch"] == 2
+
+
+def test_fsdp2_on_one_process_is_the_replicated_figure_plus_the_gathered_blocks(fsdp2_estimate, sd_folder):
+    """N=1: every shard is the whole tensor, so FSDP2 adds only its all-gathered parameters (gathered_bytes's
+    rule, counted here from the UNet: every network's root parameters, twice the largest block, and one block's
+    float32 gradients), held at a forward's peak."""
+    from fastgen.estimate import per_device
+
+    from diffusers import UNet2DConditionModel
+
+    replicated, sharded = per_device(fsdp2_estimate, 1, "none"), per_device(fsdp2_estimate, 1, "fsdp2")
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    root = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
+    gathered = 4 * (3 * root + 2 * largest + largest)  # three UNets' roots; the student's or fake's block gradients
+    assert sharded.layout["gathered_bytes"] == gathered
+    assert sharded.total_bytes == replicated.total_bytes + gathered
+    assert state_rows(sharded) == state_rows(replicated)
+    assert replicated.rows == per_device(fsdp2_estimate, 1, "none").rows and replicated.layout["gathered_bytes"] == 0
+
+
+def test_data_parallel_replicates_and_adds_the_gradient_buckets(fsdp2_estimate, sd_folder):
+    from fastgen.estimate import per_device
+
+    one, eight = per_device(fsdp2_estimate, 1, "none"), per_device(fsdp2_estimate, 8, "none")
+    grads = 2 * one_unet_per_device(sd_folder, 1)  # the student's and the fake score's
+    assert eight.total_bytes == one.total_bytes + grads and eight.layout["ddp_bucket_bytes"] == grads
+    assert state_rows(eight) == state_rows(one) and eight.layout["global_batch"] == 16
+
+
+def test_offload_moves_the_sharded_state_to_the_host(fsdp2_estimate, sd_folder):
+    from fastgen.estimate import format_table, per_device
+
+    on_device, offloaded = per_device(fsdp2_estimate, 2), per_device(fsdp2_estimate, 2, offload=True)
+    h2 = one_unet_per_device(sd_folder, 2)
+    assert not state_rows(offloaded)
+    assert sum(b for _, _, b in offloaded.layout["host_rows"]) == 10 * h2
+    assert offloaded.layout["host_bytes"] >= 10 * h2
+    assert offloaded.total_bytes == on_device.total_bytes - 9 * h2  # the state live at the peak leaves the device
+    assert "host memory per process (CPU offload)" in format_table(offloaded)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--world-size", "0"], "argument --world-size: expected a positive integer, got '0'"),
+    (["--world-size", "two"], "argument --world-size: expected a positive integer, got 'two'"),
+    (["--sharding", "zero3"], "argument --sharding: invalid choice: 'zero3'"),
+    (["--offload"], "--offload (train.fsdp_offload) is set with sharding 'none'; expected --sharding fsdp2"),
+], ids=["zero", "word", "sharding", "offload-unsharded"])
+def test_bad_launch_flags_are_one_line_errors(sd_folder, argv, expected, capsys):
+    from fastgen.cli import main
+
+    assert main(["estimate", "--teacher", str(sd_folder), "--method", "dmd2", "--no-modes", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_per_device_refuses_a_world_size_below_one(fsdp2_estimate):
+    from fastgen.errors import UsageError
+    from fastgen.estimate import per_device
+
+    with pytest.raises(UsageError, match=r"--world-size is 0; expected a positive integer"):
+        per_device(fsdp2_estimate, 0)
+    with pytest.raises(UsageError, match=r"--sharding is 'zero3'; expected one of \['none', 'fsdp2'\]"):
+        per_device(fsdp2_estimate, 2, "zero3")
+
+
+def test_estimate_command_prints_the_per_device_figure_and_the_global_batch(sd_folder, fsdp2_estimate, tmp_path,
+                                                                            capsys):
+    """The command with --world-size 2 --offload (sharding from the config) gives what per_device derives."""
+    import json
+
+    from fastgen.cli import main
+    from fastgen.estimate import format_table, per_device
+
+    assert main(["estimate", "--teacher", str(sd_folder), "--device", "cpu", "--no-modes", "--world-size", "2",
+                 "--offload", "--json", f"output={tmp_path}", *FSDP2_RUN]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = per_device(fsdp2_estimate, 2, offload=True)
+    assert out["total_bytes"] == expected.total_bytes and out["layout"]["host_bytes"] == expected.layout["host_bytes"]
+    assert (out["layout"]["world_size"], out["layout"]["sharding"], out["layout"]["offload"]) == (2, "fsdp2", True)
+    table = format_table(expected)
+    assert "2 processes, sharding fsdp2, CPU offload: global batch 2 x 1 x 2 = 4 per step" in table
+    assert "| fsdp2 | gathered blocks |" in table and "host memory per process" in table
