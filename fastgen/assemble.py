@@ -165,7 +165,8 @@ class Run:
 def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = None, *,
               plan: StudentPlan | None = None, device: torch.device | str = "cpu", attention: str | None = None,
               optimizer_kwargs: dict | None = None, data: Callable[[Any, Objective], Any] | None = None,
-              materialize: Callable[[nn.Module], None] | None = None) -> Run:
+              materialize: Callable[[nn.Module], None] | None = None,
+              shard: Callable[[nn.Module], None] | None = None) -> Run:
     """Assemble the run of ``config`` (module docstring). ``teacher``: a loaded teacher, or None to load
     ``config.teacher`` on ``device`` at the run's precision; ``source``: the float32 teacher network the
     copies are made from (default: loaded when the teacher runs in fp16/bf16, else the teacher's own);
@@ -175,7 +176,9 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
     objective)``: builds the data source (None: no data); ``materialize(module)``: applied to every network (the
     teacher's, the students', the objective's, and the frozen ones the objective keeps) once they are all built
     and before the optimizers and the EMA are made (``fastgen estimate`` builds on the ``meta`` device and turns
-    the networks into fake tensors there)."""
+    the networks into fake tensors there); ``shard(module)``: applied, after the data is built (teacher samples
+    are drawn from the whole teacher), to every network in the order ``fastgen.sharding`` gives, before the
+    optimizers and the EMA are made from the (then sharded) parameters."""
     config.validate()
     t = config.train
     # before any weight is read: a missing bitsandbytes fails here
@@ -197,13 +200,16 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
     objective = objective_class(config.method)(teacher, nets, config.objective, plan, t.max_steps, factory=factory)
     factory.release()
     if materialize is not None:
-        frozen = [v for v in vars(objective).values() if isinstance(v, nn.Module)]
-        for module in {id(m): m for m in [teacher.model, *map(network_module, nets.values()), *frozen]}.values():
+        for module in every_network(teacher, nets, objective):
             materialize(module)
     students = student_names(config)
     for name in [*students, *objective.owned]:
         nets[name] = _to(nets[name], device)  # nn.Module.to moves in place: an ExpertsDenoiser sees its experts
     network_names = [*students, *sorted(objective.owned)]
+    run_data = data(teacher, objective) if data is not None else None
+    if shard is not None:
+        for module in every_network(teacher, {n: nets[n] for n in network_names}, objective):
+            shard(module)
     trainable = {name: trainable_parameters(nets[name]) for name in network_names}
     phases = objective.phases()
     known = {*network_names, "student"}
@@ -222,9 +228,22 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
         from diffusers.training_utils import EMAModel
 
         run.emas = {n: EMAModel(trainable[n], decay=t.ema_decay, foreach=True) for n in students}
-    if data is not None:
-        run.data = data(teacher, objective)
+    run.data = run_data
     return run
+
+
+def every_network(teacher, nets: dict[str, Any], objective: Objective) -> list[nn.Module]:
+    """Each network of a run once, teacher first: the teacher's (the base of any LoRA adapter on it), those of
+    ``nets``, and the frozen ones the objective keeps (an EMA target), as ``fastgen.sharding.network_roots``
+    finds them inside fastgen's denoiser wrappers."""
+    from fastgen.sharding import network_roots
+
+    kept = [v for v in vars(objective).values() if isinstance(v, nn.Module)]
+    found = {}
+    for module in [teacher.model, *map(network_module, nets.values()), *kept]:
+        for root in network_roots(module):
+            found.setdefault(id(root), root)
+    return list(found.values())
 
 
 def _to(net, device):

@@ -10,13 +10,17 @@ Layout of a run folder::
 
     run_dir/checkpoints/step-00001000/{state.safetensors, state.json, meta.json, fastgen_manifest.json}
 
+A sharded run (``train.sharding: fsdp2``) writes ``shards/`` instead of ``state.safetensors``: the same flat
+tensors through ``torch.distributed.checkpoint``, each process its own shards, loadable whole in one process
+(an export) or resharded over any number of processes (a resume on another world size).
+
 :func:`save_checkpoint` writes into a hidden temporary sibling (``fastgen.atomic.atomic_folder``), ends with
 the manifest of every file's sha256 (``fastgen.integrity``), fsyncs every file and the folder, and renames
 it into place, so a crash at any moment leaves either the old set of complete checkpoints or the new one.
 Readers ignore hidden folders; the next save removes those of writes that were killed. Loading verifies
 the manifest and names a damaged file; :func:`latest_checkpoint` is the newest complete and intact
 checkpoint, skipping damaged ones with a warning. Checkpoints from before manifests load unverified. One
-process (the main one) writes a given run folder.
+process (the main one) writes a given run folder, but for the shards of a sharded run.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fastgen.atomic import atomic_folder, temp_sibling
+from fastgen.atomic import atomic_folder, reporting_no_space, temp_sibling
 from fastgen.errors import InputError, MissingPathError, UserError, warn
 from fastgen.integrity import (
     PICKLE_SUFFIXES,
@@ -51,6 +56,8 @@ CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "state.safetensors"
 TREE_FILE = "state.json"
 META_FILE = "meta.json"
+SHARDS_DIR = "shards"
+"""A sharded run's tensors: a ``torch.distributed.checkpoint`` folder (``.metadata`` and one file per process)."""
 
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _LEGACY_TMP_PREFIX = ".tmp-"
@@ -67,7 +74,8 @@ class UnsafeCheckpointError(InputError):
 def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Split ``obj`` into flat CPU tensors keyed by their path and a JSON-serialisable tree.
 
-    Supported leaves: tensors (any safetensors dtype, 0-d included), numpy arrays and scalars of
+    Supported leaves: tensors (any safetensors dtype, 0-d included; a ``DTensor`` stays as it is, on its
+    device), numpy arrays and scalars of
     numeric dtypes, ``torch.dtype``, None, bool, int, float (nan/inf too), str. Containers: dict
     (keys of any supported scalar type or tuples of them), list, tuple (subclasses come back as
     plain tuples). Anything else raises TypeError naming its path.
@@ -76,11 +84,14 @@ def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     storages: set[int] = set()
 
     def add_tensor(path: str, tensor: torch.Tensor) -> str:
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages and tensor.numel() > 0:
-            tensor = tensor.clone()  # safetensors refuses tensors sharing memory
-        storages.add(storage)
+        if _is_dtensor(tensor):  # a shard of a sharded network's state: written by its own process (DCP)
+            tensor = tensor.detach()
+        else:
+            tensor = tensor.detach().cpu().contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages and tensor.numel() > 0:
+                tensor = tensor.clone()  # safetensors refuses tensors sharing memory
+            storages.add(storage)
         key, n = path or "<root>", 1
         while key in tensors:
             key, n = f"{path}#{n}", n + 1
@@ -137,6 +148,24 @@ def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
     return decode(tree)
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _tensor_keys(tree: Any) -> set[str]:
+    """The keys of every tensor a :func:`flatten_state` tree refers to."""
+    if isinstance(tree, list):
+        return set().union(*map(_tensor_keys, tree)) if tree else set()
+    if not isinstance(tree, dict):
+        return set()
+    if tree.get("t") in ("tensor", "ndarray"):
+        return {tree["key"]}
+    children = [v for item in tree.get("items", []) for v in item] if tree.get("t") == "dict" else tree.get("v")
+    return _tensor_keys(children) if isinstance(children, list) else set()
+
+
 def _encode_scalar(value: Any, path: str) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -156,34 +185,71 @@ def _encode_key(key: Any, path: str) -> Any:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2,
+                    sharded: bool = False) -> Path:
     """Write ``state`` atomically to ``run_dir/checkpoints/step-{step:08d}`` and keep the newest ``keep``.
 
     Saving a step that already exists replaces it. Returns the checkpoint folder. A full disk raises
-    ``NoSpaceError`` (the earlier checkpoints intact).
+    ``NoSpaceError`` (the earlier checkpoints intact). ``sharded``: every process of the group calls it with its
+    own shards (``DTensor`` leaves of a sharded run); the tensors go to ``shards/`` through
+    ``torch.distributed.checkpoint`` (each process writes its part into a hidden staging folder, which the main
+    process then moves into the checkpoint before the manifest and the rename), the JSON tree as always.
     """
     if keep < 1:
         raise ValueError(f"keep: expected >= 1 checkpoints to keep, got {keep}")
     if step < 0:
         raise ValueError(f"step: expected >= 0, got {step}")
     root = Path(run_dir) / CHECKPOINTS_DIR
+    final = root / f"step-{step:08d}"
+    intact = f"the earlier checkpoints in {root} are intact"
+    tensors, tree = flatten_state(state)
+    main = True
+    if sharded:
+        import torch.distributed as dist
+
+        main = dist.get_rank() == 0
+        staging = root / f".{final.name}.{SHARDS_DIR}"
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        with reporting_no_space(staging, intact=intact):
+            _dcp().save(tensors, checkpoint_id=staging)
+        dist.barrier()
+    if main:
+        _write_checkpoint(root, final, step, tree, None if sharded else tensors, intact)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            if old != final:
+                _remove(old)
+    if sharded:
+        dist.barrier()
+    return final
+
+
+def _write_checkpoint(root: Path, final: Path, step: int, tree: Any, tensors: dict[str, torch.Tensor] | None,
+                      intact: str) -> None:
+    """The main process's part of :func:`save_checkpoint`: ``tensors`` (None: the shards in the staging folder)
+    and the tree, meta and manifest files into a temporary folder renamed into place."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_LEGACY_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-    tensors, tree = flatten_state(state)
-    final = root / f"step-{step:08d}"
-    needed = sum(t.numel() * t.element_size() for t in tensors.values())
-    with atomic_folder(final, needed, intact=f"the earlier checkpoints in {root} are intact") as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "fastgen", "version": str(FORMAT_VERSION)})
+    needed = None if tensors is None else sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_folder(final, needed, intact=intact) as tmp:
+        if tensors is None:
+            os.replace(root / f".{final.name}.{SHARDS_DIR}", tmp / SHARDS_DIR)
+        else:
+            save_file(tensors, str(tmp / TENSORS_FILE),
+                      metadata={"format": "fastgen", "version": str(FORMAT_VERSION)})
         _write_json(tmp / TREE_FILE, tree)
-        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "manifest": True})
+        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "manifest": True,
+                                      "sharded": tensors is None})
         write_manifest(tmp)
 
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old != final:
-            _remove(old)
-    return final
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -229,10 +295,12 @@ def checkpoint_path(path: str | Path) -> Path:
         available = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
         what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {META_FILE})"
         raise MissingPathError(f"checkpoint {path} {what}; available in {run_dir / CHECKPOINTS_DIR}: {available}")
-    for name in (TREE_FILE, TENSORS_FILE):
+    sharded = (path / SHARDS_DIR).is_dir()
+    for name in (TREE_FILE, f"{SHARDS_DIR}/.metadata" if sharded else TENSORS_FILE):
         if not (path / name).is_file():
             raise IncompleteFileError(f"checkpoint file {path / name} is missing; the checkpoint is incomplete")
-    check_safetensors(path / TENSORS_FILE)
+    if not sharded:
+        check_safetensors(path / TENSORS_FILE)
     return path
 
 
@@ -245,9 +313,15 @@ def verify_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(path: str | Path, like: dict[str, torch.Tensor] | None = None,
+                    skip: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
     """Load a checkpoint folder written by :func:`save_checkpoint`, verified (:func:`verify_checkpoint`);
-    returns ``(step, state)`` on CPU."""
+    returns ``(step, state)``, on CPU and whole, sharded or not.
+
+    ``like``: the tensors of a sharded run's own state (:func:`flatten_state`), which every process of its group
+    passes: the state comes back sharded as they are (``torch.distributed.checkpoint`` reads each process's part
+    of a sharded checkpoint, on any number of processes, and a whole checkpoint is split among them). ``skip``:
+    top-level entries whose tensors are not read (None in the state; e.g. ``("optimizers",)`` for an export)."""
     path = verify_checkpoint(path)
     meta = _read_meta(path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -256,8 +330,54 @@ def load_checkpoint(path: str | Path) -> tuple[int, dict[str, Any]]:
             f"supports ({FORMAT_VERSION}); upgrade fastgen"
         )
     tree = _read_json(path / TREE_FILE)
-    tensors = read_safetensors(path / TENSORS_FILE)
-    return int(meta["step"]), unflatten_state(tensors, tree)
+    wanted = _tensor_keys(tree)
+    if isinstance(tree, dict) and tree.get("t") == "dict":
+        skipped = _tensor_keys([v for k, v in tree["items"] if k in skip])
+        wanted -= skipped
+    else:
+        skipped = set()
+    if (path / SHARDS_DIR).is_dir():
+        tensors = _read_shards(path / SHARDS_DIR, wanted, like)
+    else:
+        tensors = read_safetensors(path / TENSORS_FILE)
+        if like is not None:
+            tensors = {k: _distribute_like(v, like.get(k)) for k, v in tensors.items()}
+    return int(meta["step"]), unflatten_state({**tensors, **dict.fromkeys(skipped)}, tree)
+
+
+def _read_shards(folder: Path, keys: set[str], like: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a ``torch.distributed.checkpoint`` folder: into ``like``'s (sharded) layout, every
+    process of the group reading its part, or whole in this process alone."""
+    dcp = _dcp()
+    if like is not None:
+        missing = sorted(keys - like.keys())
+        if missing:
+            raise InputError(f"checkpoint {folder.parent} holds state this run does not have ({', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''}); expected a checkpoint of this run's networks")
+        tensors = {k: like[k] for k in keys}
+        dcp.load(tensors, checkpoint_id=folder)
+        return tensors
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+               for k in keys if isinstance(stored.get(k), TensorStorageMetadata)}
+    if len(tensors) != len(keys):
+        raise IncompleteFileError(f"checkpoint {folder} lacks tensors its {TREE_FILE} names "
+                                  f"({', '.join(sorted(keys - tensors.keys())[:3])}); the checkpoint is damaged")
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is what no_dist asks
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    return tensors
+
+
+def _distribute_like(tensor: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """A whole ``tensor`` split as ``like`` is when that is a ``DTensor`` (every process holds the whole)."""
+    if like is None or not _is_dtensor(like):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(like.dtype), like.device_mesh, like.placements)
 
 
 def _read_meta(path: Path) -> dict:

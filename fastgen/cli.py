@@ -420,6 +420,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
+def peer_ended(err: BaseException) -> bool:
+    """Whether ``err`` is a collective of a multi-process launch failing because another process of the group
+    ended (its own error, printed by it, is the one to read)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "RANK" not in os.environ:
+        return False
+    return isinstance(err, dist.DistError) or any(
+        text in str(err) for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (user errors are reported on one line, see the module doc)."""
     try:
@@ -437,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as err:
         if debug:
             raise
+        if peer_ended(err):
+            print(f"error: process {os.environ['RANK']} of {os.environ['WORLD_SIZE']} stopped: another process of its "
+                  "group ended first (that process's own message says why)", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print("error: this is a bug in fastgen, not a mistake in your input; please report it with the traceback "
               "above", file=sys.stderr)

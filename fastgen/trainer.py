@@ -1,9 +1,9 @@
-"""The training loop: one linear loop on accelerate for every objective (DDP from ``accelerate launch``, tested
-on CPU processes; FSDP and DeepSpeed are not).
+"""The training loop: one linear loop on accelerate for every objective, in one process or several
+(``torchrun --nproc_per_node N``: DDP, or FSDP2 with ``train.sharding: fsdp2``; tested on CPU processes).
 
 ``Trainer(config)`` assembles the run (``fastgen.assemble.build_run``: teacher, ``StudentPlan``, students, the
-objective's networks, optimizers, EMA, data), wraps the trained networks for the process group and writes
-``config.yaml`` and ``plan.json``. Each step then calls, in order (FastGen's callbacks, EDM's linearity):
+objective's networks, optimizers, EMA, data), wraps the trained networks for the process group (DDP) or shards
+every network (``fastgen.sharding``) and writes ``config.yaml`` and ``plan.json``. Each step then calls, in order (FastGen's callbacks, EDM's linearity):
 
 1. the step's seed (randomness is a pure function of ``(seed, step, rank)``, data batch ``k`` of
    ``(seed, rank, k)``, so a resumed run continues exactly as if never stopped);
@@ -46,10 +46,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
-from fastgen.assemble import build_run, make_student, run_plan, student_names
+from fastgen.assemble import build_run, make_student, run_plan, student_names, weight_dtype
 from fastgen.atomic import atomic_path
-from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, latest_checkpoint, list_checkpoints,
-                                load_checkpoint, save_checkpoint)
+from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, flatten_state, latest_checkpoint,
+                                list_checkpoints, load_checkpoint, save_checkpoint)
 from fastgen.config import DistillConfig, absolute_paths, config_to_dict, load_config, save_config
 from fastgen.data import TOY_PROMPTS, build_data, check_data, read_prompts
 from fastgen.data.batch import num_rows
@@ -58,6 +58,7 @@ from fastgen.networks import load_network_state, network_state
 from fastgen.plan import PLAN_FILE, StudentPlan
 from fastgen.policies import Clock, LRSchedules, MetricsWindow, Throughput, peak_memory_bytes, reset_peak_memory, tf32
 from fastgen.runlock import RunLock
+from fastgen.sharding import full, is_sharded, process_mesh, shard
 from fastgen.step import run_phase
 from fastgen.teacher import load_teacher
 
@@ -139,7 +140,7 @@ class AcceleratorBackend:
         return bool(self.acc.gather(ok).min() > 0)
 
     def clip(self, params, max_norm):
-        return self.acc.clip_grad_norm_(params, max_norm)
+        return full(self.acc.clip_grad_norm_(params, max_norm))  # over sharded gradients: the global norm
 
     def step(self, optimizer):
         optimizer.step()
@@ -256,7 +257,8 @@ def make_accelerator(t, run_dir: Path) -> Accelerator:
                          "processes would train as separate copies; launch with `torchrun --nproc_per_node N -m "
                          "fastgen distill ...` or `accelerate launch`")
     if world > 1 and acc.is_main_process:
-        print(f"{world} processes ({acc.distributed_type.value}, data parallel): global batch "
+        how = "networks sharded by FSDP2" if t.sharding == "fsdp2" else "data parallel"
+        print(f"{world} processes ({acc.distributed_type.value}, {how}): global batch "
               f"{t.batch_size} x {t.grad_accum} x {world} = {t.batch_size * t.grad_accum * world} per step")
     return acc
 
@@ -296,8 +298,10 @@ class Trainer:
     def _build(self, resume_from: Path | None) -> None:
         """Assemble the run, resume it, and write its config, plan and trackers (main process)."""
         config, t, acc = self.config, self.config.train, self.accelerator
-        run = self.run = build_run(config, device=acc.device, data=self._data)
-        run.wrap(acc.prepare)
+        self.sharded_networks: list[torch.nn.Module] = []
+        run = self.run = build_run(config, device=acc.device, data=self._data, shard=self._sharder())
+        if not self.sharded:  # sharded networks are never given to accelerate (docs/fsdp2_findings.md, 9)
+            run.wrap(acc.prepare)
         run.optimizers = {name: acc.prepare(opt) for name, opt in run.optimizers.items()}
         self.lr_schedules = LRSchedules(run.optimizers, run.phases, t.lr_scheduler, t.lr_warmup_steps, t.max_steps)
         self.clock = Clock()  # restarted by fit, from the resumed run's training time
@@ -310,9 +314,47 @@ class Trainer:
             self.load(resume_from)
         if acc.is_main_process:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            with (self.run_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps({"step": self.step, "event": "start", "world_size": acc.num_processes,
+                                    "sharding": t.sharding, "global_batch": self.global_batch}) + "\n")
             save_config(config, self.run_dir / "config.yaml")
             run.plan.save(self.run_dir)
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.train.sharding == "fsdp2"
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per training step over every process."""
+        t = self.config.train
+        return t.batch_size * t.grad_accum * self.accelerator.num_processes
+
+    def _sharder(self):
+        """``build_run``'s ``shard`` hook for ``train.sharding: fsdp2`` (``fastgen.sharding.shard`` over every
+        process), None otherwise."""
+        if not self.sharded:
+            return None
+        t = self.config.train
+        dtype = weight_dtype(t.mixed_precision)
+        mesh = process_mesh(self.accelerator.device)
+
+        def sharder(module):
+            self.sharded_networks.append(shard(module, mesh, block_attributes=t.fsdp_blocks,
+                                               mixed_precision=None if dtype == torch.float32 else dtype,
+                                               reshard_after_forward=t.fsdp_reshard_after_forward,
+                                               offload=t.fsdp_offload))
+        return sharder
+
+    def _reshard(self) -> None:
+        """Back to shards every network a forward left gathered (a root after a forward without backward: the
+        teacher's, an EMA target's, a network another phase owns), before each phase and after the step: a
+        gathered root keeps the ``requires_grad`` it was gathered with, which the next phase's ownership changes
+        (``owned_by``), and what follows a step must see every parameter sharded."""
+        for module in self.sharded_networks:
+            if is_sharded(module):
+                module.reshard()
 
     def close(self) -> None:
         """Release the run folder's lock (idempotent)."""
@@ -422,6 +464,7 @@ class Trainer:
             for phase in run.phases:
                 if not phase.runs_at(self.step):
                     continue
+                self._reshard()
                 terms, stepped = run_phase(run, phase, batches, self.step, backend, t.grad_accum, t.grad_clip,
                                            self.lr_schedules)
                 if stepped:
@@ -430,6 +473,7 @@ class Trainer:
                 else:
                     self._count_nonfinite(phase.name, terms["loss"])
             throughput.add((self.batches_used - used) * t.batch_size * acc.num_processes)
+            self._reshard()
             run.objective.on_step_end(self.step)
             self.step += 1
             bar.update(1)
@@ -501,11 +545,15 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        acc = self.accelerator
+        """A checkpoint of this step: written by the main process, or by every process its own shards."""
+        acc, keep = self.accelerator, self.config.train.keep_checkpoints
         acc.wait_for_everyone()
         path = None
-        if acc.is_main_process:
-            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=self.config.train.keep_checkpoints)
+        if self.sharded:
+            self._reshard()  # a sample grid's forward leaves roots gathered
+            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep, sharded=True)
+        elif acc.is_main_process:
+            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep)
         acc.wait_for_everyone()
         return path
 
@@ -514,8 +562,15 @@ class Trainer:
         path = latest_checkpoint(self.run_dir) if which == "latest" else Path(which)
         if path is None:
             raise MissingPathError(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}")
-        step, state = load_checkpoint(path)
         acc, run = self.accelerator, self.run
+        like = None
+        if self.sharded:  # the state comes back split as this run's own: its optimizer states must exist first
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            for opt in run.optimizers.values():
+                _init_optim_state(getattr(opt, "optimizer", opt))
+            like = flatten_state(self.state())[0]
+        step, state = load_checkpoint(path, like=like)
         if sorted(state["networks"]) != sorted(run.network_names):
             raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; this run trains "
                              f"{sorted(run.network_names)} (a different method or student.experts?)")
@@ -561,9 +616,13 @@ class Trainer:
 
     def export(self, out_dir: str | Path, lora: bool = False, ema: bool = True) -> Path | None:
         """Export the student (EMA weights by default, of each expert for a student of experts) as a diffusers
-        folder; main process only. A run that ``check_exportable`` refuses writes nothing."""
+        folder; main process only. A run that ``check_exportable`` refuses writes nothing. A sharded run exports
+        its latest checkpoint (complete on disk once ``save`` returns), read whole by the main process
+        (``export_run``)."""
         if not self.accelerator.is_main_process:
             return None
+        if self.sharded:
+            return export_run(self.run_dir, out_dir, lora=lora, ema=ema)
         from fastgen.pipelines import export_student
 
         models = [self.student_weights(ema, name) for name in self.student_names]
@@ -581,8 +640,9 @@ class Trainer:
         """The sample grid of this step (main process only), ``RUN/samples/step-N.png``: a row per step count the
         student serves (``plan.exported``), a column per validation prompt or, without any, per condition of the
         data's first batch (at most ``num``), the same noise in every row and at every step (drawn from
-        ``train.validation_seed``, else ``seed``); also sent to the trackers that take images."""
-        if not self.accelerator.is_main_process:
+        ``train.validation_seed``, else ``seed``); also sent to the trackers that take images. A sharded student
+        samples on every process (each forward gathers its blocks from all of them)."""
+        if not (self.accelerator.is_main_process or self.sharded):
             return None
         from fastgen.denoiser import slice_cond
         from fastgen.generate import labelled_grid
@@ -605,6 +665,8 @@ class Trainer:
             with acc.autocast():
                 out = sample(den, x * teacher.schedule.prior_scale(timesteps[0]), timesteps, cond=cond, generator=g)
             rows.append(teacher.decode(out).float().cpu())
+        if not acc.is_main_process:
+            return None
         grid = labelled_grid(torch.stack(rows), [f"{k} step{'s' if k > 1 else ''}" for k in counts], labels)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -756,7 +818,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     path = checkpoint_path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
-    step, state = load_checkpoint(path)
+    step, state = load_checkpoint(path, skip=("optimizers",))
     names = student_names(config)
     if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):
         raise UsageError(f"checkpoint {path} holds networks {sorted(state['networks'])}; its run's config "

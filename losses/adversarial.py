@@ -49,9 +49,10 @@ class DiscriminatorHead(nn.Module):
         self.out = nn.Linear(width, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # the one logit as a new tensor (sum over one), not a view: FSDP2 hooks a sharded module's output
         if features.ndim == 3:  # tokens
-            return self.out(features.mean(1)).squeeze(1)
-        return self.out(self.convs(features).mean((2, 3))).squeeze(1)
+            return self.out(features.mean(1)).sum(1)
+        return self.out(self.convs(features).mean((2, 3))).sum(1)
 
 
 def discriminator_logits(head: nn.Module, denoiser, schedule, x: torch.Tensor, t: torch.Tensor,
