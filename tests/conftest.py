@@ -76,6 +76,7 @@ LAYERS = {
     "test_reference": "unit",
     "test_samplers": "unit",
     "test_schedules": "unit",
+    "test_scm": "integration",
     "test_sharding": "e2e",
     "test_sid": "integration",
     "test_sweep": "unit",
