@@ -61,13 +61,16 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard(module: nn.Module, mesh, *, block_attributes: Iterable[str] | None = None,
-          mixed_precision: torch.dtype | None = None, reshard_after_forward: bool = True,
-          offload: bool = False) -> nn.Module:
+          reshard_after_forward: bool = True, offload: bool = False) -> nn.Module:
     """``fully_shard`` each of ``module``'s blocks, then ``module`` (in place; a module already sharded or
-    without parameters is left as it is). ``mixed_precision``: the dtype of the gathered parameters in forward
-    and backward (``MixedPrecisionPolicy``; gradients are reduced in float32); ``offload``: the shards live in
-    CPU memory (``CPUOffloadPolicy``)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    without parameters is left as it is). ``offload``: the shards live in CPU memory (``CPUOffloadPolicy``).
+
+    Parameters are gathered in the dtype they are held in (a half-precision teacher's in its own, trained
+    weights in float32) and computed under the trainer's autocast, as an unsharded run does: FSDP2's
+    ``MixedPrecisionPolicy`` is not used (with trained float32 weights under bf16 autocast it failed at the first
+    backward on this torch, 2.14: a bf16 gradient assigned to a float32 one). Its cost: trained networks are
+    gathered in float32, twice the bytes of a bf16 gather."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if is_sharded(module) or not any(True for _ in module.parameters()):
         return module
@@ -75,8 +78,6 @@ def shard(module: nn.Module, mesh, *, block_attributes: Iterable[str] | None = N
     # (and also where only an inner block's output reaches the loss: a discriminator on a bottleneck feature)
     kwargs = {"mesh": mesh, "reshard_after_forward": None if reshard_after_forward else False,
               "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
-    if mixed_precision is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     for block in blocks(module, block_attributes):
         fully_shard(block, **kwargs)
     fully_shard(module, **kwargs)

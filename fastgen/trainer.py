@@ -46,7 +46,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
-from fastgen.assemble import build_run, make_student, run_plan, student_names, weight_dtype
+from fastgen.assemble import build_run, make_student, run_plan, student_names
 from fastgen.atomic import atomic_path
 from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, flatten_state, latest_checkpoint,
                                 list_checkpoints, load_checkpoint, save_checkpoint)
@@ -285,6 +285,10 @@ class Trainer:
             raise EnvironmentMissingError(
                 "train.mixed_precision is 'fp16', but no GPU is available: fp16 weights on a CPU train without "
                 "loss scaling; use train.mixed_precision=bf16 (CPU autocast) or no")
+        if t.fsdp_offload and not torch.accelerator.is_available():
+            raise EnvironmentMissingError("train.fsdp_offload keeps a GPU run's shards in CPU memory, but no GPU is "
+                                          "available (a CPU run's shards are in CPU memory already); set "
+                                          "train.fsdp_offload=false")
         self.accelerator = make_accelerator(t, self.run_dir)
         self.lock = RunLock(self.run_dir)
         if self.accelerator.is_main_process:
@@ -337,12 +341,10 @@ class Trainer:
         if not self.sharded:
             return None
         t = self.config.train
-        dtype = weight_dtype(t.mixed_precision)
         mesh = process_mesh(self.accelerator.device)
 
         def sharder(module):
             self.sharded_networks.append(shard(module, mesh, block_attributes=t.fsdp_blocks,
-                                               mixed_precision=None if dtype == torch.float32 else dtype,
                                                reshard_after_forward=t.fsdp_reshard_after_forward,
                                                offload=t.fsdp_offload))
         return sharder

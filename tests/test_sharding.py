@@ -206,3 +206,33 @@ def _read_records(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return found
+
+
+def test_a_process_whose_peer_failed_says_so_on_one_line(teachers, tmp_path):
+    """The main process refuses a run folder another run holds (its lock); the other process, left waiting in a
+    collective, says that a peer ended: one line each, no traceback, no "bug in fastgen"."""
+    import fcntl
+
+    output = tmp_path / "run"
+    output.mkdir()
+    with (output / ".lock").open("w") as held:  # as a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(fastgen(distill(teachers, "consistency", output, "--max-steps", "1",
+                                              "train.sharding=fsdp2"),
+                                      tmp_path), env={**ENV, "HF_HOME": str(tmp_path)}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and "bug in fastgen" not in done.stderr, done.stderr[-3000:]
+    assert any("in use by" in line for line in lines)
+    assert any(line.startswith("error: process 1 of 2 stopped: another process of its group ended first")
+               for line in lines)
+
+
+def test_cpu_offload_without_a_gpu_is_one_line(teachers, tmp_path):
+    done = subprocess.run(fastgen(distill(teachers, "consistency", tmp_path / "run", "train.sharding=fsdp2",
+                                          "train.fsdp_offload=true"), tmp_path, processes=1),
+                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: train.fsdp_offload keeps a GPU run's shards")
+    assert not (tmp_path / "run").exists()
