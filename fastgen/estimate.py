@@ -407,32 +407,33 @@ class Footprint:
         return self.static - sum(sharded_bytes(shapes, 1) for shapes in self.state.values())
 
 
-def gathered_bytes(run, trained: set[int], attributes, dtype: torch.dtype, reshard_after_forward: bool) -> int:
+def gathered_bytes(run, trained: set[int], attributes, reshard_after_forward: bool) -> int:
     """FSDP2's transient on one device: the unsharded parameters its all-gathers hold at once, for the networks
     the trainer shards (``fastgen.assemble.every_network``), each split in blocks as ``fastgen.sharding.blocks``
-    splits it (``train.fsdp_blocks``). The rule, with ``reshard_after_forward`` (FSDP2's default): every
-    network's root parameters (outside its blocks; a root is not resharded after its forward, so all may be held
-    together) plus twice the largest block (the block computing and the next one prefetched, FSDP2's default in
-    forward and backward); without it, every network whole (its blocks stay gathered from forward to backward).
-    Plus the largest block's trained parameters' unsharded gradients in float32 (FSDP2's reduce-scatter input).
-    Gathered in the run's precision (the trainer's ``MixedPrecisionPolicy``; float32 runs: as stored)."""
+    splits it (``train.fsdp_blocks``, in the order the network runs them). The rule, with
+    ``reshard_after_forward`` (FSDP2's default): every network's root parameters (those outside its blocks) plus
+    the largest two consecutive blocks of one network (the block computing and the next one, prefetched: FSDP2's
+    default in forward and backward); without it, every network whole (its blocks stay gathered from forward to
+    backward). Plus the largest block's trained parameters' unsharded gradients (FSDP2's reduce-scatter input).
+    In the dtype each parameter is held in: ``fastgen.sharding.shard`` gathers without a ``MixedPrecisionPolicy``
+    (trained weights in float32, a half-precision teacher in its own)."""
     from fastgen.assemble import every_network
     from fastgen.sharding import blocks
 
     def size(params) -> int:
-        return sum(p.numel() * (p.element_size() if dtype == torch.float32 else dtype.itemsize) for p in params)
+        return sum(p.numel() * p.element_size() for p in params)
 
     roots = every_network(run.teacher, {n: run.nets[n] for n in run.network_names}, run.objective)
-    own = largest = whole = grads = 0
+    own = pair = whole = grads = 0
     for root in roots:
         parts = blocks(root, attributes)
         inside = {id(p) for block in parts for p in block.parameters()}
         own += size(p for p in root.parameters() if id(p) not in inside)
         whole += size(root.parameters())
-        for block in parts:
-            largest = max(largest, size(block.parameters()))
-            grads = max(grads, 4 * sum(p.numel() for p in block.parameters() if id(p) in trained))
-    return (own + 2 * largest if reshard_after_forward else whole) + grads
+        sizes = [size(block.parameters()) for block in parts]
+        pair = max([pair, *sizes, *(a + b for a, b in zip(sizes, sizes[1:]))])
+        grads = max([grads, *(size(p for p in block.parameters() if id(p) in trained) for block in parts)])
+    return (own + pair if reshard_after_forward else whole) + grads
 
 
 def check_layout(world_size: int, sharding: str, offload: bool) -> None:
@@ -579,7 +580,7 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
         batch = synthetic_batch(teacher, t.batch_size, shape)
         # shapes only: a list of the gradients would keep them alive through the phases' zero_grad
         state = {key: shard_shapes(tensors) for key, tensors in _state_tensors(run, base, frozen).items()}
-        gathered = gathered_bytes(run, owned_ids, t.fsdp_blocks, dtype, t.fsdp_reshard_after_forward)
+        gathered = gathered_bytes(run, owned_ids, t.fsdp_blocks, t.fsdp_reshard_after_forward)
         for tensor in _live_tensors(run, batch):
             tracker.track(tensor)
         static = tracker.now
@@ -775,8 +776,8 @@ def layout_notes(est: Estimate) -> list[str]:
     if lay.get("sharding") == "fsdp2":
         lines = [f"fsdp2: weights (the teacher's too), gradients, optimizer states and EMA sharded over {n} "
                  f"(ceil(dim 0 / {n}) of each tensor per device); activations, batch, buffers, VAE and text encoders "
-                 "not divided; gathered blocks: every network's root parameters, twice the largest block (computing, "
-                 "prefetched) and one block's float32 gradients"]
+                 "not divided; gathered blocks: every network's root parameters, the largest two consecutive blocks "
+                 "(computing, prefetched) and one block's gradients, unsharded in their own dtype"]
         if lay.get("offload"):
             kinds = {}
             for _, kind, b in lay["host_rows"]:

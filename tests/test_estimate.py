@@ -201,8 +201,8 @@ def test_fsdp2_on_two_processes_halves_the_state_and_keeps_the_rest(fsdp2_estima
 
 def test_fsdp2_on_one_process_is_the_replicated_figure_plus_the_gathered_blocks(fsdp2_estimate, sd_folder):
     """N=1: every shard is the whole tensor, so FSDP2 adds only its all-gathered parameters (gathered_bytes's
-    rule, counted here from the UNet: every network's root parameters, twice the largest block, and one block's
-    float32 gradients), held at a forward's peak."""
+    rule, counted here from the UNet: every network's root parameters, the largest two consecutive blocks, and
+    one block's gradients; all float32 here), held at a forward's peak."""
     from fastgen.estimate import per_device
 
     from diffusers import UNet2DConditionModel
@@ -210,9 +210,10 @@ def test_fsdp2_on_one_process_is_the_replicated_figure_plus_the_gathered_blocks(
     replicated, sharded = per_device(fsdp2_estimate, 1, "none"), per_device(fsdp2_estimate, 1, "fsdp2")
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    root = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
-    gathered = 4 * (3 * root + 2 * largest + largest)  # three UNets' roots; the student's or fake's block gradients
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    pair = max(a + b for a, b in zip(sizes, sizes[1:]))
+    root = sum(p.numel() for p in unet.parameters()) - sum(sizes)
+    gathered = 4 * (3 * root + pair + max(sizes))  # three UNets' roots; the student's or fake's block gradients
     assert sharded.layout["gathered_bytes"] == gathered
     assert sharded.total_bytes == replicated.total_bytes + gathered
     assert state_rows(sharded) == state_rows(replicated)
