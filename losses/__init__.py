@@ -14,6 +14,7 @@ from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
 from fastgen.losses.phased_dmd import PhasedDMD
 from fastgen.losses.progressive import ProgressiveDistillation
+from fastgen.losses.scm import SCM
 from fastgen.losses.sid import SiD, SiDA, FewStepSiD
 from fastgen.networks import NetworkFactory
 from fastgen.plan import resolve_plan
@@ -31,6 +32,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     FewStepSiD.name: FewStepSiD,
     ASD.name: ASD,
     PhasedDMD.name: PhasedDMD,
+    SCM.name: SCM,
 }
 
 
