@@ -2,8 +2,8 @@
 
 Each method runs twice from one command, sharded and data parallel (DDP), on the same two processes: the same
 seeds, the same per-rank batches, so the same global batch. The sharded run's logged terms (losses, gradient
-norms) equal the replicated run's to a relative 1e-5 at the first step and 1e-3 at the next two (float32
-reduction order, amplified by AdamW), its checkpoint holds every tensor in two halves (one per process), read whole its
+norms) equal the replicated run's to a relative 1e-4 at the first step and 1e-3 at the next two (float32
+reduction order, amplified by AdamW; measured at most 1.3e-5 and 2.8e-4), its checkpoint holds every tensor in two halves (one per process), read whole its
 networks equal the replicated run's, and its export loads in stock diffusers. A run killed with SIGKILL resumes
 exactly; a two-process checkpoint resumes on one process and a one-process one on two.
 """
@@ -25,7 +25,7 @@ from tiny import make_ddpm_folder, make_sd_folder
 
 from fastgen.checkpoint import SHARDS_DIR, latest_checkpoint, list_checkpoints, load_checkpoint
 
-FIRST_RTOL, LATER_RTOL = 1e-5, 1e-3
+FIRST_RTOL, LATER_RTOL = 1e-4, 1e-3
 """Logged terms, sharded vs replicated: the first step's differ by float32 reduction order alone; later steps'
 by that difference amplified by AdamW (which divides by the root of tiny second moments)."""
 WEIGHT_ATOL = 2e-3
@@ -106,7 +106,7 @@ def assert_same_terms(sharded: list[dict], replicated: list[dict]) -> None:
             assert difference <= rtol, f"step {a['step']}: {key} {a[key]} (fsdp2) vs {b[key]} (ddp)"
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [name for name in METHODS if name != "consistency"])  # the killed run's method
 def test_sharded_training_equals_data_parallel_and_exports(teachers, tmp_path, name):
     from diffusers import DiffusionPipeline
     from torch.distributed.checkpoint import FileSystemReader
@@ -149,10 +149,13 @@ def test_sharded_training_equals_data_parallel_and_exports(teachers, tmp_path, n
 
 def test_killed_sharded_run_resumes_exactly_and_on_other_world_sizes(teachers, tmp_path):
     """SIGKILL to every process after a checkpoint and a later step; ``--resume latest`` (two processes) writes
-    the lost steps again bit for bit; then the run goes on in one process (2 -> 1) and on two again (1 -> 2)."""
+    the lost steps again bit for bit, and the whole run equals a replicated (DDP) one as the other methods do
+    (consistency distillation: an EMA target of the sharded student); then the run goes on in one process
+    (2 -> 1) and on two again (1 -> 2)."""
     output = tmp_path / "run"
     args = distill(teachers, "consistency", output, "train.sharding=fsdp2", "train.checkpoint_every=3",
                    "train.keep_checkpoints=1")
+    run(distill(teachers, "consistency", tmp_path / "ddp", "--max-steps", "5"), tmp_path)
     launcher = subprocess.Popen(fastgen([*args, "--max-steps", "300"], tmp_path), env={**ENV, "HF_HOME": str(tmp_path)},
                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -176,11 +179,13 @@ def test_killed_sharded_run_resumes_exactly_and_on_other_world_sizes(teachers, t
     before = {r["step"]: r for r in _read_records(output) if "event" not in r and r["step"] > at}
     assert before, "no step after the checkpoint was logged before the kill"
     last = max(before)
+    assert at == 3 and last <= 5  # the poll kills at once after step 4; the next checkpoint is step 6
 
     run([*args, "--resume", "latest", "--max-steps", str(last)], tmp_path)
     after = {r["step"]: r for r in records(output) if "event" not in r}
     for step, record in before.items():
         assert terms(after[step]) == terms(record), f"step {step} differs after the resume"
+    assert_same_terms(records(output), [r for r in records(tmp_path / "ddp") if r.get("step", 0) <= last])
 
     # 2 -> 1: the two-process checkpoint (saved at the end of the resumed run) continues in one process
     run([*args, "--resume", "latest", "--max-steps", str(last + 1)], tmp_path, processes=1)
@@ -236,3 +241,12 @@ def test_cpu_offload_without_a_gpu_is_one_line(teachers, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: train.fsdp_offload keeps a GPU run's shards")
     assert not (tmp_path / "run").exists()
+
+
+def test_accumulation_lora_student_and_checkpointing_sharded_equal_unsharded(teachers, tmp_path):
+    """One process (a group of one: the same FSDP2 code path): gradient accumulation over two micro-batches, a
+    LoRA student, gradient checkpointing, a LoRA fake score and a GAN head, sharded and not."""
+    extra = ["--max-steps", "2", "train.grad_accum=2", "student.lora_rank=2", "train.gradient_checkpointing=true"]
+    run(distill(teachers, "dmd2-lora-gan", tmp_path / "fsdp2", *extra, "train.sharding=fsdp2"), tmp_path, processes=1)
+    run(distill(teachers, "dmd2-lora-gan", tmp_path / "none", *extra), tmp_path, processes=1)
+    assert_same_terms(records(tmp_path / "fsdp2"), records(tmp_path / "none"))
