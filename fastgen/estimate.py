@@ -569,6 +569,7 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
         frozen = {"teacher": base, **{name: [p for p in run.module(name).parameters() if id(p) not in owned_ids
                                              and all(p is not q for q in base)]
                                       for name in run.network_names}}
+        kept = kept_networks(run, [base, *trainable.values(), *frozen.values()])
         # the steady state: every trainable parameter holds its gradient and optimizer states (a phase sets its
         # own gradients to None only at its start, so the other phases' gradients stay alive through it)
         for params in trainable.values():
@@ -579,9 +580,9 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
             opt.step()
         batch = synthetic_batch(teacher, t.batch_size, shape)
         # shapes only: a list of the gradients would keep them alive through the phases' zero_grad
-        state = {key: shard_shapes(tensors) for key, tensors in _state_tensors(run, base, frozen).items()}
+        state = {key: shard_shapes(tensors) for key, tensors in _state_tensors(run, base, frozen, kept).items()}
         gathered = gathered_bytes(run, owned_ids, t.fsdp_blocks, t.fsdp_reshard_after_forward)
-        for tensor in _live_tensors(run, batch):
+        for tensor in _live_tensors(run, batch, kept):
             tracker.track(tensor)
         static = tracker.now
         phases = {}
@@ -590,10 +591,11 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
             for phase in run.phases:
                 phases[phase.name] = _simulate_phase(run, phase, batch, backend, t.grad_clip)
         parameters = {"teacher": sum(p.numel() for p in base),
-                      **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names}}
+                      **{name: sum(p.numel() for p in trainable[name]) for name in run.network_names},
+                      **{name: sum(p.numel() for p in params) for name, params in kept.items()}}
         # the fake tensors die here, while their mode is alive: left to the interpreter's teardown, those saved by
         # a gradient-checkpointed step abort it ('corrupted double-linked list', exit status 134)
-        del run, trainable, base, frozen, teacher, full, batch, backend
+        del run, trainable, base, frozen, kept, teacher, full, batch, backend
         gc.collect()
     components = spec.component_parameters()
     element = torch.tensor([], dtype=dtype).element_size()
@@ -609,12 +611,28 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
     return per_device(Estimate([], parameters, 0, "", settings, footprint=footprint), 1, "none", False)
 
 
-def _state_tensors(run, base, frozen) -> dict[tuple[str, str], list[torch.Tensor]]:
-    """The steady state's tensors by ``(network, kind)``: weights (the teacher's base, then each network's own),
-    gradients, optimizer states (AdamW's two moments; step counts left out) and the students' EMA shadows."""
+def kept_networks(run, counted) -> dict[str, list[torch.nn.Parameter]]:
+    """The frozen networks the objective keeps beside ``nets`` (consistency's EMA target), by attribute name: their
+    parameters not among ``counted`` (lists of the teacher's and the networks' parameters)."""
+    seen = {id(p) for params in counted for p in params}
+    kept = {}
+    for attr, value in vars(run.objective).items():
+        if isinstance(value, torch.nn.Module):
+            params = [p for p in value.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                kept[attr] = params
+    return kept
+
+
+def _state_tensors(run, base, frozen, kept) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """The steady state's tensors by ``(network, kind)``: weights (the teacher's base, then each network's own,
+    then the frozen networks the objective keeps), gradients, optimizer states (AdamW's two moments; step counts
+    left out) and the students' EMA shadows."""
     trainable, names = run.trainable, run.network_names
     state = {("teacher", "weights"): base}
     state.update({(name, "weights"): trainable[name] + frozen[name] for name in names})
+    state.update({(name, "weights"): params for name, params in kept.items()})
     state.update({(name, "gradients"): [p.grad for p in trainable[name]] for name in names})
     state.update({(name, "optimizer"): [s for p in trainable[name] for opt in run.optimizers.values()
                                         for s in opt.state.get(p, {}).values() if s.dim() > 0] for name in names})
@@ -665,9 +683,11 @@ def synthetic_batch(teacher, n: int, shape) -> Batch:
     return Batch(x0=torch.randn(n, *shape), cond=cond, uncond=uncond, noise=torch.randn(n, *shape), size=n)
 
 
-def _live_tensors(run, batch):
+def _live_tensors(run, batch, kept):
     yield from run.teacher.model.parameters()
     yield from run.teacher.model.buffers()
+    for params in kept.values():
+        yield from params
     for name in run.network_names:
         module = run.module(name)
         yield from module.parameters()

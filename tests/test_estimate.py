@@ -282,3 +282,18 @@ def test_estimate_command_prints_the_per_device_figure_and_the_global_batch(sd_f
     table = format_table(expected)
     assert "2 processes, sharding fsdp2, CPU offload: global batch 2 x 1 x 2 = 4 per step" in table
     assert "| fsdp2 | gathered blocks |" in table and "host memory per process" in table
+
+
+def test_a_frozen_network_the_objective_keeps_is_counted_and_sharded(sd_folder, tmp_path):
+    """Consistency distillation's EMA target (a frozen copy of the student, which the trainer shards too) was
+    in neither the rows nor the total; it is one UNet's weights, divided like the others."""
+    from fastgen.estimate import per_device
+
+    config = load_config(DistillConfig, None, [f"teacher={sd_folder}", "method=consistency", f"output={tmp_path}",
+                                               "train.batch_size=2", "objective.target_ema=0.95"])
+    est = estimate_memory(config, device="cpu")
+    rows = {(n, k): b for n, k, b in est.rows}
+    assert rows[("target", "weights")] == rows[("student", "weights")] == one_unet_per_device(sd_folder, 1)
+    assert est.parameters["target"] == est.parameters["student"]
+    sharded = {(n, k): b for n, k, b in per_device(est, 2, "fsdp2").rows}
+    assert sharded[("target", "weights")] == one_unet_per_device(sd_folder, 2)
