@@ -241,8 +241,7 @@ def _write_checkpoint(root: Path, final: Path, step: int, tree: Any, tensors: di
             save_file(tensors, str(tmp / TENSORS_FILE),
                       metadata={"format": "fastgen", "version": str(FORMAT_VERSION)})
         _write_json(tmp / TREE_FILE, tree)
-        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "manifest": True,
-                                      "sharded": tensors is None})
+        _write_json(tmp / META_FILE, {"format_version": FORMAT_VERSION, "step": step, "manifest": True})
         write_manifest(tmp)
 
 

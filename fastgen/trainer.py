@@ -318,9 +318,6 @@ class Trainer:
             self.load(resume_from)
         if acc.is_main_process:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-            with (self.run_dir / METRICS_FILE).open("a") as f:
-                f.write(json.dumps({"step": self.step, "event": "start", "world_size": acc.num_processes,
-                                    "sharding": t.sharding, "global_batch": self.global_batch}) + "\n")
             save_config(config, self.run_dir / "config.yaml")
             run.plan.save(self.run_dir)
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
@@ -507,7 +504,8 @@ class Trainer:
         reset_peak_memory(acc.device)
         if acc.is_main_process:
             record = {"step": self.step, "time": round(self.clock.elapsed(), 3), **values, **extra,
-                      "nonfinite_skipped": self.nonfinite_total}
+                      "nonfinite_skipped": self.nonfinite_total, "world_size": acc.num_processes,
+                      "sharding": self.config.train.sharding, "global_batch": self.global_batch}
             with (self.run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
