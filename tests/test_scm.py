@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tiny import make_ddpm_folder
 
 from fastgen.analytic import GaussianMixtureDenoiser
-from fastgen.config import DistillConfig, load_config
+from fastgen.config import PRESETS_DIR, DistillConfig, load_config
 from fastgen.denoiser import Denoiser
 from fastgen.errors import UsageError
 from fastgen.losses import build_objective
@@ -286,3 +286,15 @@ def test_config_errors_name_the_key():
         build_objective("scm", gaussian(schedule), gaussian(schedule), {"jvp": "forward"})
     with pytest.raises(UsageError, match=r"objective\.t_mid is \[0\.5, 1\.1\]; expected descending"):
         build_objective("scm", gaussian(schedule), gaussian(schedule), {"t_mid": [0.5, 1.1]})
+
+
+def test_estimate_of_an_exact_jvp_is_refused_on_one_line_and_runs_with_finite_differences():
+    """``fastgen estimate`` simulates a step on fake tensors, where torch.func.jvp does not run."""
+    from fastgen.estimate import estimate_memory
+
+    preset = PRESETS_DIR / "toy_scm.yaml"
+    config = load_config(DistillConfig, preset, ["train.batch_size=2"])
+    with pytest.raises(UsageError, match="objective.jvp=finite_difference"):
+        estimate_memory(config, device="cpu")
+    config = load_config(DistillConfig, preset, ["train.batch_size=2", "objective.jvp=finite_difference"])
+    assert estimate_memory(config, device="cpu").total_bytes > 0
