@@ -118,8 +118,9 @@ class TrainConfig:
     gradients, optimizer states and EMA divided by the number of processes (``fastgen.sharding``)."""
     fsdp_blocks: list[str] | None = None
     """With sharding "fsdp2": the attributes of a network whose blocks are sharded one by one before the whole
-    network (a list of modules is sharded item by item); None = the known block attributes of diffusers'
-    UNets and transformers (``fastgen.sharding.BLOCK_ATTRIBUTES``)."""
+    network (a list of modules is sharded item by item, each block after its resnets and attention modules:
+    ``fastgen.sharding.BLOCK_PARTS``); None = the known block attributes of diffusers' UNets and transformers
+    (``fastgen.sharding.BLOCK_ATTRIBUTES``)."""
     fsdp_reshard_after_forward: bool = True
     """With sharding "fsdp2": free the gathered parameters of a block after its forward (less memory, one more
     all-gather in backward); false keeps them to the backward (FSDP2's ``reshard_after_forward``)."""

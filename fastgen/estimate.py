@@ -412,9 +412,10 @@ def gathered_bytes(run, trained: set[int], attributes, reshard_after_forward: bo
     the trainer shards (``fastgen.assemble.every_network``), each split in blocks as ``fastgen.sharding.blocks``
     splits it (``train.fsdp_blocks``, in the order the network runs them). The rule, with
     ``reshard_after_forward`` (FSDP2's default): every network's root parameters (those outside its blocks) plus
-    the largest two consecutive blocks of one network (the block computing and the next one, prefetched: FSDP2's
+    the largest two consecutive units of one network (the unit computing and the next one, prefetched: FSDP2's
     default in forward and backward); without it, every network whole (its blocks stay gathered from forward to
-    backward). Plus the largest block's trained parameters' unsharded gradients (FSDP2's reduce-scatter input).
+    backward). Plus the largest unit's trained parameters' unsharded gradients (FSDP2's reduce-scatter input).
+    A unit's size is its own parameters: a block's, less those of its parts sharded before it.
     In the dtype each parameter is held in: ``fastgen.sharding.shard`` gathers without a ``MixedPrecisionPolicy``
     (trained weights in float32, a half-precision teacher in its own)."""
     from fastgen.assemble import every_network
@@ -426,13 +427,15 @@ def gathered_bytes(run, trained: set[int], attributes, reshard_after_forward: bo
     roots = every_network(run.teacher, {n: run.nets[n] for n in run.network_names}, run.objective)
     own = pair = whole = grads = 0
     for root in roots:
-        parts = blocks(root, attributes)
-        inside = {id(p) for block in parts for p in block.parameters()}
-        own += size(p for p in root.parameters() if id(p) not in inside)
+        units, claimed = [], set()
+        for unit in blocks(root, attributes):  # a block after its parts: its own unit holds the rest
+            units.append([p for p in unit.parameters() if id(p) not in claimed])
+            claimed.update(id(p) for p in units[-1])
+        own += size(p for p in root.parameters() if id(p) not in claimed)
         whole += size(root.parameters())
-        sizes = [size(block.parameters()) for block in parts]
+        sizes = [size(unit) for unit in units]
         pair = max([pair, *sizes, *(a + b for a, b in zip(sizes, sizes[1:]))])
-        grads = max([grads, *(size(p for p in block.parameters() if id(p) in trained) for block in parts)])
+        grads = max([grads, *(size(p for p in unit if id(p) in trained) for unit in units)])
     return (own + pair if reshard_after_forward else whole) + grads
 
 

@@ -43,15 +43,28 @@ def process_mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
+BLOCK_PARTS = ("resnets", "attentions")
+"""Inside a UNet's block, the lists whose items are sharded one by one before the block: its resnets and its
+attention modules. A UNet's blocks are few and large (SDXL's ``up_blocks[0]`` holds 1.21 B of its 2.57 B
+parameters), and a block is gathered whole for its compute; its parts are a fraction of it."""
+
+
 def blocks(model: nn.Module, attributes: Iterable[str] | None = None) -> list[nn.Module]:
-    """The blocks of ``model`` sharded one by one before it: the modules under ``attributes`` (default
-    ``BLOCK_ATTRIBUTES``) that hold parameters, a ``ModuleList``'s items one by one."""
+    """The units of ``model`` sharded one by one before it, in order: the modules under ``attributes`` (default
+    ``BLOCK_ATTRIBUTES``) that hold parameters, a ``ModuleList``'s items one by one, each block preceded by the
+    items of its ``BLOCK_PARTS`` (a block's own unit then holds what its parts do not: a down- or up-sampler)."""
     found = []
     for name in BLOCK_ATTRIBUTES if attributes is None else attributes:
-        value = getattr(model, name, None)
-        items = list(value) if isinstance(value, (nn.ModuleList, nn.Sequential)) else [value]
-        found += [m for m in items if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+        for block in _items(getattr(model, name, None)):
+            found += [part for part_list in BLOCK_PARTS for part in _items(getattr(block, part_list, None))]
+            found.append(block)
     return found
+
+
+def _items(value) -> list[nn.Module]:
+    """The modules holding parameters in ``value``: a list's items, or ``value`` itself."""
+    items = list(value) if isinstance(value, (nn.ModuleList, nn.Sequential)) else [value]
+    return [m for m in items if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -62,7 +75,7 @@ def is_sharded(module: nn.Module) -> bool:
 
 def shard(module: nn.Module, mesh, *, block_attributes: Iterable[str] | None = None,
           reshard_after_forward: bool = True, offload: bool = False) -> nn.Module:
-    """``fully_shard`` each of ``module``'s blocks, then ``module`` (in place; a module already sharded or
+    """``fully_shard`` each of ``module``'s units (``blocks``), then ``module`` (in place; a module already sharded or
     without parameters is left as it is). ``offload``: the shards live in CPU memory (``CPUOffloadPolicy``).
 
     Parameters are gathered in the dtype they are held in (a half-precision teacher's in its own, trained

@@ -201,16 +201,20 @@ def test_fsdp2_on_two_processes_halves_the_state_and_keeps_the_rest(fsdp2_estima
 
 def test_fsdp2_on_one_process_is_the_replicated_figure_plus_the_gathered_blocks(fsdp2_estimate, sd_folder):
     """N=1: every shard is the whole tensor, so FSDP2 adds only its all-gathered parameters (gathered_bytes's
-    rule, counted here from the UNet: every network's root parameters, the largest two consecutive blocks, and
-    one block's gradients; all float32 here), held at a forward's peak."""
+    rule, counted here from the UNet: every network's root parameters, the largest two consecutive units (a
+    block's resnets and attention modules, then the rest of it), and one unit's gradients; all float32 here),
+    held at a forward's peak."""
     from fastgen.estimate import per_device
 
     from diffusers import UNet2DConditionModel
 
     replicated, sharded = per_device(fsdp2_estimate, 1, "none"), per_device(fsdp2_estimate, 1, "fsdp2")
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    sizes = []  # each block's resnets and attention modules one by one, then the rest of the block
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        parts = [*(block.resnets or []), *(getattr(block, "attentions", None) or [])]
+        sizes += [sum(p.numel() for p in part.parameters()) for part in parts]
+        sizes.append(sum(p.numel() for p in block.parameters()) - sum(sizes[len(sizes) - len(parts):]))
     pair = max(a + b for a, b in zip(sizes, sizes[1:]))
     root = sum(p.numel() for p in unet.parameters()) - sum(sizes)
     gathered = 4 * (3 * root + pair + max(sizes))  # three UNets' roots; the student's or fake's block gradients
