@@ -803,8 +803,9 @@ def layout_notes(est: Estimate) -> list[str]:
     if lay.get("sharding") == "fsdp2":
         lines = [f"fsdp2: weights (the teacher's too), gradients, optimizer states and EMA sharded over {n} "
                  f"(ceil(dim 0 / {n}) of each tensor per device); activations, batch, buffers, VAE and text encoders "
-                 "not divided; gathered blocks: every network's root parameters, the largest two consecutive blocks "
-                 "(computing, prefetched) and one block's gradients, unsharded in their own dtype"]
+                 "not divided; gathered blocks: every network's root parameters, the largest two consecutive units "
+                 "(computing, prefetched; a UNet block's resnets and attention modules, then the rest of the block) "
+                 "and one unit's gradients, unsharded in their own dtype"]
         if lay.get("offload"):
             kinds = {}
             for _, kind, b in lay["host_rows"]:
