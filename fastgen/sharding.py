@@ -16,8 +16,6 @@ never passed to ``accelerate.prepare`` (its DDP wrapper cannot broadcast DTensor
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Iterable
 
 import torch
@@ -32,14 +30,13 @@ transformers' ``transformer_blocks`` (SD3, Flux, SANA, Qwen-Image), ``single_tra
 
 def process_mesh(device: torch.device):
     """The one-dimensional device mesh over every process of the run. A run of one process forms a group of
-    its own first (a file store in a temporary folder), so that one code path serves one process and many."""
+    its own first (an in-memory store), so that one code path serves one process and many."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
-        store = os.path.join(tempfile.mkdtemp(prefix="fastgen-group-"), "store")
-        dist.init_process_group("gloo" if device.type == "cpu" else "cpu:gloo,cuda:nccl",
-                                init_method=f"file://{store}", rank=0, world_size=1)
+        dist.init_process_group("gloo" if device.type == "cpu" else "cpu:gloo,cuda:nccl", store=dist.HashStore(),
+                                rank=0, world_size=1)
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
@@ -105,13 +102,6 @@ def network_roots(module: nn.Module) -> list[nn.Module]:
     if not isinstance(module, BaseDenoiser):
         return [module]
     return [root for child in module.children() for root in network_roots(child)]
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a ``DTensor``; any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -236,6 +236,11 @@ def check_exportable(students: dict[str, torch.nn.Module], updates: dict[str, in
                                         f"CHECKPOINT) and {NONFINITE_REMEDY}")
 
 
+def global_batch(t, world: int) -> int:
+    """Samples per training step over ``world`` processes of ``train`` settings ``t``."""
+    return t.batch_size * t.grad_accum * world
+
+
 def make_accelerator(t, run_dir: Path) -> Accelerator:
     """accelerate's ``Accelerator`` for this process, checked to be one of the process group it was launched in.
 
@@ -259,7 +264,7 @@ def make_accelerator(t, run_dir: Path) -> Accelerator:
     if world > 1 and acc.is_main_process:
         how = "networks sharded by FSDP2" if t.sharding == "fsdp2" else "data parallel"
         print(f"{world} processes ({acc.distributed_type.value}, {how}): global batch "
-              f"{t.batch_size} x {t.grad_accum} x {world} = {t.batch_size * t.grad_accum * world} per step")
+              f"{t.batch_size} x {t.grad_accum} x {world} = {global_batch(t, world)} per step")
     return acc
 
 
@@ -325,12 +330,6 @@ class Trainer:
     @property
     def sharded(self) -> bool:
         return self.config.train.sharding == "fsdp2"
-
-    @property
-    def global_batch(self) -> int:
-        """Samples per training step over every process."""
-        t = self.config.train
-        return t.batch_size * t.grad_accum * self.accelerator.num_processes
 
     def _sharder(self):
         """``build_run``'s ``shard`` hook for ``train.sharding: fsdp2`` (``fastgen.sharding.shard`` over every
@@ -505,7 +504,8 @@ class Trainer:
         if acc.is_main_process:
             record = {"step": self.step, "time": round(self.clock.elapsed(), 3), **values, **extra,
                       "nonfinite_skipped": self.nonfinite_total, "world_size": acc.num_processes,
-                      "sharding": self.config.train.sharding, "global_batch": self.global_batch}
+                      "sharding": self.config.train.sharding,
+                      "global_batch": global_batch(self.config.train, acc.num_processes)}
             with (self.run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})

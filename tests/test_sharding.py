@@ -51,7 +51,7 @@ def free_port() -> int:
 ENV = {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1"}
 
 
-def fastgen(args: list[str], cwd: Path, processes: int = 2, **popen) -> list[str]:
+def fastgen(args: list[str], processes: int = 2) -> list[str]:
     """The command line of ``fastgen ARGS`` on ``processes`` processes (torchrun), or plain."""
     if processes == 1:
         return [sys.executable, "-m", "fastgen", *args]
@@ -60,7 +60,7 @@ def fastgen(args: list[str], cwd: Path, processes: int = 2, **popen) -> list[str
 
 
 def run(args: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    done = subprocess.run(fastgen(args, cwd, processes), env={**ENV, "HF_HOME": str(cwd / "hf")}, cwd=cwd,
+    done = subprocess.run(fastgen(args, processes), env={**ENV, "HF_HOME": str(cwd / "hf")}, cwd=cwd,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -155,7 +155,7 @@ def test_killed_sharded_run_resumes_exactly_and_on_other_world_sizes(teachers, t
     args = distill(teachers, "consistency", output, "train.sharding=fsdp2", "train.checkpoint_every=3",
                    "train.keep_checkpoints=1")
     run(distill(teachers, "consistency", tmp_path / "ddp", "--max-steps", "5"), tmp_path)
-    launcher = subprocess.Popen(fastgen([*args, "--max-steps", "300"], tmp_path), env={**ENV, "HF_HOME": str(tmp_path)},
+    launcher = subprocess.Popen(fastgen([*args, "--max-steps", "300"]), env={**ENV, "HF_HOME": str(tmp_path)},
                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     try:
@@ -222,8 +222,8 @@ def test_a_process_whose_peer_failed_says_so_on_one_line(teachers, tmp_path):
     with (output / ".lock").open("w") as held:  # as a run in progress holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         done = subprocess.run(fastgen(distill(teachers, "consistency", output, "--max-steps", "1",
-                                              "train.sharding=fsdp2"),
-                                      tmp_path), env={**ENV, "HF_HOME": str(tmp_path)}, cwd=tmp_path,
+                                              "train.sharding=fsdp2")),
+                              env={**ENV, "HF_HOME": str(tmp_path)}, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -235,7 +235,7 @@ def test_a_process_whose_peer_failed_says_so_on_one_line(teachers, tmp_path):
 
 def test_cpu_offload_without_a_gpu_is_one_line(teachers, tmp_path):
     done = subprocess.run(fastgen(distill(teachers, "consistency", tmp_path / "run", "train.sharding=fsdp2",
-                                          "train.fsdp_offload=true"), tmp_path, processes=1),
+                                          "train.fsdp_offload=true"), processes=1),
                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: train.fsdp_offload keeps a GPU run's shards")
@@ -249,3 +249,33 @@ def test_accumulation_lora_student_and_checkpointing_sharded_equal_unsharded(tea
     run(distill(teachers, "dmd2-lora-gan", tmp_path / "fsdp2", *extra, "train.sharding=fsdp2"), tmp_path, processes=1)
     run(distill(teachers, "dmd2-lora-gan", tmp_path / "none", *extra), tmp_path, processes=1)
     assert_same_terms(records(tmp_path / "fsdp2"), records(tmp_path / "none"))
+
+
+WHOLE_INTO_SHARDS = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from fastgen.checkpoint import flatten_state, load_checkpoint, save_checkpoint
+from fastgen.sharding import process_mesh
+torch.manual_seed(0)
+plain = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+save_checkpoint(sys.argv[1], 1, {"networks": {"student": plain.state_dict()}})  # a whole checkpoint
+mesh = process_mesh(torch.device("cpu"))
+torch.manual_seed(1)
+sharded = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+fully_shard(sharded, mesh=mesh)
+_, state = load_checkpoint(sys.argv[1] + "/checkpoints/step-00000001",
+                           like=flatten_state({"networks": {"student": sharded.state_dict()}})[0])
+sharded.load_state_dict(state["networks"]["student"])
+for key, value in plain.state_dict().items():
+    assert type(state["networks"]["student"][key]).__name__ == "DTensor", key
+    assert torch.equal(sharded.state_dict()[key].full_tensor(), value), key
+print("ok")
+"""
+
+
+def test_a_whole_checkpoint_loads_into_sharded_networks(tmp_path):
+    """A run resumed with ``train.sharding=fsdp2`` from an unsharded checkpoint: each whole tensor is split as the
+    run's own (in a process of its own: a process group is global state)."""
+    done = subprocess.run([sys.executable, "-c", WHOLE_INTO_SHARDS, str(tmp_path)], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr[-3000:]
