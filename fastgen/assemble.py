@@ -186,11 +186,12 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
                       else optimizer_class(t.optimizer, device))
     dtype = weight_dtype(t.mixed_precision)
     if teacher is None:
-        teacher = load_teacher(config.teacher, device=device, dtype=dtype, trust_pickle=config.trust_pickle)
+        teacher = load_teacher(config.teacher, device=device, dtype=dtype, trust_pickle=config.trust_pickle,
+                               **config.size())
     if source is None:
         # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
         source = teacher.model if teacher.model.dtype == torch.float32 else load_teacher(
-            config.teacher, trust_pickle=config.trust_pickle).model
+            config.teacher, trust_pickle=config.trust_pickle, **config.size()).model
     plan = plan or run_plan(config, teacher.schedule)
     attention = attention or t.attention
     torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed

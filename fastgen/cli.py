@@ -79,7 +79,8 @@ def cmd_sample(args) -> int:
 
     check_output_path(args.out, "--out")
     prompts = _read_prompts(args)
-    model = load_teacher(_model_path(args.model), trust_pickle=args.trust_pickle)
+    model = load_teacher(_model_path(args.model), trust_pickle=args.trust_pickle, height=args.height,
+                         width=args.width, num_frames=args.num_frames)
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
                       prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size)
     path = save_grid(images, args.out, upscale=args.upscale)
@@ -118,7 +119,7 @@ def cmd_distill(args) -> int:
     from fastgen.trainer import Trainer, TrainingStopped
 
     flags = {"teacher": args.teacher, "method": args.method, "data": args.data, "prompts": args.prompts,
-             "output": args.output,
+             "output": args.output, "height": args.height, "width": args.width, "num_frames": args.num_frames,
              "student.num_steps": args.steps, "train.max_steps": args.max_steps}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.trust_pickle:
@@ -283,6 +284,14 @@ def add_estimate_parser(sub, parents=()) -> None:
     estimate.set_defaults(func=cmd_estimate)
 
 
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--height``, ``--width``, ``--num-frames``: the sample size (default: the teacher's own, or the size an
+    exported student was trained at)."""
+    parser.add_argument("--height", type=positive_int, help="sample height in pixels (default: the model's own)")
+    parser.add_argument("--width", type=positive_int, help="sample width in pixels (default: the model's own)")
+    parser.add_argument("--num-frames", type=positive_int, help="frames per video sample (video models)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastgen.config import preset_names
 
@@ -339,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
     distill.add_argument("--lora-format", help=LORA_FORMAT_HELP)
     distill.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) teacher weights")
+    add_size_arguments(distill)
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-5")
     distill.set_defaults(func=cmd_distill)
 
@@ -357,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=positive_int, default=64)
     sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")
     sample.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) weights")
+    add_size_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
     evaluate = sub.add_parser("eval", parents=[debug], help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")

@@ -202,6 +202,13 @@ class DistillConfig:
     """With data "teacher": DDIM steps of the teacher for those samples."""
     teacher_sample_guidance: float = 1.0
     """With data "teacher": CFG scale of those samples, Ho–Salimans ``u + s (c - u)`` (1 = none)."""
+    height: int | None = None
+    """Sample height in pixels (None: the teacher's own; needed for teachers whose pipeline sizes them, e.g.
+    Flux at 1024 and Wan at 480 x 832 by default)."""
+    width: int | None = None
+    """Sample width in pixels (None: the teacher's own)."""
+    num_frames: int | None = None
+    """Frames of a video sample (video teachers; None: the pipeline's default, Wan: 81)."""
     cache_dir: str | None = None
     """Folder of the run's caches (encoded images and captions, prompt embeddings, teacher samples; default
     ``OUTPUT/cache``). Runs of one teacher may share one: each file is named by a hash of what it depends on."""
@@ -210,6 +217,10 @@ class DistillConfig:
     objective: dict[str, Any] = field(default_factory=dict)
     """The objective's own settings: a mapping in YAML; once ``method`` is set, the method's typed ``Config``
     (``fastgen.losses.<family>``), resolved and checked when the config is built."""
+
+    def size(self) -> dict[str, int | None]:
+        """The sample size keywords of ``fastgen.teacher.load_teacher``."""
+        return {"height": self.height, "width": self.width, "num_frames": self.num_frames}
 
     ALIASES: ClassVar[dict[str, str]] = {flag: _script_flag_hint(flag, to) for flag, to in SCRIPT_FLAGS.items()}
     """Unknown keys named like diffusers' training-script flags: the hint of fastgen's key (``typed_config``)."""

@@ -12,12 +12,12 @@ distillation", §3.2; Yin et al. 2024, "Improved distribution matching distillat
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from fastgen.families import TOKEN_OUTPUTS, family_of
 from fastgen.schedules import NoiseSchedule, expand_to
 
 Cond = Mapping[str, Any]
@@ -81,11 +81,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 def image_stream(module: nn.Module, output) -> torch.Tensor:
     """The image-stream tensor of a block's output. A tensor is itself; SD3's ``JointTransformerBlock``
     returns ``(encoder_hidden_states, hidden_states)`` and yields ``hidden_states`` (tokens ``(B, N, D)``);
-    any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
+    (as do Flux's blocks, ``fastgen.families.TOKEN_OUTPUTS``); any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
     and a diffusers output object yield their first element."""
     if isinstance(output, torch.Tensor):
         return output
-    if type(module).__name__ == "JointTransformerBlock":
+    if type(module).__name__ in TOKEN_OUTPUTS:
         return output[1]
     return output[0]
 
@@ -180,16 +180,7 @@ class Denoiser(BaseDenoiser):
         self.model = model
         self.schedule = schedule
         self.adapter = adapter
-        params = inspect.signature(unwrap(model).forward).parameters  # DDP's forward takes *inputs
-        if "sample" in params:
-            self.input_name = "sample"
-        elif "hidden_states" in params:
-            self.input_name = "hidden_states"
-        else:
-            raise TypeError(
-                f"{type(unwrap(model)).__name__}.forward takes neither `sample` nor `hidden_states`; "
-                "expected a diffusers denoising network"
-            )
+        self.family = family_of(unwrap(model))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -202,9 +193,10 @@ class Denoiser(BaseDenoiser):
         inner = unwrap(self.model)
         if getattr(inner, "mid_block", None) is not None:
             return ("mid_block",)
-        blocks = getattr(inner, "transformer_blocks", None)
-        if blocks:
-            return (f"transformer_blocks.{len(blocks) // 2}",)
+        for attribute in ("transformer_blocks", "blocks"):  # SD3, Flux, SANA, Qwen-Image; Wan
+            blocks = getattr(inner, attribute, None)
+            if blocks:
+                return (f"{attribute}.{len(blocks) // 2}",)
         raise ValueError(f"features=True: {type(inner).__name__} has neither a mid_block nor transformer_blocks; "
                          "expected the block names to be given explicitly")
 
@@ -222,17 +214,26 @@ class Denoiser(BaseDenoiser):
         activate_adapter(self.model, self.adapter)
         t = batch_times(t, x_t)
         x_in, t_in = self.schedule.model_input(x_t, t)
-        kwargs = {self.input_name: x_in.to(self.dtype), "timestep": t_in, "return_dict": False}
+        kwargs = self.family.inputs(unwrap(self.model), x_in.to(self.dtype), t_in, cond)
         names = self.feature_names(features)
         if not names:
-            return self.model(**kwargs, **(cond or {}))[0].to(x_t.dtype)
+            return self.family.output(self.model(**kwargs)[0], x_t).to(x_t.dtype)
         with capture(self.model, names) as found:
-            out = self.model(**kwargs, **(cond or {}))[0].to(x_t.dtype)
+            out = self.family.output(self.model(**kwargs)[0], x_t).to(x_t.dtype)
         missing = [name for name in names if name not in found]
         if missing:
             raise ValueError(f"features: blocks {missing} did not run in the forward pass of "
                              f"{type(unwrap(self.model)).__name__}; expected blocks on its path")
         return out, {name: found[name] for name in names}
+
+    def guided(self, x_t: torch.Tensor, t, cond: Cond | None, uncond: Cond | None, scale) -> torch.Tensor:
+        """Guided x0: a guidance-distilled network (Flux.1-dev, ``Family.guidance_embedded``) is given ``scale``
+        as its guidance input, in one call (its pipeline's ``guidance_scale``; no unconditional branch); any
+        other network gets classifier-free guidance (``BaseDenoiser.guided``)."""
+        if not self.family.guidance_embedded(unwrap(self.model)):
+            return super().guided(x_t, t, cond, uncond, scale)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x_t.device)
+        return self(x_t, t, {**(cond or {}), "guidance": scale.expand(x_t.shape[0]) if scale.ndim == 0 else scale})
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, features: Features = None):
         """``x0``; with ``features`` (``Features``), ``(x0, {name: activation})`` from the same pass."""

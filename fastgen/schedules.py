@@ -111,6 +111,11 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t)
         return expand_to(a, x), expand_to(s, x)
 
+    def few_step_grid(self, n: int) -> torch.Tensor:
+        """The default times of an ``n``-step student: the teacher's own ``timesteps(n)``, which for VP is the
+        trailing grid (``[999, 499]`` for 2 steps)."""
+        return self.timesteps(n)
+
     def logsnr(self, t) -> torch.Tensor:
         """``log(alpha² / sigma²)`` (Kingma et al. 2021, "Variational diffusion models", eq. 2)."""
         a, s = self.alpha_sigma(t)
@@ -313,6 +318,15 @@ class FlowSchedule(NoiseSchedule):
         s = torch.linspace(1.0, s_min, n) if n > 1 else torch.ones(1)
         return self.shifted(s) * T
 
+    def few_step_grid(self, n: int) -> torch.Tensor:
+        """The trailing grid ``shifted((n - k) / n) T``, ``k = 0 .. n-1`` (VP's trailing spacing in sigma): the
+        sampling grid ``timesteps(n)`` runs down to ``shifted(1/T)``, almost clean, which would spend the last
+        of a few steps on nothing (2 steps: [1000, 1.6] at shift 1.65; trailing: [1000, 623])."""
+        if n < 1:
+            raise ValueError(f"few_step_grid: n = {n}, expected n >= 1")
+        s = torch.arange(n, 0, -1, dtype=torch.float64) / n
+        return self.shifted(s).float() * self.num_train_timesteps
+
     def describe(self) -> dict[str, Any]:
         return {
             "family": self.family,
@@ -423,6 +437,13 @@ def schedule_from_config(config, class_name: str | None = None) -> NoiseSchedule
     name = class_name or config.get("_class_name")
     if name == "FewStepScheduler":
         return schedule_from_description(config["schedule"])
+    if name in VP_SCHEDULERS and (config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas")):
+        # the multistep solvers in flow mode (Wan's UniPC, SANA's DPM-Solver++): sigma = shifted(t / T), velocity
+        # output, flow_shift the shift (diffusers' use_flow_sigmas)
+        if config.get("prediction_type") != "flow_prediction":
+            raise ValueError(f"{name} has use_flow_sigmas but prediction_type {config.get('prediction_type')!r}; "
+                             "expected 'flow_prediction'")
+        return FlowSchedule(config.get("num_train_timesteps", 1000), config.get("flow_shift") or 1.0)
     if name in VP_SCHEDULERS:
         prediction = config.get("prediction_type", "epsilon")
         if prediction not in VPSchedule.supported_predictions:

@@ -1,8 +1,8 @@
 """Load any supported diffusers pipeline as a teacher: denoiser, noise schedule, condition encoders, VAE.
 
-Families: ``UNet2DModel`` pixel teachers (unconditional or class-conditional, e.g. a ``DDPMPipeline``
-folder), ``UNet2DConditionModel`` latent text-to-image teachers (SD1.x/2.x, and SDXL with its added
-text/time conditions) and ``SD3Transformer2DModel`` rectified-flow teachers.
+Families (``fastgen.families.FAMILIES``): ``UNet2DModel`` pixel teachers (unconditional or class-conditional,
+e.g. a ``DDPMPipeline`` folder), ``UNet2DConditionModel`` latent text-to-image teachers (SD1.x/2.x, and SDXL with
+its added text/time conditions), and the transformers of SD3, Flux.1, SANA, Qwen-Image and Wan 2.x (video).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 from fastgen.checkpoint import UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.errors import InputError, MissingPathError
+from fastgen.families import FAMILIES, call_default, decode_latents, encode_images, family_of, vae_factors
 from fastgen.integrity import PICKLE_SUFFIXES, SAFE_SUFFIXES, check_safetensors
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
 DENOISER_COMPONENTS = ("unet", "transformer")
 LIBRARIES = ("diffusers", "transformers")
-SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
+SUPPORTED_MODELS = tuple(FAMILIES)
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Teacher:
     denoiser: Denoiser
     schedule: NoiseSchedule
     source: str
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    """The sample size in pixels (and frames, for video): ``None`` is the teacher's own (``sample_shape``)."""
 
     def __call__(self, x_t: torch.Tensor, t, cond: Cond | None = None, **kwargs) -> torch.Tensor:
         """The teacher's x0-prediction ``denoiser(x_t, t, cond)`` (``features=`` passes through)."""
@@ -68,56 +73,87 @@ class Teacher:
         return self.vae is not None
 
     @property
+    def family(self):
+        """The denoiser's ``fastgen.families.Family``."""
+        return family_of(self.model)
+
+    @property
     def text_conditioned(self) -> bool:
-        return self.model_class != "UNet2DModel"
+        return self.family.text
 
     @property
     def num_classes(self) -> int:
         return int(getattr(self.model.config, "num_class_embeds", None) or 0)
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of what the denoiser sees (latents for latent teachers)."""
+    def is_video(self) -> bool:
+        return self.family.video
+
+    def _pixels(self) -> tuple[int, int, int]:
+        """``(height, width, frames)`` in pixels: the ones asked for, else the teacher's own: the denoiser's
+        ``sample_size`` times the VAE's factor, or, for families sized by their pipeline (Flux, Wan, Qwen-Image),
+        the VAE's ``sample_size``, else the defaults of the pipeline's ``__call__`` (Wan: 480 x 832, 81 frames),
+        else ``default_sample_size`` times the VAE's factor."""
+        spatial, _ = vae_factors(self.pipeline) if self.is_latent else (1, 1)
         cfg = self.model.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(cfg.in_channels), int(h), int(w)
+        if self.family.pipeline_size:
+            h = w = getattr(self.vae.config, "sample_size", None)
+            if isinstance(h, (list, tuple)):
+                h, w = h
+            if h is None:
+                default = getattr(self.pipeline, "default_sample_size", None)
+                h = call_default(self.pipeline, "height", default and default * spatial)
+                w = call_default(self.pipeline, "width", h)
+        else:
+            size = cfg.sample_size
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            h, w = h * spatial, w * spatial
+        frames = call_default(self.pipeline, "num_frames", 1) if self.is_video else 1
+        return int(self.height or h), int(self.width or w), int(self.num_frames or frames)
+
+    def size(self) -> dict[str, int]:
+        """``{"height", "width"[, "num_frames"]}`` in pixels: the size this teacher samples at (recorded in
+        exports, and what to pass to the exported pipeline's call)."""
+        h, w = self.image_size
+        return {"height": h, "width": w, **({"num_frames": self.frames} if self.is_video else {})}
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What the denoiser sees, in the pipeline's latent layout: ``(C, H, W)``, or ``(C, F, H, W)`` for video
+        (``F = (frames - 1) // temporal + 1`` latent frames, as the video pipelines compute it)."""
+        h, w, frames = self._pixels()
+        spatial, temporal = vae_factors(self.pipeline) if self.is_latent else (1, 1)
+        channels = int(self.model.config.in_channels) // (4 if self.family.packed else 1)
+        if self.family.packed:  # packing needs an even latent grid (FluxPipeline.prepare_latents)
+            lh, lw = 2 * (h // (spatial * 2)), 2 * (w // (spatial * 2))
+        else:
+            lh, lw = h // spatial, w // spatial
+        if self.is_video:
+            return channels, (frames - 1) // temporal + 1, lh, lw
+        return channels, lh, lw
 
     @property
     def image_size(self) -> tuple[int, int]:
-        _, h, w = self.sample_shape
-        if not self.is_latent:
-            return h, w
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return h * factor, w * factor
+        """``(height, width)`` of the decoded images (video: of each frame)."""
+        spatial, _ = vae_factors(self.pipeline) if self.is_latent else (1, 1)
+        return self.sample_shape[-2] * spatial, self.sample_shape[-1] * spatial
+
+    @property
+    def frames(self) -> int:
+        """Frames of a decoded video sample (1 for images)."""
+        if not self.is_video:
+            return 1
+        _, temporal = vae_factors(self.pipeline)
+        return (self.sample_shape[1] - 1) * temporal + 1
 
     # -- conditions ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        """The teacher's own text encoders (``pipeline.encode_prompt``) → denoiser keyword arguments."""
+        """The teacher's own text encoders (its pipeline's ``encode_prompt``) → denoiser keyword arguments."""
         if not self.text_conditioned:
             raise InputError(f"{type(self.model).__name__} model from {self.source} takes no prompts; expected no "
                              "--prompt or --prompts-file, or a text-to-image model")
-        prompts = list(prompts)
-        device = self.model.device
-        if self.model_class == "SD3Transformer2DModel":
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-        if getattr(self.model.config, "addition_embed_type", None) == "text_time":  # SDXL
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-            h, w = self.image_size
-            projection_dim = self.pipeline.text_encoder_2.config.projection_dim
-            time_ids = self.pipeline._get_add_time_ids(
-                (h, w), (0, 0), (h, w), dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
-            time_ids = time_ids.to(device).repeat(len(prompts), 1)
-            return {"encoder_hidden_states": embeds,
-                    "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-        embeds, _ = self.pipeline.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": embeds}
+        return self.family.encode_prompts(self.pipeline, prompts, self.model.device, self.image_size)
 
     def class_cond(self, labels: torch.Tensor) -> Cond:
         """Class labels (``0 .. num_classes - 1``) → denoiser keyword arguments."""
@@ -150,21 +186,13 @@ class Teacher:
     # -- pixels and latents -------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoiser space → images in [-1, 1] (identity for pixel teachers)."""
-        if not self.is_latent:
-            return x
-        cfg = self.vae.config
-        latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+        """Denoiser space → images in [-1, 1] (identity for pixel teachers); video: ``(B, 3, F, H, W)``."""
+        return decode_latents(self.vae, x) if self.is_latent else x
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] → denoiser space (the VAE posterior mean, scaled as the pipeline does)."""
-        if not self.is_latent:
-            return images
-        cfg = self.vae.config
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.float()
-        return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        """Images in [-1, 1] → denoiser space (the VAE posterior mean, normalised as the pipeline does)."""
+        return encode_images(self.vae, images) if self.is_latent else images
 
 
 class DenoiserTeacher:
@@ -305,7 +333,8 @@ def quiet_loading():
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 trust_pickle: bool = False) -> Teacher:
+                 trust_pickle: bool = False, height: int | None = None, width: int | None = None,
+                 num_frames: int | None = None) -> Teacher:
     """Load a diffusers pipeline folder (or hub id, when online; ``"toy"``: the bundled toy teacher,
     ``"toy-t2i"``: the bundled text-conditioned toy teacher) as a ``Teacher``.
 
@@ -317,7 +346,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     """
     from diffusers import DiffusionPipeline
 
-    from fastgen.pipelines.load import is_export, load_pipeline
+    from fastgen.pipelines.load import is_export, load_pipeline, read_export
 
     if str(path) in ("toy", "toy-t2i"):
         from fastgen.toy import toy_t2i_path, toy_teacher_path
@@ -327,7 +356,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     absent = {}
     if is_export(folder):
         pipe = load_pipeline(folder, dtype=dtype)
-        return _as_teacher(pipe, device, str(folder))
+        trained = read_export(folder).get("size") or {}
+        return _as_teacher(pipe, device, str(folder), height or trained.get("height"), width or trained.get("width"),
+                           num_frames or trained.get("num_frames"))
     if folder.exists():
         if not folder.is_dir():
             raise NotADirectoryError(f"teacher path {folder} is a file; expected a diffusers pipeline folder")
@@ -349,14 +380,34 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     except (OSError, EOFError, pickle.UnpicklingError) as err:  # what diffusers raises for missing or broken files
         reason = " ".join(str(err).split())[:300]
         raise InputError(f"teacher {source} cannot be loaded: {reason}") from err
-    return _as_teacher(pipe, device, source)
+    return _as_teacher(pipe, device, source, height, width, num_frames)
 
 
-def _as_teacher(pipe, device, source: str) -> Teacher:
+def _as_teacher(pipe, device, source: str, height=None, width=None, num_frames=None) -> Teacher:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     name = next(c for c in DENOISER_COMPONENTS if getattr(pipe, c, None) is not None)
     model = getattr(pipe, name)
     model.requires_grad_(False).eval()
     schedule = schedule_from_config(pipe.scheduler.config, type(pipe.scheduler).__name__)
-    return Teacher(pipeline=pipe, denoiser=Denoiser(model, schedule), schedule=schedule, source=source)
+    teacher = Teacher(pipeline=pipe, denoiser=Denoiser(model, schedule), schedule=schedule, source=source,
+                      height=height, width=width, num_frames=num_frames)
+    _check_size(teacher)
+    return teacher
+
+
+def _check_size(teacher: Teacher) -> None:
+    """Refuse a sample size the teacher's latents cannot have, naming the field."""
+    spatial, temporal = vae_factors(teacher.pipeline) if teacher.is_latent else (1, 1)
+    step = spatial * (2 if teacher.family.packed else 1)
+    for name, value in (("height", teacher.height), ("width", teacher.width)):
+        if value is not None and (value < step or value % step):
+            raise InputError(f"{name} is {value}; expected a positive multiple of {step} for {teacher.model_class} "
+                             f"from {teacher.source} (its VAE's factor{' times 2 for packed latents' if step > spatial else ''})")
+    if teacher.num_frames is not None:
+        if not teacher.is_video:
+            raise InputError(f"num_frames is {teacher.num_frames}; {teacher.model_class} from {teacher.source} makes "
+                             "images: expected no num_frames")
+        if teacher.num_frames < 1 or (teacher.num_frames - 1) % temporal:
+            raise InputError(f"num_frames is {teacher.num_frames}; expected 1 + a multiple of {temporal} (the VAE's "
+                             "temporal factor)")

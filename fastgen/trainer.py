@@ -630,7 +630,7 @@ class Trainer:
                          self.nonfinite_in_a_row, self.step, self.run_dir)
         teacher = self.teacher
         if teacher.model.dtype != torch.float32:  # the export ships the teacher's other components as loaded
-            teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle)
+            teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle, **self.config.size())
         return export_student(teacher, models if len(models) > 1 else models[0], out_dir,
                               **self.plan.export_config(), lora=lora, prediction_type=self.plan.prediction_type,
                               method=self.config.method, settings=config_to_dict(self.config)["objective"])
@@ -827,7 +827,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
         ema = False
         if on_no_ema is not None:
             on_no_ema(path)
-    teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle)
+    teacher = load_teacher(config.teacher, trust_pickle=config.trust_pickle, **config.size())
     # a run from before plan.json existed: its plan resolved again from its config (the same rule as at training)
     plan = StudentPlan.load(run_dir) if (run_dir / PLAN_FILE).is_file() else run_plan(config, teacher.schedule)
     students = []

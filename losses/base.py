@@ -138,8 +138,8 @@ class Objective:
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
         """The default timesteps of ``num_steps`` steps from the teacher's and the student's schedules and the
-        objective's config alone: the teacher's trailing grid."""
-        return schedule.timesteps(num_steps).tolist()
+        objective's config alone: the teacher's trailing grid (``NoiseSchedule.few_step_grid``)."""
+        return schedule.few_step_grid(num_steps).tolist()
 
     @classmethod
     def plan_grids(cls, schedule, student_schedule, config, num_steps: int) -> dict[int, list[float]]:

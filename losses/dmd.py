@@ -174,7 +174,7 @@ class DMD(Objective):
         trailing grid [999, 749, 499, 249] reached 342.2 (same 500 steps, docs/dmd.md). v, x0, flow and EDM
         students (no division) keep the teacher's grid; the SDXL preset keeps DMD2's published [999, 749, 499, 249]
         (alpha(999) = 0.068 there)."""
-        ts = schedule.timesteps(num_steps)
+        ts = schedule.few_step_grid(num_steps)
         if cls.capped(schedule, student_schedule):
             a2 = cls.MIN_ALPHA ** 2
             cap = float(schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor())

@@ -186,6 +186,7 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "denoiser": teacher.denoiser_component,
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
         "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
+        "size": teacher.size(),
     }
 
 

@@ -42,9 +42,12 @@ _FIELDS = {
     "denoiser": (lambda v: v in ("unet", "transformer"), "'unet' or 'transformer'"),
     "absent": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of component names"),
     "experts": (lambda v: v is None or isinstance(v, dict), "null or the experts' settings (a mapping)"),
+    "size": (lambda v: v is None or isinstance(v, dict) and set(v) <= {"height", "width", "num_frames"} and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
+        "null or the trained sample size {height, width[, num_frames]} in positive integers"),
 }
 """The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
-_ADDED_LATER = ("experts",)
+_ADDED_LATER = ("experts", "size")
 """Keys that exports of format version 1 written before them lack (read as null)."""
 
 

@@ -78,8 +78,16 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     def step_counts(self) -> list[int]:
         return sorted(int(n) for n in self.config.trained_timesteps)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, **_):
-        """Select the trained timesteps for ``num_inference_steps`` (or take explicit native ``timesteps``)."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu=None, **_):
+        """Select the trained timesteps for ``num_inference_steps`` (or take explicit native ``timesteps``).
+
+        ``sigmas`` and ``mu`` are taken and not used: pipelines that always pass their own default grid (Flux's
+        ``linspace(1, 1/n, n)`` and resolution shift ``mu``, through ``retrieve_timesteps``, which requires a
+        ``sigmas`` argument, and then no step count) get the trained timesteps of ``len(sigmas)`` steps, which are
+        what the student was trained for."""
+        if num_inference_steps is None and sigmas is not None:
+            num_inference_steps = len(sigmas)
         if timesteps is None:
             key = str(num_inference_steps)
             if key not in self.config.trained_timesteps:
@@ -92,6 +100,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self.schedule.model_input(torch.zeros_like(self.sigmas), self.sigmas)[1]
         self.num_inference_steps = len(self.sigmas)
         self.init_noise_sigma = self.schedule.prior_scale(self.sigmas[0].cpu())
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Taken and kept, as diffusers' schedulers do (Flux's and Qwen-Image's pipelines call it); ``step`` finds
+        its index from the timestep itself."""
+        self.begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The network's input at ``timestep`` (one of ``timesteps``): EDM's ``c_in x``, else ``x``."""

@@ -61,6 +61,7 @@ LAYERS = {
     "test_export": "e2e",
     "test_export_experts": "e2e",
     "test_faults": "e2e",
+    "test_families": "e2e",
     "test_features": "integration",
     "test_fid": "integration",
     "test_jvp": "integration",

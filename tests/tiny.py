@@ -153,3 +153,70 @@ class MLPDenoiser(BaseDenoiser):
         u = (t / self.schedule.num_train_timesteps)[:, None]
         v = self.net(torch.cat([x_t, torch.sin(3 * u), torch.cos(3 * u)], 1))
         return self.schedule.alpha(t)[:, None] * x_t - self.schedule.sigma(t)[:, None] * v
+
+
+def t5_tokenizer():
+    """A character-level fast tokenizer in T5's layout built without any download: ``<pad>`` (0), ``</s>`` (1,
+    appended to every prompt), ``<unk>`` (2), then the printable ASCII characters."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for i in range(33, 127):
+        vocab[chr(i)] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+def _t5_encoder(umt5: bool = False):
+    """A tiny T5 (or UMT5, Wan's) encoder of ``TEXT_DIM`` features."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    return cls(config_cls(vocab_size=100, d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                          relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
+def make_flux_folder(path, guidance_embeds: bool = True) -> Path:
+    """A Flux.1-style ``FluxPipeline``: a ``FluxTransformer2DModel`` on packed 4-channel latents (16 features per
+    token), a CLIP and a T5 text encoder, a VAE with ``shift_factor`` (factor 2, ``sample_size`` 16: 16x16
+    images, 8x8 latents), a dynamically shifted ``FlowMatchEulerDiscreteScheduler``; Flux.1-dev's guidance
+    embedding unless ``guidance_embeds=False`` (schnell)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                         pooled_projection_dim=TEXT_DIM, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
+                        text_encoder=_text_encoder(), tokenizer=char_tokenizer(), text_encoder_2=_t5_encoder(),
+                        tokenizer_2=t5_tokenizer(), transformer=transformer)
+    return _save(pipe, path, True)
+
+
+def make_wan_folder(path, scheduler: str = "unipc") -> Path:
+    """A Wan 2.1-style ``WanPipeline``: a ``WanTransformer3DModel`` on 16-channel video latents, a UMT5 text
+    encoder, Wan's VAE (factor 8 in space, 4 in time, per-channel latent mean/std) and a flow-mode
+    ``UniPCMultistepScheduler`` (shift 3), or ``scheduler="euler"``: a ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    if scheduler == "unipc":
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(umt5=True), vae=vae,
+                       transformer=transformer, scheduler=scheduler)
+    return _save(pipe, path, True)

@@ -1,0 +1,254 @@
+"""Teacher families in one table: what each diffusers denoiser needs beyond ``(x_t, t)``.
+
+Objectives see ``x0 = D(x_t, t, cond)`` with ``x_t`` in the layout of the pipeline's VAE latents (``(B, C, H, W)``
+for images, ``(B, C, F, H, W)`` for video) and never anything family-specific. A ``Family`` holds the rest:
+
+- how the network is called: the sample's keyword (``sample`` for UNets, ``hidden_states`` for transformers), the
+  time units the network takes (``time_scale``: Flux and Qwen-Image take ``t / 1000``, the others the native
+  ``t``), inputs built from the sample's shape (Flux's ``img_ids``/``txt_ids``, Qwen-Image's ``img_shapes``),
+  packed latents (``packed``: 2x2 patches as tokens, the pipelines' ``_pack_latents``/``_unpack_latents``) and an
+  embedded guidance scale (``embedded_guidance``: Flux.1-dev is guidance-distilled, its guidance is an input);
+- how prompts become condition tensors: the pipeline's own ``encode_prompt``, with the text length its
+  ``__call__`` defaults to (``max_sequence_length``), keeping only per-sample tensors (what is shared by the batch
+  is rebuilt per call from shapes, so conditions concatenate and cache as plain tensors);
+- the latent normalisation its pipeline applies before decoding (``decode_latents``/``encode_images``):
+  ``(z - shift) * scale`` for ``AutoencoderKL``/DC-AE (SD, SDXL, SD3, Flux, SANA), per-channel
+  ``(z - mean) / std`` for Wan's and Qwen-Image's VAEs.
+
+A new diffusers family is one ``Family`` entry in ``FAMILIES`` plus a test; ``family_of(model)`` looks it up by the
+network's class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+TOKEN_OUTPUTS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                "QwenImageTransformerBlock")
+"""Transformer blocks that return ``(encoder_hidden_states, hidden_states)``: their image stream is the second."""
+
+
+def call_default(pipeline, name: str, fallback: Any = None) -> Any:
+    """The default of argument ``name`` of ``pipeline.__call__`` (e.g. ``max_sequence_length``), else
+    ``fallback``: what a stock call of the pipeline would use."""
+    param = inspect.signature(type(pipeline).__call__).parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty or param.default is None:
+        return fallback
+    return param.default
+
+
+def _takes(function: Callable, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+# -- prompt encoders: the pipeline's encode_prompt, per-sample tensors only ------------------------------------
+def _encode_sd(pipe, prompts: list[str], device) -> dict:
+    embeds, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds}
+
+
+def _encode_sdxl(pipe, prompts: list[str], device, image_size: tuple[int, int]) -> dict:
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    projection_dim = pipe.text_encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids(image_size, (0, 0), image_size, dtype=embeds.dtype,
+                                      text_encoder_projection_dim=projection_dim)
+    time_ids = time_ids.to(device).repeat(len(prompts), 1)
+    return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+def _encode_sd3(pipe, prompts: list[str], device) -> dict:
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _encode_flux(pipe, prompts: list[str], device) -> dict:
+    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                           max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _encode_wan(pipe, prompts: list[str], device) -> dict:
+    embeds, _ = pipe.encode_prompt(prompt=prompts, negative_prompt=None, do_classifier_free_guidance=False,
+                                   num_videos_per_prompt=1, device=device,
+                                   max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+    return {"encoder_hidden_states": embeds}
+
+
+def _encode_sana(pipe, prompts: list[str], device) -> dict:
+    kwargs = {}
+    if _takes(pipe.encode_prompt, "complex_human_instruction"):
+        kwargs["complex_human_instruction"] = call_default(pipe, "complex_human_instruction")
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, num_images_per_prompt=1,
+                                            device=device, max_sequence_length=call_default(
+                                                pipe, "max_sequence_length", 300), **kwargs)
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+def _encode_qwen(pipe, prompts: list[str], device) -> dict:
+    embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                      max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+
+# -- inputs built per call from the sample's shape -------------------------------------------------------------
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, H/2 * W/2, 4C)``: 2x2 patches as tokens (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``pack`` for latents of ``h x w`` (``FluxPipeline._unpack_latents``)."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def _flux_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
+    """Flux's position ids: text tokens all zero, image tokens ``(0, row, column)`` of the packed grid."""
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    img_ids = torch.zeros(h, w, 3, device=x.device)
+    img_ids[..., 1] += torch.arange(h, device=x.device)[:, None]
+    img_ids[..., 2] += torch.arange(w, device=x.device)[None, :]
+    text = cond["encoder_hidden_states"]
+    return {"img_ids": img_ids.reshape(h * w, 3), "txt_ids": torch.zeros(text.shape[1], 3, device=x.device)}
+
+
+def _qwen_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
+    """Qwen-Image's per-call shapes: the packed grid per sample and each prompt's token count."""
+    mask = cond["encoder_hidden_states_mask"]
+    return {"img_shapes": [[(1, x.shape[-2] // 2, x.shape[-1] // 2)]] * x.shape[0],
+            "txt_seq_lens": mask.sum(dim=1).tolist()}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One diffusers denoiser family (see the module docstring)."""
+
+    name: str
+    sample_arg: str = "hidden_states"
+    time_scale: float = 1.0
+    packed: bool = False
+    video: bool = False
+    text: bool = True
+    embedded_guidance: float | None = None
+    """For a guidance-distilled network (``guidance_embeds`` in its config): the guidance scale it is given when
+    the call names none, its pipeline's default ``guidance_scale`` (``FluxPipeline``: 3.5)."""
+    encode: Callable | None = None
+    shape_inputs: Callable | None = None
+    pipeline_size: bool = False
+    """The sample size comes from the pipeline (its ``__call__`` defaults, its VAE), not the denoiser's
+    ``sample_size``."""
+
+    def inputs(self, model, x: torch.Tensor, t_in: torch.Tensor, cond: Mapping | None) -> dict:
+        """The network's keyword arguments for sample ``x`` (the pipeline's latent layout) at model time ``t_in``."""
+        cond = dict(cond or {})
+        kwargs = {self.sample_arg: pack(x) if self.packed else x, "timestep": t_in * self.time_scale,
+                  "return_dict": False}
+        if self.shape_inputs is not None:
+            kwargs.update(self.shape_inputs(model, x, cond))
+        if self.guidance_embedded(model):
+            if "guidance" not in cond:
+                cond["guidance"] = torch.full((x.shape[0],), self.embedded_guidance, device=x.device)
+        else:
+            cond.pop("guidance", None)
+        return {**kwargs, **cond}
+
+    def guidance_embedded(self, model) -> bool:
+        """Whether ``model`` takes its guidance scale as an input (Flux.1-dev), not through two calls (CFG)."""
+        return self.embedded_guidance is not None and bool(getattr(model.config, "guidance_embeds", False))
+
+    def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The network's output in ``x``'s layout; a learned-variance output (twice the channels) gives its
+        first half, as the pipelines take it."""
+        if self.packed:
+            out = unpack(out, x.shape[-2], x.shape[-1])
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        return out
+
+    def encode_prompts(self, pipe, prompts: Sequence[str], device, image_size: tuple[int, int]) -> dict:
+        if self.encode is _encode_sdxl:
+            return _encode_sdxl(pipe, list(prompts), device, image_size)
+        return self.encode(pipe, list(prompts), device)
+
+
+FAMILIES: dict[str, Family] = {
+    "UNet2DModel": Family("pixel-unet", sample_arg="sample", text=False),
+    "UNet2DConditionModel": Family("sd-unet", sample_arg="sample", encode=_encode_sd),
+    "SD3Transformer2DModel": Family("sd3", encode=_encode_sd3),
+    "FluxTransformer2DModel": Family("flux", time_scale=1e-3, packed=True, embedded_guidance=3.5,
+                                     encode=_encode_flux, shape_inputs=_flux_inputs, pipeline_size=True),
+    "WanTransformer3DModel": Family("wan", video=True, encode=_encode_wan, pipeline_size=True),
+    "SanaTransformer2DModel": Family("sana", encode=_encode_sana),
+    "QwenImageTransformer2DModel": Family("qwen-image", time_scale=1e-3, packed=True, encode=_encode_qwen,
+                                          shape_inputs=_qwen_inputs, pipeline_size=True),
+}
+"""Denoiser class name → its family. SDXL is ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``
+(``family_of`` picks ``SDXL``)."""
+
+SDXL = Family("sdxl", sample_arg="sample", encode=_encode_sdxl)
+
+
+def family_of(model) -> Family:
+    """The ``Family`` of a diffusers denoiser (or of the experts of a ``TimestepExperts`` export)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "expert_class", None) or type(model).__name__
+    family = FAMILIES.get(name)
+    if family is None:
+        raise ValueError(f"denoiser class {name!r} is not supported; expected one of {sorted(FAMILIES)}")
+    if name == "UNet2DConditionModel" and getattr(config, "addition_embed_type", None) == "text_time":
+        return SDXL
+    return family
+
+
+# -- latents <-> images ------------------------------------------------------------------------------------------
+def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel ``(mean, std)`` of a VAE that normalises its latents that way (Wan, Qwen-Image), shaped to
+    broadcast against ``like`` ``(B, C, [F,] H, W)``; ``None`` for scale/shift VAEs."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    view = (1, len(mean)) + (1,) * (like.ndim - 2)
+    return (torch.tensor(mean, dtype=like.dtype, device=like.device).view(view),
+            torch.tensor(std, dtype=like.dtype, device=like.device).view(view))
+
+
+def decode_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Denoiser-space latents → images in [-1, 1], normalised back as the family's pipeline does before
+    ``vae.decode``: ``(B, 3, H, W)``, or ``(B, 3, F, H, W)`` for a video VAE."""
+    cfg = vae.config
+    stats = _channel_stats(vae, x)
+    if stats is not None:
+        latents = x * stats[1] + stats[0]
+    else:
+        latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return image.float().clamp(-1, 1)
+
+
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → denoiser-space latents (the posterior mean, normalised as ``decode_latents`` inverts)."""
+    out = vae.encode(images.to(vae.dtype))
+    latents = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent).float()
+    stats = _channel_stats(vae, latents)
+    if stats is not None:
+        return (latents - stats[0]) / stats[1]
+    cfg = vae.config
+    return (latents - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+def vae_factors(pipe) -> tuple[int, int]:
+    """``(spatial, temporal)`` downsampling of the pipeline's VAE, as the pipeline itself records it."""
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    if spatial is None:
+        spatial = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(spatial), int(getattr(pipe, "vae_scale_factor_temporal", None) or 1)

@@ -1,0 +1,154 @@
+"""Teacher families of today (Flux.1, Wan 2.1, ...) end to end, as a user runs them: ``fastgen distill`` with
+``--data teacher --prompts FILE`` on a tiny random pipeline, the export at the end of the run, then the export
+loaded by stock diffusers in a process without fastgen, whose samples must equal the in-process student's.
+
+The in-process reference draws its noise as the stock pipelines do: the initial latents from the call's generator
+in the pipeline's latent layout, the renoise of a multistep student from the global RNG (``FluxPipeline`` and
+``WanPipeline`` call ``scheduler.step`` without a generator) in the layout the scheduler sees, packed tokens for
+Flux (``fastgen.families.pack``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastgen.denoiser import BoundaryDenoiser, Denoiser
+from fastgen.families import pack, unpack
+from fastgen.samplers.solvers import renoise_step
+from fastgen.teacher import load_teacher
+from tiny import make_flux_folder, make_wan_folder
+
+SEED, GLOBAL_SEED = 3, 11
+PROMPT = "a red cat"
+SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}}
+"""Sample sizes of the runs (Flux: its VAE's 16 x 16; Wan: 32 x 32 pixels, 5 frames, not the pipeline's 480 x 832)."""
+
+STEPS = {"dmd2": [2], "consistency": [1, 2]}
+"""The step counts each method's export replays (a consistency student serves 1, 2, 4 and 8)."""
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    sys.modules["fastgen"] = None  # importing fastgen (or any of it) now raises ImportError
+    import torch
+    from safetensors.torch import save_file
+    from diffusers import DiffusionPipeline
+
+    cases, out = json.loads(sys.argv[1]), sys.argv[2]
+    tensors, classes = {}, {}
+    for case in cases:
+        pipe = DiffusionPipeline.from_pretrained(case["folder"], use_safetensors=True, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        classes[case["name"]] = [type(pipe).__name__, type(pipe.scheduler).__name__]
+        for steps in case["steps"]:
+            torch.manual_seed(case["global_seed"])
+            result = pipe(prompt=case["prompt"], num_inference_steps=steps, output_type="pt",
+                          generator=torch.Generator().manual_seed(case["seed"]), **case["size"], **case["call"])
+            images = result.frames if hasattr(result, "frames") else result.images
+            tensors[f"{case['name']}/{steps}"] = torch.as_tensor(images).contiguous()
+    save_file(tensors, out + ".safetensors")
+    open(out + ".json", "w").write(json.dumps(classes))
+""")
+
+
+def distill(tmp_path, teacher, method: str, family: str, prompts) -> "Path":
+    """``fastgen distill`` of a 2-step student in a few steps; returns the run's export folder."""
+    out = tmp_path / f"{family}-{method}"
+    size = [f"--{k.replace('_', '-')}={v}" for k, v in SIZES[family].items()]
+    cmd = [sys.executable, "-m", "fastgen", "distill", "--teacher", str(teacher), "--method", method,
+           "--data", "teacher", "--prompts", str(prompts), "--steps", "2", "--max-steps", "3", "--output", str(out),
+           *size, "teacher_samples=4", "teacher_sample_steps=4", "train.batch_size=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "export"
+
+
+def reference(folder, steps: int, family: str) -> torch.Tensor:
+    """The student of export ``folder`` sampled in process (fastgen's loader and denoiser), noise drawn as the
+    stock pipeline draws it; images in [0, 1] in the pipeline's output layout."""
+    model = load_teacher(folder)
+    scheduler = model.pipeline.scheduler
+    scheduler.set_timesteps(steps)
+    times = scheduler.sigmas.tolist()
+    denoiser = Denoiser(model.model, model.schedule)
+    if scheduler.config.boundary:
+        denoiser = BoundaryDenoiser(denoiser, **scheduler.config.boundary)
+    cond = model.encode_prompts([PROMPT])
+    x = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(SEED))
+    torch.manual_seed(GLOBAL_SEED)
+    with torch.no_grad():
+        for i, t in enumerate(times):
+            x0 = denoiser(x, t, cond)
+            if i + 1 == len(times):
+                break
+            if model.family.packed:
+                noise = unpack(torch.randn(pack(x0).shape), x0.shape[-2], x0.shape[-1])
+            else:
+                noise = torch.randn(x0.shape)
+            x = renoise_step(model.schedule, x0, times[i + 1], noise)
+        images = (model.decode(x0) / 2 + 0.5).clamp(0, 1)
+    return images.transpose(1, 2) if model.is_video else images  # video pipelines: (B, F, C, H, W)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na green tree\n")
+    teachers = {"flux": make_flux_folder(root / "flux"), "wan": make_wan_folder(root / "wan")}
+    folders = {(family, method): distill(root, teacher, method, family, prompts)
+               for family, teacher in teachers.items() for method in ("dmd2", "consistency")}
+    cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
+              "global_seed": GLOBAL_SEED, "steps": STEPS[method],
+              "size": json.loads((folder / "fastgen_export.json").read_text())["size"], "call": CALLS[family]}
+             for (family, method), folder in folders.items()]
+    result = root / "loaded"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules")}
+    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), str(result)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return folders, load_file(f"{result}.safetensors"), json.loads(result.with_suffix(".json").read_text())
+
+
+PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline"}
+CALLS = {"flux": {}, "wan": {"guidance_scale": 1.0}}
+"""Guidance as the student was trained: Flux.1-dev's embedded scale at its pipeline's default (3.5), no CFG for
+Wan (its pipeline's default guidance_scale is 5: two calls per step)."""
+CASES = [(family, method, steps) for family in PIPELINES for method in STEPS for steps in STEPS[method]]
+
+
+@pytest.mark.parametrize("family,method,steps", CASES)
+def test_export_loads_without_fastgen_and_replays_the_student(exports, family, method, steps):
+    folders, outputs, classes = exports
+    assert classes[f"{family}-{method}"] == [PIPELINES[family], "FewStepScheduler"]
+    ours = reference(folders[family, method], steps, family)
+    theirs = outputs[f"{family}-{method}/{steps}"]
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_export_records_the_trained_size_and_sigmas(exports, family):
+    """The export's metadata holds the trained size, its scheduler the trained (trailing) times; the stock
+    pipeline's own grid (Flux passes ``sigmas`` and ``mu``) does not move them."""
+    folders, _, _ = exports
+    folder = folders[family, "dmd2"]
+    meta = json.loads((folder / "fastgen_export.json").read_text())
+    model = load_teacher(folder)
+    assert meta["size"] == model.size()
+    if SIZES[family]:
+        assert meta["size"] == SIZES[family]
+    trained = meta["few_step_scheduler"]["trained_timesteps"]["2"]
+    expected = model.schedule.few_step_grid(2).tolist()
+    assert trained == pytest.approx(expected, abs=1e-3)
+    assert trained[1] > 100  # a trailing grid, not the sampling grid's near-clean last point
+    scheduler = model.pipeline.scheduler
+    scheduler.set_timesteps(2, sigmas=[1.0, 0.5], mu=0.7)
+    assert scheduler.sigmas.tolist() == pytest.approx(trained)
