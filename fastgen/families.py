@@ -91,11 +91,18 @@ def _encode_sana(pipe, prompts: list[str], device) -> dict:
 
 
 def _encode_qwen(pipe, prompts: list[str], device) -> dict:
+    """Qwen-Image's ``encode_prompt`` trims the text to the longest prompt of the call; the result is padded to
+    ``max_sequence_length`` (zeros, masked out) so that every batch and the empty prompt have one length. The
+    transformer masks the padding in attention and numbers text positions from the start, so padding changes
+    nothing but the cost."""
+    length = call_default(pipe, "max_sequence_length", 512)
     embeds, mask = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                      max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+                                      max_sequence_length=length)
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+    pad = length - embeds.shape[1]
+    return {"encoder_hidden_states": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+            "encoder_hidden_states_mask": torch.nn.functional.pad(mask.long(), (0, pad))}
 
 
 # -- inputs built per call from the sample's shape -------------------------------------------------------------
@@ -122,10 +129,12 @@ def _flux_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
 
 
 def _qwen_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
-    """Qwen-Image's per-call shapes: the packed grid per sample and each prompt's token count."""
-    mask = cond["encoder_hidden_states_mask"]
-    return {"img_shapes": [[(1, x.shape[-2] // 2, x.shape[-1] // 2)]] * x.shape[0],
-            "txt_seq_lens": mask.sum(dim=1).tolist()}
+    """Qwen-Image's per-call shapes: the packed grid per sample (and, for diffusers before 0.36, whose transformer
+    takes them, each prompt's token count)."""
+    inputs = {"img_shapes": [[(1, x.shape[-2] // 2, x.shape[-1] // 2)]] * x.shape[0]}
+    if _takes(model.forward, "txt_seq_lens"):
+        inputs["txt_seq_lens"] = cond["encoder_hidden_states_mask"].sum(dim=1).tolist()
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,11 @@ def family_of(model) -> Family:
 
 
 # -- latents <-> images ------------------------------------------------------------------------------------------
+def _video_vae(vae) -> bool:
+    """Whether ``vae`` takes ``(B, C, F, H, W)`` (Wan's and Qwen-Image's causal 3D VAEs: a temporal factor)."""
+    return hasattr(vae.config, "temperal_downsample")
+
+
 def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel ``(mean, std)`` of a VAE that normalises its latents that way (Wan, Qwen-Image), shaped to
     broadcast against ``like`` ``(B, C, [F,] H, W)``; ``None`` for scale/shift VAEs."""
@@ -231,14 +245,17 @@ def decode_latents(vae, x: torch.Tensor) -> torch.Tensor:
         latents = x * stats[1] + stats[0]
     else:
         latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return image.float().clamp(-1, 1)
+    still = latents.ndim == 4 and _video_vae(vae)  # Qwen-Image: an image is a video of one frame
+    image = vae.decode((latents.unsqueeze(2) if still else latents).to(vae.dtype), return_dict=False)[0]
+    return (image[:, :, 0] if still else image).float().clamp(-1, 1)
 
 
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] → denoiser-space latents (the posterior mean, normalised as ``decode_latents`` inverts)."""
-    out = vae.encode(images.to(vae.dtype))
+    still = images.ndim == 4 and _video_vae(vae)
+    out = vae.encode((images.unsqueeze(2) if still else images).to(vae.dtype))
     latents = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent).float()
+    latents = latents[:, :, 0] if still else latents
     stats = _channel_stats(vae, latents)
     if stats is not None:
         return (latents - stats[0]) / stats[1]

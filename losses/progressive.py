@@ -72,6 +72,11 @@ class ProgressiveDistillation(Objective):
         self.round = 0
         self.round_teacher = self.teacher
 
+    @classmethod
+    def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:
+        """The teacher's own sampling grid ``schedule.timesteps(num_steps)``: the grid every round halves."""
+        return schedule.timesteps(num_steps).tolist()
+
     @property
     def teacher_steps(self) -> int:
         return self.config.start_steps // 2**self.round

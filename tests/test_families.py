@@ -24,12 +24,24 @@ from fastgen.denoiser import BoundaryDenoiser, Denoiser
 from fastgen.families import pack, unpack
 from fastgen.samplers.solvers import renoise_step
 from fastgen.teacher import load_teacher
-from tiny import make_flux_folder, make_wan_folder
+from tiny import make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder
 
 SEED, GLOBAL_SEED = 3, 11
 PROMPT = "a red cat"
-SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}}
-"""Sample sizes of the runs (Flux: its VAE's 16 x 16; Wan: 32 x 32 pixels, 5 frames, not the pipeline's 480 x 832)."""
+BUILDERS = {"flux": make_flux_folder, "wan": make_wan_folder, "sana": make_sana_folder,
+            "qwen-image": make_qwen_image_folder}
+SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}, "sana": {},
+         "qwen-image": {"height": 32, "width": 32}}
+"""Sample sizes of the runs (Flux: its VAE's 16 x 16; SANA: its transformer's; Wan: 32 x 32 pixels and 5 frames,
+not the pipeline's 480 x 832 x 81; Qwen-Image: not its pipeline's 128 x VAE factor)."""
+PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline", "sana": "SanaPipeline", "qwen-image": "QwenImagePipeline"}
+CALLS = {"flux": {}, "wan": {"guidance_scale": 1.0}, "sana": {"guidance_scale": 1.0, "use_resolution_binning": False},
+         "qwen-image": {}}
+"""Guidance as the student was trained: Flux.1-dev's embedded scale at its pipeline's default (3.5), no CFG for
+Wan and SANA (their pipelines default to CFG: two calls per step), Qwen-Image's true CFG is off without a negative
+prompt. SANA's resolution binning would resize a tiny sample size to its smallest bin."""
+STEP_GENERATOR = {"sana"}
+"""Pipelines that pass the call's generator to ``scheduler.step`` (the others renoise from the global RNG)."""
 
 STEPS = {"dmd2": [2], "consistency": [1, 2]}
 """The step counts each method's export replays (a consistency student serves 1, 2, 4 and 8)."""
@@ -81,17 +93,19 @@ def reference(folder, steps: int, family: str) -> torch.Tensor:
     if scheduler.config.boundary:
         denoiser = BoundaryDenoiser(denoiser, **scheduler.config.boundary)
     cond = model.encode_prompts([PROMPT])
-    x = torch.randn((1, *model.sample_shape), generator=torch.Generator().manual_seed(SEED))
-    torch.manual_seed(GLOBAL_SEED)
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn((1, *model.sample_shape), generator=generator)
+    if family not in STEP_GENERATOR:
+        generator = torch.Generator().manual_seed(GLOBAL_SEED)
     with torch.no_grad():
         for i, t in enumerate(times):
             x0 = denoiser(x, t, cond)
             if i + 1 == len(times):
                 break
             if model.family.packed:
-                noise = unpack(torch.randn(pack(x0).shape), x0.shape[-2], x0.shape[-1])
+                noise = unpack(torch.randn(pack(x0).shape, generator=generator), x0.shape[-2], x0.shape[-1])
             else:
-                noise = torch.randn(x0.shape)
+                noise = torch.randn(x0.shape, generator=generator)
             x = renoise_step(model.schedule, x0, times[i + 1], noise)
         images = (model.decode(x0) / 2 + 0.5).clamp(0, 1)
     return images.transpose(1, 2) if model.is_video else images  # video pipelines: (B, F, C, H, W)
@@ -102,7 +116,7 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     prompts = root / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\na green tree\n")
-    teachers = {"flux": make_flux_folder(root / "flux"), "wan": make_wan_folder(root / "wan")}
+    teachers = {family: build(root / family) for family, build in BUILDERS.items()}
     folders = {(family, method): distill(root, teacher, method, family, prompts)
                for family, teacher in teachers.items() for method in ("dmd2", "consistency")}
     cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
@@ -117,10 +131,6 @@ def exports(tmp_path_factory):
     return folders, load_file(f"{result}.safetensors"), json.loads(result.with_suffix(".json").read_text())
 
 
-PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline"}
-CALLS = {"flux": {}, "wan": {"guidance_scale": 1.0}}
-"""Guidance as the student was trained: Flux.1-dev's embedded scale at its pipeline's default (3.5), no CFG for
-Wan (its pipeline's default guidance_scale is 5: two calls per step)."""
 CASES = [(family, method, steps) for family in PIPELINES for method in STEPS for steps in STEPS[method]]
 
 

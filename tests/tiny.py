@@ -220,3 +220,62 @@ def make_wan_folder(path, scheduler: str = "unipc") -> Path:
     pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(umt5=True), vae=vae,
                        transformer=transformer, scheduler=scheduler)
     return _save(pipe, path, True)
+
+
+def make_sana_folder(path) -> Path:
+    """A SANA-style ``SanaPipeline``: a ``SanaTransformer2DModel`` (linear attention; ``sample_size`` 16, one of the
+    sizes its resolution binning knows) on 4-channel latents of a tiny DC-AE (``AutoencoderDC``, factor 2:
+    32 x 32 images), a Gemma 2 text encoder and a flow-mode ``DPMSolverMultistepScheduler`` (shift 3)."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=TEXT_DIM,
+                                         sample_size=16)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    text_encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=TEXT_DIM, intermediate_size=64,
+                                            num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2,
+                                            vocab_size=100, attn_implementation="eager")).eval()
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=t5_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    return _save(pipe, path, True)
+
+
+def make_qwen_image_folder(path) -> Path:
+    """A Qwen-Image-style ``QwenImagePipeline``: a ``QwenImageTransformer2DModel`` on packed 4-channel latents, a
+    tiny Qwen2.5-VL text encoder, Qwen-Image's VAE (factor 4 here, per-channel mean/std) and its dynamically
+    shifted ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                 latents_std=[1.5, 0.8, 1.0, 1.2])
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16,
+                                                               "num_heads": 2, "out_hidden_size": 16},
+                              hidden_size=16, vocab_size=152064, vision_end_token_id=151653,
+                              vision_start_token_id=151652, vision_token_id=151654)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    pipe = QwenImagePipeline(tokenizer=t5_tokenizer(), text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+                             vae=vae, transformer=transformer, scheduler=scheduler)
+    return _save(pipe, path, True)
