@@ -103,14 +103,17 @@ def run_plan(config: DistillConfig, schedule: NoiseSchedule) -> StudentPlan:
                         s.expert_boundaries)
 
 
-def build_students(config: DistillConfig, source: nn.Module, plan: StudentPlan, schedule: NoiseSchedule,
-                   attention: str) -> dict[str, Any]:
+def build_students(config: DistillConfig, source: nn.Module | list[nn.Module], plan: StudentPlan,
+                   schedule: NoiseSchedule, attention: str) -> dict[str, Any]:
     """The student networks as ``nets`` entries: ``student`` (one ``Denoiser``), or the experts ``student.k`` and
-    ``student``, the ``ExpertsDenoiser`` routing between them by the plan's boundaries."""
+    ``student``, the ``ExpertsDenoiser`` routing between them by the plan's boundaries. ``source``: the teacher's
+    network, or its networks by noise level (Wan 2.2's two): expert ``k`` starts from network ``min(k, last)``,
+    one student from the first (high noise, where a few-step student starts)."""
     schedule = student_schedule(schedule, config.student.prediction_type)
+    sources = source if isinstance(source, (list, tuple)) else [source]
     nets = {}
-    for name in student_names(config):
-        model = make_student(source, config)
+    for k, name in enumerate(student_names(config)):
+        model = make_student(sources[min(k, len(sources) - 1)], config)
         configure_network(model, attention, config.train.gradient_checkpointing)
         nets[name] = Denoiser(model, schedule)
     if config.student.experts > 1:
@@ -190,14 +193,15 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
                                **config.size())
     if source is None:
         # the student starts from the full-precision weights, not from the teacher's fp16/bf16 rounding of them
-        source = teacher.model if teacher.model.dtype == torch.float32 else load_teacher(
-            config.teacher, trust_pickle=config.trust_pickle, **config.size()).model
+        source = teacher.models if teacher.model.dtype == torch.float32 else load_teacher(
+            config.teacher, trust_pickle=config.trust_pickle, **config.size()).models
     plan = plan or run_plan(config, teacher.schedule)
     attention = attention or t.attention
     torch.manual_seed(config.seed)  # the initial weights of LoRA adapters, heads and copies follow the seed
     nets = build_students(config, source, plan, teacher.schedule, attention)
     # students first: LoRA networks the objective adds on the teacher's weights stay out of their copies
-    factory = NetworkFactory(teacher, attention, t.gradient_checkpointing, source=source)
+    factory = NetworkFactory(teacher, attention, t.gradient_checkpointing,
+                             source=source[0] if isinstance(source, (list, tuple)) else source)
     objective = objective_class(config.method)(teacher, nets, config.objective, plan, t.max_steps, factory=factory)
     factory.release()
     if materialize is not None:

@@ -74,17 +74,20 @@ def _model_path(model: str, flag: str = "--model") -> str:
 
 
 def cmd_sample(args) -> int:
-    from fastgen.generate import generate, save_grid
+    from fastgen.generate import check_animation_path, generate, save_grid
     from fastgen.teacher import load_teacher
 
     check_output_path(args.out, "--out")
     prompts = _read_prompts(args)
     model = load_teacher(_model_path(args.model), trust_pickle=args.trust_pickle, height=args.height,
                          width=args.width, num_frames=args.num_frames)
+    if model.is_video:
+        check_animation_path(args.out)
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
                       prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size)
     path = save_grid(images, args.out, upscale=args.upscale)
-    print(f"wrote {len(images)} samples ({args.steps} steps) to {path}")
+    frames = f" of {model.frames} frames" if model.is_video else ""
+    print(f"wrote {len(images)} samples{frames} ({args.steps} steps) to {path}")
     return 0
 
 
@@ -193,9 +196,10 @@ def cmd_eval(args) -> int:
                             clip_model=args.clip_model, clip_weights=args.clip_weights)
     out = Path(args.out)
     existed = out.exists()
+    size = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
     try:
-        evaluate(model, args.steps, out, args.num_samples, metrics, teacher_dir=teacher,
-                 prompts=prompts, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
+        evaluate(model, args.steps, out, args.num_samples, metrics, teacher_dir=teacher, prompts=prompts,
+                 guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, size=size)
     except BaseException:
         if not existed:  # a failure found while sampling (e.g. a model the features do not fit) leaves no folder
             shutil.rmtree(out, ignore_errors=True)
@@ -357,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=positive_int, required=True, help="sampling steps")
     sample.add_argument("--num", type=positive_int, default=16, help="number of samples (default: %(default)s)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True, help="output PNG")
+    sample.add_argument("--out", required=True, help="output PNG; a video model's grid: animated to a .gif (or .mp4, "
+                        "with imageio and imageio-ffmpeg installed), else still, a row per sample and a column per "
+                        "frame")
     sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
                         help="default: the exported student's rule, else ddim")
     sample.add_argument("--prompt", help="one prompt for text-to-image models")
@@ -370,12 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", parents=[debug], help="FID/KID/CLIP score against the number of steps: CSV, Markdown, PNG")
+    evaluate = sub.add_parser("eval", parents=[debug], help="FID/KID/CLIP score against the number of steps: CSV, "
+                              "Markdown, PNG (video models: per frame, columns <metric>_per_frame; no FVD)")
     evaluate.add_argument("--model", required=True, help="diffusers folder: an exported student or any teacher")
     evaluate.add_argument("--steps", type=int_list, required=True, help="step counts, e.g. 1,2,4")
     evaluate.add_argument("--ref", help="reference: Inception statistics .npz or a folder of images "
                           "(default with --features toy: fresh toy images)")
-    evaluate.add_argument("--num-samples", type=positive_int, default=1000, help="samples per point (default: %(default)s)")
+    evaluate.add_argument("--num-samples", type=positive_int, default=1000,
+                          help="samples (video models: videos, every frame measured) per point (default: %(default)s)")
     evaluate.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=["fid"],
                           help="comma-separated: fid,kid,clip,prompt_acc (default: fid)")
     evaluate.add_argument("--features", choices=["inception", "toy"], default="inception",
@@ -397,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
+    add_size_arguments(evaluate)  # of --model and --teacher alike
     evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export", parents=[debug], help="export a run's student to a diffusers folder")

@@ -44,13 +44,13 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
 import itertools
 import json
 import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import get_args, get_type_hints
 
 import torch
@@ -62,22 +62,26 @@ from fastgen.assemble import build_run, run_plan, weight_dtype
 from fastgen.config import OPTIMIZERS, DistillConfig, TrainConfig, config_from_dict, config_to_dict, merge_overrides
 from fastgen.data import Batch
 from fastgen.denoiser import Denoiser
-from fastgen.errors import UsageError
+from fastgen.errors import InputError, UsageError
+from fastgen.families import FAMILIES, call_default, vae_factors
 from fastgen.schedules import schedule_from_config
 from fastgen.step import PlainBackend, run_phase
-from fastgen.teacher import DENOISER_COMPONENTS, SUPPORTED_MODELS, Teacher
+from fastgen.teacher import DENOISER_COMPONENTS, Teacher, _check_size
 from fastgen.toy import toy_teacher_path
 
-REAL_SIZE = ("sd15", "sdxl", "sd3-medium")
-"""Bundled diffusers configs (no weights) of real-size networks: SD1.5's UNet (859.5 M parameters), SDXL's
-(2.57 B) and an SD3-medium transformer (2.03 B), as published with the models."""
+REAL_SIZE = ("sd15", "sdxl", "sd3-medium", "flux1-dev", "qwen-image", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b",
+             "wan2.2-t2v-a14b", "sana-1.6b")
+"""Bundled diffusers configs (no weights) of real-size networks, as published with the models (docs/benchmarks.md
+names each one's source): SD1.5's UNet (859.5 M parameters), SDXL's (2.57 B), an SD3-medium transformer (2.03 B),
+FLUX.1-dev's (11.90 B), Qwen-Image's (20.43 B), Wan 2.1 T2V 1.3B's (1.42 B) and 14B's (14.29 B), Wan 2.2 T2V
+A14B's two (14.29 B each: ``transformer``, high noise, and ``transformer_2``) and SANA 1.6B 1024px's (1.60 B)."""
 KINDS = ("weights", "gradients", "optimizer", "ema", "activations")
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
 
 
 def real_size_folder(name: str) -> Path:
-    """The folder of a bundled real-size config (``sd15``, ``sdxl``, ``sd3-medium``)."""
+    """The folder of a bundled real-size config (one of ``REAL_SIZE``)."""
     if name not in REAL_SIZE:
         raise ValueError(f"real-size config {name!r} is unknown; expected one of {list(REAL_SIZE)}")
     return Path(__file__).parent / "assets" / "real_size" / name
@@ -95,6 +99,20 @@ def _folder(source: str | Path) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Within: diffusers logs errors only. Its pipelines' constructors warn about what the estimate's pipeline
+    leaves out on purpose (StableDiffusionPipeline: "You have disabled the safety checker")."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
+
+
 @dataclass
 class TeacherSpec:
     """What a teacher folder's configs say, read without loading any weights."""
@@ -105,8 +123,8 @@ class TeacherSpec:
     model_config: dict
     scheduler_class: str
     scheduler_config: dict
-    pipeline_config: dict
-    latent_factor: int  # pixels per latent (1 for pixel teachers)
+    pipeline_class: str
+    pipeline_config: dict  # model_index.json's settings (force_zeros_for_empty_prompt, boundary_ratio, ...)
     others: dict = field(default_factory=dict)  # component -> (library, class, config) of the VAE, text encoders
 
     @classmethod
@@ -117,26 +135,49 @@ class TeacherSpec:
         if component is None:
             raise ValueError(f"teacher {folder}: model_index.json names no {' or '.join(DENOISER_COMPONENTS)}")
         model_class = index[component][1]
-        if model_class not in SUPPORTED_MODELS:
+        if model_class not in FAMILIES:
             raise ValueError(f"teacher {folder}: denoiser class {model_class!r} is not supported; expected one of "
-                             f"{list(SUPPORTED_MODELS)}")
+                             f"{list(FAMILIES)}")
         model_config = json.loads((folder / component / "config.json").read_text())
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        factor = 1
-        if (folder / "vae" / "config.json").is_file():
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            factor = 2 ** (len(vae["block_out_channels"]) - 1)
         others = {}
         for name, entry in index.items():
             if (isinstance(entry, list) and entry[0] in ("diffusers", "transformers") and name != component
                     and (folder / name / "config.json").is_file()):
                 others[name] = (entry[0], entry[1], json.loads((folder / name / "config.json").read_text()))
+        settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
         return cls(folder, component, model_class, model_config, index["scheduler"][1], scheduler_config,
-                   {k: v for k, v in index.items() if k.startswith("force_")}, factor, others)
+                   index["_class_name"], settings, others)
+
+    def pipeline(self, model: torch.nn.Module | None = None):
+        """The folder's pipeline class built as ``DiffusionPipeline.from_pretrained`` would build it, from its
+        settings, but holding only its scheduler, its VAE (on the ``meta`` device) and ``model`` as the denoiser:
+        what the pipeline's own constructor derives (the VAE's factors, its default size) and its ``__call__``'s
+        defaults (size, ``max_sequence_length``) are then the pipeline's, read by ``fastgen.families`` as for a
+        loaded teacher."""
+        import diffusers
+
+        pipeline_class = getattr(diffusers, self.pipeline_class)
+        params = inspect.signature(pipeline_class.__init__).parameters
+        kwargs = {name: None for name, p in params.items() if name != "self" and p.default is inspect.Parameter.empty}
+        kwargs.update({k: v for k, v in self.pipeline_config.items() if k in params})
+        kwargs["scheduler"] = getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
+        kwargs[self.component] = model
+        if "vae" in self.others:
+            _, vae_class, vae_config = self.others["vae"]
+            with torch.device("meta"):
+                kwargs["vae"] = getattr(diffusers, vae_class).from_config(vae_config)
+        with _quiet_diffusers():
+            return pipeline_class(**kwargs)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent along height and width (1 for pixel teachers), as the pipeline records it."""
+        return vae_factors(self.pipeline())[0] if "vae" in self.others else 1
 
     def component_parameters(self) -> dict[str, int]:
-        """Parameters of the pipeline's other networks (VAE, text encoders), counted on the ``meta`` device:
-        the trainer's teacher pipeline holds them on the device at the run's precision."""
+        """Parameters of the pipeline's other networks (VAE, text encoders; Wan 2.2's ``transformer_2``), counted
+        on the ``meta`` device: the trainer's teacher pipeline holds them on the device at the run's precision."""
         import diffusers
         import transformers
 
@@ -151,17 +192,24 @@ class TeacherSpec:
             counts[name] = sum(p.numel() for p in model.parameters())
         return counts
 
-
-    def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
-        """``(C, H, W)`` the denoiser sees at ``resolution`` pixels (default: the config's sample size)."""
-        size = self.model_config.get("sample_size", 64)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        if resolution is not None:
-            if resolution % self.latent_factor:
-                raise ValueError(f"resolution is {resolution}; expected a multiple of {self.latent_factor} (the "
-                                 "VAE's downsampling factor)")
-            h = w = resolution // self.latent_factor
-        return int(self.model_config["in_channels"]), h, w
+    def sample_shape(self, resolution: int | None = None, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None) -> tuple[int, ...]:
+        """What the denoiser sees at ``height x width`` pixels (``resolution``: both) and ``num_frames`` frames
+        (video), ``Teacher.sample_shape`` of this folder's pipeline: ``(C, H, W)``, ``(C, F, H, W)`` for video;
+        packed families' ``C`` is ``in_channels / 4``. ``None``: the teacher's own size (the denoiser's
+        ``sample_size`` times the VAE's factor, or the pipeline's default: Flux 1024², Qwen-Image 1024²
+        (``QwenImagePipeline.default_sample_size`` 128 times the VAE's 8), Wan 480 x 832 and 81 frames,
+        SANA 1024²). A size its latents cannot have is one line naming it."""
+        model = build_network(self.folder, "meta")
+        schedule = schedule_from_config(self.scheduler_config, self.scheduler_class)
+        teacher = Teacher(pipeline=self.pipeline(model), denoiser=Denoiser(model, schedule), schedule=schedule,
+                          source=str(self.folder), height=resolution or height, width=resolution or width,
+                          num_frames=num_frames)
+        try:
+            _check_size(teacher)
+        except InputError as err:
+            raise InputError(f"resolution {resolution}: {err}" if resolution else str(err)) from None
+        return teacher.sample_shape
 
 
 def build_network(source: str | Path, device: str | torch.device | None = None,
@@ -186,12 +234,12 @@ def count_parameters(source: str | Path) -> int:
 
 
 class ConfigTeacher(Teacher):
-    """A ``Teacher`` built from configs alone: text conditions are zeros of the encoders' output shapes."""
+    """A ``Teacher`` built from configs alone: its pipeline is ``TeacherSpec.pipeline`` (no text encoders, a VAE on
+    the ``meta`` device); text conditions are zeros of the encoders' output shapes."""
 
-    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, shape: tuple[int, int, int], schedule=None):
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, shape: tuple[int, ...], schedule=None):
         schedule = schedule or schedule_from_config(spec.scheduler_config, spec.scheduler_class)
-        pipeline = SimpleNamespace(components={spec.component: model}, config=spec.pipeline_config, vae=None)
-        super().__init__(pipeline=pipeline, denoiser=Denoiser(model, schedule), schedule=schedule,
+        super().__init__(pipeline=spec.pipeline(model), denoiser=Denoiser(model, schedule), schedule=schedule,
                          source=str(spec.folder))
         self.spec = spec
         self._shape = shape
@@ -201,15 +249,33 @@ class ConfigTeacher(Teacher):
         return self._shape
 
     def encode_prompts(self, prompts):
-        """Zeros of the embeddings' shapes, in the network's dtype (as a pipeline at that precision gives)."""
-        n, cfg = len(prompts), self.spec.model_config
-        zeros = functools.partial(torch.zeros, dtype=self.model.dtype, device=next(self.model.parameters()).device)
-        if self.spec.model_class == "SD3Transformer2DModel":  # 77 CLIP + 256 T5 tokens, as the SD3 pipeline
-            return {"encoder_hidden_states": zeros(n, 333, cfg["joint_attention_dim"]),
-                    "pooled_projections": zeros(n, cfg["pooled_projection_dim"])}
-        embeds = zeros(n, 77, cfg["cross_attention_dim"])
-        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size/crop ids
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        """Zeros of the embeddings' shapes in the network's dtype (as a pipeline at that precision gives; attention
+        masks: ones), as long as the family's pipeline makes them: CLIP's 77 tokens (SD, SDXL), 77 CLIP tokens and
+        the ``max_sequence_length`` T5 tokens of its ``__call__`` (SD3: 77 + 256), that many tokens for Flux (T5,
+        512), Wan (UMT5, 512) and SANA (Gemma 2, 300). Qwen-Image's embeddings are as long as the longest prompt
+        of the batch, truncated at ``max_sequence_length`` (``QwenImagePipeline.encode_prompt``): its bound, 512,
+        is taken."""
+        n, cfg, family = len(prompts), self.model.config, self.family.name
+        device = next(self.model.parameters()).device
+        zeros = functools.partial(torch.zeros, dtype=self.model.dtype, device=device)
+        tokens = call_default(self.pipeline, "max_sequence_length")
+        if family == "sd3":
+            return {"encoder_hidden_states": zeros(n, 77 + tokens, cfg.joint_attention_dim),
+                    "pooled_projections": zeros(n, cfg.pooled_projection_dim)}
+        if family == "flux":
+            return {"encoder_hidden_states": zeros(n, tokens, cfg.joint_attention_dim),
+                    "pooled_projections": zeros(n, cfg.pooled_projection_dim)}
+        if family == "wan":
+            return {"encoder_hidden_states": zeros(n, tokens, cfg.text_dim)}
+        mask = torch.ones(n, tokens, dtype=torch.long, device=device)
+        if family == "sana":
+            return {"encoder_hidden_states": zeros(n, tokens, cfg.caption_channels), "encoder_attention_mask": mask}
+        if family == "qwen-image":
+            return {"encoder_hidden_states": zeros(n, tokens, cfg.joint_attention_dim),
+                    "encoder_hidden_states_mask": mask}
+        embeds = zeros(n, 77, cfg.cross_attention_dim)
+        if family == "sdxl":  # pooled text + 6 size/crop ids
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
             return {"encoder_hidden_states": embeds,
                     "added_cond_kwargs": {"text_embeds": zeros(n, pooled), "time_ids": zeros(n, 6)}}
         return {"encoder_hidden_states": embeds}
@@ -554,7 +620,7 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
     spec = TeacherSpec.read(config.teacher)
     t = config.train
     dtype = weight_dtype(t.mixed_precision)
-    shape = spec.sample_shape(resolution)
+    shape = spec.sample_shape(resolution, **config.size())
     schedule = schedule_from_config(spec.scheduler_config, spec.scheduler_class)  # real tensors: checks read them
     plan = run_plan(config, schedule)  # on real tensors too: the plan reads the grids' values
     tracker = StepTracker()

@@ -1,14 +1,16 @@
-"""Generate images from a loaded teacher or exported student, and save them as a grid (or a labelled one)."""
+"""Generate images (or videos) from a loaded teacher or exported student, and save them as a grid (or a labelled
+one); a grid of videos is animated (GIF, MP4) or laid out still, a column per frame."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from fastgen.denoiser import BoundaryDenoiser
-from fastgen.errors import UsageError
+from fastgen.errors import EnvironmentMissingError, UsageError
 from fastgen.samplers import Guidance, get_sampler
 from fastgen.samplers.scheduler import FewStepScheduler
 from fastgen.teacher import Teacher
@@ -31,7 +33,8 @@ def sampling_plan(model: Teacher, steps: int, sampler: str | None = None) -> tup
 def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str | None = None,
              prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
              class_labels: Sequence[int] | None = None) -> torch.Tensor:
-    """``num`` images in [-1, 1] (decoded for latent models), deterministic given ``seed``."""
+    """``num`` images ``(num, 3, H, W)`` in [-1, 1] (decoded for latent models), deterministic given ``seed``; a
+    video model's ``num`` videos ``(num, 3, F, H, W)``."""
     if num < 1:
         raise UsageError(f"{num} samples: expected at least 1")
     if prompts is None and class_labels is None and model.text_conditioned:
@@ -62,17 +65,66 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     return torch.cat(images).clamp(-1, 1)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
-    """Save images in [-1, 1] as one PNG grid (nearest-neighbour upscaled by ``upscale``)."""
-    from torchvision.utils import save_image
+ANIMATIONS = (".gif", ".mp4")
+"""The suffixes ``save_grid`` animates a grid of videos to."""
+VIDEO_FPS = 16
+"""Frames per second of the animations written (Wan 2.1's frame rate)."""
 
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
+    """Save images in [-1, 1] as one PNG grid (nearest-neighbour upscaled by ``upscale``), ``nrow`` images a row
+    (default: about the square root of their number). Videos ``(N, 3, F, H, W)``: to a ``.gif`` or ``.mp4``, the
+    grid of the N videos' frame ``f`` is the animation's frame ``f`` (``save_animation``); to any other file, a
+    still grid with a row per video and a column per frame (``nrow`` unused)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5 and path.suffix.lower() in ANIMATIONS:
+        return save_animation([grid_image(images[:, :, f], nrow, upscale) for f in range(images.shape[2])], path)
+    if images.ndim == 5:
+        images, nrow = images.transpose(1, 2).flatten(0, 1), images.shape[2]
+    grid_image(images, nrow, upscale).save(path)
+    return path
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, upscale: int = 1):
+    """The PIL image of ``save_grid``'s grid of images ``(N, 3, H, W)`` in [-1, 1]: torchvision's ``make_grid``
+    (1-pixel white padding), rounded to uint8 as its ``save_image`` does."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
     images = (images.float().clamp(-1, 1) + 1) / 2
     if upscale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    save_image(images, path, nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)
+    return Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+
+
+def check_animation_path(path: str | Path) -> None:
+    """Refuse, before any sampling, an ``.mp4`` that diffusers' ``export_to_video`` cannot write here: it writes
+    with imageio and imageio-ffmpeg or, without imageio, with OpenCV (``cv2``). A ``.gif`` needs only PIL."""
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        return
+    found = importlib.util.find_spec
+    if found("imageio_ffmpeg") if found("imageio") else found("cv2"):
+        return
+    raise EnvironmentMissingError(f"--out {path}: writing an .mp4 needs imageio and imageio-ffmpeg, not installed "
+                                  "here (pip install imageio imageio-ffmpeg); or write a .gif, or a .png still grid")
+
+
+def save_animation(frames: Sequence, path: str | Path) -> Path:
+    """PIL images as the frames of an animated ``.gif`` (diffusers' ``export_to_gif``) or ``.mp4``
+    (``export_to_video``; ``check_animation_path`` first), at ``VIDEO_FPS``, looping."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        check_animation_path(path)
+        export_to_video(list(frames), str(path), fps=VIDEO_FPS)
+    else:
+        export_to_gif(list(frames), str(path), fps=VIDEO_FPS)
     return path
 
 
@@ -121,3 +173,9 @@ def labelled_grid(images: torch.Tensor, row_labels: Sequence[str], column_labels
             tile = Image.fromarray(pixels[r, c]).resize((tile_w, tile_h), Image.NEAREST)
             grid.paste(tile, (ROW_LABEL_WIDTH + GRID_PAD + c * (tile_w + GRID_PAD), y))
     return grid
+
+
+def labelled_frames(videos: torch.Tensor, row_labels: Sequence[str], column_labels: Sequence[str] | None = None):
+    """``labelled_grid`` of each frame of videos ``(rows, columns, 3, F, H, W)`` in [-1, 1]: F PIL images, the
+    frames of an animation (``save_animation``)."""
+    return [labelled_grid(videos[:, :, :, f], row_labels, column_labels) for f in range(videos.shape[3])]

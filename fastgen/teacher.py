@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from fastgen.checkpoint import UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.errors import InputError, MissingPathError
+from fastgen.experts import ExpertsDenoiser
 from fastgen.families import FAMILIES, call_default, decode_latents, encode_images, family_of, vae_factors
 from fastgen.integrity import PICKLE_SUFFIXES, SAFE_SUFFIXES, check_safetensors
 from fastgen.schedules import NoiseSchedule, schedule_from_config
@@ -33,7 +35,7 @@ class Teacher:
     """A loaded teacher. ``denoiser(x_t, t, cond) -> x0``; ``denoiser.guided(...)`` for CFG."""
 
     pipeline: object
-    denoiser: Denoiser
+    denoiser: BaseDenoiser
     schedule: NoiseSchedule
     source: str
     height: int | None = None
@@ -50,8 +52,16 @@ class Teacher:
         return self.denoiser.guided(x_t, t, cond, uncond, scale)
 
     @property
+    def models(self) -> list[torch.nn.Module]:
+        """The denoiser's networks: one, or the experts of a pipeline that routes two by noise level (Wan 2.2's
+        ``transformer``, high noise, and ``transformer_2``)."""
+        experts = getattr(self.denoiser, "experts", None)
+        return [expert.model for expert in experts] if experts is not None else [self.denoiser.model]
+
+    @property
     def model(self) -> torch.nn.Module:
-        return self.denoiser.model
+        """The (first) denoiser network."""
+        return self.models[0]
 
     @property
     def model_class(self) -> str:
@@ -390,7 +400,15 @@ def _as_teacher(pipe, device, source: str, height=None, width=None, num_frames=N
     model = getattr(pipe, name)
     model.requires_grad_(False).eval()
     schedule = schedule_from_config(pipe.scheduler.config, type(pipe.scheduler).__name__)
-    teacher = Teacher(pipeline=pipe, denoiser=Denoiser(model, schedule), schedule=schedule, source=source,
+    denoiser = Denoiser(model, schedule)
+    second, ratio = getattr(pipe, "transformer_2", None), pipe.config.get("boundary_ratio")
+    if second is not None and ratio is not None:  # Wan 2.2: the pipeline routes t >= ratio T to `transformer`
+        second.requires_grad_(False).eval()
+        boundary = ratio * schedule.num_train_timesteps
+        # ExpertsDenoiser gives t > b to the first expert: b just below the pipeline's boundary, in float32
+        below = float(torch.nextafter(torch.tensor(boundary, dtype=torch.float32), torch.tensor(-math.inf)))
+        denoiser = ExpertsDenoiser([denoiser, Denoiser(second, schedule)], [below])
+    teacher = Teacher(pipeline=pipe, denoiser=denoiser, schedule=schedule, source=source,
                       height=height, width=width, num_frames=num_frames)
     _check_size(teacher)
     return teacher

@@ -641,11 +641,15 @@ class Trainer:
         student serves (``plan.exported``), a column per validation prompt or, without any, per condition of the
         data's first batch (at most ``num``), the same noise in every row and at every step (drawn from
         ``train.validation_seed``, else ``seed``); also sent to the trackers that take images. A sharded student
-        samples on every process (each forward gathers its blocks from all of them)."""
+        samples on every process (each forward gathers its blocks from all of them).
+
+        A video student's PNG holds the first frame of each sample, in the same layout (a column per frame would make
+        8 prompts of Wan's 81 frames ~540,000 pixels wide at 832 a frame), and ``RUN/samples/step-N.gif`` beside it
+        animates that labelled grid over every frame (``fastgen.generate.VIDEO_FPS``); the trackers get the PNG."""
         if not (self.accelerator.is_main_process or self.sharded):
             return None
         from fastgen.denoiser import slice_cond
-        from fastgen.generate import labelled_grid
+        from fastgen.generate import labelled_frames, labelled_grid, save_animation
         from fastgen.samplers import get_sampler
 
         acc, t, plan, teacher = self.accelerator, self.config.train, self.plan, self.teacher
@@ -667,9 +671,15 @@ class Trainer:
             rows.append(teacher.decode(out).float().cpu())
         if not acc.is_main_process:
             return None
-        grid = labelled_grid(torch.stack(rows), [f"{k} step{'s' if k > 1 else ''}" for k in counts], labels)
+        samples, row_labels = torch.stack(rows), [f"{k} step{'s' if k > 1 else ''}" for k in counts]
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if samples.ndim == 6:  # videos: (rows, columns, 3, F, H, W)
+            frames = labelled_frames(samples, row_labels, labels)
+            save_animation(frames, path.with_suffix(".gif"))
+            grid = frames[0]
+        else:
+            grid = labelled_grid(samples, row_labels, labels)
         grid.save(path)
         self._log_grid(grid)
         return path

@@ -108,12 +108,14 @@ def _metrics_table(metrics: Sequence[dict]) -> str:
 
 
 def _why_code(meta: dict) -> str:
+    from fastgen.pipelines.export import timestep_experts
+
     reasons = []
     if meta["scheduler"] == "FewStepScheduler":
         reasons.append("no stock diffusers scheduler replays this student exactly")
     if meta["pipeline"] == "FewStepPipeline":
         reasons.append("`DDPMPipeline` would run it without class labels or input preconditioning")
-    if meta.get("experts"):
+    if timestep_experts(meta):
         reasons.append(f"its {meta['experts']['count']} experts load as one model routing each call by its timestep")
     text = "; ".join(reasons)
     return text[:1].upper() + text[1:]
@@ -131,10 +133,16 @@ def _lora_line(meta: dict) -> str:
 
 
 def _experts_line(meta: dict) -> str:
+    from fastgen.pipelines.export import timestep_experts
+
     experts = meta.get("experts")
     if not experts:
         return ""
     bounds = ", ".join(f"{b:g}" for b in experts["boundaries"])
+    if not timestep_experts(meta):
+        return (f"\n- Student of 2 `{experts['expert_class']}` experts by noise level, in the pipeline's own layout: "
+                f"`transformer` answers native times at or above {bounds}, `transformer_2` the rest "
+                "(`boundary_ratio` in model_index.json).")
     return (f"\n- Student of {experts['count']} `{experts['expert_class']}` experts by noise level (high noise first), "
             f"split at native times {bounds}: `{meta['denoiser']}` is a `TimestepExperts` holding them, which sends "
             "each call to the expert of its timestep.")

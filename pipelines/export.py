@@ -93,7 +93,8 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
     if expert_boundaries is not None:
         experts = {"count": len(students), "boundaries": [float(b) for b in expert_boundaries],
                    "timestep_boundaries": timestep_boundaries(scheduler, expert_boundaries),
-                   "expert_class": type(students[0]).__name__}
+                   "expert_class": type(students[0]).__name__,
+                   "layout": "pipeline" if native_experts(teacher) and len(students) == 2 else "timestep_experts"}
     meta = _metadata(teacher, scheduler, shipped, lora, method, settings, experts)
     if lora:
         adapter = _adapter_name(student_model)
@@ -180,7 +181,8 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "kind": "lora" if lora else "full", "lora_format": lora, "pipeline": pipeline,
         "scheduler": type(shipped).__name__,
         "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None,
-                                                 teacher.denoiser_component if experts else None)),
+                                                 teacher.denoiser_component if timestep_experts(
+                                                     {"experts": experts}) else None)),
         "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         "teacher": hub_id or str(source.resolve()), "base_model": base_model, "license": license_,
         "denoiser": teacher.denoiser_component,
@@ -209,6 +211,13 @@ def _needs_few_step_pipeline(teacher: Teacher) -> bool:
     return bool(teacher.num_classes) or teacher.schedule.family == "edm"
 
 
+def timestep_experts(meta: dict) -> bool:
+    """Whether an export's student of experts is one ``TimestepExperts`` model (not the pipeline's own layout of
+    two networks, ``"layout": "pipeline"``: Wan 2.2's ``transformer`` + ``transformer_2``)."""
+    experts = meta.get("experts")
+    return bool(experts) and experts.get("layout", "timestep_experts") == "timestep_experts"
+
+
 def _remote_code_files(shipped, pipeline: str | None, experts_component: str | None) -> list[str]:
     files = [] if type(shipped).__name__ != "FewStepScheduler" else [f"scheduler/{SCHEDULER_MODULE}.py"]
     files += [f"{experts_component}/{EXPERTS_MODULE}.py"] if experts_component else []
@@ -225,7 +234,7 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
         (folder / "scheduler" / f"{SCHEDULER_MODULE}.py").write_text(scheduler_source())
     if f"{PIPELINE_MODULE}.py" in meta["remote_code"]:
         (folder / f"{PIPELINE_MODULE}.py").write_text(pipeline_source())
-    if meta["experts"]:
+    if timestep_experts(meta):
         (folder / meta["denoiser"] / f"{EXPERTS_MODULE}.py").write_text(experts_source())
     index_file = folder / "model_index.json"
     if index_file.is_file():  # diffusers recorded the classes under their fastgen module paths
@@ -234,7 +243,7 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
             index["scheduler"] = [SCHEDULER_MODULE, "FewStepScheduler"]
         if meta["pipeline"] == "FewStepPipeline":
             index["_class_name"] = [PIPELINE_MODULE, "FewStepPipeline"]
-        if meta["experts"]:
+        if timestep_experts(meta):
             index[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
@@ -331,18 +340,31 @@ def _with_components(pipeline, **replacements):
 def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module],
                          experts: dict | None) -> dict[str, torch.nn.Module]:
     """The pipeline components holding the student: ``{"unet" or "transformer": merged copy}``; for a student of
-    experts, one ``TimestepExperts`` holding the merged copies. (A family with diffusers' own precedent, Wan 2.2's
-    ``transformer`` + ``transformer_2`` with ``boundary_ratio``, would get one component per expert here; none of
-    the supported families has one.)"""
+    experts, one ``TimestepExperts`` holding the merged copies, or, where the pipeline routes two networks itself
+    (``native_experts``: Wan 2.2's ``transformer`` + ``transformer_2`` with ``boundary_ratio``), the two copies in
+    that layout. A one-network student of such a teacher leaves ``transformer_2`` and ``boundary_ratio`` unset."""
     from fastgen.pipelines.experts_model import TimestepExperts
 
     merged = [_merged_copy(model) for model in students]
+    two = native_experts(teacher)
     if experts is None:
-        return {teacher.denoiser_component: merged[0]}
+        return {teacher.denoiser_component: merged[0], **({"transformer_2": None, "boundary_ratio": None} if two
+                                                           else {})}
+    if two and len(merged) == 2:
+        ratio = experts["timestep_boundaries"][0] / teacher.schedule.num_train_timesteps
+        return {"transformer": merged[0], "transformer_2": merged[1], "boundary_ratio": ratio}
     with torch.device("meta"):  # the experts are the merged copies, not K fresh random networks
         model = TimestepExperts(experts["expert_class"], _public_config(merged[0]), experts["timestep_boundaries"])
     model.experts = torch.nn.ModuleList(merged)
     return {teacher.denoiser_component: model.eval()}
+
+
+def native_experts(teacher: Teacher) -> bool:
+    """Whether the teacher's pipeline routes two denoisers by noise level itself (``transformer_2`` and
+    ``boundary_ratio`` among its arguments: ``WanPipeline`` of Wan 2.2, where ``t >= boundary_ratio T`` runs
+    ``transformer``)."""
+    params = inspect.signature(type(teacher.pipeline).__init__).parameters
+    return "transformer_2" in params and "boundary_ratio" in params
 
 
 def _write_full(teacher: Teacher, students: Sequence[torch.nn.Module], experts: dict | None, scheduler,

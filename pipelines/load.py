@@ -29,6 +29,7 @@ from fastgen.pipelines.export import (
     METADATA,
     PIPELINE_MODULE,
     SCHEDULER_MODULE,
+    timestep_experts,
 )
 
 INDEX = "model_index.json"
@@ -122,7 +123,7 @@ def _check_index(path: Path, index: dict, meta: dict) -> None:
     """``model_index.json`` against the metadata: every component a class of diffusers or transformers, or absent,
     or one of fastgen's own that loading replaces with the installed class."""
     own = {"scheduler": [SCHEDULER_MODULE, "FewStepScheduler"]}
-    if meta.get("experts"):
+    if timestep_experts(meta):
         own[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
     expected_pipeline = [PIPELINE_MODULE, "FewStepPipeline"] if meta["pipeline"] == "FewStepPipeline" \
         else meta["pipeline"]
@@ -205,7 +206,7 @@ def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
 
 def _experts_model(folder: Path, meta: dict, dtype) -> dict:
     """``{"unet" or "transformer": TimestepExperts}`` (the installed class) for a student of experts, else ``{}``."""
-    if not meta.get("experts"):
+    if not timestep_experts(meta):
         return {}
     from fastgen.pipelines.experts_model import TimestepExperts
 

@@ -10,17 +10,19 @@ Flux (``fastgen.families.pack``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastgen.denoiser import BoundaryDenoiser, Denoiser
+from fastgen.denoiser import BoundaryDenoiser
 from fastgen.families import pack, unpack
 from fastgen.samplers.solvers import renoise_step
 from fastgen.teacher import load_teacher
@@ -29,14 +31,17 @@ from tiny import make_flux_folder, make_qwen_image_folder, make_sana_folder, mak
 SEED, GLOBAL_SEED = 3, 11
 PROMPT = "a red cat"
 BUILDERS = {"flux": make_flux_folder, "wan": make_wan_folder, "sana": make_sana_folder,
-            "qwen-image": make_qwen_image_folder}
+            "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875)}
 SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}, "sana": {},
-         "qwen-image": {"height": 32, "width": 32}}
+         "qwen-image": {"height": 32, "width": 32}, "wan2.2": {"height": 32, "width": 32, "num_frames": 5}}
+OVERRIDES = {"wan2.2": ["student.experts=2"]}
+"""Wan 2.2: a student of two experts, one per transformer of the pipeline's own layout."""
 """Sample sizes of the runs (Flux: its VAE's 16 x 16; SANA: its transformer's; Wan: 32 x 32 pixels and 5 frames,
 not the pipeline's 480 x 832 x 81; Qwen-Image: not its pipeline's 128 x VAE factor)."""
-PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline", "sana": "SanaPipeline", "qwen-image": "QwenImagePipeline"}
+PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline", "sana": "SanaPipeline", "qwen-image": "QwenImagePipeline",
+             "wan2.2": "WanPipeline"}
 CALLS = {"flux": {}, "wan": {"guidance_scale": 1.0}, "sana": {"guidance_scale": 1.0, "use_resolution_binning": False},
-         "qwen-image": {}}
+         "qwen-image": {}, "wan2.2": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}}
 """Guidance as the student was trained: Flux.1-dev's embedded scale at its pipeline's default (3.5), no CFG for
 Wan and SANA (their pipelines default to CFG: two calls per step), Qwen-Image's true CFG is off without a negative
 prompt. SANA's resolution binning would resize a tiny sample size to its smallest bin."""
@@ -76,7 +81,7 @@ def distill(tmp_path, teacher, method: str, family: str, prompts) -> "Path":
     size = [f"--{k.replace('_', '-')}={v}" for k, v in SIZES[family].items()]
     cmd = [sys.executable, "-m", "fastgen", "distill", "--teacher", str(teacher), "--method", method,
            "--data", "teacher", "--prompts", str(prompts), "--steps", "2", "--max-steps", "3", "--output", str(out),
-           *size, "teacher_samples=4", "teacher_sample_steps=4", "train.batch_size=2"]
+           *size, "teacher_samples=4", "teacher_sample_steps=4", "train.batch_size=2", *OVERRIDES.get(family, [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "export"
@@ -89,7 +94,7 @@ def reference(folder, steps: int, family: str) -> torch.Tensor:
     scheduler = model.pipeline.scheduler
     scheduler.set_timesteps(steps)
     times = scheduler.sigmas.tolist()
-    denoiser = Denoiser(model.model, model.schedule)
+    denoiser = model.denoiser  # Wan 2.2: routes between its two transformers as WanPipeline does
     if scheduler.config.boundary:
         denoiser = BoundaryDenoiser(denoiser, **scheduler.config.boundary)
     cond = model.encode_prompts([PROMPT])
@@ -117,8 +122,10 @@ def exports(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\na green tree\n")
     teachers = {family: build(root / family) for family, build in BUILDERS.items()}
-    folders = {(family, method): distill(root, teacher, method, family, prompts)
-               for family, teacher in teachers.items() for method in ("dmd2", "consistency")}
+    runs = [(family, method) for family in teachers for method in STEPS]
+    with ThreadPoolExecutor(2) as pool:  # two runs at a time: one per core
+        exported = pool.map(lambda run: distill(root, teachers[run[0]], run[1], run[0], prompts), runs)
+        folders = dict(zip(runs, exported))
     cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
               "global_seed": GLOBAL_SEED, "steps": STEPS[method],
               "size": json.loads((folder / "fastgen_export.json").read_text())["size"], "call": CALLS[family]}
@@ -162,3 +169,39 @@ def test_export_records_the_trained_size_and_sigmas(exports, family):
     scheduler = model.pipeline.scheduler
     scheduler.set_timesteps(2, sigmas=[1.0, 0.5], mu=0.7)
     assert scheduler.sigmas.tolist() == pytest.approx(trained)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "consistency"])
+def test_wan22_student_of_two_experts_exports_in_the_pipeline_layout(exports, method):
+    """Wan 2.2: the two experts are ``transformer`` and ``transformer_2`` with ``boundary_ratio`` (no custom model
+    code), each started from the teacher's transformer of its noise level."""
+    folders, _, _ = exports
+    folder = folders["wan2.2", method]
+    index = json.loads((folder / "model_index.json").read_text())
+    meta = json.loads((folder / "fastgen_export.json").read_text())
+    assert index["transformer"] == index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["boundary_ratio"] == pytest.approx(meta["experts"]["boundaries"][0] / 1000)
+    assert meta["experts"]["layout"] == "pipeline"
+    assert not any("modeling_experts" in f for f in meta["remote_code"])
+
+
+def test_wan22_teacher_routes_as_its_pipeline(tmp_path):
+    """The teacher's denoiser sends ``t >= boundary_ratio T`` to ``transformer`` and the rest to ``transformer_2``,
+    as ``WanPipeline`` does, and students of two experts start from the matching transformer."""
+    from fastgen.assemble import build_students, run_plan
+    from fastgen.config import DistillConfig, load_config
+    from fastgen.denoiser import Denoiser
+
+    teacher = load_teacher(BUILDERS["wan2.2"](tmp_path / "wan22"), height=32, width=32, num_frames=5)
+    high, low = (Denoiser(m, teacher.schedule) for m in teacher.models)
+    cond = teacher.encode_prompts([PROMPT])
+    x = torch.randn((1, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t, expert in ((1000.0, high), (875.0, high), (874.99, low), (300.0, low)):
+            torch.testing.assert_close(teacher(x, t, cond), expert(x, t, cond), rtol=0, atol=0)
+        assert not torch.equal(high(x, 500.0, cond), low(x, 500.0, cond))
+    config = load_config(DistillConfig, None, ["teacher=x", "method=dmd2", "student.experts=2", "student.num_steps=2"])
+    nets = build_students(config, teacher.models, run_plan(config, teacher.schedule), teacher.schedule, "default")
+    for k, source in enumerate(teacher.models):
+        student = nets[f"student.{k}"].model
+        assert all(torch.equal(a, b) for a, b in zip(student.parameters(), source.parameters()))

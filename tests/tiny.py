@@ -199,26 +199,29 @@ def make_flux_folder(path, guidance_embeds: bool = True) -> Path:
     return _save(pipe, path, True)
 
 
-def make_wan_folder(path, scheduler: str = "unipc") -> Path:
+def make_wan_folder(path, scheduler: str = "unipc", boundary_ratio: float | None = None) -> Path:
     """A Wan 2.1-style ``WanPipeline``: a ``WanTransformer3DModel`` on 16-channel video latents, a UMT5 text
     encoder, Wan's VAE (factor 8 in space, 4 in time, per-channel latent mean/std) and a flow-mode
-    ``UniPCMultistepScheduler`` (shift 3), or ``scheduler="euler"``: a ``FlowMatchEulerDiscreteScheduler``."""
+    ``UniPCMultistepScheduler`` (shift 3), or ``scheduler="euler"``: a ``FlowMatchEulerDiscreteScheduler``. With
+    ``boundary_ratio``, Wan 2.2's layout: a second transformer (other weights) for ``t < boundary_ratio T``."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
+    settings = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                    out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    transformer = WanTransformer3DModel(**settings)
+    experts = {} if boundary_ratio is None else {"transformer_2": WanTransformer3DModel(**settings),
+                                                 "boundary_ratio": boundary_ratio}
     if scheduler == "unipc":
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(umt5=True), vae=vae,
-                       transformer=transformer, scheduler=scheduler)
+                       transformer=transformer, scheduler=scheduler, **experts)
     return _save(pipe, path, True)
 
 

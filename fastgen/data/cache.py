@@ -32,7 +32,7 @@ def digest(*parts) -> str:
 
 def teacher_fingerprint(teacher: Teacher) -> str:
     """Identifies the teacher's weights: its source and dtype, and for a folder each file's size and mtime."""
-    parts = [teacher.source, str(teacher.denoiser.dtype)]
+    parts = [teacher.source, str(teacher.model.dtype)]
     folder = Path(teacher.source)
     if folder.is_dir():
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
