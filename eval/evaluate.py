@@ -13,6 +13,11 @@ features are computed a single time) and handed to ``fastgen.eval.sweep.run_swee
   shape and colour their toy prompt names (``fastgen.eval.toy_prompts``; also ``prompt_acc_shape`` and
   ``prompt_acc_colour``), for the text-conditioned toy teacher and its students.
 
+A video model's samples ``(N, 3, F, H, W)`` are measured per frame: FID, KID, CLIP score and prompt accuracy
+count each of the ``N F`` frames as an image (``fastgen.eval.fid.video_frames``), and CLIP score (and prompt
+accuracy) pairs every frame with its video's prompt (``frame_prompts``). ``evaluate`` then names the columns
+``<metric>_per_frame`` and says under the Markdown table that FVD is not provided; ``N`` stays the number of videos.
+
 With ``--features toy``, a model or reference folder whose images are not 16x16 RGB is refused before any
 sampling, and a sweep whose samples do not look like the toy world is warned about
 (``fastgen.eval.toy_fid.ToyWorldCheck``). The rows an export's model card gets also say what was measured
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from fastgen.errors import UsageError
-from fastgen.eval.fid import frechet_distance, image_features, image_statistics
+from fastgen.eval.fid import frechet_distance, image_features, image_statistics, video_frames
 from fastgen.eval.kid import kid
 from fastgen.eval.sweep import run_sweep
 from fastgen.eval.toy_fid import ToyWorldCheck
@@ -95,7 +100,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         reference = _fid_reference(features, ref, extractor, batch_size)
 
         def fid(images: torch.Tensor) -> float:
-            stats = image_statistics(images, extractor, batch_size, value_range=RANGE)
+            stats = image_statistics(video_frames(images), extractor, batch_size, value_range=RANGE)
             return frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov)
 
         out["fid"] = fid
@@ -106,7 +111,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         ref_features = image_features(ref, extractor, batch_size)
 
         def kid_mean(images: torch.Tensor) -> float:
-            gen = image_features(images, extractor, batch_size, value_range=RANGE)
+            gen = image_features(video_frames(images), extractor, batch_size, value_range=RANGE)
             size = min(1000, len(gen), len(ref_features))
             return kid(gen, ref_features, subset_size=size).mean
 
@@ -122,8 +127,7 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
 
         def _score(images):
             if last[0] is not images:
-                prompts_for = [prompts[i % len(prompts)] for i in range(len(images))]
-                last[:] = [images, scorer(images, prompts_for, value_range=RANGE)]
+                last[:] = [images, scorer(video_frames(images), frame_prompts(prompts, images), value_range=RANGE)]
             return last[1]
 
         out["clip"] = lambda images: _score(images).clip_score
@@ -134,6 +138,23 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
     if toy_world is not None:  # every toy metric reads its images through the check first
         out = {name: _checked(metric, toy_world) if name in TOY_METRICS else metric for name, metric in out.items()}
     return Metrics(out, provenance, toy_world)
+
+
+def frame_prompts(prompts: Sequence[str], images: torch.Tensor) -> list[str]:
+    """The prompt of each image of ``video_frames(images)``: sample ``i`` was asked for ``prompts[i % len]``, and
+    so was each frame of a video sample ``(N, 3, F, H, W)``."""
+    frames = images.shape[2] if images.ndim == 5 else 1
+    return [prompts[i // frames % len(prompts)] for i in range(len(images) * frames)]
+
+
+def per_frame(metrics: Metrics, frames: int) -> tuple[Metrics, str]:
+    """``metrics`` of a video model's sweep, each column named ``<name>_per_frame``, and the note that says so under
+    its Markdown table (``frames`` frames a video)."""
+    names = {name: f"{name}_per_frame" for name in metrics}
+    note = (f"Video model: the metrics are per-frame ({frames} frames a sample; {', '.join(names.values())}): every "
+            "frame of every sample counts as an image, CLIP score and prompt accuracy take each frame with its "
+            "sample's prompt, --num-samples counts videos. FVD (Fréchet Video Distance) is not provided.")
+    return Metrics({names[k]: v for k, v in metrics.items()}, metrics.provenance, metrics.toy_world), note
 
 
 def _checked(metric: Callable, toy_world: ToyWorldCheck) -> Callable:
@@ -161,7 +182,7 @@ def _prompt_accuracy_metrics(features: str, prompts: Sequence[str] | None) -> di
 
     def _score(images):
         if last[0] is not images:
-            last[:] = [images, prompt_accuracy(images, prompts)]
+            last[:] = [images, prompt_accuracy(video_frames(images), frame_prompts(prompts, images))]
         return last[1]
 
     return {"prompt_acc": lambda images: _score(images).joint,
@@ -202,10 +223,12 @@ class _Moments:
 def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samples: int,
              metrics: Metrics | dict[str, Callable], teacher_dir: str | None = None,
              prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, seed: int = 0,
-             batch_size: int = 64) -> list[dict]:
+             batch_size: int = 64, size: dict[str, int] | None = None) -> list[dict]:
     """Sweep ``model_dir`` (and ``teacher_dir``, DDIM at the same step counts) over ``steps``; return the
-    sweep's rows. An exported student's model card and metadata get the model's rows, each with the
-    ``provenance`` of ``metrics`` (a ``Metrics``) and ``samples``, the number of samples per point."""
+    sweep's rows. ``size``: ``height``, ``width``, ``num_frames`` of both (``load_teacher``'s; default: each
+    one's own). A video model's metrics are per frame (``per_frame``; module docstring). An exported student's
+    model card and metadata get the model's rows, each with the ``provenance`` of ``metrics`` (a ``Metrics``),
+    ``samples``, the number of samples per point, and for a video model ``frames``, the frames a sample."""
     from fastgen.generate import generate, sampling_plan
     from fastgen.teacher import load_teacher
 
@@ -213,7 +236,7 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
         metrics = Metrics(metrics, {}, None)
     toy_world = metrics.toy_world
     curves = {}
-    model = load_teacher(model_dir)
+    model = load_teacher(model_dir, **(size or {}))
     for n in steps:  # an untrained step count fails here, before any sampling
         sampling_plan(model, n)
     if toy_world is not None:
@@ -221,12 +244,13 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
                                          guidance_scale=guidance_scale, batch_size=batch_size)
     if teacher_dir is not None:
-        teacher = load_teacher(teacher_dir)
+        teacher = load_teacher(teacher_dir, **(size or {}))
         if toy_world is not None:
             toy_world.check_model(teacher, teacher_dir, num_samples)
         curves["teacher DDIM"] = lambda n: generate(teacher, num_samples, n, seed=seed, prompts=prompts,
                                                     guidance_scale=guidance_scale, batch_size=batch_size)
-    rows = run_sweep(curves, list(steps), metrics, out_dir)
+    metrics, note = per_frame(metrics, model.frames) if model.is_video else (metrics, None)
+    rows = run_sweep(curves, list(steps), metrics, out_dir, note=note)
     if toy_world is not None:
         toy_world.warn_if_foreign()
     from fastgen.pipelines.load import is_export
@@ -234,9 +258,10 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     if is_export(model_dir):  # the export's model card reports what was measured, against what, on how many
         from fastgen.pipelines.card import add_metrics
 
-        provenance = {**metrics.provenance, "samples": num_samples}
+        provenance = {**metrics.provenance, "samples": num_samples,
+                      **({"frames": model.frames} if model.is_video else {})}
         add_metrics(model_dir, [{**row, **provenance} for row in rows])
     return rows
 
 
-__all__ = ["FEATURES", "METRICS", "Metrics", "build_metrics", "evaluate"]
+__all__ = ["FEATURES", "METRICS", "Metrics", "build_metrics", "evaluate", "frame_prompts", "per_frame"]

@@ -131,6 +131,13 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float] | None = Non
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+def video_frames(images: torch.Tensor) -> torch.Tensor:
+    """Videos ``(N, C, F, H, W)`` as their ``N F`` frames ``(N F, C, H, W)``, video by video (video ``i``'s frames
+    are ``i F .. i F + F - 1``): per-frame metrics count every frame as an image. Images ``(N, C, H, W)`` as they
+    are."""
+    return images.transpose(1, 2).flatten(0, 1) if images.ndim == 5 else images
+
+
 def _folder_files(folder: Path) -> list[Path]:
     """The images under ``folder`` as training reads them (``fastgen.data.find_images``: recursive, PNG, JPEG
     and WEBP, hidden files skipped)."""

@@ -27,11 +27,11 @@ RESERVED_COLUMNS = ("curve", "steps")
 
 def run_sweep(curves: Mapping[str, Callable[[int], Any]], steps: Sequence[int],
               metrics: Mapping[str, Callable[[Any], float]], out_dir: str | os.PathLike,
-              float_format: str = ".4g", progress: bool = True) -> list[dict]:
+              float_format: str = ".4g", progress: bool = True, note: str | None = None) -> list[dict]:
     """Evaluate ``metric(curve(n))`` for every curve, step count ``n`` and metric; return the rows
     ``{"curve": name, "steps": n, <metric>: value, ...}`` in curve-major order.
 
-    ``float_format`` formats the Markdown table only.
+    ``float_format`` formats the Markdown table only; ``note``, a paragraph written under it.
     """
     _validate(curves, steps, metrics)
     out_dir = Path(out_dir)
@@ -48,7 +48,7 @@ def run_sweep(curves: Mapping[str, Callable[[int], Any]], steps: Sequence[int],
                     row[metric_name] = _as_float(metric(images), metric_name, curve_name, num_steps)
                 rows.append(row)
                 write_bytes(out_dir / "sweep.csv", _csv_text(rows, columns))
-                write_bytes(out_dir / "sweep.md", _markdown_text(rows, columns, float_format))
+                write_bytes(out_dir / "sweep.md", _markdown_text(rows, columns, float_format, note))
                 bar.update(1)
     write_bytes(out_dir / "sweep.png", _plot_png(rows, list(curves), list(steps), list(metrics)))
     return rows
@@ -83,12 +83,13 @@ def _csv_text(rows: list[dict], columns: list[str]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _markdown_text(rows: list[dict], columns: list[str], float_format: str) -> bytes:
+def _markdown_text(rows: list[dict], columns: list[str], float_format: str, note: str | None = None) -> bytes:
     def cell(value) -> str:
         return format(value, float_format) if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     lines += ["| " + " | ".join(cell(row[column]) for column in columns) + " |" for row in rows]
+    lines += ["", note] if note else []
     return ("\n".join(lines) + "\n").encode()
 
 

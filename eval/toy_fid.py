@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fastgen.errors import InputError, warn
-from fastgen.eval.fid import FeatureStats, frechet_distance, iter_image_batches
+from fastgen.eval.fid import FeatureStats, frechet_distance, iter_image_batches, video_frames
 from fastgen.toy import TOY_CLASSES, TOY_IMAGE_SIZE, ToyFeatureNet, ToyShapes, load_toy_feature_net
 
 EXPECTED_SHAPE = (3, TOY_IMAGE_SIZE, TOY_IMAGE_SIZE)
@@ -118,10 +118,11 @@ class ToyWorldCheck:
         self._warn_below(shapes / total, f"the reference images in {folder}")
 
     def __call__(self, images: torch.Tensor) -> None:
-        """Refuse ``images`` (N, 3, 16, 16) in [-1, 1] of another shape; record their shape rate."""
+        """Refuse ``images`` (N, 3, 16, 16) in [-1, 1] (or videos of such frames, ``(N, 3, F, 16, 16)``) of another
+        shape; record their shape rate."""
         if images is self._last:
             return
-        rate = toy_shape_rate(images)
+        rate = toy_shape_rate(video_frames(images))
         self._last = images
         self.best_shape_rate = rate if self.best_shape_rate is None else max(self.best_shape_rate, rate)
 

@@ -86,6 +86,7 @@ LAYERS = {
     "test_toy_t2i": "e2e",
     "test_trainer": "e2e",
     "test_validation": "e2e",
+    "test_video_tooling": "e2e",
 }
 
 
