@@ -193,11 +193,11 @@ class Denoiser(BaseDenoiser):
         inner = unwrap(self.model)
         if getattr(inner, "mid_block", None) is not None:
             return ("mid_block",)
-        for attribute in ("transformer_blocks", "blocks"):  # SD3, Flux, SANA, Qwen-Image; Wan
+        for attribute in ("transformer_blocks", "blocks", "layers"):  # SD3, Flux, SANA, Qwen-Image; Wan; Z-Image
             blocks = getattr(inner, attribute, None)
             if blocks:
                 return (f"{attribute}.{len(blocks) // 2}",)
-        raise ValueError(f"features=True: {type(inner).__name__} has neither a mid_block nor transformer_blocks; "
+        raise ValueError(f"features=True: {type(inner).__name__} has neither a mid_block nor a list of blocks; "
                          "expected the block names to be given explicitly")
 
     def feature_names(self, features: Features) -> tuple[str, ...]:

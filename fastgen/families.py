@@ -22,7 +22,7 @@ network's class.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -105,6 +105,17 @@ def _encode_qwen(pipe, prompts: list[str], device) -> dict:
             "encoder_hidden_states_mask": torch.nn.functional.pad(mask.long(), (0, pad))}
 
 
+def _encode_zimage(pipe, prompts: list[str], device) -> dict:
+    """Z-Image's ``encode_prompt`` returns one tensor per prompt (its real tokens only); they are padded to
+    ``max_sequence_length`` with a mask (``_zimage_call`` cuts them again), so conditions batch as tensors."""
+    length = call_default(pipe, "max_sequence_length", 512)
+    embeds, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False,
+                                   max_sequence_length=length)
+    padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - len(e))) for e in embeds])
+    mask = torch.stack([torch.arange(length, device=padded.device) < len(e) for e in embeds]).long()
+    return {"cap_feats": padded, "cap_mask": mask}
+
+
 # -- inputs built per call from the sample's shape -------------------------------------------------------------
 def pack(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` → ``(B, H/2 * W/2, 4C)``: 2x2 patches as tokens (``FluxPipeline._pack_latents``)."""
@@ -137,6 +148,19 @@ def _qwen_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
     return inputs
 
 
+def _zimage_call(model, x: torch.Tensor, t_in: torch.Tensor, cond: Mapping) -> dict:
+    """Z-Image's transformer takes lists: one ``(C, 1, H, W)`` latent and one ``(L_i, D)`` caption per sample, and
+    the time ``1 - t / T`` (``ZImagePipeline``: ``(1000 - t) / 1000``)."""
+    mask = cond["cap_mask"].bool()
+    return {"x": list(x.unsqueeze(2).unbind(0)), "t": (1000 - t_in) / 1000,
+            "cap_feats": [feats[m] for feats, m in zip(cond["cap_feats"], mask)], "return_dict": False}
+
+
+def _zimage_output(out, x: torch.Tensor) -> torch.Tensor:
+    """Z-Image predicts ``x0 - eps`` per sample; the flow velocity is its negative (``ZImagePipeline``)."""
+    return -torch.stack(list(out)).squeeze(2)
+
+
 @dataclass(frozen=True)
 class Family:
     """One diffusers denoiser family (see the module docstring)."""
@@ -155,9 +179,20 @@ class Family:
     pipeline_size: bool = False
     """The sample size comes from the pipeline (its ``__call__`` defaults, its VAE), not the denoiser's
     ``sample_size``."""
+    call: Callable | None = None
+    """A network called unlike diffusers' ``(sample, timestep, **cond)`` (Z-Image's lists): ``call(model, x, t_in,
+    cond) -> kwargs`` replaces ``inputs``, and ``call_output(out, x)`` turns its output into ``x``'s layout."""
+    call_output: Callable | None = None
+    plain_call: Mapping[str, Any] = field(default_factory=lambda: {"guidance_scale": 1.0})
+    """The keyword arguments that make the family's pipeline run the network once per step, unguided (what a
+    distilled student needs): ``guidance_scale=1`` where CFG is ``u + s (c - u)``, 0 where it is ``c + s (c - u)``
+    (Z-Image); nothing where guidance needs a negative prompt (Qwen-Image's ``true_cfg_scale``). See
+    ``replay_kwargs``."""
 
     def inputs(self, model, x: torch.Tensor, t_in: torch.Tensor, cond: Mapping | None) -> dict:
         """The network's keyword arguments for sample ``x`` (the pipeline's latent layout) at model time ``t_in``."""
+        if self.call is not None:
+            return self.call(model, x, t_in, cond)
         cond = dict(cond or {})
         kwargs = {self.sample_arg: pack(x) if self.packed else x, "timestep": t_in * self.time_scale,
                   "return_dict": False}
@@ -170,6 +205,17 @@ class Family:
             cond.pop("guidance", None)
         return {**kwargs, **cond}
 
+    def replay_kwargs(self, pipe, model) -> dict:
+        """What to pass to the exported ``pipe`` (besides prompt, steps and size) so that it runs the student as
+        trained: ``plain_call``; a guidance-embedded network its trained ``embedded_guidance`` as
+        ``guidance_scale``; Wan 2.2's second expert ``guidance_scale_2`` likewise unguided."""
+        kwargs = dict(self.plain_call)
+        if self.guidance_embedded(model):
+            kwargs["guidance_scale"] = self.embedded_guidance
+        if pipe.config.get("boundary_ratio") is not None and "guidance_scale" in kwargs:
+            kwargs["guidance_scale_2"] = kwargs["guidance_scale"]
+        return kwargs
+
     def guidance_embedded(self, model) -> bool:
         """Whether ``model`` takes its guidance scale as an input (Flux.1-dev), not through two calls (CFG)."""
         return self.embedded_guidance is not None and bool(getattr(model.config, "guidance_embeds", False))
@@ -177,6 +223,8 @@ class Family:
     def output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The network's output in ``x``'s layout; a learned-variance output (twice the channels) gives its
         first half, as the pipelines take it."""
+        if self.call_output is not None:
+            return self.call_output(out, x)
         if self.packed:
             out = unpack(out, x.shape[-2], x.shape[-1])
         if out.shape[1] == 2 * x.shape[1]:
@@ -190,15 +238,18 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "UNet2DModel": Family("pixel-unet", sample_arg="sample", text=False),
+    "UNet2DModel": Family("pixel-unet", sample_arg="sample", text=False, plain_call={}),
     "UNet2DConditionModel": Family("sd-unet", sample_arg="sample", encode=_encode_sd),
     "SD3Transformer2DModel": Family("sd3", encode=_encode_sd3),
     "FluxTransformer2DModel": Family("flux", time_scale=1e-3, packed=True, embedded_guidance=3.5,
                                      encode=_encode_flux, shape_inputs=_flux_inputs, pipeline_size=True),
     "WanTransformer3DModel": Family("wan", video=True, encode=_encode_wan, pipeline_size=True),
-    "SanaTransformer2DModel": Family("sana", encode=_encode_sana),
+    "SanaTransformer2DModel": Family("sana", encode=_encode_sana,  # binning would resize sizes off its bins
+                                     plain_call={"guidance_scale": 1.0, "use_resolution_binning": False}),
+    "ZImageTransformer2DModel": Family("z-image", encode=_encode_zimage, call=_zimage_call, call_output=_zimage_output,
+                                       pipeline_size=True, plain_call={"guidance_scale": 0.0}),
     "QwenImageTransformer2DModel": Family("qwen-image", time_scale=1e-3, packed=True, encode=_encode_qwen,
-                                          shape_inputs=_qwen_inputs, pipeline_size=True),
+                                          shape_inputs=_qwen_inputs, pipeline_size=True, plain_call={}),
 }
 """Denoiser class name → its family. SDXL is ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``
 (``family_of`` picks ``SDXL``)."""

@@ -25,7 +25,9 @@ PROMPT = "a photo of a cat"
 def _call(meta: dict) -> str:
     """The pipeline call of the snippets, at the smallest trained step count."""
     steps = min(int(n) for n in meta["few_step_scheduler"]["trained_timesteps"])
-    args = {"text": f'prompt="{PROMPT}", guidance_scale=1.0, ', "class": "class_labels=0, "}.get(meta["conditioning"], "")
+    args = {"text": f'prompt="{PROMPT}", ', "class": "class_labels=0, "}.get(meta["conditioning"], "")
+    call = meta.get("call", {"guidance_scale": 1.0} if meta["conditioning"] == "text" else {})
+    args += "".join(f"{key}={value!r}, " for key, value in call.items())
     return f"image = pipe({args}num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images[0]"
 
 

@@ -189,6 +189,7 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
         "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
         "size": teacher.size(),
+        "call": {**teacher.size(), **teacher.family.replay_kwargs(teacher.pipeline, teacher.model)},
     }
 
 

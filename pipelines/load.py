@@ -46,9 +46,10 @@ _FIELDS = {
     "size": (lambda v: v is None or isinstance(v, dict) and set(v) <= {"height", "width", "num_frames"} and all(
         isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
         "null or the trained sample size {height, width[, num_frames]} in positive integers"),
+    "call": (lambda v: isinstance(v, dict), "the pipeline call's keyword arguments that replay the student (a mapping)"),
 }
 """The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
-_ADDED_LATER = ("experts", "size")
+_ADDED_LATER = ("experts", "size", "call")
 """Keys that exports of format version 1 written before them lack (read as null)."""
 
 

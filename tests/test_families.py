@@ -26,25 +26,27 @@ from fastgen.denoiser import BoundaryDenoiser
 from fastgen.families import pack, unpack
 from fastgen.samplers.solvers import renoise_step
 from fastgen.teacher import load_teacher
-from tiny import make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder
+from tiny import make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder, make_z_image_folder
 
 SEED, GLOBAL_SEED = 3, 11
 PROMPT = "a red cat"
 BUILDERS = {"flux": make_flux_folder, "wan": make_wan_folder, "sana": make_sana_folder,
-            "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875)}
+            "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875), "z-image": make_z_image_folder}
 SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}, "sana": {},
-         "qwen-image": {"height": 32, "width": 32}, "wan2.2": {"height": 32, "width": 32, "num_frames": 5}}
+         "qwen-image": {"height": 32, "width": 32}, "wan2.2": {"height": 32, "width": 32, "num_frames": 5}, "z-image": {}}
 OVERRIDES = {"wan2.2": ["student.experts=2"]}
 """Wan 2.2: a student of two experts, one per transformer of the pipeline's own layout."""
 """Sample sizes of the runs (Flux: its VAE's 16 x 16; SANA: its transformer's; Wan: 32 x 32 pixels and 5 frames,
 not the pipeline's 480 x 832 x 81; Qwen-Image: not its pipeline's 128 x VAE factor)."""
 PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline", "sana": "SanaPipeline", "qwen-image": "QwenImagePipeline",
-             "wan2.2": "WanPipeline"}
-CALLS = {"flux": {}, "wan": {"guidance_scale": 1.0}, "sana": {"guidance_scale": 1.0, "use_resolution_binning": False},
-         "qwen-image": {}, "wan2.2": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}}
-"""Guidance as the student was trained: Flux.1-dev's embedded scale at its pipeline's default (3.5), no CFG for
-Wan and SANA (their pipelines default to CFG: two calls per step), Qwen-Image's true CFG is off without a negative
-prompt. SANA's resolution binning would resize a tiny sample size to its smallest bin."""
+             "wan2.2": "WanPipeline", "z-image": "ZImagePipeline"}
+GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "wan": {"guidance_scale": 1.0},
+                "sana": {"guidance_scale": 1.0, "use_resolution_binning": False}, "qwen-image": {},
+                "wan2.2": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "z-image": {"guidance_scale": 0.0}}
+"""How each pipeline runs a student as trained: Flux.1-dev at its embedded guidance (FluxPipeline's default 3.5),
+no CFG elsewhere: guidance_scale 1 in the u + s (c - u) form (Wan, SANA, Wan 2.2's second expert too), 0 in Z-Image's
+c + s (c - u) form, nothing for Qwen-Image (its true CFG needs a negative prompt); SANA's resolution binning would
+resize a size off its bins."""
 STEP_GENERATOR = {"sana"}
 """Pipelines that pass the call's generator to ``scheduler.step`` (the others renoise from the global RNG)."""
 
@@ -67,7 +69,7 @@ LOADER = textwrap.dedent("""
         for steps in case["steps"]:
             torch.manual_seed(case["global_seed"])
             result = pipe(prompt=case["prompt"], num_inference_steps=steps, output_type="pt",
-                          generator=torch.Generator().manual_seed(case["seed"]), **case["size"], **case["call"])
+                          generator=torch.Generator().manual_seed(case["seed"]), **case["call"])
             images = result.frames if hasattr(result, "frames") else result.images
             tensors[f"{case['name']}/{steps}"] = torch.as_tensor(images).contiguous()
     save_file(tensors, out + ".safetensors")
@@ -128,7 +130,7 @@ def exports(tmp_path_factory):
         folders = dict(zip(runs, exported))
     cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
               "global_seed": GLOBAL_SEED, "steps": STEPS[method],
-              "size": json.loads((folder / "fastgen_export.json").read_text())["size"], "call": CALLS[family]}
+              "call": json.loads((folder / "fastgen_export.json").read_text())["call"]}
              for (family, method), folder in folders.items()]
     result = root / "loaded"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules")}
@@ -151,10 +153,11 @@ def test_export_loads_without_fastgen_and_replays_the_student(exports, family, m
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-def test_export_records_the_trained_size_and_sigmas(exports, family):
-    """The export's metadata holds the trained size, its scheduler the trained (trailing) times; the stock
-    pipeline's own grid (Flux passes ``sigmas`` and ``mu``) does not move them."""
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_export_records_the_trained_size_call_and_sigmas(exports, family):
+    """The export's metadata holds the trained size and the call that replays the student (the model card's
+    snippet), its scheduler the trained (trailing) times; the stock pipeline's own grid (Flux passes ``sigmas``
+    and ``mu``) does not move them."""
     folders, _, _ = exports
     folder = folders[family, "dmd2"]
     meta = json.loads((folder / "fastgen_export.json").read_text())
@@ -162,6 +165,9 @@ def test_export_records_the_trained_size_and_sigmas(exports, family):
     assert meta["size"] == model.size()
     if SIZES[family]:
         assert meta["size"] == SIZES[family]
+    assert meta["call"] == {**meta["size"], **GUIDANCE_OFF[family]}
+    card = (folder / "README.md").read_text()
+    assert all(f"{key}={value!r}" in card for key, value in meta["call"].items())
     trained = meta["few_step_scheduler"]["trained_timesteps"]["2"]
     expected = model.schedule.few_step_grid(2).tolist()
     assert trained == pytest.approx(expected, abs=1e-3)

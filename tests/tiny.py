@@ -49,13 +49,13 @@ def _text_encoder(with_projection: bool = False):
     return cls(_text_config()).eval()
 
 
-def _vae(**config):
-    """A tiny ``AutoencoderKL`` with 4 latent channels and a downsampling factor of 2."""
+def _vae(latent_channels: int = 4, **config):
+    """A tiny ``AutoencoderKL`` with 4 latent channels (unless told) and a downsampling factor of 2."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                          down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         latent_channels=4, norm_num_groups=2, sample_size=16, **config)
+                         latent_channels=latent_channels, norm_num_groups=2, sample_size=16, **config)
 
 
 def _save(pipe, path, safe_serialization: bool) -> Path:
@@ -281,4 +281,26 @@ def make_qwen_image_folder(path) -> Path:
                                                 time_shift_type="exponential")
     pipe = QwenImagePipeline(tokenizer=t5_tokenizer(), text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
                              vae=vae, transformer=transformer, scheduler=scheduler)
+    return _save(pipe, path, True)
+
+
+def make_z_image_folder(path) -> Path:
+    """A Z-Image-style ``ZImagePipeline``: a ``ZImageTransformer2DModel`` (2x2 patches inside) on 16-channel latents
+    of a VAE with ``shift_factor`` (factor 2, 16 x 16 images), a Qwen3 text encoder whose tokenizer has a chat
+    template, and a ``FlowMatchEulerDiscreteScheduler`` (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=100)).eval()
+    tokenizer = t5_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    vae = _vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
     return _save(pipe, path, True)
