@@ -238,14 +238,15 @@ def build_run(config: DistillConfig, teacher=None, source: nn.Module | None = No
 
 
 def every_network(teacher, nets: dict[str, Any], objective: Objective) -> list[nn.Module]:
-    """Each network of a run once, teacher first: the teacher's (the base of any LoRA adapter on it), those of
+    """Each network of a run once, teacher first: the teacher's (the base of any LoRA adapter on it; both of Wan
+    2.2's transformers), those of
     ``nets``, and the frozen ones the objective keeps (an EMA target), as ``fastgen.sharding.network_roots``
     finds them inside fastgen's denoiser wrappers."""
     from fastgen.sharding import network_roots
 
     kept = [v for v in vars(objective).values() if isinstance(v, nn.Module)]
     found = {}
-    for module in [teacher.model, *map(network_module, nets.values()), *kept]:
+    for module in [*getattr(teacher, "models", [teacher.model]), *map(network_module, nets.values()), *kept]:
         for root in network_roots(module):
             found.setdefault(id(root), root)
     return list(found.values())

@@ -6,14 +6,15 @@ for images, ``(B, C, F, H, W)`` for video) and never anything family-specific. A
 - how the network is called: the sample's keyword (``sample`` for UNets, ``hidden_states`` for transformers), the
   time units the network takes (``time_scale``: Flux and Qwen-Image take ``t / 1000``, the others the native
   ``t``), inputs built from the sample's shape (Flux's ``img_ids``/``txt_ids``, Qwen-Image's ``img_shapes``),
-  packed latents (``packed``: 2x2 patches as tokens, the pipelines' ``_pack_latents``/``_unpack_latents``) and an
+  packed latents (``packed``: 2x2 patches as tokens, the pipelines' ``_pack_latents``/``_unpack_latents``; ``tokens``:
+  Flux.2's patchified latents, a token per latent pixel) and an
   embedded guidance scale (``embedded_guidance``: Flux.1-dev is guidance-distilled, its guidance is an input);
 - how prompts become condition tensors: the pipeline's own ``encode_prompt``, with the text length its
   ``__call__`` defaults to (``max_sequence_length``), keeping only per-sample tensors (what is shared by the batch
   is rebuilt per call from shapes, so conditions concatenate and cache as plain tensors);
 - the latent normalisation its pipeline applies before decoding (``decode_latents``/``encode_images``):
   ``(z - shift) * scale`` for ``AutoencoderKL``/DC-AE (SD, SDXL, SD3, Flux, SANA), per-channel
-  ``(z - mean) / std`` for Wan's and Qwen-Image's VAEs.
+  ``(z - mean) / std`` for Wan's and Qwen-Image's VAEs, Flux.2's batch norm over 2x2-patchified latents.
 
 A new diffusers family is one ``Family`` entry in ``FAMILIES`` plus a test; ``family_of(model)`` looks it up by the
 network's class.
@@ -90,6 +91,12 @@ def _encode_sana(pipe, prompts: list[str], device) -> dict:
     return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
 
+def _encode_flux2(pipe, prompts: list[str], device) -> dict:
+    embeds, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                   max_sequence_length=call_default(pipe, "max_sequence_length", 512))
+    return {"encoder_hidden_states": embeds}
+
+
 def _encode_qwen(pipe, prompts: list[str], device) -> dict:
     """Qwen-Image's ``encode_prompt`` trims the text to the longest prompt of the call; the result is padded to
     ``max_sequence_length`` (zeros, masked out) so that every batch and the empty prompt have one length. The
@@ -129,6 +136,28 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, H W, C)``: every latent pixel a token (``Flux2Pipeline._pack_latents``)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def unflatten(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``flatten`` (``Flux2Pipeline._unpack_latents_with_ids`` on its row-major ids)."""
+    return tokens[:, : h * w].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, 4C, H/2, W/2)`` (``Flux2Pipeline._patchify_latents``)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``patchify`` (``Flux2Pipeline._unpatchify_latents``)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
 def _flux_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
     """Flux's position ids: text tokens all zero, image tokens ``(0, row, column)`` of the packed grid."""
     h, w = x.shape[-2] // 2, x.shape[-1] // 2
@@ -137,6 +166,19 @@ def _flux_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
     img_ids[..., 2] += torch.arange(w, device=x.device)[None, :]
     text = cond["encoder_hidden_states"]
     return {"img_ids": img_ids.reshape(h * w, 3), "txt_ids": torch.zeros(text.shape[1], 3, device=x.device)}
+
+
+def _flux2_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
+    """Flux.2's 4-axis position ids ``(t, h, w, l)`` per sample: image tokens ``(0, row, column, 0)``, text tokens
+    ``(0, 0, 0, index)`` (``Flux2Pipeline._prepare_latent_ids`` / ``_prepare_text_ids``)."""
+    b, _, h, w = x.shape
+    rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    img_ids = torch.stack([zeros, rows, cols, zeros], dim=-1).reshape(1, h * w, 4).expand(b, -1, -1)
+    length = cond["encoder_hidden_states"].shape[1]
+    text = torch.zeros(length, 4, dtype=torch.long, device=x.device)
+    text[:, 3] = torch.arange(length, device=x.device)
+    return {"img_ids": img_ids, "txt_ids": text.expand(b, -1, -1)}
 
 
 def _qwen_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
@@ -169,6 +211,11 @@ class Family:
     sample_arg: str = "hidden_states"
     time_scale: float = 1.0
     packed: bool = False
+    tokens: bool = False
+    """Every latent pixel a token (Flux.2: its denoiser space is the VAE's latents patchified 2x2 and
+    batch-normalised, ``patch = 2``)."""
+    patch: int = 1
+    """Spatial factor of the denoiser space below the VAE's latents (Flux.2's patchified latents: 2)."""
     video: bool = False
     text: bool = True
     embedded_guidance: float | None = None
@@ -194,7 +241,8 @@ class Family:
         if self.call is not None:
             return self.call(model, x, t_in, cond)
         cond = dict(cond or {})
-        kwargs = {self.sample_arg: pack(x) if self.packed else x, "timestep": t_in * self.time_scale,
+        sample = pack(x) if self.packed else flatten(x) if self.tokens else x
+        kwargs = {self.sample_arg: sample, "timestep": t_in * self.time_scale,
                   "return_dict": False}
         if self.shape_inputs is not None:
             kwargs.update(self.shape_inputs(model, x, cond))
@@ -227,6 +275,8 @@ class Family:
             return self.call_output(out, x)
         if self.packed:
             out = unpack(out, x.shape[-2], x.shape[-1])
+        elif self.tokens:
+            out = unflatten(out, x.shape[-2], x.shape[-1])
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         return out
@@ -243,6 +293,8 @@ FAMILIES: dict[str, Family] = {
     "SD3Transformer2DModel": Family("sd3", encode=_encode_sd3),
     "FluxTransformer2DModel": Family("flux", time_scale=1e-3, packed=True, embedded_guidance=3.5,
                                      encode=_encode_flux, shape_inputs=_flux_inputs, pipeline_size=True),
+    "Flux2Transformer2DModel": Family("flux2", time_scale=1e-3, tokens=True, patch=2, embedded_guidance=4.0,
+                                      encode=_encode_flux2, shape_inputs=_flux2_inputs, pipeline_size=True),
     "WanTransformer3DModel": Family("wan", video=True, encode=_encode_wan, pipeline_size=True),
     "SanaTransformer2DModel": Family("sana", encode=_encode_sana,  # binning would resize sizes off its bins
                                      plain_call={"guidance_scale": 1.0, "use_resolution_binning": False}),
@@ -275,6 +327,16 @@ def _video_vae(vae) -> bool:
     return hasattr(vae.config, "temperal_downsample")
 
 
+def _batch_norm(vae) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean, std)`` of the batch norm over patchified latents of a Flux.2 VAE (``AutoencoderKLFlux2.bn``), shaped
+    ``(1, 4C, 1, 1)``; ``None`` for other VAEs."""
+    bn = getattr(vae, "bn", None)
+    if bn is None:
+        return None
+    std = torch.sqrt(bn.running_var + vae.config.batch_norm_eps)
+    return bn.running_mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
 def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel ``(mean, std)`` of a VAE that normalises its latents that way (Wan, Qwen-Image), shaped to
     broadcast against ``like`` ``(B, C, [F,] H, W)``; ``None`` for scale/shift VAEs."""
@@ -292,7 +354,10 @@ def decode_latents(vae, x: torch.Tensor) -> torch.Tensor:
     ``vae.decode``: ``(B, 3, H, W)``, or ``(B, 3, F, H, W)`` for a video VAE."""
     cfg = vae.config
     stats = _channel_stats(vae, x)
-    if stats is not None:
+    if _batch_norm(vae):  # Flux.2: x are the patchified latents normalised by the VAE's batch norm
+        mean, std = _batch_norm(vae)
+        latents = unpatchify(x * std.to(x) + mean.to(x))
+    elif stats is not None:
         latents = x * stats[1] + stats[0]
     else:
         latents = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
@@ -307,6 +372,9 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     out = vae.encode((images.unsqueeze(2) if still else images).to(vae.dtype))
     latents = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent).float()
     latents = latents[:, :, 0] if still else latents
+    if _batch_norm(vae):
+        mean, std = _batch_norm(vae)
+        return (patchify(latents) - mean.to(latents)) / std.to(latents)
     stats = _channel_stats(vae, latents)
     if stats is not None:
         return (latents - stats[0]) / stats[1]

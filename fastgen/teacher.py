@@ -133,6 +133,7 @@ class Teacher:
         (``F = (frames - 1) // temporal + 1`` latent frames, as the video pipelines compute it)."""
         h, w, frames = self._pixels()
         spatial, temporal = vae_factors(self.pipeline) if self.is_latent else (1, 1)
+        spatial *= self.family.patch
         channels = int(self.model.config.in_channels) // (4 if self.family.packed else 1)
         if self.family.packed:  # packing needs an even latent grid (FluxPipeline.prepare_latents)
             lh, lw = 2 * (h // (spatial * 2)), 2 * (w // (spatial * 2))
@@ -146,6 +147,7 @@ class Teacher:
     def image_size(self) -> tuple[int, int]:
         """``(height, width)`` of the decoded images (video: of each frame)."""
         spatial, _ = vae_factors(self.pipeline) if self.is_latent else (1, 1)
+        spatial *= self.family.patch
         return self.sample_shape[-2] * spatial, self.sample_shape[-1] * spatial
 
     @property
@@ -163,7 +165,21 @@ class Teacher:
         if not self.text_conditioned:
             raise InputError(f"{type(self.model).__name__} model from {self.source} takes no prompts; expected no "
                              "--prompt or --prompts-file, or a text-to-image model")
-        return self.family.encode_prompts(self.pipeline, prompts, self.model.device, self.image_size)
+        encoders = self.text_encoders()
+        device = next(encoders[0].parameters()).device if encoders else self.model.device
+        cond = self.family.encode_prompts(self.pipeline, prompts, device, self.image_size)
+        return _to_device(cond, self.model.device)
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (``text_encoder``, ``text_encoder_2``, ...)."""
+        return [module for name, module in self.pipeline.components.items()
+                if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU: a run encodes its prompts once (cached) before training, so they
+        need not hold accelerator memory (T5-XXL alone is 9 GB in bf16); later encodings run on the CPU."""
+        for encoder in self.text_encoders():
+            encoder.to("cpu")
 
     def class_cond(self, labels: torch.Tensor) -> Cond:
         """Class labels (``0 .. num_classes - 1``) → denoiser keyword arguments."""
@@ -203,6 +219,15 @@ class Teacher:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] → denoiser space (the VAE posterior mean, normalised as the pipeline does)."""
         return encode_images(self.vae, images) if self.is_latent else images
+
+
+def _to_device(cond, device):
+    """A condition (nested dicts of tensors) on ``device``."""
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {key: _to_device(value, device) for key, value in cond.items()}
+    return cond
 
 
 class DenoiserTeacher:
@@ -417,7 +442,7 @@ def _as_teacher(pipe, device, source: str, height=None, width=None, num_frames=N
 def _check_size(teacher: Teacher) -> None:
     """Refuse a sample size the teacher's latents cannot have, naming the field."""
     spatial, temporal = vae_factors(teacher.pipeline) if teacher.is_latent else (1, 1)
-    step = spatial * (2 if teacher.family.packed else 1)
+    step = spatial * (2 if teacher.family.packed or teacher.family.patch > 1 else 1)
     for name, value in (("height", teacher.height), ("width", teacher.width)):
         if value is not None and (value < step or value % step):
             raise InputError(f"{name} is {value}; expected a positive multiple of {step} for {teacher.model_class} "

@@ -321,6 +321,11 @@ class Trainer:
         self._imageless: set[str] = set()  # trackers already named as taking no sample grids
         if resume_from is not None:
             self.load(resume_from)
+        # encoded once: the text encoders then leave the accelerator (the data's prompts are cached already)
+        self.validation_cond = self.teacher.encode_prompts(self.validation_prompts) if self.validation_prompts \
+            else None
+        if self.teacher.pipeline is not None and acc.device.type != "cpu":
+            self.teacher.offload_text_encoders()
         if acc.is_main_process:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             save_config(config, self.run_dir / "config.yaml")
@@ -654,7 +659,7 @@ class Trainer:
 
         acc, t, plan, teacher = self.accelerator, self.config.train, self.plan, self.teacher
         if self.validation_prompts:
-            cond, labels = teacher.encode_prompts(self.validation_prompts), self.validation_prompts
+            cond, labels = self.validation_cond, self.validation_prompts
         else:
             cond, labels = slice_cond(self.run.data.batch(0).to(acc.device).cond, slice(0, num)), None
         columns = num if cond is None else num_rows(cond)

@@ -189,8 +189,18 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
         "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
         "size": teacher.size(),
-        "call": {**teacher.size(), **teacher.family.replay_kwargs(teacher.pipeline, teacher.model)},
+        "call": _replay_call(teacher),
     }
+
+
+def _replay_call(teacher: Teacher) -> dict:
+    """The keyword arguments of the exported pipeline's call that replay the student: the trained size where the
+    pipeline takes one (text-to-image pipelines; the pixel ones sample their network's size) and the family's
+    ``replay_kwargs`` (guidance off, or a guidance-distilled network's trained scale)."""
+    size = teacher.size() if teacher.text_conditioned else {}
+    params = inspect.signature(type(teacher.pipeline).__call__).parameters
+    return {**{k: v for k, v in size.items() if k in params},
+            **teacher.family.replay_kwargs(teacher.pipeline, teacher.model)}
 
 
 def _hub_ids(value) -> str | list[str] | None:

@@ -5,7 +5,7 @@ loaded by stock diffusers in a process without fastgen, whose samples must equal
 The in-process reference draws its noise as the stock pipelines do: the initial latents from the call's generator
 in the pipeline's latent layout, the renoise of a multistep student from the global RNG (``FluxPipeline`` and
 ``WanPipeline`` call ``scheduler.step`` without a generator) in the layout the scheduler sees, packed tokens for
-Flux (``fastgen.families.pack``).
+Flux (``fastgen.families.pack``), a token per latent pixel for Flux.2 (``flatten``).
 """
 
 from __future__ import annotations
@@ -23,26 +23,29 @@ import torch
 from safetensors.torch import load_file
 
 from fastgen.denoiser import BoundaryDenoiser
-from fastgen.families import pack, unpack
+from fastgen.families import flatten, pack, unflatten, unpack
 from fastgen.samplers.solvers import renoise_step
 from fastgen.teacher import load_teacher
-from tiny import make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder, make_z_image_folder
+from tiny import (make_flux2_klein_folder, make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder,
+                  make_z_image_folder)
 
 SEED, GLOBAL_SEED = 3, 11
 PROMPT = "a red cat"
 BUILDERS = {"flux": make_flux_folder, "wan": make_wan_folder, "sana": make_sana_folder,
-            "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875), "z-image": make_z_image_folder}
+            "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875), "z-image": make_z_image_folder,
+            "flux2": make_flux2_klein_folder}
 SIZES = {"flux": {}, "wan": {"height": 32, "width": 32, "num_frames": 5}, "sana": {},
-         "qwen-image": {"height": 32, "width": 32}, "wan2.2": {"height": 32, "width": 32, "num_frames": 5}, "z-image": {}}
+         "qwen-image": {"height": 32, "width": 32}, "wan2.2": {"height": 32, "width": 32, "num_frames": 5}, "z-image": {}, "flux2": {}}
 OVERRIDES = {"wan2.2": ["student.experts=2"]}
 """Wan 2.2: a student of two experts, one per transformer of the pipeline's own layout."""
 """Sample sizes of the runs (Flux: its VAE's 16 x 16; SANA: its transformer's; Wan: 32 x 32 pixels and 5 frames,
 not the pipeline's 480 x 832 x 81; Qwen-Image: not its pipeline's 128 x VAE factor)."""
 PIPELINES = {"flux": "FluxPipeline", "wan": "WanPipeline", "sana": "SanaPipeline", "qwen-image": "QwenImagePipeline",
-             "wan2.2": "WanPipeline", "z-image": "ZImagePipeline"}
+             "wan2.2": "WanPipeline", "z-image": "ZImagePipeline", "flux2": "Flux2KleinPipeline"}
 GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "wan": {"guidance_scale": 1.0},
                 "sana": {"guidance_scale": 1.0, "use_resolution_binning": False}, "qwen-image": {},
-                "wan2.2": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "z-image": {"guidance_scale": 0.0}}
+                "wan2.2": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "z-image": {"guidance_scale": 0.0},
+                "flux2": {"guidance_scale": 1.0}}
 """How each pipeline runs a student as trained: Flux.1-dev at its embedded guidance (FluxPipeline's default 3.5),
 no CFG elsewhere: guidance_scale 1 in the u + s (c - u) form (Wan, SANA, Wan 2.2's second expert too), 0 in Z-Image's
 c + s (c - u) form, nothing for Qwen-Image (its true CFG needs a negative prompt); SANA's resolution binning would
@@ -111,6 +114,8 @@ def reference(folder, steps: int, family: str) -> torch.Tensor:
                 break
             if model.family.packed:
                 noise = unpack(torch.randn(pack(x0).shape, generator=generator), x0.shape[-2], x0.shape[-1])
+            elif model.family.tokens:
+                noise = unflatten(torch.randn(flatten(x0).shape, generator=generator), x0.shape[-2], x0.shape[-1])
             else:
                 noise = torch.randn(x0.shape, generator=generator)
             x = renoise_step(model.schedule, x0, times[i + 1], noise)

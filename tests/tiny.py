@@ -304,3 +304,34 @@ def make_z_image_folder(path) -> Path:
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                           tokenizer=tokenizer, transformer=transformer)
     return _save(pipe, path, True)
+
+
+def make_flux2_klein_folder(path) -> Path:
+    """A FLUX.2 [klein]-style ``Flux2KleinPipeline``: a ``Flux2Transformer2DModel`` (no guidance embedding) on a token
+    per pixel of 2x2-patchified, batch-normalised latents of a tiny ``AutoencoderKLFlux2`` (4 latent channels,
+    factor 2 then the patch: 16 x 16 images, 4 x 4 tokens), a Qwen3 text encoder of 27 layers (the pipeline stacks
+    layers 9, 18 and 27: 48 features) with a chat template, and a dynamically shifted
+    ``FlowMatchEulerDiscreteScheduler``."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=[4, 8], in_channels=3, out_channels=3, layers_per_block=1,
+                             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             latent_channels=4, norm_num_groups=2, sample_size=16)
+    with torch.no_grad():  # a batch norm that has seen data: non-trivial statistics
+        vae.bn.running_mean.copy_(0.1 * torch.randn(16))
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=27,
+                                                num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                                vocab_size=100)).eval()
+    tokenizer = t5_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+    return _save(pipe, path, True)
