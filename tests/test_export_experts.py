@@ -246,7 +246,8 @@ def test_trainer_and_cli_exports_hold_each_experts_ema_weights(trained_run):
                 assert torch.equal(weights[way][f"experts.{k}.{key}"], value), (way, k, key)
     meta = json.loads((folders["cli"] / METADATA).read_text())
     assert meta["experts"] == {"count": 2, "boundaries": [749.0], "timestep_boundaries": [749.0],
-                               "expert_class": "UNet2DModel"} and meta["method"] == "experts_probe"
+                               "expert_class": "UNet2DModel", "layout": "timestep_experts"}
+    assert meta["method"] == "experts_probe"
 
 
 def test_a_phased_dmd_student_of_experts_exports(tmp_path):
