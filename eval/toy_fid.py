@@ -100,7 +100,7 @@ class ToyWorldCheck:
 
     def check_model(self, model, source: str, num_samples: int) -> None:
         """Refuse, before any sampling, a model (``fastgen.teacher.Teacher``) whose images are not 16x16 RGB."""
-        channels = model.vae.config.out_channels if model.is_latent else model.sample_shape[0]
+        channels = model.image_channels
         shape = (channels, *model.image_size)
         if tuple(shape) != EXPECTED_SHAPE:
             raise InputError(f"toy features (--features toy) take the toy world's 16x16 RGB images, expected (N, 3, "

@@ -151,6 +151,14 @@ class Teacher:
         return self.sample_shape[-2] * spatial, self.sample_shape[-1] * spatial
 
     @property
+    def image_channels(self) -> int:
+        """Channels of the decoded images: the VAE's image channels (3 where its config does not say, as Wan's and
+        Qwen-Image's), else the denoiser's own."""
+        if not self.is_latent:
+            return self.sample_shape[0]
+        return int(getattr(self.vae.config, "in_channels", None) or 3)
+
+    @property
     def frames(self) -> int:
         """Frames of a decoded video sample (1 for images)."""
         if not self.is_video:

@@ -249,3 +249,38 @@ def test_every_method_trains_and_exports_on_packed_and_video_latents(teachers, t
     model = load_teacher(folder)
     assert model.sample_shape == load_teacher(folders[family], **SIZES[family]).sample_shape
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "qwen-image", "sana", "z-image"])
+def test_captioned_images_are_encoded_by_the_familys_vae_and_text_encoders(teachers, tmp_path, family):
+    """Captioned images (a folder with metadata.jsonl) through each image family's own VAE normalisation (shift and
+    scale, Flux.2's batch norm on patchified latents, Qwen-Image's 3D VAE with per-channel statistics, DC-AE) and
+    text encoders: every sample is its image's latent with its own caption's condition."""
+    from PIL import Image
+
+    from fastgen.data import build_data, flatten_cond
+    from fastgen.data.images import load_image
+
+    _, _, folders = teachers
+    teacher = load_teacher(folders[family], **({"height": 16, "width": 16} if family == "qwen-image" else {}))
+    h, w = teacher.image_size
+    captions = ["a red disc", "a blue square", "two green lines"]
+    data = tmp_path / "captioned"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (w, h), (70 * i, 200 - 50 * i, 60 + 40 * i)).save(data / f"img{i}.png")
+            f.write(json.dumps({"file_name": f"img{i}.png", "text": caption}) + "\n")
+    batch = build_data(data, teacher, batch_size=3, seed=0, cache_dir=tmp_path / "cache").batch(0)
+    latents = torch.cat([teacher.encode(load_image(data / f"img{i}.png", (h, w), 3)[None]) for i in range(3)])
+    assert batch.x0.shape == (3, *teacher.sample_shape)
+    for k, x0 in enumerate(batch.x0):
+        i = int((latents - x0).flatten(1).abs().amax(1).argmin())
+        torch.testing.assert_close(x0, latents[i], atol=1e-4, rtol=1e-4)
+        ours = {key: value[k] for key, value in flatten_cond(batch.cond).items()}
+        expected = {key: value[0] for key, value in flatten_cond(teacher.encode_prompts([captions[i]])).items()}
+        assert ours.keys() == expected.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key].to(expected[key].dtype), expected[key], atol=1e-5, rtol=1e-5)
+    decoded = teacher.decode(latents)
+    assert decoded.shape == (3, 3, h, w) and decoded.abs().max() <= 1

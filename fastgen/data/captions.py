@@ -238,7 +238,7 @@ def captioned_data(spec, builder: str, arguments: dict, identity: list | None, t
         distinct = list(dict.fromkeys(captions))
         rows = {caption: k for k, caption in enumerate(distinct)}
         logger.info("encoding %d images and %d captions of %s", len(captions), len(distinct), spec)
-        channels = teacher.vae.config.in_channels if teacher.is_latent else teacher.sample_shape[0]
+        channels = teacher.image_channels
         images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         device = teacher.model.device
         chunks = []

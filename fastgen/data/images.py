@@ -110,15 +110,13 @@ def image_data(folder: Path, teacher: Teacher, cache_dir: Path, batch_size: int,
     file list and mtimes, the teacher and ``resize``."""
     files = find_images(folder)
     labels = folder_labels(folder, files, teacher.num_classes) if teacher.num_classes else None
+    channels = teacher.image_channels
     if teacher.is_latent:
-        channels = teacher.vae.config.in_channels
         listing = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         path = cache_dir / f"images-{digest(teacher_fingerprint(teacher), resize, listing)}.safetensors"
         cached = load_cache(path)
         if cached is not None:
             return cached["x0"], labels
-    else:
-        channels = teacher.sample_shape[0]
     device = teacher.model.device
     chunks = []
     for start in range(0, len(files), batch_size):
