@@ -53,7 +53,7 @@ resize a size off its bins."""
 STEP_GENERATOR = {"sana"}
 """Pipelines that pass the call's generator to ``scheduler.step`` (the others renoise from the global RNG)."""
 
-STEPS = {"dmd2": [2], "consistency": [1, 2]}
+STEPS = {"dmd2": [2], "consistency": [1, 2], "dmd2-lora": [2]}
 """The step counts each method's export replays (a consistency student serves 1, 2, 4 and 8)."""
 
 LOADER = textwrap.dedent("""
@@ -66,7 +66,16 @@ LOADER = textwrap.dedent("""
     cases, out = json.loads(sys.argv[1]), sys.argv[2]
     tensors, classes = {}, {}
     for case in cases:
-        pipe = DiffusionPipeline.from_pretrained(case["folder"], use_safetensors=True, trust_remote_code=True)
+        if case.get("teacher"):  # a LoRA export: the adapter on the teacher, then the export's scheduler
+            from diffusers.utils import get_class_from_dynamic_module
+
+            pipe = DiffusionPipeline.from_pretrained(case["teacher"], use_safetensors=True)
+            pipe.load_lora_weights(case["folder"])
+            scheduler = get_class_from_dynamic_module(case["folder"] + "/scheduler", module_file="scheduling_few_step.py",
+                                                      class_name="FewStepScheduler", trust_remote_code=True)
+            pipe.scheduler = scheduler.from_pretrained(case["folder"], subfolder="scheduler")
+        else:
+            pipe = DiffusionPipeline.from_pretrained(case["folder"], use_safetensors=True, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         classes[case["name"]] = [type(pipe).__name__, type(pipe.scheduler).__name__]
         for steps in case["steps"]:
@@ -81,12 +90,15 @@ LOADER = textwrap.dedent("""
 
 
 def distill(tmp_path, teacher, method: str, family: str, prompts) -> "Path":
-    """``fastgen distill`` of a 2-step student in a few steps; returns the run's export folder."""
+    """``fastgen distill`` of a 2-step student in a few steps (``dmd2-lora``: a LoRA student and fake score,
+    exported as a LoRA); returns the run's export folder."""
     out = tmp_path / f"{family}-{method}"
+    lora = ["student.lora_rank=4", "objective.fake_lora_rank=4", "--lora"] if method == "dmd2-lora" else []
+    method = method.removesuffix("-lora")
     size = [f"--{k.replace('_', '-')}={v}" for k, v in SIZES[family].items()]
     cmd = [sys.executable, "-m", "fastgen", "distill", "--teacher", str(teacher), "--method", method,
            "--data", "teacher", "--prompts", str(prompts), "--steps", "2", "--max-steps", "3", "--output", str(out),
-           *size, "teacher_samples=4", "teacher_sample_steps=4", "train.batch_size=2", *OVERRIDES.get(family, [])]
+           *size, "teacher_samples=4", "teacher_sample_steps=4", "train.batch_size=2", *OVERRIDES.get(family, []), *lora]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "export"
@@ -135,11 +147,12 @@ def teachers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(teachers):
     root, prompts, teachers = teachers
-    runs = [(family, method) for family in teachers for method in STEPS]
+    runs = [(family, method) for method, families in RUNS.items() for family in families]
     with ThreadPoolExecutor(2) as pool:  # two runs at a time: one per core
         exported = pool.map(lambda run: distill(root, teachers[run[0]], run[1], run[0], prompts), runs)
         folders = dict(zip(runs, exported))
     cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
+              "teacher": str(teachers[family]) if method.endswith("-lora") else None,
               "global_seed": GLOBAL_SEED, "steps": STEPS[method],
               "call": json.loads((folder / "fastgen_export.json").read_text())["call"]}
              for (family, method), folder in folders.items()]
@@ -151,13 +164,22 @@ def exports(teachers):
     return folders, load_file(f"{result}.safetensors"), json.loads(result.with_suffix(".json").read_text())
 
 
-CASES = [(family, method, steps) for family in PIPELINES for method in STEPS for steps in STEPS[method]]
+CONSISTENCY = ["flux", "wan", "wan2.2", "z-image"]
+"""Families also distilled by consistency (a student of 1, 2, 4 and 8 steps): packed, video, two experts, lists;
+every family's dmd2 run above covers its inputs, time units and export (CI time: each run is a process)."""
+LORA = ["flux"]
+"""Families also distilled with a LoRA student, exported as a LoRA (``load_lora_weights`` on the teacher)."""
+RUNS = {"dmd2": list(PIPELINES), "consistency": CONSISTENCY, "dmd2-lora": LORA}
+CASES = [(family, method, steps) for method, families in RUNS.items() for family in families
+         for steps in STEPS[method]]
 
 
 @pytest.mark.parametrize("family,method,steps", CASES)
 def test_export_loads_without_fastgen_and_replays_the_student(exports, family, method, steps):
     folders, outputs, classes = exports
     assert classes[f"{family}-{method}"] == [PIPELINES[family], "FewStepScheduler"]
+    if method.endswith("-lora"):
+        assert (folders[family, method] / "pytorch_lora_weights.safetensors").is_file()
     ours = reference(folders[family, method], steps, family)
     theirs = outputs[f"{family}-{method}/{steps}"]
     assert theirs.shape == ours.shape
