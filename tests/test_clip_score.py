@@ -13,33 +13,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tiny import OPEN_CLIP_NAME, make_open_clip_weights
 
 from fastgen.errors import InputError
 from fastgen.eval.clip_score import CLIPScorer
 
-TINY_NAME = "fastgen-test-tiny-clip"
-TINY_CONFIG = {
-    "embed_dim": 8,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
 PROMPTS = ["a red square", "a blue circle", "a green triangle", "two yellow stars"]
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_NAME)
-    save_file(model.state_dict(), folder / "tiny.safetensors")
-    return folder / "tiny.safetensors"
+    return make_open_clip_weights(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
-    return CLIPScorer(TINY_NAME, pretrained=tiny_checkpoint)
+    return CLIPScorer(OPEN_CLIP_NAME, pretrained=tiny_checkpoint)
 
 
 @pytest.fixture
@@ -60,8 +49,8 @@ def hand_cosines(scorer, images, prompts):
 
 
 def test_weights_come_from_the_local_file(tiny_checkpoint, scorer):
-    fresh = open_clip.create_model(TINY_NAME)
-    stored = open_clip.create_model(TINY_NAME, pretrained=str(tiny_checkpoint)).state_dict()
+    fresh = open_clip.create_model(OPEN_CLIP_NAME)
+    stored = open_clip.create_model(OPEN_CLIP_NAME, pretrained=str(tiny_checkpoint)).state_dict()
     assert all(torch.equal(scorer.model.state_dict()[k], v) for k, v in stored.items())
     assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in stored.items())
 
@@ -124,7 +113,7 @@ def test_fastgen_eval_clip_metric_matches_the_scorer(tiny_checkpoint, scorer, tm
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(sd), "--steps", "2", "--metrics", "clip", "--clip-model", TINY_NAME,
+    assert main(["eval", "--model", str(sd), "--steps", "2", "--metrics", "clip", "--clip-model", OPEN_CLIP_NAME,
                  "--clip-weights", str(tiny_checkpoint), "--prompts-file", str(prompts), "--num-samples", "4",
                  "--out", str(out)]) == 0
     (row,) = list(csv.DictReader((out / "sweep.csv").open()))
@@ -310,7 +299,7 @@ def test_weights_that_do_not_fit_the_model(tiny_checkpoint, hf_folder, tmp_path)
     state = load_file(tiny_checkpoint)
     save_file({k: v for k, v in state.items() if k != "text_projection"}, tmp_path / "partial.safetensors")
     with pytest.raises(InputError, match=r"partial.safetensors do not load into open_clip's fastgen-test-tiny-clip"):
-        CLIPScorer(TINY_NAME, pretrained=tmp_path / "partial.safetensors")
+        CLIPScorer(OPEN_CLIP_NAME, pretrained=tmp_path / "partial.safetensors")
     folder = _copy(hf_folder, tmp_path / "partial")
     weights = load_file(folder / "model.safetensors")
     save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, folder / "model.safetensors",
@@ -328,7 +317,7 @@ def test_weights_that_do_not_fit_the_model(tiny_checkpoint, hf_folder, tmp_path)
 def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     path = _runs_code(tmp_path)
     with pytest.raises(InputError, match="cannot be read as plain tensors"):
-        CLIPScorer(TINY_NAME, pretrained=path)
+        CLIPScorer(OPEN_CLIP_NAME, pretrained=path)
     assert not (tmp_path / "ran").exists()
     torch.load(path, weights_only=False)  # what an unguarded load does with this file
     assert (tmp_path / "ran").exists()
@@ -395,6 +384,6 @@ def test_provenance_names_inception_and_open_clip_weight_files(tiny_checkpoint, 
     for i in range(4):
         Image.fromarray(torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8).numpy()).save(ref / f"{i}.png")
     metrics = build_metrics(["fid", "clip"], ref=str(ref), inception_weights="my-inception.pth", prompts=["a cat"],
-                            clip_model=TINY_NAME, clip_weights=str(tiny_checkpoint))
+                            clip_model=OPEN_CLIP_NAME, clip_weights=str(tiny_checkpoint))
     assert metrics.provenance == {"features": "my-inception.pth", "ref": "my-ref",
-                                  "clip_model": f"{TINY_NAME} (tiny.safetensors)"}
+                                  "clip_model": f"{OPEN_CLIP_NAME} (tiny.safetensors)"}

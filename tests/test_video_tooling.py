@@ -10,12 +10,10 @@ import csv
 import json
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image, ImageSequence
-from safetensors.torch import save_file
-from tiny import make_wan_folder
+from tiny import OPEN_CLIP_NAME, make_open_clip_weights, make_wan_folder
 
 from fastgen.cli import main
 
@@ -23,12 +21,6 @@ FRAMES, SIDE = 5, 32
 SIZE = ["--height", str(SIDE), "--width", str(SIDE), "--num-frames", str(FRAMES)]
 PROMPT = "a red cat"
 VALIDATION = ["a red cat", "a blue dog"]
-CLIP_NAME = "fastgen-test-video-clip"
-CLIP_CONFIG = {"embed_dim": 8,
-               "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
-               "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-
-
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     return make_wan_folder(tmp_path_factory.mktemp("video") / "wan")
@@ -137,13 +129,8 @@ def random_inception_weights(path):
 
 @pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory):
-    """A tiny random open_clip model (32-pixel images) registered as ``CLIP_NAME``, and its weights file."""
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{CLIP_NAME}.json").write_text(json.dumps(CLIP_CONFIG))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    save_file(open_clip.create_model(CLIP_NAME).state_dict(), folder / "tiny.safetensors")
-    return folder / "tiny.safetensors"
+    """A tiny random open_clip model (32-pixel images) registered as ``OPEN_CLIP_NAME``, and its weights file."""
+    return make_open_clip_weights(tmp_path_factory.mktemp("clip"))
 
 
 def test_eval_measures_every_frame_and_says_so(run, wan, clip_weights, tmp_path, capsys):
@@ -158,7 +145,7 @@ def test_eval_measures_every_frame_and_says_so(run, wan, clip_weights, tmp_path,
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (SIDE, SIDE, 3), np.uint8)).save(ref / f"{i}.png")
     out, export = tmp_path / "eval", run.run_dir / "export"
     assert main(["eval", "--model", str(export), "--teacher", str(wan), *SIZE, "--steps", "1", "--metrics",
-                 "fid,kid,clip", "--ref", str(ref), "--inception-weights", str(weights), "--clip-model", CLIP_NAME,
+                 "fid,kid,clip", "--ref", str(ref), "--inception-weights", str(weights), "--clip-model", OPEN_CLIP_NAME,
                  "--clip-weights", str(clip_weights), "--prompt", PROMPT, "--num-samples", "2", "--out", str(out)]) == 0
     columns = ["fid_per_frame", "kid_per_frame", "clip_per_frame", "clip_cosine_raw_per_frame"]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
@@ -194,7 +181,7 @@ def test_video_metrics_equal_the_image_metrics_of_the_frames_with_each_videos_pr
     for i in range(6):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8, 3), np.uint8)).save(ref / f"{i}.png")
     prompts = ["a red cat", "a blue dog"]
-    metrics = build_metrics(["fid", "kid", "clip"], ref=str(ref), prompts=prompts, clip_model=CLIP_NAME,
+    metrics = build_metrics(["fid", "kid", "clip"], ref=str(ref), prompts=prompts, clip_model=OPEN_CLIP_NAME,
                             clip_weights=str(clip_weights))
     videos = torch.rand(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     frames = videos.transpose(1, 2).reshape(12, 3, 8, 8)
@@ -202,6 +189,6 @@ def test_video_metrics_equal_the_image_metrics_of_the_frames_with_each_videos_pr
     assert frame_prompts(prompts, videos) == [prompts[0]] * 4 + [prompts[1]] * 4 + [prompts[0]] * 4
     for name in ("fid", "kid"):
         assert metrics[name](videos) == pytest.approx(metrics[name](frames), rel=1e-12)
-    scored = CLIPScorer(CLIP_NAME, clip_weights)(frames, frame_prompts(prompts, videos), value_range=(-1, 1))
+    scored = CLIPScorer(OPEN_CLIP_NAME, clip_weights)(frames, frame_prompts(prompts, videos), value_range=(-1, 1))
     assert metrics["clip"](videos) == pytest.approx(scored.clip_score, rel=1e-6)
     assert metrics["clip_cosine_raw"](videos) == pytest.approx(scored.clip_cosine_raw, rel=1e-6, abs=1e-9)

@@ -335,3 +335,27 @@ def make_flux2_klein_folder(path) -> Path:
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer)
     return _save(pipe, path, True)
+
+
+OPEN_CLIP_NAME = "fastgen-test-tiny-clip"
+"""The name a tiny open_clip model is registered under (``make_open_clip_weights``)."""
+
+
+def make_open_clip_weights(folder) -> Path:
+    """A tiny random open_clip model (32-pixel images, 8 features) registered with open_clip as
+    ``OPEN_CLIP_NAME`` from a config in ``folder``; its weights saved as ``folder/tiny.safetensors`` (returned)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = {"embed_dim": 8,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
+              "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    save_file(open_clip.create_model(OPEN_CLIP_NAME).state_dict(), folder / "tiny.safetensors")
+    return folder / "tiny.safetensors"
