@@ -39,6 +39,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,8 @@ from fastgen.teacher import load_teacher
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+HEALTH_TEACHER_STEPS = 16
+"""DDIM steps of the teacher's reference samples for the health signal of a data-free run."""
 NONFINITE_REMEDY = "lower train.lr, enable train.grad_clip or use bf16 instead of fp16"
 
 
@@ -319,6 +322,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = {phase.name: 0 for phase in run.phases}
         self._imageless: set[str] = set()  # trackers already named as taking no sample grids
+        self.health = None  # the last fastgen.health check (check_health)
+        self._health_reference = None  # a data-free run's teacher samples for it, made once
         if resume_from is not None:
             self.load(resume_from)
         # encoded once: the text encoders then leave the accelerator (the data's prompts are cached already)
@@ -492,6 +497,8 @@ class Trainer:
                 break
         if saved != self.step:
             self.save()
+        if not (t.sample_every and self.step % t.sample_every == 0):  # the samples of this step were checked
+            self.check_health()
         stop = stop or self._stop_signal(signals)  # a signal during the last step's checkpoint stops before export
         acc.end_training()
         if stop:
@@ -513,7 +520,9 @@ class Trainer:
                       "global_batch": global_batch(self.config.train, acc.num_processes)}
             with (self.run_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")})
+            postfix = {k: f"{v:.4g}" for k, v in values.items() if k.endswith("/loss")}
+            verdict = self.health.verdict if self.health is not None else None
+            bar.set_postfix({**postfix, **({"health": verdict.upper()} if verdict else {})})
         acc.log({**values, **extra}, step=self.step)
         return values
 
@@ -638,7 +647,8 @@ class Trainer:
             teacher = load_teacher(self.config.teacher, trust_pickle=self.config.trust_pickle, **self.config.size())
         return export_student(teacher, models if len(models) > 1 else models[0], out_dir,
                               **self.plan.export_config(), lora=lora, prediction_type=self.plan.prediction_type,
-                              method=self.config.method, settings=config_to_dict(self.config)["objective"])
+                              method=self.config.method, settings=config_to_dict(self.config)["objective"],
+                              health=last_health(self.run_dir))
 
     @torch.no_grad()
     def save_samples(self, num: int = 8) -> Path | None:
@@ -653,27 +663,13 @@ class Trainer:
         animates that labelled grid over every frame (``fastgen.generate.VIDEO_FPS``); the trackers get the PNG."""
         if not (self.accelerator.is_main_process or self.sharded):
             return None
-        from fastgen.denoiser import slice_cond
         from fastgen.generate import labelled_frames, labelled_grid, save_animation
-        from fastgen.samplers import get_sampler
 
-        acc, t, plan, teacher = self.accelerator, self.config.train, self.plan, self.teacher
-        if self.validation_prompts:
-            cond, labels = self.validation_cond, self.validation_prompts
-        else:
-            cond, labels = slice_cond(self.run.data.batch(0).to(acc.device).cond, slice(0, num)), None
-        columns = num if cond is None else num_rows(cond)
-        seed = self.config.seed if t.validation_seed is None else t.validation_seed
-        den, sample = self.objective.sampling_denoiser(), get_sampler(plan.rule)
-        counts = plan.exported or (plan.num_steps,)
-        rows = []
-        for count in counts:
-            timesteps = list(plan.grids[count])
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn((columns, *teacher.sample_shape), generator=g).to(acc.device)
-            with acc.autocast():
-                out = sample(den, x * teacher.schedule.prior_scale(timesteps[0]), timesteps, cond=cond, generator=g)
-            rows.append(teacher.decode(out).float().cpu())
+        acc, teacher = self.accelerator, self.teacher
+        counts, latents, cond, labels = self._sample_latents(num, self.plan.exported or (self.plan.num_steps,))
+        trained = counts.index(self.plan.num_steps) if self.plan.num_steps in counts else -1
+        self.check_health(latents[trained], cond)
+        rows = [teacher.decode(x).float().cpu() for x in latents]
         if not acc.is_main_process:
             return None
         samples, row_labels = torch.stack(rows), [f"{k} step{'s' if k > 1 else ''}" for k in counts]
@@ -688,6 +684,68 @@ class Trainer:
         grid.save(path)
         self._log_grid(grid)
         return path
+
+    def _sample_latents(self, num: int, counts) -> tuple[list[int], list[torch.Tensor], Any, list[str] | None]:
+        """The student's samples (denoiser space) at each step count of ``counts`` from the same noise: a column per
+        validation prompt or, without any, per condition of the data's first batch (at most ``num``); the noise
+        from ``train.validation_seed``, else ``seed``. Returns ``(counts, samples per count, cond, labels)``."""
+        from fastgen.denoiser import slice_cond
+        from fastgen.samplers import get_sampler
+
+        acc, t, plan, teacher = self.accelerator, self.config.train, self.plan, self.teacher
+        if self.validation_prompts:
+            cond, labels = self.validation_cond, self.validation_prompts
+        else:
+            cond, labels = slice_cond(self.run.data.batch(0).to(acc.device).cond, slice(0, num)), None
+        columns = num if cond is None else num_rows(cond)
+        seed = self.config.seed if t.validation_seed is None else t.validation_seed
+        den, sample = self.objective.sampling_denoiser(), get_sampler(plan.rule)
+        latents = []
+        for count in counts:
+            timesteps = list(plan.grids[count])
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn((columns, *teacher.sample_shape), generator=g).to(acc.device)
+            with acc.autocast():
+                latents.append(sample(den, x * teacher.schedule.prior_scale(timesteps[0]), timesteps, cond=cond,
+                                      generator=g).float())
+        return list(counts), latents, cond, labels
+
+    @torch.no_grad()
+    def check_health(self, samples: torch.Tensor | None = None, cond=None, num: int = 8):
+        """``fastgen.health.assess`` of the student's samples at its trained step count (sampled here unless
+        given) against the data's first batch, or, for data-free runs, the teacher's own samples (DDIM,
+        ``HEALTH_TEACHER_STEPS`` steps, from the same conditions; made once). Written to ``metrics.jsonl`` as a
+        ``health`` event and, outside the band, warned about in the log; every process of a sharded run calls it."""
+        from fastgen.health import assess
+        from fastgen.samplers import sample_ddim
+
+        acc, teacher = self.accelerator, self.teacher
+        if samples is None:
+            _, (samples,), cond, _ = self._sample_latents(num, (self.plan.num_steps,))
+        batch = self.run.data.batch(0).to(acc.device)
+        if batch.x0 is not None:
+            reference, reference_cond = batch.x0[: len(samples)], batch.cond
+            if reference_cond is not None:
+                from fastgen.denoiser import slice_cond
+
+                reference_cond = slice_cond(reference_cond, slice(0, len(reference)))
+        else:
+            if self._health_reference is None:
+                timesteps = teacher.schedule.timesteps(HEALTH_TEACHER_STEPS).tolist()
+                g = torch.Generator().manual_seed(self.config.seed + 1)
+                x = torch.randn(samples.shape, generator=g).to(acc.device) * teacher.schedule.prior_scale(timesteps[0])
+                with acc.autocast():
+                    self._health_reference = sample_ddim(teacher.denoiser, x, timesteps, cond=cond).float()
+            reference, reference_cond = self._health_reference, cond
+        with acc.autocast():
+            health = assess(teacher, samples, cond, reference, reference_cond, seed=self.config.seed)
+        if acc.is_main_process:
+            with (self.run_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps({"step": self.step, "event": "health", **health.as_dict()}) + "\n")
+            if health.message():
+                warn(f"step {self.step}: {health.message()}")
+        self.health = health
+        return health
 
     def _log_grid(self, grid) -> None:
         """``grid`` (a PIL image) as the image ``samples`` to the run's tensorboard and wandb trackers; any other
@@ -705,8 +763,8 @@ class Trainer:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Cut ``metrics.jsonl`` back to a run resumed at ``step`` (atomically): the records of later steps and the
-    events of steps from ``step`` on (an event's ``step`` is the index of the step it happened in; a record's, the
-    number of steps done) go, and so does a line a killed write left incomplete. The resumed run writes them again."""
+    events of steps from ``step`` on (an event's ``step`` is the index of the step it happened in; a record's and a
+    ``health`` check's, the number of steps done) go, and so does a line a killed write left incomplete. The resumed run writes them again."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -717,7 +775,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             at = record["step"]
         except (json.JSONDecodeError, TypeError, KeyError):
             continue
-        if at < step or (at == step and "event" not in record):
+        if at < step or (at == step and record.get("event", "health") == "health"):
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         with atomic_path(path) as tmp:
@@ -810,6 +868,21 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def last_health(run_dir: str | Path) -> dict | None:
+    """The last ``health`` event of the run's ``metrics.jsonl`` (without its ``event`` key), or ``None``."""
+    path = Path(run_dir) / METRICS_FILE
+    found = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: the others still count
+                continue
+            if isinstance(record, dict) and record.get("event") == "health":
+                found = {k: v for k, v in record.items() if k != "event"}
+    return found
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = True,
                checkpoint: str | Path | None = None, on_no_ema=None) -> Path:
     """Export a finished or interrupted run from its checkpoint (latest by default) without its data: the
@@ -859,4 +932,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
                      state["nonfinite"][1], step, run_dir)
     return export_student(teacher, students if len(students) > 1 else students[0], out_dir, **plan.export_config(),
                           lora=lora, prediction_type=plan.prediction_type, method=config.method,
-                          settings=config_to_dict(config)["objective"])
+                          settings=config_to_dict(config)["objective"], health=last_health(run_dir))

@@ -134,6 +134,20 @@ def _lora_line(meta: dict) -> str:
     return "\n- LoRA format: peft, diffusers' layout (`pytorch_lora_weights.safetensors`), for `load_lora_weights`."
 
 
+def _health_line(meta: dict) -> str:
+    """The training's last health check (``fastgen.health``), a paragraph before the metrics; none if unrecorded."""
+    health = meta.get("health")
+    if not health:
+        return ""
+    if health["verdict"] == "nonfinite":
+        return f"Health at step {health['step']} of training: **the samples held NaN or inf values**.\n\n"
+    verdict = {"noise": "**the samples looked like noise**", "flat": "**the samples were flat (a constant?)**"}.get(
+        health["verdict"], "within the healthy band")
+    return (f"Health at step {health['step']} of training: {verdict}: the teacher denoised the student's samples "
+            f"{health['denoise_ratio']:.2f}x as badly as the data (noise-like above 5), and they carried "
+            f"{health['flat_ratio']:.2f} of its spatial variation (flat below 0.2).\n\n")
+
+
 def _experts_line(meta: dict) -> str:
     from fastgen.pipelines.export import timestep_experts
 
@@ -195,7 +209,7 @@ Other step counts were not trained.
 
 ## Metrics
 
-{_metrics_table(meta['metrics'])}
+{_health_line(meta)}{_metrics_table(meta['metrics'])}
 
 ## Usage
 

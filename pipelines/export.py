@@ -61,7 +61,7 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    out_dir: str | os.PathLike, trained_timesteps: Mapping[int | str, Sequence[float]],
                    rule: str = "renoise", boundary: dict | None = None, lora: bool | str = False,
                    prediction_type: str | None = None, method: str | None = None, settings: Mapping | None = None,
-                   expert_boundaries: Sequence[float] | None = None) -> Path:
+                   expert_boundaries: Sequence[float] | None = None, health: Mapping | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
     added through ``model.add_adapter``) as a diffusers folder; return its path.
 
@@ -80,6 +80,8 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
         settings: the method's settings, for the model card.
         expert_boundaries: for a student of experts, the K-1 strictly decreasing native times between the
             experts' intervals (expert ``k`` answers ``b_k < t <= b_{k-1}``, as ``ExpertsDenoiser``).
+        health: the training's last ``fastgen.health`` check (``{"step", "denoise_ratio", "flat_ratio",
+            "verdict"}``), for the model card.
     """
     lora = lora_format(lora, teacher)
     students = _students(student_model, expert_boundaries, lora)
@@ -95,7 +97,7 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    "timestep_boundaries": timestep_boundaries(scheduler, expert_boundaries),
                    "expert_class": type(students[0]).__name__,
                    "layout": "pipeline" if native_experts(teacher) and len(students) == 2 else "timestep_experts"}
-    meta = _metadata(teacher, scheduler, shipped, lora, method, settings, experts)
+    meta = {**_metadata(teacher, scheduler, shipped, lora, method, settings, experts), "health": health}
     if lora:
         adapter = _adapter_name(student_model)
         _check_base_weights(teacher, student_model)

@@ -47,9 +47,11 @@ _FIELDS = {
         isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
         "null or the trained sample size {height, width[, num_frames]} in positive integers"),
     "call": (lambda v: isinstance(v, dict), "the pipeline call's keyword arguments that replay the student (a mapping)"),
+    "health": (lambda v: v is None or isinstance(v, dict) and {"step", "denoise_ratio", "flat_ratio", "verdict"} <= set(v),
+               "null or the last health check {step, denoise_ratio, flat_ratio, verdict}"),
 }
 """The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
-_ADDED_LATER = ("experts", "size", "call")
+_ADDED_LATER = ("experts", "size", "call", "health")
 """Keys that exports of format version 1 written before them lack (read as null)."""
 
 
