@@ -10,10 +10,15 @@ gradients to ``None`` only at their start, so the student's gradients stay alive
 the other way round), and then every phase of the objective runs once through the trainer's own
 ``fastgen.step.run_phase`` (a one-process ``PlainBackend``): ownership of the phase's networks, autocast at the
 run's precision, the phase's loss, ``backward``, gradient clipping, the optimizer step and the student's EMA.
-Nothing in torch or in the objectives is patched. A dispatch mode counts the bytes of every live storage (a storage counts from the op that
-made it until its last tensor dies), so the peak includes what activations autograd saves, gradient
-checkpointing's recomputation, the attention kernel's own buffers and the optimizer's temporaries. The
-activations are therefore *simulated* at the real size, not measured on a small batch nor modelled.
+Nothing in torch or in the objectives is patched. Every denoiser family of ``fastgen.families.FAMILIES``
+is taken: the sample is ``Teacher.sample_shape`` of the folder's own pipeline class (``TeacherSpec.pipeline``), the
+prompt embeddings are zeros as long as that pipeline makes them (``ConfigTeacher.encode_prompts``), the networks are
+called through their family as in training; the pipeline's other networks (VAE, text encoders, Wan 2.2's
+``transformer_2``) are frozen weights on the device (``TeacherSpec.component_parameters``). A dispatch mode
+counts the bytes of every live storage (a storage counts from the op that made it until its last tensor dies), so
+the peak includes what activations autograd saves, gradient checkpointing's recomputation, the attention kernel's
+own buffers and the optimizer's temporaries. The activations are therefore *simulated* at the real size, not
+measured on a small batch nor modelled.
 
 Limits: the simulation runs PyTorch's CPU kernels' bookkeeping (autocast's CPU casting rules and CPU
 SDPA, a flash kernel that saves O(tokens) like CUDA's), so on a GPU expect a few per cent more: the CUDA
@@ -100,17 +105,21 @@ def _folder(source: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_diffusers():
-    """Within: diffusers logs errors only. Its pipelines' constructors warn about what the estimate's pipeline
-    leaves out on purpose (StableDiffusionPipeline: "You have disabled the safety checker")."""
+def _quiet_builds():
+    """Within: diffusers and transformers log errors only. Building from configs alone, their warnings concern what
+    the estimate leaves out on purpose (StableDiffusionPipeline: "You have disabled the safety checker") or a
+    published config's older keys (Qwen2.5-VL's ``rope_scaling``, which transformers 5 reads as it is)."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    before = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    before = [(module, module.get_verbosity()) for module in (diffusers_logging, transformers_logging)]
+    for module, _ in before:
+        module.set_verbosity_error()
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(before)
+        for module, level in before:
+            module.set_verbosity(level)
 
 
 @dataclass
@@ -167,7 +176,7 @@ class TeacherSpec:
             _, vae_class, vae_config = self.others["vae"]
             with torch.device("meta"):
                 kwargs["vae"] = getattr(diffusers, vae_class).from_config(vae_config)
-        with _quiet_diffusers():
+        with _quiet_builds():
             return pipeline_class(**kwargs)
 
     @property
@@ -183,7 +192,7 @@ class TeacherSpec:
 
         counts = {}
         for name, (library, class_name, config) in self.others.items():
-            with torch.device("meta"):
+            with torch.device("meta"), _quiet_builds():
                 if library == "diffusers":
                     model = getattr(diffusers, class_name).from_config(config)
                 else:
@@ -267,12 +276,13 @@ class ConfigTeacher(Teacher):
                     "pooled_projections": zeros(n, cfg.pooled_projection_dim)}
         if family == "wan":
             return {"encoder_hidden_states": zeros(n, tokens, cfg.text_dim)}
-        mask = torch.ones(n, tokens, dtype=torch.long, device=device)
+        ones = functools.partial(torch.ones, dtype=torch.long, device=device)
         if family == "sana":
-            return {"encoder_hidden_states": zeros(n, tokens, cfg.caption_channels), "encoder_attention_mask": mask}
+            return {"encoder_hidden_states": zeros(n, tokens, cfg.caption_channels),
+                    "encoder_attention_mask": ones(n, tokens)}
         if family == "qwen-image":
             return {"encoder_hidden_states": zeros(n, tokens, cfg.joint_attention_dim),
-                    "encoder_hidden_states_mask": mask}
+                    "encoder_hidden_states_mask": ones(n, tokens)}
         embeds = zeros(n, 77, cfg.cross_attention_dim)
         if family == "sdxl":  # pooled text + 6 size/crop ids
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim

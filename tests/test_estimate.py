@@ -301,3 +301,114 @@ def test_a_frozen_network_the_objective_keeps_is_counted_and_sharded(sd_folder, 
     assert est.parameters["target"] == est.parameters["student"]
     sharded = {(n, k): b for n, k, b in per_device(est, 2, "fsdp2").rows}
     assert sharded[("target", "weights")] == one_unet_per_device(sd_folder, 2)
+
+
+# -- the real-size configs of the newer families (FLUX.1-dev, Qwen-Image, Wan 2.1/2.2, SANA) ------------------------
+
+
+NEW_REAL_SIZE = {  # name: the pipeline's default (height, width, frames), the denoiser's nominal parameters
+    "flux1-dev": ((1024, 1024, 1), 12e9),
+    "qwen-image": ((1024, 1024, 1), 20e9),
+    "wan2.1-t2v-1.3b": ((480, 832, 81), 1.3e9),
+    "wan2.1-t2v-14b": ((480, 832, 81), 14e9),
+    "wan2.2-t2v-a14b": ((480, 832, 81), 14e9),
+    "sana-1.6b": ((1024, 1024, 1), 1.6e9),
+}
+"""The defaults of each pipeline's ``__call__`` (FluxPipeline and QwenImagePipeline: ``default_sample_size`` 128
+times the VAE's 8; WanPipeline: 480 x 832, 81 frames; SanaPipeline: 1024) and the parameter count its name gives."""
+
+
+def family_rule_shape(spec, height: int, width: int, frames: int) -> tuple[int, ...]:
+    """The sample shape by the family rules, from the folder's configs alone: the VAE's spatial factor (its
+    pipeline's formula: ``2 ** len(temperal_downsample)`` for Wan's and Qwen-Image's VAEs, else one halving per
+    block after the first) and temporal one (``2 ** sum(temperal_downsample)``); packed families see
+    ``in_channels / 4`` channels on an even latent grid; video ``(frames - 1) // temporal + 1`` latent frames."""
+    from fastgen.families import FAMILIES
+
+    family, vae = FAMILIES[spec.model_class], spec.others["vae"][2]
+    if "temperal_downsample" in vae:
+        spatial, temporal = 2 ** len(vae["temperal_downsample"]), 2 ** sum(vae["temperal_downsample"])
+    else:
+        spatial, temporal = 2 ** (len(vae.get("block_out_channels") or vae["encoder_block_out_channels"]) - 1), 1
+    step = spatial * (2 if family.packed else 1)
+    channels = spec.model_config["in_channels"] // (4 if family.packed else 1)
+    grid = (height // step * step // spatial, width // step * step // spatial)
+    return (channels, (frames - 1) // temporal + 1, *grid) if family.video else (channels, *grid)
+
+
+@pytest.mark.parametrize("name", list(NEW_REAL_SIZE))
+def test_new_real_size_folders_load_and_give_the_family_sample_shape(name):
+    """Each folder reads through the estimate's spec (its denoiser a family of ``fastgen.families.FAMILIES``),
+    builds on the meta device at about its published size, and gives the sample shape of the family rules at the
+    pipeline's default size and at another one; a size its latents cannot have is one line naming it. The
+    denoiser runs on the meta device with the family's inputs and the estimate's text conditions."""
+    from fastgen.errors import InputError
+    from fastgen.estimate import ConfigTeacher, build_network
+    from fastgen.families import FAMILIES
+
+    (height, width, frames), nominal = NEW_REAL_SIZE[name]
+    spec = TeacherSpec.read(name)
+    assert spec.model_class in FAMILIES
+    assert count_parameters(name) == pytest.approx(nominal, rel=0.1)  # (the names round: Wan's 1.3B is 1.42 B)
+    assert spec.sample_shape() == family_rule_shape(spec, height, width, frames)
+    video = FAMILIES[spec.model_class].video
+    small = {"height": 96, "width": 160, "num_frames": 9} if video else {"resolution": 96}
+    shape = spec.sample_shape(**small)
+    assert shape == family_rule_shape(spec, small.get("height", 96), small.get("width", 96), small.get("num_frames", 1))
+    with pytest.raises(InputError, match=r"^resolution 100: height is 100; expected a positive multiple of \d+"):
+        spec.sample_shape(100)
+    model = build_network(name, "meta")
+    teacher = ConfigTeacher(spec, model, shape)
+    x = torch.zeros(1, *shape, device="meta")
+    assert teacher.denoiser(x, torch.tensor([500.0], device="meta"), teacher.encode_prompts([""])).shape == x.shape
+
+
+@pytest.mark.parametrize("name, tokens, keys", [
+    ("flux1-dev", 512, {"encoder_hidden_states": 4096, "pooled_projections": 768}),
+    ("qwen-image", 512, {"encoder_hidden_states": 3584, "encoder_hidden_states_mask": None}),
+    ("wan2.1-t2v-14b", 512, {"encoder_hidden_states": 4096}),
+    ("sana-1.6b", 300, {"encoder_hidden_states": 2304, "encoder_attention_mask": None}),
+    ("sd3-medium", 77 + 256, {"encoder_hidden_states": 4096, "pooled_projections": 2048}),
+])
+def test_text_conditions_are_as_long_as_the_pipeline_makes_them(name, tokens, keys):
+    """The estimate's prompt embeddings: the ``max_sequence_length`` default of the pipeline's ``__call__`` (Flux's
+    T5, Wan's UMT5 and Qwen-Image's bound: 512; SANA's Gemma 2: 300; SD3: 77 CLIP + 256 T5), the text encoder's
+    width, and a mask of ones where the family's pipeline gives one."""
+    from fastgen.estimate import ConfigTeacher, build_network
+
+    spec = TeacherSpec.read(name)
+    cond = ConfigTeacher(spec, build_network(name, "meta"), spec.sample_shape(256)).encode_prompts(["a", "b"])
+    assert set(cond) == set(keys)
+    for key, width in keys.items():
+        pooled = key == "pooled_projections"
+        expected = (2, width) if pooled else (2, tokens) if width is None else (2, tokens, width)
+        assert tuple(cond[key].shape) == expected, key
+
+
+def test_estimate_of_wan_at_a_small_size_counts_the_networks_its_configs_build(capsys):
+    """``fastgen estimate`` end to end on the real-size Wan 2.1 1.3B configs at 64 x 64 pixels and 5 frames: the
+    sample shape of the family rules (2 latent frames of 8 x 8), the teacher's and the UMT5 text encoder's
+    parameters as the networks built here from the folder's config files count them (1.42 B and 5.68 B), and
+    their float32 weights' bytes."""
+    import json
+
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from fastgen.cli import main
+    from fastgen.estimate import real_size_folder
+
+    assert main(["estimate", "--teacher", "wan2.1-t2v-1.3b", "--method", "progressive", "--resolution", "64",
+                 "--batch-size", "1", "--no-modes", "--json", "num_frames=5",
+                 "train.ema_decay=null"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    folder = real_size_folder("wan2.1-t2v-1.3b")
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder / "transformer"))
+        text_encoder = UMT5EncoderModel(UMT5Config.from_json_file(folder / "text_encoder" / "config.json"))
+    teacher, text = (sum(p.numel() for p in m.parameters()) for m in (transformer, text_encoder))
+    assert out["settings"]["sample_shape"] == [16, 2, 8, 8]
+    assert out["parameters"]["teacher"] == out["parameters"]["student"] == teacher == 1_418_996_800
+    assert out["parameters"]["text_encoder"] == text == 5_680_910_336
+    rows = {(r["network"], r["kind"]): r["bytes"] for r in out["rows"]}
+    assert rows[("teacher", "weights")] == 4 * teacher and rows[("text_encoder", "weights")] == 4 * text
