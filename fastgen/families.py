@@ -312,10 +312,12 @@ SDXL = Family("sdxl", sample_arg="sample", encode=_encode_sdxl)
 def family_of(model) -> Family:
     """The ``Family`` of a diffusers denoiser (or of the experts of a ``TimestepExperts`` export)."""
     config = getattr(model, "config", None)
-    name = getattr(config, "expert_class", None) or type(model).__name__
-    family = FAMILIES.get(name)
-    if family is None:
-        raise ValueError(f"denoiser class {name!r} is not supported; expected one of {sorted(FAMILIES)}")
+    # the class itself or the one it wraps: FSDP2's fully_shard makes `FSDP<class>` subclasses
+    names = [getattr(config, "expert_class", None)] + [cls.__name__ for cls in type(model).__mro__]
+    name = next((n for n in names if n in FAMILIES), None)
+    if name is None:
+        raise ValueError(f"denoiser class {type(model).__name__!r} is not supported; expected one of {sorted(FAMILIES)}")
+    family = FAMILIES[name]
     if name == "UNet2DConditionModel" and getattr(config, "addition_embed_type", None) == "text_time":
         return SDXL
     return family

@@ -244,22 +244,27 @@ def global_batch(t, world: int) -> int:
     return t.batch_size * t.grad_accum * world
 
 
-def make_accelerator(t, run_dir: Path) -> Accelerator:
+def make_accelerator(t, run_dir: Path, experts: int = 1) -> Accelerator:
     """accelerate's ``Accelerator`` for this process, checked to be one of the process group it was launched in.
 
     Under ``torchrun`` on a machine without a GPU, accelerate forms the group but reports one process on every
     rank (each would train alone, all into one folder) unless it is told the run is on the CPU
     (docs/fsdp2_findings.md, question 9): it is told. A process launched as one of several that forms no group
     (``MASTER_ADDR`` set without ``WORLD_SIZE``: ``accelerate launch --cpu --num_processes N`` starts one
-    process) is refused, as is any disagreement between ``WORLD_SIZE`` and accelerate's count."""
+    process) is refused, as is any disagreement between ``WORLD_SIZE`` and accelerate's count. A student of
+    ``experts`` > 1 networks uses one expert per generator step (the step drawn), so DDP is told that a network's
+    parameters may go unused in a step (``find_unused_parameters``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ:
         raise UsageError("this process was launched as one of several (MASTER_ADDR is set) but no process group "
                          "was formed (no WORLD_SIZE): `accelerate launch --cpu --num_processes N` starts one process; "
                          "launch N processes with `torchrun --nproc_per_node N -m fastgen distill ...`, or unset "
                          "MASTER_ADDR to train in one process")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if experts > 1 else []
     acc = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None, project_dir=str(run_dir),
-                      cpu=world > 1 and not torch.accelerator.is_available())
+                      cpu=world > 1 and not torch.accelerator.is_available(), kwargs_handlers=handlers)
     if acc.num_processes != world:
         raise UsageError(f"WORLD_SIZE is {world}, but accelerate formed a group of {acc.num_processes}: the "
                          "processes would train as separate copies; launch with `torchrun --nproc_per_node N -m "
@@ -297,7 +302,7 @@ class Trainer:
             raise EnvironmentMissingError("train.fsdp_offload keeps a GPU run's shards in CPU memory, but no GPU is "
                                           "available (a CPU run's shards are in CPU memory already); set "
                                           "train.fsdp_offload=false")
-        self.accelerator = make_accelerator(t, self.run_dir)
+        self.accelerator = make_accelerator(t, self.run_dir, config.student.experts)
         self.lock = RunLock(self.run_dir)
         if self.accelerator.is_main_process:
             self.lock.acquire()
@@ -468,6 +473,7 @@ class Trainer:
         saved, stop = None, 0
         while self.step < t.max_steps:
             seed(step_seed(self.config.seed, self.step, acc.process_index))
+            run.objective.shared_rng.manual_seed(step_seed(self.config.seed, self.step, 0))  # one for all processes
             used = self.batches_used
             for phase in run.phases:
                 if not phase.runs_at(self.step):

@@ -89,7 +89,7 @@ class ASD(DMD2):
     def draw(self, critic: Critic) -> tuple[int, Critic]:
         """A step count drawn for this batch, and the critic generating on its grid."""
         counts = self.config.step_counts
-        count = counts[int(torch.randint(len(counts), ()))]
+        count = counts[int(torch.randint(len(counts), (), generator=self.shared_rng))]
         return count, critic._replace(timesteps=tuple(self.plan.grids[count]), steps=None)
 
     def outputs(self, k: int, batch, grad: bool) -> torch.Tensor:

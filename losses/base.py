@@ -91,6 +91,10 @@ class Objective:
         self.max_steps = max_steps
         self.timesteps = plan.timesteps
         self.owned: list[str] = []
+        self.shared_rng = torch.Generator().manual_seed(0)
+        """Draws that choose what runs (which student step, which step count) come from this generator, the same
+        on every process (per-sample noise comes from the global RNG, seeded per process): under FSDP2 every
+        process must run the same networks the same number of times. The trainer reseeds it every step."""
 
     @property
     def schedule(self):

@@ -210,7 +210,7 @@ class DMD(Objective):
 
     def feature_network(self, critic: Critic):
         """The denoiser the GAN head reads features of: the critic's fake score (DMD2) or the frozen teacher."""
-        return self.nets[critic.fake] if self.config.gan_features == "fake" else self.teacher
+        return self.nets[critic.fake] if self.config.gan_features == "fake" else self.teacher.denoiser
 
     def logits(self, critic: Critic, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return discriminator_logits(self.nets[critic.head], self.feature_network(critic), self.schedule, x, t, cond)
@@ -263,7 +263,7 @@ class DMD(Objective):
         ts = timesteps or critic.timesteps or self.timesteps
         if step is None:
             lo, hi = critic.steps or (0, len(ts))
-            step = lo + int(torch.randint(hi - lo, ()))
+            step = lo + int(torch.randint(hi - lo, (), generator=self.shared_rng))
         i = step
         z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
         x_t = z

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -364,7 +365,10 @@ def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module],
         return {teacher.denoiser_component: merged[0], **({"transformer_2": None, "boundary_ratio": None} if two
                                                            else {})}
     if two and len(merged) == 2:
-        ratio = experts["timestep_boundaries"][0] / teacher.schedule.num_train_timesteps
+        # ExpertsDenoiser gives t <= b to the second expert, WanPipeline t >= ratio T to the first: the boundary is
+        # moved up by one float32 step, so a student step exactly at b runs where it was trained
+        above = torch.nextafter(torch.tensor(experts["timestep_boundaries"][0]), torch.tensor(math.inf))
+        ratio = float(above) / teacher.schedule.num_train_timesteps
         return {"transformer": merged[0], "transformer_2": merged[1], "boundary_ratio": ratio}
     with torch.device("meta"):  # the experts are the merged copies, not K fresh random networks
         model = TimestepExperts(experts["expert_class"], _public_config(merged[0]), experts["timestep_boundaries"])

@@ -246,7 +246,9 @@ def test_wan22_teacher_routes_as_its_pipeline(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(student.parameters(), source.parameters()))
 
 
-OTHER_METHODS = ["dmd", "sid", "sida", "sid_fewstep", "decoupled_dmd", "phased_dmd", "asd", "progressive"]
+OTHER_METHODS = ["dmd", "sid", "sida", "sid_fewstep", "decoupled_dmd", "phased_dmd", "asd", "progressive",
+                 "dmd2:objective.gan_features=teacher"]
+"""Methods (``method:override`` adds a setting): DMD2's GAN head on the frozen teacher's features included."""
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -259,12 +261,13 @@ def test_every_method_trains_and_exports_on_packed_and_video_latents(teachers, t
     from fastgen.trainer import Trainer
 
     root, prompts, folders = teachers
+    method, *extra = method.split(":")
     size = [f"{k}={v}" for k, v in SIZES[family].items()]
     rounds = ["objective.start_steps=4", "objective.steps_per_round=1"] if method == "progressive" else []
     config = load_config(DistillConfig, None, [
         f"teacher={folders[family]}", f"method={method}", "data=teacher", f"prompts={prompts}",
         f"output={tmp_path / 'run'}", f"cache_dir={root / f'cache-{family}'}", "student.num_steps=2",
-        "train.max_steps=2", "train.batch_size=2", "teacher_samples=4", "teacher_sample_steps=4", *size, *rounds])
+        "train.max_steps=2", "train.batch_size=2", "teacher_samples=4", "teacher_sample_steps=4", *size, *rounds, *extra])
     trainer = Trainer(config)
     trainer.fit()
     folder = trainer.export(tmp_path / "export")
@@ -306,3 +309,41 @@ def test_captioned_images_are_encoded_by_the_familys_vae_and_text_encoders(teach
             torch.testing.assert_close(ours[key].to(expected[key].dtype), expected[key], atol=1e-5, rtol=1e-5)
     decoded = teacher.decode(latents)
     assert decoded.shape == (3, 3, h, w) and decoded.abs().max() <= 1
+
+
+def test_family_of_a_sharded_network_is_its_class_family():
+    """FSDP2's ``fully_shard`` turns a network's class into an ``FSDP<class>`` subclass: the family is found
+    through the class hierarchy."""
+    from diffusers import WanTransformer3DModel
+
+    from fastgen.families import FAMILIES, family_of
+
+    sharded = type("FSDPWanTransformer3DModel", (WanTransformer3DModel,), {})
+    model = sharded(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                    out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1)
+    assert family_of(model) is FAMILIES["WanTransformer3DModel"]
+    with pytest.raises(ValueError, match="not supported"):
+        family_of(torch.nn.Linear(2, 2))
+
+
+def test_wan22_export_runs_a_student_step_at_the_boundary_where_it_was_trained(teachers, tmp_path):
+    """A student of two experts split at b with a step exactly at b trains that step on the second expert
+    (``ExpertsDenoiser``: ``t <= b``); the exported ``boundary_ratio`` is one float32 step above ``b / T`` so that
+    ``WanPipeline`` (``t >= boundary_ratio T``: ``transformer``) runs it on ``transformer_2`` too."""
+    from diffusers import WanPipeline
+
+    from fastgen.pipelines import export_student
+
+    _, _, folders = teachers
+    teacher = load_teacher(folders["wan2.2"], height=32, width=32, num_frames=5)
+    out = export_student(teacher, list(teacher.models), tmp_path / "export", {2: [1000.0, 875.0]},
+                         expert_boundaries=[875.0])
+    pipe = WanPipeline.from_pretrained(out, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    seen = {"transformer": [], "transformer_2": []}
+    for name in seen:
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: seen[name].append(float(kwargs["timestep"][0])), with_kwargs=True)
+    pipe(prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0, guidance_scale_2=1.0, height=32, width=32,
+         num_frames=5, output_type="latent")
+    assert seen == {"transformer": [1000.0], "transformer_2": [875.0]}

@@ -279,3 +279,28 @@ def test_a_whole_checkpoint_loads_into_sharded_networks(tmp_path):
     done = subprocess.run([sys.executable, "-c", WHOLE_INTO_SHARDS, str(tmp_path)], env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr[-3000:]
+
+
+def test_two_step_dmd2_of_a_two_expert_video_teacher_shards_and_equals_data_parallel(tmp_path):
+    """Wan 2.2 (two transformers by noise level, video latents), a 2-step DMD2 student of two experts: every process
+    draws the same student step each iteration (``Objective.shared_rng``: FSDP2 needs the same networks run the same
+    number of times everywhere), both teacher transformers are sharded, and the losses equal DDP's."""
+    from tiny import make_wan_folder
+
+    from fastgen.assemble import every_network
+    from fastgen.teacher import load_teacher
+
+    teacher = make_wan_folder(tmp_path / "wan22", boundary_ratio=0.875)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red disc\na blue cross\n")
+    args = ["distill", "--teacher", str(teacher), "--method", "dmd2", "--steps", "2", "--data", "teacher", "--prompts",
+            str(prompts), "--height", "32", "--width", "32", "--num-frames", "5", "--max-steps", "3",
+            "student.experts=2", "teacher_samples=4", "teacher_sample_steps=2", "train.batch_size=1",
+            "train.log_every=1", f"cache_dir={tmp_path / 'cache'}"]
+    run([*args, "--output", str(tmp_path / "fsdp2"), "train.sharding=fsdp2"], tmp_path)
+    run([*args, "--output", str(tmp_path / "ddp")], tmp_path)
+    assert_same_terms(records(tmp_path / "fsdp2"), records(tmp_path / "ddp"))
+    assert (tmp_path / "fsdp2" / "export" / "transformer_2").is_dir()
+    loaded = load_teacher(teacher, height=32, width=32, num_frames=5)
+    roots = every_network(loaded, {}, type("NoObjective", (), {})())
+    assert loaded.models[1] in roots  # the second transformer is sharded like the first
