@@ -4,7 +4,7 @@ the preset's family exits 0 and writes ``RUN/export``, whose scheduler serves th
 
 Only what a tiny CPU run needs is overridden: the sample size, ``--max-steps 2``, batch 1, fp32, the default attention
 processors, no gradient checkpointing, two teacher samples of two steps, ``train.grad_accum=1`` and no CPU offload
-(fastgen refuses ``train.fsdp_offload`` without a GPU). ``WORKAROUNDS`` holds what a fastgen bug forces besides.
+(fastgen refuses ``train.fsdp_offload`` without a GPU).
 """
 
 from __future__ import annotations
@@ -33,24 +33,11 @@ PRESETS = {
 """Preset → (the tiny teacher of its family, its tiny sample size and CPU-only overrides)."""
 TINY = ["--max-steps", "2", "teacher_samples=2", "teacher_sample_steps=2", "train.batch_size=1",
         "train.mixed_precision=no", "train.attention=default", "train.gradient_checkpointing=false"]
-WORKAROUNDS = {
-    "flux_dmd2": ["train.sharding=none"],
-    "qwen_image_dmd2": ["objective.gan_features=fake", "train.sharding=none"],
-    "sana_dmd2": ["objective.gan_features=fake"],
-    "wan21_dmd2": ["objective.gan_features=fake"],
-    "wan22_phased_dmd": ["train.sharding=none"],
-}
-"""Overrides that only a fastgen bug forces (drop each once fixed): ``objective.gan_features=teacher`` fails for
-every pipeline teacher (``losses/adversarial.py`` ``make_head`` reads ``denoiser.dtype`` of the ``Teacher``, which has
-none: AttributeError), and ``train.sharding=fsdp2`` fails for the transformer families (``fastgen.families.family_of``
-looks up FSDP2's renamed class, e.g. ``FSDPWanTransformer3DModel``: ValueError "denoiser class ... is not supported")."""
-
-
 def distill(root, teacher, prompts, preset: str):
     out = root / preset
     family, overrides = PRESETS[preset]
     cmd = [sys.executable, "-m", "fastgen", "distill", "--config", preset, "--teacher", str(teacher), "--data",
-           "teacher", "--prompts", str(prompts), "--output", str(out), *TINY, *overrides, *WORKAROUNDS.get(preset, [])]
+           "teacher", "--prompts", str(prompts), "--output", str(out), *TINY, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     return proc, out
 
