@@ -66,6 +66,9 @@ from fastgen.teacher import load_teacher
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+HEALTH_FILE = "health.jsonl"
+"""The run's health checks (``fastgen.health``), one JSON line each: ``{"step", "denoise_ratio", "flat_ratio",
+"verdict"}`` (``step``: the number of steps done)."""
 HEALTH_TEACHER_STEPS = 16
 """DDIM steps of the teacher's reference samples for the health signal of a data-free run."""
 NONFINITE_REMEDY = "lower train.lr, enable train.grad_clip or use bf16 instead of fp16"
@@ -338,6 +341,7 @@ class Trainer:
             self.teacher.offload_text_encoders()
         if acc.is_main_process:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            truncate_metrics(self.run_dir / HEALTH_FILE, self.step)
             save_config(config, self.run_dir / "config.yaml")
             run.plan.save(self.run_dir)
             acc.init_trackers("fastgen", config=_flat_config(config_to_dict(config)))
@@ -720,8 +724,9 @@ class Trainer:
     def check_health(self, samples: torch.Tensor | None = None, cond=None, num: int = 8):
         """``fastgen.health.assess`` of the student's samples at its trained step count (sampled here unless
         given) against the data's first batch, or, for data-free runs, the teacher's own samples (DDIM,
-        ``HEALTH_TEACHER_STEPS`` steps, from the same conditions; made once). Written to ``metrics.jsonl`` as a
-        ``health`` event and, outside the band, warned about in the log; every process of a sharded run calls it."""
+        ``HEALTH_TEACHER_STEPS`` steps, from the same conditions; made once). Written to ``RUN/health.jsonl`` and,
+        outside the band, warned about on one line and in the progress bar; every process of a sharded run calls
+        it."""
         from fastgen.health import assess
         from fastgen.samplers import sample_ddim
 
@@ -746,8 +751,8 @@ class Trainer:
         with acc.autocast():
             health = assess(teacher, samples, cond, reference, reference_cond, seed=self.config.seed)
         if acc.is_main_process:
-            with (self.run_dir / METRICS_FILE).open("a") as f:
-                f.write(json.dumps({"step": self.step, "event": "health", **health.as_dict()}) + "\n")
+            with (self.run_dir / HEALTH_FILE).open("a") as f:
+                f.write(json.dumps({"step": self.step, **health.as_dict()}) + "\n")
             if health.message():
                 warn(f"step {self.step}: {health.message()}")
         self.health = health
@@ -769,8 +774,8 @@ class Trainer:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Cut ``metrics.jsonl`` back to a run resumed at ``step`` (atomically): the records of later steps and the
-    events of steps from ``step`` on (an event's ``step`` is the index of the step it happened in; a record's and a
-    ``health`` check's, the number of steps done) go, and so does a line a killed write left incomplete. The resumed run writes them again."""
+    events of steps from ``step`` on (an event's ``step`` is the index of the step it happened in; a record's, the
+    number of steps done) go, and so does a line a killed write left incomplete. The resumed run writes them again."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -781,7 +786,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             at = record["step"]
         except (json.JSONDecodeError, TypeError, KeyError):
             continue
-        if at < step or (at == step and record.get("event", "health") == "health"):
+        if at < step or (at == step and "event" not in record):
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         with atomic_path(path) as tmp:
@@ -875,8 +880,8 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
 
 
 def last_health(run_dir: str | Path) -> dict | None:
-    """The last ``health`` event of the run's ``metrics.jsonl`` (without its ``event`` key), or ``None``."""
-    path = Path(run_dir) / METRICS_FILE
+    """The last health check of the run (``RUN/health.jsonl``), or ``None``."""
+    path = Path(run_dir) / HEALTH_FILE
     found = None
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -884,8 +889,7 @@ def last_health(run_dir: str | Path) -> dict | None:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a crash: the others still count
                 continue
-            if isinstance(record, dict) and record.get("event") == "health":
-                found = {k: v for k, v in record.items() if k != "event"}
+            found = record if isinstance(record, dict) else found
     return found
 
 

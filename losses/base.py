@@ -92,9 +92,7 @@ class Objective:
         self.timesteps = plan.timesteps
         self.owned: list[str] = []
         self.shared_rng = torch.Generator().manual_seed(0)
-        """Draws that choose what runs (which student step, which step count) come from this generator, the same
-        on every process (per-sample noise comes from the global RNG, seeded per process): under FSDP2 every
-        process must run the same networks the same number of times. The trainer reseeds it every step."""
+        """The generator of ``shared_generator`` in runs of several processes; the trainer reseeds it every step."""
 
     @property
     def schedule(self):
@@ -126,6 +124,14 @@ class Objective:
         if phase not in found:
             raise UsageError(f"phase {phase!r} is not one of {sorted(found)}")
         return found[phase].loss(batch, step)
+
+    def shared_generator(self) -> torch.Generator | None:
+        """Where draws that choose what runs (which student step, which step count) come from: with several
+        processes ``shared_rng``, the same on every one (per-sample noise comes from the global RNG, seeded per
+        process), since under FSDP2 every process must run the same networks the same number of times; in one
+        process the global RNG (``None``), as before."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.shared_rng if distributed and torch.distributed.get_world_size() > 1 else None
 
     def on_step_end(self, step: int) -> None:
         """Called once after every completed training step (e.g. to update an EMA target)."""

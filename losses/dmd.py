@@ -174,13 +174,18 @@ class DMD(Objective):
         trailing grid [999, 749, 499, 249] reached 342.2 (same 500 steps, docs/dmd.md). v, x0, flow and EDM
         students (no division) keep the teacher's grid; the SDXL preset keeps DMD2's published [999, 749, 499, 249]
         (alpha(999) = 0.068 there)."""
-        ts = schedule.few_step_grid(num_steps)
+        ts = cls.base_grid(schedule, num_steps)
         if cls.capped(schedule, student_schedule):
             a2 = cls.MIN_ALPHA ** 2
             cap = float(schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor())
             if float(ts[0]) > cap:
                 ts = torch.round(cap * (num_steps - torch.arange(num_steps, dtype=torch.float64)) / num_steps)
         return [float(t) for t in ts]
+
+    @staticmethod
+    def base_grid(schedule, num_steps: int) -> torch.Tensor:
+        """The grid ``default_grid`` caps: the teacher's trailing grid (``NoiseSchedule.few_step_grid``)."""
+        return schedule.few_step_grid(num_steps)
 
     @staticmethod
     def capped(schedule, student_schedule) -> bool:
@@ -263,7 +268,7 @@ class DMD(Objective):
         ts = timesteps or critic.timesteps or self.timesteps
         if step is None:
             lo, hi = critic.steps or (0, len(ts))
-            step = lo + int(torch.randint(hi - lo, (), generator=self.shared_rng))
+            step = lo + int(torch.randint(hi - lo, (), generator=self.shared_generator()))
         i = step
         z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
         x_t = z

@@ -1,5 +1,5 @@
 """The health signal (fastgen/health.py): noise, flat and healthy samples told apart on the toy teacher, and a run
-that collapsed says so on stderr, in metrics.jsonl, in the progress bar and in the export's model card."""
+that collapsed says so on stderr, in RUN/health.jsonl, in the progress bar and in the export's model card."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ def test_a_collapsed_run_says_so_everywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning: step 3: the student's samples look like noise" in proc.stderr
     assert "health=NOISE" in proc.stderr  # the bar's last record, after the check at the sample of step 2
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    checks = [e for e in events if e.get("event") == "health"]
+    checks = [json.loads(line) for line in (out / "health.jsonl").read_text().splitlines()]
     assert [e["step"] for e in checks] == [2, 3]  # at the sample interval and at the end
     health = checks[-1]
     assert health["verdict"] == "noise" and health["denoise_ratio"] > NOISE_RATIO
+    assert all("event" not in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     meta = json.loads((out / "export" / "fastgen_export.json").read_text())
-    assert meta["health"] == {k: v for k, v in health.items() if k != "event"}
+    assert meta["health"] == health
     assert "**the samples looked like noise**" in (out / "export" / "README.md").read_text()
