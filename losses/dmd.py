@@ -268,7 +268,10 @@ class DMD(Objective):
         ts = timesteps or critic.timesteps or self.timesteps
         if step is None:
             lo, hi = critic.steps or (0, len(ts))
-            step = lo + int(torch.randint(hi - lo, (), generator=self.shared_generator()))
+            # a real choice is drawn alike on every process; with one step to draw there is none to agree on, and
+            # the per-process stream stays as it was
+            shared = self.shared_generator() if hi - lo > 1 else None
+            step = lo + int(torch.randint(hi - lo, (), generator=shared))
         i = step
         z = torch.randn(n, *self.teacher.sample_shape, device=device) * self.schedule.prior_scale(ts[0])
         x_t = z
