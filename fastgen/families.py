@@ -22,6 +22,7 @@ network's class.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -42,7 +43,9 @@ def call_default(pipeline, name: str, fallback: Any = None) -> Any:
     return param.default
 
 
+@functools.lru_cache(maxsize=None)
 def _takes(function: Callable, name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (cached: it is asked on every network call)."""
     return name in inspect.signature(function).parameters
 
 
@@ -83,7 +86,7 @@ def _encode_wan(pipe, prompts: list[str], device) -> dict:
 
 def _encode_sana(pipe, prompts: list[str], device) -> dict:
     kwargs = {}
-    if _takes(pipe.encode_prompt, "complex_human_instruction"):
+    if _takes(type(pipe).encode_prompt, "complex_human_instruction"):
         kwargs["complex_human_instruction"] = call_default(pipe, "complex_human_instruction")
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, num_images_per_prompt=1,
                                             device=device, max_sequence_length=call_default(
@@ -185,7 +188,7 @@ def _qwen_inputs(model, x: torch.Tensor, cond: Mapping) -> dict:
     """Qwen-Image's per-call shapes: the packed grid per sample (and, for diffusers before 0.36, whose transformer
     takes them, each prompt's token count)."""
     inputs = {"img_shapes": [[(1, x.shape[-2] // 2, x.shape[-1] // 2)]] * x.shape[0]}
-    if _takes(model.forward, "txt_seq_lens"):
+    if _takes(type(model).forward, "txt_seq_lens"):
         inputs["txt_seq_lens"] = cond["encoder_hidden_states_mask"].sum(dim=1).tolist()
     return inputs
 

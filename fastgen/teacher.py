@@ -8,6 +8,7 @@ its added text/time conditions), and the transformers of SD3, Flux.1, SANA, Qwen
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import pickle
@@ -127,7 +128,7 @@ class Teacher:
         h, w = self.image_size
         return {"height": h, "width": w, **({"num_frames": self.frames} if self.is_video else {})}
 
-    @property
+    @functools.cached_property
     def sample_shape(self) -> tuple[int, ...]:
         """What the denoiser sees, in the pipeline's latent layout: ``(C, H, W)``, or ``(C, F, H, W)`` for video
         (``F = (frames - 1) // temporal + 1`` latent frames, as the video pipelines compute it)."""

@@ -507,8 +507,8 @@ class Trainer:
                 break
         if saved != self.step:
             self.save()
-        if not (t.sample_every and self.step % t.sample_every == 0):  # the samples of this step were checked
-            self.check_health()
+        if not (t.sample_every and self.step % t.sample_every == 0) and (acc.is_main_process or self.sharded):
+            self.check_health()  # unless this step's samples were checked; one process unless the networks shard
         stop = stop or self._stop_signal(signals)  # a signal during the last step's checkpoint stops before export
         acc.end_training()
         if stop:
@@ -727,6 +727,7 @@ class Trainer:
         ``HEALTH_TEACHER_STEPS`` steps, from the same conditions; made once). Written to ``RUN/health.jsonl`` and,
         outside the band, warned about on one line and in the progress bar; every process of a sharded run calls
         it."""
+        from fastgen.denoiser import slice_cond
         from fastgen.health import assess
         from fastgen.samplers import sample_ddim
 
@@ -735,11 +736,8 @@ class Trainer:
             _, (samples,), cond, _ = self._sample_latents(num, (self.plan.num_steps,))
         batch = self.run.data.batch(0).to(acc.device)
         if batch.x0 is not None:
-            reference, reference_cond = batch.x0[: len(samples)], batch.cond
-            if reference_cond is not None:
-                from fastgen.denoiser import slice_cond
-
-                reference_cond = slice_cond(reference_cond, slice(0, len(reference)))
+            reference = batch.x0[: len(samples)]
+            reference_cond = slice_cond(batch.cond, slice(0, len(reference)))
         else:
             if self._health_reference is None:
                 timesteps = teacher.schedule.timesteps(HEALTH_TEACHER_STEPS).tolist()
