@@ -89,6 +89,7 @@ LAYERS = {
     "test_trainer": "e2e",
     "test_validation": "e2e",
     "test_video_tooling": "e2e",
+    "test_zoo": "integration",
 }
 
 
@@ -139,12 +140,16 @@ def pytest_sessionstart(session):
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    """Mark every test with its module's layer, and run the modules layer by layer, slowest layer first: the two
+    worker processes (pytest-xdist, one module each at a time) then end on short modules, not one long one."""
     for item in items:
         layer = LAYERS.get(item.path.stem)
         if layer is None:
             raise pytest.UsageError(f"{item.path.name} has no layer: add it to LAYERS in tests/conftest.py "
                                     "(unit, integration or e2e)")
         item.add_marker(layer)
+    order = {"e2e": 0, "integration": 1, "unit": 2}
+    items.sort(key=lambda item: order[LAYERS[item.path.stem]])
 
 
 @pytest.fixture(scope="session", autouse=True)
