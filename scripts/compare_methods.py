@@ -4,6 +4,7 @@ steps, beside the teacher's DDIM at the same number of network evaluations.
     python scripts/compare_methods.py                               # the defaults below, about 15 min on 2 CPU cores
     python scripts/compare_methods.py --max-steps 2000 --num-samples 5000 --threads 2
     python scripts/compare_methods.py --teacher toy-t2i --guidance 3 --out-dir docs/toy_t2i
+    python scripts/compare_methods.py --teachers zoo --max-steps 2000 --batch-size 64 --out-dir docs/zoo
 
 For every objective in ``fastgen.losses.OBJECTIVES`` and every step count ``n`` in ``--steps``, one student is
 trained for ``n`` steps (``student.num_steps = n``), each ``(method, n)`` its own run. A run starts from the
@@ -18,7 +19,9 @@ world's images for ``toy_dmd2``), else ``teacher`` (``--teacher-samples`` DDIM s
 Each student is exported (EMA weights, ``Trainer.export``) and sampled with ``fastgen.generate.generate``
 (its ``FewStepScheduler``: trained timesteps and rule); the teacher with DDIM at ``n`` steps from the same
 noise. Both are scored with ``fastgen.eval.toy_fid.toy_fid`` on ``--num-samples`` images against 5,000 fresh
-toy images. With a text-conditioned toy teacher (``--teacher toy-t2i``) student and teacher are sampled on the
+toy images. A zoo teacher (``fastgen.zoo``: ``--teacher gray8-linear-eps``, or ``--teachers zoo`` for every
+built one, each in ``<out-dir>/<teacher>/`` and ``<work-dir>/<teacher>/``) is scored with its zoo FID
+(``fastgen.zoo.zoo_fid``) against its own data instead. With a text-conditioned toy teacher (``--teacher toy-t2i``) student and teacher are sampled on the
 toy evaluation prompts (every shape x colour, ``fastgen.eval.toy_prompts``), the teacher with ``--guidance``,
 and the tables add prompt accuracy (shape and colour both right); runs on teacher samples or data-free draw
 them on those prompts (``prompts``), and objectives with a ``guidance_scale`` (the DMD family) guide the teacher
@@ -33,7 +36,9 @@ later file's row replaces an earlier one of the same method and step count).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +53,7 @@ from fastgen.generate import generate
 from fastgen.losses import OBJECTIVES
 from fastgen.teacher import load_teacher
 from fastgen.trainer import Trainer
+from fastgen.zoo import ZOO, zoo_dir, zoo_fid, zoo_teacher_path
 
 COLUMNS = ("method", "steps", "student_toy_fid", "teacher_ddim_toy_fid", "train_wall_s", "max_steps", "batch_size",
            "lr", "data")
@@ -59,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", default="toy",
                    help="teacher diffusers folder; 'toy': the bundled toy teacher, 'toy-t2i': the bundled "
                         "text-conditioned one (default: %(default)s)")
+    p.add_argument("--teachers", help="'zoo': every built zoo teacher (fastgen.zoo.ZOO), one table each, or a "
+                   "comma-separated list of teachers; replaces --teacher")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="CFG scale of the text teacher's DDIM samples, Ho-Salimans form (default: %(default)s)")
     p.add_argument("--methods", default=",".join(OBJECTIVES), help="comma-separated objectives (default: %(default)s)")
@@ -84,6 +92,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train nothing: write the tables from these compare_methods.csv files of earlier runs "
                         "(give the settings they ran with, --teacher, --seed, ..., for the table's heading)")
     return p.parse_args(argv)
+
+
+def teacher_source(teacher: str) -> str:
+    """The teacher's folder for a zoo name, else ``teacher`` as given."""
+    return str(zoo_teacher_path(teacher)) if teacher in ZOO else teacher
+
+
+def fid_of(teacher: str):
+    """The FID of this comparison: zoo FID against a zoo teacher's data, else toy FID."""
+    return functools.partial(zoo_fid, name=teacher) if teacher in ZOO else toy_fid
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -131,10 +149,12 @@ def run_config(args, method: str, steps: int, run_dir: Path, prompts_file: Path 
     if prompts_file is not None and "guidance_scale" in getattr(OBJECTIVES[method].Config, "__dataclass_fields__", {}):
         objective["guidance_scale"] = args.guidance
     data = tree.get("data") or "teacher"
+    if data == "toy" and args.teacher in ZOO:  # the toy world's images, as a zoo teacher's data
+        data = str(ZOO[args.teacher].write_images(args.work_dir / "data", 10_000, seed=args.seed))
     if prompts_file is not None:  # a text teacher: its own guided samples of the toy prompts (the toy images are pixels)
         data = "teacher"
     return config_from_dict(DistillConfig, {
-        **tree, "teacher": args.teacher, "method": method, "output": str(run_dir), "seed": args.seed, "data": data,
+        **tree, "teacher": teacher_source(args.teacher), "method": method, "output": str(run_dir), "seed": args.seed, "data": data,
         "prompts": str(prompts_file) if prompts_file is not None else None,
         "teacher_sample_guidance": args.guidance if prompts_file is not None else 1.0,
         "teacher_samples": args.teacher_samples, "teacher_sample_steps": args.teacher_sample_steps,
@@ -164,11 +184,13 @@ def write_tables(rows: list[dict], args) -> None:
         writer.writeheader()
         writer.writerows(rows)
     budget = " / ".join(str(n) for n in sorted({r["max_steps"] for r in rows}))
+    fid = "zoo FID" if args.teacher in ZOO else "toy FID"
+    against = "5,000 images of the teacher's data (`fastgen.zoo.zoo_fid`)" if args.teacher in ZOO else "5,000 toy images"
     lines = [f"Teacher `{args.teacher}`; every run {budget} training steps at its toy preset's settings "
              f"(batch, lr, data below), seed {args.seed}; teacher samples: {args.teacher_samples} DDIM samples "
-             f"({args.teacher_sample_steps} steps); {args.threads} torch thread(s); toy FID of {args.num_samples} "
-             "samples against 5,000 toy images. Written by `scripts/compare_methods.py`.", "",
-             "| method | student steps (= NFE) | student toy FID | teacher DDIM toy FID, same NFE | "
+             f"({args.teacher_sample_steps} steps); {args.threads} torch thread(s); {fid} of {args.num_samples} "
+             f"samples against {against}. Written by `scripts/compare_methods.py`.", "",
+             f"| method | student steps (= NFE) | student {fid} | teacher DDIM {fid}, same NFE | "
              "training wall time (s) | batch | lr | data |"
              + (" student prompt acc. | teacher prompt acc. |" if prompted else ""),
              "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if prompted else "")]
@@ -190,14 +212,30 @@ def main(argv=None) -> None:
         print((args.out_dir / "compare_methods.md").read_text())
         return
     torch.set_num_threads(args.threads)
+    if not args.teachers:
+        return compare(args)
+    names = [p.name for p in sorted(zoo_dir().glob("*")) if p.name in ZOO] if args.teachers == "zoo" else (
+        args.teachers.split(","))
+    if not names:
+        raise SystemExit(f"error: --teachers zoo: no zoo teacher is built in {zoo_dir()}; build them with "
+                         "`python scripts/train_zoo.py`")
+    for name in names:
+        one = copy.copy(args)
+        one.teacher, one.out_dir, one.work_dir = name, args.out_dir / name, args.work_dir / name
+        compare(one)
+
+
+def compare(args) -> None:
+    """Every method of ``args.methods`` at every step count on ``args.teacher``: the table in ``args.out_dir``."""
     (args.work_dir / "cache").mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(args.teacher)
+    fid = fid_of(args.teacher)
+    teacher = load_teacher(teacher_source(args.teacher))
     prompts = toy_eval_prompts() if teacher.text_conditioned else None
     if args.guidance != 1.0 and prompts is None:
         raise SystemExit(f"error: --guidance {args.guidance} needs a text-conditioned teacher; {args.teacher} is not")
     teacher_images = {n: generate(teacher, args.num_samples, n, seed=args.seed, prompts=prompts,
                                   guidance_scale=args.guidance) for n in args.steps}
-    teacher_fid = {n: toy_fid(images) for n, images in teacher_images.items()}
+    teacher_fid = {n: fid(images) for n, images in teacher_images.items()}
     teacher_acc = {n: prompt_accuracy(images, prompts).joint for n, images in teacher_images.items()} if prompts else {}
     prompts_file = None
     if prompts:
@@ -208,7 +246,7 @@ def main(argv=None) -> None:
         for n in args.steps:
             export, wall, config = distill(args, method, n, prompts_file)
             student_images = generate(load_teacher(export), args.num_samples, n, seed=args.seed, prompts=prompts)
-            student_fid = toy_fid(student_images)
+            student_fid = fid(student_images)
             rows.append({"method": method, "steps": n, "student_toy_fid": round(student_fid, 3),
                          "teacher_ddim_toy_fid": round(teacher_fid[n], 3), "train_wall_s": round(wall, 1),
                          "max_steps": args.max_steps, "batch_size": config.train.batch_size,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from fastgen.toy import ASSETS_DIR, TOY_CLASSES, TOY_HUE_BINS, TOY_IMAGE_SIZE, ToyFeatureNet, ToyShapes
 
@@ -103,12 +103,17 @@ def build_unet() -> UNet2DModel:
     )
 
 
-def train_teacher(images, args) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Epsilon-prediction DDPM (Ho et al. 2020, eq. 14) with AdamW, linear warm-up, cosine decay and EMA."""
+def train_teacher(images, args, unet: UNet2DModel | None = None, scheduler=None) -> tuple[UNet2DModel, object]:
+    """Train ``unet`` (default: ``build_unet()``) under ``scheduler`` (default: the toy teacher's linear-beta
+    1000-step ``DDPMScheduler``) with AdamW, linear warm-up, cosine decay and EMA. The target is the
+    scheduler's output type: epsilon (Ho et al. 2020, eq. 14), v (Salimans & Ho 2022, eq. 10: ``get_velocity``)
+    or, for a ``FlowMatchEulerDiscreteScheduler``, the rectified-flow velocity ``eps - x0`` at ``sigma ~ U(0, 1)``
+    (Lipman et al. 2023; Liu et al. 2023), fed as ``t = 1000 sigma``."""
     g = torch.Generator().manual_seed(args.seed + 2)
     torch.manual_seed(args.seed + 2)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    unet = build_unet()
+    if scheduler is None:
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    unet = build_unet() if unet is None else unet
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
@@ -123,9 +128,8 @@ def train_teacher(images, args) -> tuple[UNet2DModel, DDPMScheduler]:
     for step in range(args.steps):
         x0 = images[torch.randint(0, len(images), (args.batch_size,), generator=g)]
         eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
-        x_t = scheduler.add_noise(x0, eps, t)
-        loss = F.mse_loss(unet(x_t, t).sample, eps)
+        x_t, t, target = noised_and_target(scheduler, x0, eps, g)
+        loss = F.mse_loss(unet(x_t, t).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -140,6 +144,23 @@ def train_teacher(images, args) -> tuple[UNet2DModel, DDPMScheduler]:
             print(f"teacher step {step:5d}  loss {loss.item():.4f}  smoothed {running:.4f}  "
                   f"lr {lr_sched.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f} s", flush=True)
     return ema, scheduler
+
+
+def noised_and_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, g: torch.Generator):
+    """``(x_t, t, target)`` of one training batch under ``scheduler`` (see ``train_teacher``)."""
+    n, num_t = len(x0), scheduler.config.num_train_timesteps
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = torch.rand(n, generator=g)
+        s = sigma.view(n, 1, 1, 1)
+        return (1 - s) * x0 + s * eps, sigma * num_t, eps - x0
+    t = torch.randint(0, num_t, (n,), generator=g)
+    x_t = scheduler.add_noise(x0, eps, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return x_t, t, eps
+    if kind == "v_prediction":
+        return x_t, t, scheduler.get_velocity(x0, eps, t)
+    raise ValueError(f"prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
