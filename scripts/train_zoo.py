@@ -9,7 +9,10 @@ warm-up, cosine decay, EMA, its own output type) on a pool of its data rendered 
 ``DDPMPipeline`` folder (EMA weights), written beside its destination and renamed into place. Its baseline is
 the zoo FID (``fastgen.zoo.zoo_fid``) of ``--num-samples`` samples of DDIM (Euler for the flow teacher),
 ``--sweep`` steps, and of the DPM-Solver++(2M) sampler at the same counts; ``<out>/zoo_teachers.md`` and
-``.csv`` keep every point and each teacher's best.
+``.csv`` keep every point and each teacher's best. The health signal (``fastgen.health.assess``: the teacher's
+denoising error on samples over that on data, and their spatial variation over the data's) is measured on the
+DDIM samples at every count and on Gaussian noise and constant images, against 256 images of the teacher's data:
+``<out>/zoo_health.md`` shows whether the band chosen on the toy teacher holds on each zoo teacher.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from diffusers import DDPMPipeline
 
 from fastgen.cli import int_list
 from fastgen.generate import generate
+from fastgen.health import FLAT_RATIO, NOISE_RATIO, assess
 from fastgen.teacher import load_teacher
 from fastgen.zoo import ZOO, zoo_dir, zoo_fid
 from train_toy_teacher import replace_folder, train_teacher
@@ -61,15 +65,28 @@ def train(name: str, folder: Path, args) -> None:
     print(f"{name}: saved {folder} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def baseline(name: str, folder: Path, args) -> list[dict]:
+def baseline(name: str, folder: Path, args) -> tuple[list[dict], list[dict]]:
+    """The teacher's zoo FID at every sampler and count, and the health of its DDIM samples, noise and constants."""
     teacher = load_teacher(folder)
-    rows = []
+    data = ZOO[name].images(256, seed=args.seed + 1)
+    rows, health = [], []
+
+    def check(what: str, samples: torch.Tensor) -> None:
+        h = assess(teacher, samples[:256], None, data, None, seed=args.seed)
+        health.append({"teacher": name, "samples": what, "denoise_ratio": h.denoise_ratio,
+                       "flat_ratio": h.flat_ratio, "verdict": h.verdict or "healthy"})
+
     for sampler in ("ddim", "dpmpp_2m"):
         for n in args.sweep:
             images = generate(teacher, args.num_samples, n, seed=args.seed, sampler=sampler)
             rows.append({"teacher": name, "sampler": sampler, "steps": n, "zoo_fid": round(zoo_fid(images, name), 3)})
             print(f"{name}: {sampler} {n} steps zoo FID {rows[-1]['zoo_fid']}", flush=True)
-    return rows
+            if sampler == "ddim":
+                check(f"DDIM {n} steps", images)
+    g = torch.Generator().manual_seed(args.seed)
+    check("Gaussian noise", torch.randn(data.shape, generator=g))
+    check("constant images", torch.rand(len(data), data.shape[1], 1, 1, generator=g).expand_as(data) * 2 - 1)
+    return rows, health
 
 
 def write_baselines(rows: list[dict], args) -> None:
@@ -95,6 +112,16 @@ def write_baselines(rows: list[dict], args) -> None:
     (args.out / "zoo_teachers.md").write_text("\n".join(lines) + "\n")
 
 
+def write_health(health: list[dict], args) -> None:
+    lines = [f"The health signal (`fastgen/health.py`; band: denoise ratio <= {NOISE_RATIO:g} and flat ratio >= "
+             f"{FLAT_RATIO:g}, chosen on the toy teacher) on each zoo teacher, against 256 images of its data. "
+             "Written by `scripts/train_zoo.py`.", "",
+             "| teacher | samples | denoise ratio | flat ratio | verdict |", "|---|---|---:|---:|---|"]
+    lines += [f"| {h['teacher']} | {h['samples']} | {h['denoise_ratio']} | {h['flat_ratio']} | {h['verdict']} |"
+              for h in health]
+    (args.out / "zoo_health.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,13 +130,15 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise SystemExit(f"error: --only {','.join(unknown)}: unknown; expected some of {','.join(ZOO)}")
-    rows = []
+    rows, health = [], []
     for name in names:
         if not args.baselines_only:
             root.mkdir(parents=True, exist_ok=True)
             train(name, root / name, args)
-        rows += baseline(name, root / name, args)
+        fids, checks = baseline(name, root / name, args)
+        rows, health = rows + fids, health + checks
         write_baselines(rows, args)
+        write_health(health, args)
     print((args.out / "zoo_teachers.md").read_text())
 
 

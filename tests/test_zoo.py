@@ -1,6 +1,5 @@
 """The teacher zoo (fastgen/zoo.py, scripts/train_zoo.py): its data, schedules, training targets and zoo FID."""
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -85,9 +84,7 @@ def test_zoo_fid_tells_the_data_from_noise_and_a_blur():
     assert same < 5 < blurred < noise and noise > 100
 
 
-def test_a_built_zoo_teacher_loads_as_its_family_and_takes_its_own_images(train_toy_teacher, tmp_path, monkeypatch):
-    from diffusers import DDPMPipeline
-
+def test_train_zoo_builds_teachers_that_load_as_their_family_and_take_their_own_images(tmp_path, monkeypatch):
     from fastgen.data.images import image_data
     from fastgen.errors import InputError
     from fastgen.teacher import load_teacher
@@ -95,16 +92,22 @@ def test_a_built_zoo_teacher_loads_as_its_family_and_takes_its_own_images(train_
     monkeypatch.setenv("FASTGEN_ZOO", str(tmp_path / "zoo"))
     with pytest.raises(InputError, match="scripts/train_zoo.py --only rgb8-flow"):
         zoo_teacher_path("rgb8-flow")
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("train_zoo", SCRIPTS / "train_zoo.py")
+    train_zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_zoo)
+    train_zoo.main(["--only", "gray8-linear-eps,rgb8-flow", "--steps", "2", "--batch-size", "4", "--pool-size", "16",
+                    "--sweep", "1,2", "--num-samples", "8", "--out", str(tmp_path / "docs")])
+    table = (tmp_path / "docs" / "zoo_teachers.md").read_text()
+    assert table.count("| gray8-linear-eps | 1x8x8 | linear | epsilon | 1000 |") == 2  # DDIM and DPM-Solver++ rows
+    assert table.count("| rgb8-flow | 3x8x8 | flow | flow | 1000 |") == 2
+    health = (tmp_path / "docs" / "zoo_health.md").read_text()
+    assert health.count("| rgb8-flow |") == 4 and "| gray8-linear-eps | Gaussian noise |" in health
     expected = {"gray8-linear-eps": ("vp", (1, 8, 8)), "rgb8-flow": ("flow", (3, 8, 8))}
     for name, (family, shape) in expected.items():
-        spec = ZOO[name]
-        args = argparse.Namespace(seed=0, lr=1e-3, steps=2, batch_size=4, ema_decay=0.9)
-        unet, scheduler = train_toy_teacher.train_teacher(spec.images(8), args, unet=spec.unet(),
-                                                          scheduler=spec.scheduler())
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "zoo" / name)
         teacher = load_teacher(zoo_teacher_path(name))
         assert (teacher.schedule.family, teacher.sample_shape) == (family, shape)
-        folder = spec.write_images(tmp_path / f"data-{name}", 6, seed=1)
+        folder = ZOO[name].write_images(tmp_path / f"data-{name}", 6, seed=1)
         x0, labels = image_data(folder, teacher, tmp_path / "cache", batch_size=4)
         assert labels is None and x0.shape == (6, *shape)
-        assert (x0 - spec.images(6, seed=1)).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
+        assert (x0 - ZOO[name].images(6, seed=1)).abs().max() <= 1 / 127.5 + 1e-6  # 8-bit rounding only
