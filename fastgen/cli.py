@@ -117,7 +117,7 @@ def _lora(args) -> str | bool:
 
 
 def cmd_distill(args) -> int:
-    from fastgen.config import DistillConfig, config_file, load_config
+    from fastgen.config import load_distill_config
     from fastgen.pipelines.export import lora_format
     from fastgen.trainer import Trainer, TrainingStopped
 
@@ -127,7 +127,7 @@ def cmd_distill(args) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.trust_pickle:
         overrides.append("trust_pickle=true")
-    config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
+    config = load_distill_config(args.config, overrides + list(args.overrides))
     if args.lora and config.student.lora_rank == 0:
         raise UsageError("--lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
@@ -215,14 +215,14 @@ def cmd_eval(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
-    from fastgen.config import DistillConfig, config_file, load_config
+    from fastgen.config import load_distill_config
     from fastgen.estimate import estimate_memory, estimate_with_modes, format_table, parse_bytes
 
     flags = {"teacher": args.teacher, "method": args.method, "train.batch_size": args.batch_size,
              "train.sharding": args.sharding,
              "train.fsdp_offload": None if args.offload is None else str(args.offload).lower()}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    config = load_config(DistillConfig, config_file(args.config), overrides + list(args.overrides))
+    config = load_distill_config(args.config, overrides + list(args.overrides))
     try:
         budget = parse_bytes(args.budget) if args.budget else None
     except ValueError as err:

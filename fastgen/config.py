@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-from fastgen.errors import check_fields
+import yaml
+
+from fastgen.errors import check_fields, warn
 from fastgen.losses import objective_class, objective_config
 from fastgen.typed_config import (ConfigError, config_from_dict, config_to_dict, load_config, parse_value,
                                   parse_override, merge_overrides, save_config)
 
 __all__ = ["OPTIMIZERS", "ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "absolute_paths",
-           "config_file", "config_from_dict", "config_to_dict", "load_config", "merge_overrides", "parse_value",
+           "config_file", "config_from_dict", "config_to_dict", "grid_for_teacher", "load_config", "load_distill_config", "merge_overrides", "parse_value",
            "preset_names", "save_config"]
 
 OptimizerName = Literal["adamw", "fused", "8bit"]
@@ -302,6 +304,47 @@ def absolute_paths(config: DistillConfig) -> DistillConfig:
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+
+GRID_KEYS = ("student.timesteps", "student.expert_boundaries", "objective.boundaries")
+"""A config file's settings in its teacher's native time, chosen for that teacher's schedule."""
+
+
+def load_distill_config(name: str | Path | None, overrides=()) -> DistillConfig:
+    """The run config of ``--config name`` (a file or preset, ``config_file``) with ``key=value`` overrides, its
+    grid fitted to the run's teacher (``grid_for_teacher``)."""
+    path = config_file(name)
+    return grid_for_teacher(load_config(DistillConfig, path, overrides), path, overrides)
+
+
+def grid_for_teacher(config: DistillConfig, path: str | Path | None, overrides=()) -> DistillConfig:
+    """``config`` without the ``GRID_KEYS`` of the config file at ``path`` when the file names one teacher and the
+    run distils another (``--teacher``): the file's times are in its own teacher's native time and were chosen
+    for its schedule (``toy_dmd2``'s one-step ``399`` is alpha 0.44 under the toy's linear betas, 0.81 under
+    cosine betas, sigma 0.4 on a flow teacher, out of range on a 250-step one), so the objective's default grid,
+    a rule of the teacher's own schedule (``losses/README.md`` § Student input time), replaces them, with a
+    warning. A key also given as an override is kept."""
+    if path is None:
+        return config
+    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(tree, Mapping) or tree.get("teacher") in (None, config.teacher):
+        return config
+    given = {override.split("=", 1)[0].strip() for override in overrides}
+
+    def in_file(key: str):
+        section, name = key.split(".")
+        return (tree.get(section) or {}).get(name)
+
+    dropped = {key: in_file(key) for key in GRID_KEYS if in_file(key) is not None and key not in given}
+    if not dropped:
+        return config
+    warn(f"{Path(path).name} sets {', '.join(f'{k}={v}' for k, v in dropped.items())} for its teacher "
+         f"{tree['teacher']!r}; teacher {config.teacher!r} takes the method's default grid for its own schedule "
+         "instead (set them as overrides to keep them)")
+    def cleared(section: str) -> dict:
+        return {key.split(".")[1]: None for key in dropped if key.startswith(f"{section}.")}
+
+    return dataclasses.replace(config, student=dataclasses.replace(config.student, **cleared("student")),
+                               objective=dataclasses.replace(config.objective, **cleared("objective")))
 
 
 def preset_names() -> list[str]:

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from fastgen.cli import int_list
-from fastgen.config import PRESETS_DIR, DistillConfig, config_from_dict, config_to_dict, load_config
+from fastgen.config import PRESETS_DIR, DistillConfig, config_from_dict, config_to_dict, grid_for_teacher, load_config
 from fastgen.eval.toy_fid import toy_fid
 from fastgen.eval.toy_prompts import prompt_accuracy, toy_eval_prompts
 from fastgen.generate import generate
@@ -153,13 +153,15 @@ def run_config(args, method: str, steps: int, run_dir: Path, prompts_file: Path 
         data = str(ZOO[args.teacher].write_images(args.work_dir / "data", 10_000, seed=args.seed))
     if prompts_file is not None:  # a text teacher: its own guided samples of the toy prompts (the toy images are pixels)
         data = "teacher"
-    return config_from_dict(DistillConfig, {
+    config = config_from_dict(DistillConfig, {
         **tree, "teacher": teacher_source(args.teacher), "method": method, "output": str(run_dir), "seed": args.seed, "data": data,
         "prompts": str(prompts_file) if prompts_file is not None else None,
         "teacher_sample_guidance": args.guidance if prompts_file is not None else 1.0,
         "teacher_samples": args.teacher_samples, "teacher_sample_steps": args.teacher_sample_steps,
         "student": {**student, "num_steps": steps}, "train": train, "objective": objective,
     })
+    preset = PRESETS_DIR / f"toy_{method}.yaml"
+    return grid_for_teacher(config, preset) if preset.is_file() else config  # as `fastgen distill --config` does
 
 
 def distill(args, method: str, steps: int, prompts_file: Path | None) -> tuple[Path, float, DistillConfig]:

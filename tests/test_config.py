@@ -398,3 +398,19 @@ def test_train_optimizer_and_fastgen_estimate_share_one_list_of_optimizer_names(
     estimate = build_parser()._subparsers._group_actions[0].choices["estimate"]
     [flag] = [a for a in estimate._actions if "--optimizer" in a.option_strings]
     assert tuple(flag.choices) == OPTIMIZERS
+
+
+def test_a_presets_grid_holds_for_its_own_teacher_only(capsys):
+    """toy_dmd2's one-step 399 is a time of the toy's linear betas: another teacher takes the method's rule."""
+    from fastgen.config import load_distill_config
+
+    own = load_distill_config("toy_dmd2")
+    assert own.student.timesteps == [399] and capsys.readouterr().err == ""
+    other = load_distill_config("toy_dmd2", ["teacher=./my-teacher"])
+    assert other.student.timesteps is None
+    assert "toy_dmd2.yaml sets student.timesteps=[399] for its teacher 'toy'" in capsys.readouterr().err
+    kept = load_distill_config("toy_dmd2", ["teacher=./my-teacher", "student.timesteps=[500]"])
+    assert kept.student.timesteps == [500] and capsys.readouterr().err == ""
+    phased = load_distill_config("toy_phased_dmd", ["teacher=./my-teacher"])
+    assert (phased.student.timesteps, phased.student.expert_boundaries, phased.objective.boundaries) == (None,) * 3
+    assert phased.student.experts == 2 and phased.objective.phase_order == "sequential"  # the rest of the preset holds
