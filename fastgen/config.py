@@ -25,7 +25,8 @@ from fastgen.typed_config import (ConfigError, config_from_dict, config_to_dict,
                                   parse_override, merge_overrides, save_config)
 
 __all__ = ["OPTIMIZERS", "ConfigError", "DistillConfig", "StudentConfig", "TrainConfig", "absolute_paths",
-           "config_file", "config_from_dict", "config_to_dict", "grid_for_teacher", "load_config", "load_distill_config", "merge_overrides", "parse_value",
+           "config_file", "config_from_dict", "config_to_dict", "grid_for_teacher", "load_config",
+           "load_distill_config", "merge_overrides", "parse_value",
            "preset_names", "save_config"]
 
 OptimizerName = Literal["adamw", "fused", "8bit"]
@@ -316,6 +317,14 @@ def load_distill_config(name: str | Path | None, overrides=()) -> DistillConfig:
     return grid_for_teacher(load_config(DistillConfig, path, overrides), path, overrides)
 
 
+def same_teacher(a, b) -> bool:
+    """Whether two ``teacher`` values name one teacher: equal, or one existing folder spelled two ways."""
+    if a == b:
+        return True
+    paths = [Path(str(v)).expanduser() for v in (a, b)]
+    return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
+
+
 def grid_for_teacher(config: DistillConfig, path: str | Path | None, overrides=()) -> DistillConfig:
     """``config`` without the ``GRID_KEYS`` of the config file at ``path`` when the file names one teacher and the
     run distils another (``--teacher``): the file's times are in its own teacher's native time and were chosen
@@ -326,7 +335,7 @@ def grid_for_teacher(config: DistillConfig, path: str | Path | None, overrides=(
     if path is None:
         return config
     tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(tree, Mapping) or tree.get("teacher") in (None, config.teacher):
+    if not isinstance(tree, Mapping) or tree.get("teacher") is None or same_teacher(tree["teacher"], config.teacher):
         return config
     given = {override.split("=", 1)[0].strip() for override in overrides}
 
@@ -340,6 +349,7 @@ def grid_for_teacher(config: DistillConfig, path: str | Path | None, overrides=(
     warn(f"{Path(path).name} sets {', '.join(f'{k}={v}' for k, v in dropped.items())} for its teacher "
          f"{tree['teacher']!r}; teacher {config.teacher!r} takes the method's default grid for its own schedule "
          "instead (set them as overrides to keep them)")
+
     def cleared(section: str) -> dict:
         return {key.split(".")[1]: None for key in dropped if key.startswith(f"{section}.")}
 

@@ -400,7 +400,7 @@ def test_train_optimizer_and_fastgen_estimate_share_one_list_of_optimizer_names(
     assert tuple(flag.choices) == OPTIMIZERS
 
 
-def test_a_presets_grid_holds_for_its_own_teacher_only(capsys):
+def test_a_presets_grid_holds_for_its_own_teacher_only(capsys, tmp_path, monkeypatch):
     """toy_dmd2's one-step 399 is a time of the toy's linear betas: another teacher takes the method's rule."""
     from fastgen.config import load_distill_config
 
@@ -414,3 +414,9 @@ def test_a_presets_grid_holds_for_its_own_teacher_only(capsys):
     phased = load_distill_config("toy_phased_dmd", ["teacher=./my-teacher"])
     assert (phased.student.timesteps, phased.student.expert_boundaries, phased.objective.boundaries) == (None,) * 3
     assert phased.student.experts == 2 and phased.objective.phase_order == "sequential"  # the rest of the preset holds
+    (tmp_path / "sd").mkdir()  # a file naming a folder keeps its grid when --teacher spells that folder otherwise
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"teacher: {tmp_path / 'sd'}\nmethod: dmd2\nstudent:\n  timesteps: [399]\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_distill_config(str(mine), ["teacher=./sd/"]).student.timesteps == [399]
+    assert load_distill_config(str(mine), ["teacher=elsewhere"]).student.timesteps is None
