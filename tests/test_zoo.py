@@ -54,7 +54,8 @@ def test_the_schedules_are_what_they_say():
 
 @pytest.mark.parametrize("name", ["rgb8-flow", "rgb32-cosine-v"])
 def test_training_targets_match_diffusers(train_toy_teacher, name):
-    """The flow target is the velocity of diffusers' own interpolation (``scale_noise``); v is ``get_velocity``."""
+    """Flow: x_t is diffusers' own interpolation (``scale_noise``) and the target its sigma-derivative; v: x_t is
+    ``add_noise`` and the target ``alpha eps - sigma x0`` (Salimans & Ho 2022, eq. 10), written out here."""
     scheduler = ZOO[name].scheduler()
     x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     x_t, t, target = train_toy_teacher.noised_and_target(scheduler, x0, eps, torch.Generator().manual_seed(1))
