@@ -28,7 +28,8 @@ def test_a_presets_experts_and_phase_boundaries_apply_at_its_own_step_count_only
         assert config.objective.boundaries is None
         trainer = Trainer(config)
         objective = trainer.objective
-        assert len(objective.critics) == steps  # one phase per step on the method's default grid
+        # the default split: one phase for one step, two (at the middle step) for more
+        assert [c.end for c in objective.critics] == ([None] if steps == 1 else [objective.timesteps[2], None])
         assert trainer.plan.expert_boundaries is None
         default = type(objective).default_grid(objective.schedule, objective.student.schedule, objective.config, steps)
         assert objective.timesteps == trainer.plan.timesteps == default
