@@ -388,6 +388,8 @@ class Estimate:
     peak_phase: str
     settings: dict
     modes: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Modes this teacher cannot run, with the reason (a UNet2DModel has no LoRA support)."""
     activations: str = "simulated"
     layout: dict = field(default_factory=dict)
     footprint: Footprint | None = field(default=None, repr=False)
@@ -396,7 +398,7 @@ class Estimate:
         return {"parameters": self.parameters, "total_bytes": self.total_bytes,
                 "rows": [{"network": n, "kind": k, "bytes": b} for n, k, b in self.rows],
                 "peak_phase": self.peak_phase, "activations": self.activations, "settings": self.settings,
-                "modes": self.modes, "layout": self.layout}
+                "modes": self.modes, "unavailable_modes": self.unavailable, "layout": self.layout}
 
 
 def _bytes(tensors) -> int:
@@ -814,9 +816,13 @@ def with_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig
 
 
 def _mode_total(config: DistillConfig, overrides: list[str], resolution: int | None, device: str,
-                optimizer: str, world_size: int = 1) -> int:
-    """One mode's total bytes per device (in a worker process)."""
-    return estimate_memory(with_overrides(config, overrides), resolution, device, optimizer, world_size).total_bytes
+                optimizer: str, world_size: int = 1) -> int | str:
+    """One mode's total bytes per device (in a worker process), or why this teacher cannot run it (a LoRA mode
+    of a network without adapter support)."""
+    try:
+        return estimate_memory(with_overrides(config, overrides), resolution, device, optimizer, world_size).total_bytes
+    except UsageError as error:
+        return str(error)
 
 
 def estimate_with_modes(config: DistillConfig, resolution: int | None = None, device: str = "cuda",
@@ -843,7 +849,9 @@ def estimate_with_modes(config: DistillConfig, resolution: int | None = None, de
         futures = {" ".join(o): pool.submit(_mode_total, config, o, resolution, device, optimizer, world_size)
                    for o in ladder}
         est = estimate_memory(config, resolution, device, optimizer, world_size)
-        est.modes = {AS_CONFIGURED: est.total_bytes, **{key: f.result() for key, f in futures.items()}}
+        results = {key: f.result() for key, f in futures.items()}
+    est.modes = {AS_CONFIGURED: est.total_bytes, **{k: v for k, v in results.items() if isinstance(v, int)}}
+    est.unavailable = {k: v for k, v in results.items() if isinstance(v, str)}
     return est
 
 
@@ -919,6 +927,8 @@ def format_table(est: Estimate, budget: int | None = None) -> str:
             fits = ("yes" if n <= budget else "no") if budget else None
             label = key if key == AS_CONFIGURED else f"`{key}`"
             lines.append(f"| {label} | {human(n)} |" + (f" {fits} |" if fits else ""))
+        for key, reason in est.unavailable.items():
+            lines.append(f"| `{key}` | n/a: {reason} |" + (" no |" if budget else ""))
     if budget:
         lines.append("")
         if est.total_bytes <= budget:
