@@ -14,6 +14,7 @@ from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
 from fastgen.losses.phased_dmd import PhasedDMD
 from fastgen.losses.progressive import ProgressiveDistillation
+from fastgen.losses.rcm import RCM
 from fastgen.losses.scm import SCM
 from fastgen.losses.sid import SiD, SiDA, FewStepSiD
 from fastgen.networks import NetworkFactory
@@ -33,6 +34,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     ASD.name: ASD,
     PhasedDMD.name: PhasedDMD,
     SCM.name: SCM,
+    RCM.name: RCM,
 }
 
 

@@ -45,6 +45,15 @@ Times: ``ln(sigma_d tan t) ~ N(P_mean, P_std²)`` (-1.0, 1.4), clamped to the te
 pi/2 for flow); two steps renoise to ``t_mid`` (1.1): ``k (cos t_mid x0 + sin t_mid sigma_d z') =
 alpha(s_mid) x0 + sigma(s_mid) z'``, exactly ``renoise_step`` at ``s_mid = s(t_mid)``. The plan's grids are
 ``[T]`` and ``[T, s(1.1)]`` in the teacher's time.
+
+**The cap for epsilon students of VP teachers.** An epsilon network's ``sigma_d F = (sigma_d eps^ - sin t x_t) /
+cos t`` moves by ``1 / cos t`` per unit of its output, about 300 at the top of a linear-beta DDPM (alpha(999) =
+0.006): near the top each optimizer step moves ``F`` hundreds of times more than elsewhere, and on the toy teacher
+the one-step output grew to a std of 10 (docs/scm.md). Such a student takes the DMD family's grid, capped where
+alpha = 0.35 (``DMD.default_grid``: ``[452]`` and ``[452, 226]`` on linear betas; ``t_mid`` is then unused), and
+the time proposal stops at the grid's first time. The first step is then fed pure noise at a time whose
+marginal is not noise (as the DMD family's students are), and a second step renoises its x0 to a level where the
+consistency function is trained.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from torch import nn
 from fastgen.errors import UsageError, check_fields
 from fastgen.jvp import JVP_METHODS, jvp
 from fastgen.losses.base import Objective, Phase
+from fastgen.losses.dmd import DMD
 from fastgen.samplers.solvers import Guidance, denoise
 from fastgen.schedules import expand_to
 
@@ -173,7 +183,10 @@ class SCM(Objective):
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps):
         """``[T, s(t_mid[0]), ..., s(t_mid[num_steps - 2])]``: the teacher's last time, then the SNR-matched
-        teacher times of ``objective.t_mid`` (module docstring, sampling)."""
+        teacher times of ``objective.t_mid`` (module docstring, sampling); for an epsilon student of a VP teacher
+        the DMD family's grid capped where alpha = 0.35 (``DMD.default_grid``; module docstring, the cap)."""
+        if DMD.capped(schedule, student_schedule):
+            return DMD.default_grid(schedule, student_schedule, config, num_steps)
         if num_steps - 1 > len(config.t_mid):
             raise UsageError(f"objective.t_mid has {len(config.t_mid)} times; student.num_steps = {num_steps} needs "
                              f"{num_steps - 1} (descending TrigFlow times, e.g. [1.1] for two steps)")
@@ -200,10 +213,13 @@ class SCM(Objective):
         return [Phase("generator", ("student", "weighting"), self.scm_loss)]
 
     def sample_t(self, n: int, device) -> torch.Tensor:
-        """``t = atan(e^tau / sigma_d)``, ``tau ~ N(P_mean, P_std²)``, clamped to the teacher's range."""
+        """``t = atan(e^tau / sigma_d)``, ``tau ~ N(P_mean, P_std²)``, clamped to the teacher's range and below the
+        plan's first time (sampling never asks the consistency function above it)."""
         c = self.config
         tau = c.p_mean + c.p_std * torch.randn(n, device=device)
         t_lo, t_hi = trig_range(self.schedule, c.sigma_d)
+        top = max(grid[0] for grid in self.plan.grids.values())
+        t_hi = min(t_hi, float(teacher_to_trig(self.schedule, top, c.sigma_d)))
         return torch.atan(torch.exp(tau) / c.sigma_d).clamp(t_lo, t_hi)
 
     def warmup(self, step: int) -> float:

@@ -76,6 +76,7 @@ LAYERS = {
     "test_policies": "e2e",
     "test_preemption": "e2e",
     "test_quiet": "integration",
+    "test_rcm": "integration",
     "test_reference": "unit",
     "test_samplers": "unit",
     "test_schedules": "unit",
