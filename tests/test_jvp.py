@@ -32,7 +32,8 @@ def _unet(**config):
 
 def _build(name: str):
     """(model, x, s, cond, scale) for the network ``name``, float32, seeded."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel,
+                           WanTransformer3DModel)
 
     torch.manual_seed(0)
     s = torch.tensor([0.25, 0.7])
@@ -60,10 +61,20 @@ def _build(name: str):
         cond = {"encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 32),
                 "img_ids": torch.stack(grid, -1).reshape(16, 3), "txt_ids": torch.zeros(5, 3)}
         return model, torch.randn(2, 16, 4), s, cond, 1.0
+    if name == "wan":  # video: 3-D patches, rotary embeddings, cross-attention on text, the dispatcher
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                      out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1,
+                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        return model, torch.randn(2, 4, 2, 8, 8), s, {"encoder_hidden_states": torch.randn(2, 6, 16)}, 1000.0
+    if name == "sana":  # linear attention, cross-attention on text
+        model = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                       attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                       cross_attention_dim=8, caption_channels=8, sample_size=8)
+        return model, torch.randn(2, 4, 8, 8), s, {"encoder_hidden_states": torch.randn(2, 6, 8)}, 1000.0
     raise KeyError(name)
 
 
-MODELS = ("unet", "unet_fourier", "unet_cond", "sd3", "flux")
+MODELS = ("unet", "unet_fourier", "unet_cond", "sd3", "flux", "wan", "sana")
 
 
 @functools.cache
@@ -116,16 +127,21 @@ def test_exact_equals_reverse_mode_in_float64(name, kind):
         _, reference = torch.autograd.functional.jvp(f, (x, s), (dx, dt))
     with torch.no_grad():
         _, dF_dt = jvp(f, (x, s), (dx, dt))
-    # measured: relative norm 2e-16 to 1.4e-15, the same arithmetic in another order
-    torch.testing.assert_close(dF_dt, reference, rtol=1e-9, atol=1e-9 * float(reference.abs().max()))
+    # measured: relative norm 2e-16 to 1.4e-15, the same arithmetic in another order; Wan's blocks (norms, residuals,
+    # modulation: ``.float()``) and SANA's linear attention (SanaLinearAttnProcessor2_0) compute in float32 whatever
+    # the model's dtype: 1e-8 to 1.1e-7 there
+    assert rel_error(dF_dt, reference) < (1e-6 if name in ("wan", "sana") else 1e-12)
 
 
 # Relative error (norm) of "finite_difference" at FD_EPS in float32 against "exact" in float64, tangent (dx, 1)
-# in unit time; measured 2.3e-3, 3.6e-4, 2.8e-3, 9.2e-4, 1.1e-3 (docs/jvp.md). Bounds: about twice that.
-FD_BOUNDS = {"unet": 5e-3, "unet_fourier": 1e-3, "unet_cond": 6e-3, "sd3": 2e-3, "flux": 3e-3}
+# in unit time; measured 2.3e-3, 3.6e-4, 2.8e-3, 9.2e-4, 1.1e-3, 1.0e-3 (Wan) (docs/jvp.md). Bounds: about twice
+# that. SANA is left out: its linear attention (ReLU features, float32 inside, a sum in the denominator) gives the
+# difference a relative error of 0.56 at FD_EPS in float32, and 0.03 at the best step of a float64 sweep
+# (1e-3 ... 1e-7): use the exact JVP there (docs/jvp.md).
+FD_BOUNDS = {"unet": 5e-3, "unet_fourier": 1e-3, "unet_cond": 6e-3, "sd3": 2e-3, "flux": 3e-3, "wan": 2e-3}
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", sorted(FD_BOUNDS))
 def test_finite_difference_error_at_default_eps(name):
     f64, x64, s64 = network(name, torch.float64)
     f, x, s = network(name, torch.float32)
