@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastgen.errors import UsageError, check_fields
+from fastgen.errors import UsageError, check_fields, warn
 from fastgen.jvp import JVP_METHODS, jvp
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.dmd import DMD
@@ -174,6 +174,11 @@ class SCM(Objective):
 
     def __init__(self, teacher, nets, config: SCMConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
+        if config.jvp == "finite_difference" and any(type(getattr(m, "processor", None)).__name__.startswith(
+                "SanaLinearAttn") for m in self.teacher.model.modules()):
+            warn("objective.jvp is 'finite_difference', and the teacher's network uses SANA's linear attention, where "
+                 "a central difference of the tangent is off by about half its size (ReLU features, float32 inside; "
+                 "docs/jvp.md); objective.jvp=exact computes it exactly")
         if config.guidance_scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
             raise UsageError(f"objective.guidance_scale is {config.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")

@@ -374,6 +374,23 @@ def test_config_errors_name_the_key():
         build_objective("scm", gaussian(schedule), gaussian(schedule), {"t_mid": [0.5, 1.1]})
 
 
+def test_a_finite_difference_tangent_through_sana_linear_attention_is_warned_about(capsys):
+    """SANA's linear attention defeats the central difference (relative error 0.56 at the default step, test_jvp):
+    choosing it there prints one ``warning:`` line naming the fix; the exact JVP and other networks print none."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    sana = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                  attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                  cross_attention_dim=8, caption_channels=8, sample_size=8)
+    schedule = FlowSchedule(1000)
+    for model, method, warned in ((sana, "finite_difference", True), (sana, "exact", False),
+                                  (tiny_unet(), "finite_difference", False)):
+        build_objective("scm", Denoiser(model, schedule), Denoiser(copy.deepcopy(model), schedule), {"jvp": method})
+        err = capsys.readouterr().err
+        assert ("warning: objective.jvp is 'finite_difference'" in err and "objective.jvp=exact" in err) == warned, err
+
+
 def test_estimate_of_an_exact_jvp_is_refused_on_one_line_and_runs_with_finite_differences():
     """``fastgen estimate`` simulates a step on fake tensors, where torch.func.jvp does not run."""
     from fastgen.estimate import estimate_memory
