@@ -55,10 +55,9 @@ class RCMConfig(SCMConfig):
         super().__post_init__()
         check_fields([
             (self.dmd_weight >= 0, "dmd_weight", self.dmd_weight, ">= 0 (0: sCM alone)"),
-            (self.critic_every >= 1, "critic_every", self.critic_every, ">= 1"),
             (self.fake_lr is None or self.fake_lr > 0, "fake_lr", self.fake_lr, "> 0 or null"),
-            (self.fake_lora_rank >= 0, "fake_lora_rank", self.fake_lora_rank, ">= 0"),
         ], "objective.")
+        self.dmd_config()  # DMD2's own checks of the keys it takes (critic_every, fake_lora_rank, the ranges)
 
     def dmd_config(self) -> DMD2Config:
         """The DMD2 settings of the regulariser: this config's guidance, critic ratio, fake score and ranges, no GAN."""

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from fastgen.errors import UsageError, check_fields, warn
-from fastgen.jvp import JVP_METHODS, jvp
+from fastgen.jvp import JVP_METHODS, finite_difference_hazard, jvp
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.dmd import DMD
 from fastgen.samplers.solvers import Guidance, denoise
@@ -174,11 +174,16 @@ class SCM(Objective):
 
     def __init__(self, teacher, nets, config: SCMConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
-        if config.jvp == "finite_difference" and any(type(getattr(m, "processor", None)).__name__.startswith(
-                "SanaLinearAttn") for m in self.teacher.model.modules()):
-            warn("objective.jvp is 'finite_difference', and the teacher's network uses SANA's linear attention, where "
-                 "a central difference of the tangent is off by about half its size (ReLU features, float32 inside; "
-                 "docs/jvp.md); objective.jvp=exact computes it exactly")
+        hazard = finite_difference_hazard(self.teacher.model) if config.jvp == "finite_difference" else None
+        if hazard:
+            warn(f"objective.jvp is 'finite_difference', and the teacher's network uses {hazard}, where a central "
+                 "difference misses the tangent by about half its size (docs/jvp.md); objective.jvp=exact computes "
+                 "it exactly")
+        t_lo, t_hi = trig_range(self.schedule, config.sigma_d)
+        top = max(grid[0] for grid in plan.grids.values())
+        self.t_bounds = (t_lo, min(t_hi, float(teacher_to_trig(self.schedule, top, config.sigma_d))))
+        """The trained TrigFlow times: the teacher's range, below the plan's first time (sampling never asks the
+        consistency function above it)."""
         if config.guidance_scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
             raise UsageError(f"objective.guidance_scale is {config.guidance_scale}; classifier-free guidance needs a "
                              f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
@@ -218,14 +223,10 @@ class SCM(Objective):
         return [Phase("generator", ("student", "weighting"), self.scm_loss)]
 
     def sample_t(self, n: int, device) -> torch.Tensor:
-        """``t = atan(e^tau / sigma_d)``, ``tau ~ N(P_mean, P_std²)``, clamped to the teacher's range and below the
-        plan's first time (sampling never asks the consistency function above it)."""
+        """``t = atan(e^tau / sigma_d)``, ``tau ~ N(P_mean, P_std²)``, clamped to ``t_bounds``."""
         c = self.config
         tau = c.p_mean + c.p_std * torch.randn(n, device=device)
-        t_lo, t_hi = trig_range(self.schedule, c.sigma_d)
-        top = max(grid[0] for grid in self.plan.grids.values())
-        t_hi = min(t_hi, float(teacher_to_trig(self.schedule, top, c.sigma_d)))
-        return torch.atan(torch.exp(tau) / c.sigma_d).clamp(t_lo, t_hi)
+        return torch.atan(torch.exp(tau) / c.sigma_d).clamp(*self.t_bounds)
 
     def warmup(self, step: int) -> float:
         """``r = min(1, step / tangent_warmup_steps)``."""

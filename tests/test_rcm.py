@@ -8,6 +8,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from test_scm import (SCHEDULES, assert_export_replays_the_plan, assert_recovers_mixture, distill_config,
                       mixture_student, tiny_unet)
@@ -114,3 +115,16 @@ def test_the_trainer_distils_and_the_export_replays_one_and_two_steps(tmp_path):
     assert ran == {1: ["consistency"], 2: ["critic", "generator"], 3: ["critic"], 4: ["critic", "generator"]}, ran
     assert trainer.plan.grids == {1: (452.0,), 2: (452.0, 226.0)}
     assert_export_replays_the_plan(trainer, tmp_path / "export", "vp")
+
+
+def test_config_errors_name_the_key_and_what_was_expected():
+    """rCM's own keys and the DMD2 keys it passes on are checked when the config is built, by their names."""
+    from fastgen.errors import UsageError
+    from fastgen.losses import objective_config
+
+    for args, message in (({"dmd_weight": -1.0}, r"objective\.dmd_weight is -1\.0; expected >= 0"),
+                          ({"fake_lr": 0.0}, r"objective\.fake_lr is 0\.0; expected > 0 or null"),
+                          ({"critic_every": 0}, r"objective\.critic_every is 0; expected >= 1"),
+                          ({"t_range": [0.9, 0.1]}, r"objective\.t_range is \[0\.9, 0\.1\]; expected 0 <= low <= high")):
+        with pytest.raises(UsageError, match=message):
+            objective_config("rcm", args)
