@@ -38,8 +38,10 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def make_student(teacher_model: nn.Module, config: DistillConfig) -> nn.Module:
-    """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft)."""
+def make_student(teacher_model: nn.Module, config: DistillConfig, plan: StudentPlan,
+                 schedule: NoiseSchedule) -> nn.Module:
+    """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft), with the inputs the
+    objective's student adds (``Objective.student_network``; ``plan`` and the student's ``schedule`` fix them)."""
     student = float32(copy.deepcopy(teacher_model)).train()
     s = config.student
     if s.lora_rank > 0:
@@ -54,7 +56,7 @@ def make_student(teacher_model: nn.Module, config: DistillConfig) -> nn.Module:
                                        init_lora_weights="gaussian", target_modules=list(s.lora_targets)))
     else:
         student.requires_grad_(True)
-    return student
+    return objective_class(config.method).student_network(student, plan, schedule)
 
 
 def optimizer_class(name: str, device: torch.device | str = "cpu") -> Callable[..., torch.optim.Optimizer]:
@@ -113,7 +115,7 @@ def build_students(config: DistillConfig, source: nn.Module | list[nn.Module], p
     sources = source if isinstance(source, (list, tuple)) else [source]
     nets = {}
     for k, name in enumerate(student_names(config)):
-        model = make_student(sources[min(k, len(sources) - 1)], config)
+        model = make_student(sources[min(k, len(sources) - 1)], config, plan, schedule)
         configure_network(model, attention, config.train.gradient_checkpointing)
         nets[name] = Denoiser(model, schedule)
     if config.student.experts > 1:

@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastgen.errors import warn
+
 JVP_METHODS = ("exact", "finite_difference")
 
 FD_EPS = 1e-4
@@ -65,6 +67,16 @@ def finite_difference_hazard(model: torch.nn.Module) -> str | None:
             if part in name:
                 return what
     return None
+
+
+def warn_finite_difference(model: torch.nn.Module, method: str) -> None:
+    """A ``warning:`` line where ``method`` is "finite_difference" and ``model`` has a ``finite_difference_hazard``
+    (``objective.jvp`` of sCM, rCM and MeanFlow)."""
+    hazard = finite_difference_hazard(model) if method == "finite_difference" else None
+    if hazard:
+        warn(f"objective.jvp is 'finite_difference', and the teacher's network uses {hazard}, where a central "
+             "difference misses the tangent by about half its size (docs/jvp.md); objective.jvp=exact computes it "
+             "exactly")
 
 
 def jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],

@@ -47,7 +47,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from fastgen.allocator import keep_heap
-from fastgen.assemble import build_run, make_student, run_plan, student_names
+from fastgen.assemble import build_run, make_student, run_plan, student_names, student_schedule
 from fastgen.atomic import atomic_path
 from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, flatten_state, latest_checkpoint,
                                 list_checkpoints, load_checkpoint, save_checkpoint)
@@ -928,7 +928,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     plan = StudentPlan.load(run_dir) if (run_dir / PLAN_FILE).is_file() else run_plan(config, teacher.schedule)
     students = []
     for name in names:
-        student = make_student(teacher.model, config)
+        student = make_student(teacher.model, config, plan, student_schedule(teacher.schedule, plan.prediction_type))
         load_network_state(student, state["networks"][name])
         if ema:
             trainable = [p for p in student.parameters() if p.requires_grad]

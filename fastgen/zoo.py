@@ -94,13 +94,15 @@ class ZooTeacher:
 ZOO: dict[str, ZooTeacher] = {z.name: z for z in (
     ZooTeacher("gray8-linear-eps", channels=1, size=8, schedule="linear", prediction="epsilon", blocks=(32, 64)),
     ZooTeacher("rgb32-cosine-v", channels=3, size=32, schedule="squaredcos_cap_v2", prediction="v_prediction",
-               blocks=(32, 64, 64)),
+               blocks=(16, 32, 32, 64)),
     ZooTeacher("gray16-scaled-eps-t500", channels=1, size=16, schedule="scaled_linear", prediction="epsilon",
                train_timesteps=500, betas=(0.0017, 0.024)),
     ZooTeacher("rgb8-flow", channels=3, size=8, schedule="flow", prediction="flow", blocks=(32, 64)),
 )}
 """The zoo. ``gray16-scaled-eps-t500`` has SD's scaled-linear betas (0.00085 to 0.012 over 1000 steps) doubled
-over its 500 steps, so that its terminal alpha-bar is SD's (0.0047)."""
+over its 500 steps, so that its terminal alpha-bar is SD's (0.0047). ``rgb32-cosine-v`` goes down to 4x4 in four
+levels, 16 channels at full size: a training step at 32x32 costs 1.3 s of one core at batch 128, 3.5x less than
+the 8x8/16x16 teachers' three levels from 32 channels would (4.5 s), which made it a four-hour build."""
 
 
 def zoo_dir() -> Path:

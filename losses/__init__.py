@@ -12,6 +12,7 @@ from fastgen.losses.asd import ASD
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.consistency import ConsistencyDistillation
 from fastgen.losses.dmd import DMD, DMD2, DecoupledDMD
+from fastgen.losses.meanflow import MeanFlow
 from fastgen.losses.phased_dmd import PhasedDMD
 from fastgen.losses.progressive import ProgressiveDistillation
 from fastgen.losses.rcm import RCM
@@ -35,6 +36,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     PhasedDMD.name: PhasedDMD,
     SCM.name: SCM,
     RCM.name: RCM,
+    MeanFlow.name: MeanFlow,
 }
 
 

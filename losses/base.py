@@ -161,6 +161,19 @@ class Objective:
         """The step counts the exported scheduler replays."""
         return [num_steps]
 
+    def check_guidance(self, scale: float) -> None:
+        """Refuse ``objective.guidance_scale`` != 1 (classifier-free guidance of the teacher) on a teacher that
+        takes no text (a bare denoiser, as tests use, passes)."""
+        if scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
+            raise UsageError(f"objective.guidance_scale is {scale}; classifier-free guidance needs a "
+                             f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
+
+    @classmethod
+    def student_network(cls, model, plan: StudentPlan, schedule):
+        """The student's network built from ``model`` (a trainable copy of the teacher's): the copy itself, or
+        the copy with the inputs the objective's student needs beyond the teacher's (MeanFlow's interval)."""
+        return model
+
     @classmethod
     def boundary_condition(cls, config) -> dict[str, float] | None:
         """A consistency model's boundary condition, recorded by the export; None for other objectives."""

@@ -150,17 +150,10 @@ class DMD(Objective):
 
     def __init__(self, teacher, nets, config, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
-        self._check(config)
+        self.check_guidance(config.guidance_scale)
         self.critics = self.build_critics()
         self.needs_data = self.uses_gan or config.regression_weight > 0 or config.regression_steps > 0 or (
             config.multistep_input == "data" and self.num_steps > 1)
-
-    def _check(self, c: DMDConfig) -> None:
-        """What the config cannot check alone (``DMDConfig.__post_init__`` checks the rest): guidance needs a
-        text-conditioned teacher."""
-        if c.guidance_scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
-            raise UsageError(f"objective.guidance_scale is {c.guidance_scale}; classifier-free guidance needs a "
-                             f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
 
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps: int) -> list[float]:

@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastgen.errors import UsageError, check_fields, warn
-from fastgen.jvp import JVP_METHODS, finite_difference_hazard, jvp
+from fastgen.errors import UsageError, check_fields
+from fastgen.jvp import JVP_METHODS, jvp, warn_finite_difference
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.dmd import DMD
 from fastgen.samplers.solvers import Guidance, denoise
@@ -174,19 +174,13 @@ class SCM(Objective):
 
     def __init__(self, teacher, nets, config: SCMConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
-        hazard = finite_difference_hazard(self.teacher.model) if config.jvp == "finite_difference" else None
-        if hazard:
-            warn(f"objective.jvp is 'finite_difference', and the teacher's network uses {hazard}, where a central "
-                 "difference misses the tangent by about half its size (docs/jvp.md); objective.jvp=exact computes "
-                 "it exactly")
+        warn_finite_difference(self.teacher.model, config.jvp)
         t_lo, t_hi = trig_range(self.schedule, config.sigma_d)
         top = max(grid[0] for grid in plan.grids.values())
         self.t_bounds = (t_lo, min(t_hi, float(teacher_to_trig(self.schedule, top, config.sigma_d))))
         """The trained TrigFlow times: the teacher's range, below the plan's first time (sampling never asks the
         consistency function above it)."""
-        if config.guidance_scale != 1.0 and self.teacher.pipeline is not None and not self.teacher.text_conditioned:
-            raise UsageError(f"objective.guidance_scale is {config.guidance_scale}; classifier-free guidance needs a "
-                             f"text-conditioned teacher, and {self.teacher.source} is not (expected 1)")
+        self.check_guidance(config.guidance_scale)
         self.add_network("weighting", self.factory.module(AdaptiveWeight(config.weight_hidden)))
 
     # -- the plan ----------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def _why_code(meta: dict) -> str:
         reasons.append("`DDPMPipeline` would run it without class labels or input preconditioning")
     if timestep_experts(meta):
         reasons.append(f"its {meta['experts']['count']} experts load as one model routing each call by its timestep")
+    if meta.get("meanflow"):
+        reasons.append("the MeanFlow network takes each step's interval from its own table (`MeanFlowModel`)")
     text = "; ".join(reasons)
     return text[:1].upper() + text[1:]
 

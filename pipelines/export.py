@@ -23,6 +23,9 @@ A student of K experts (``fastgen.experts.ExpertsDenoiser``: ``student_model`` a
 ``expert_boundaries`` their K-1 boundaries in native time) exports as a full pipeline whose denoiser is one
 ``TimestepExperts`` model (``fastgen.pipelines.experts_model``) routing each call by its timestep, with its code in
 ``{unet,transformer}/modeling_experts.py``; ``fastgen_export.json`` records the boundaries (``"experts"``).
+A MeanFlow student (a network with ``fastgen.pipelines.meanflow_model.attach_duration``'s interval input) exports
+as one ``MeanFlowModel`` holding the network and its table of intervals, with its code in
+``{unet,transformer}/modeling_meanflow.py``; ``fastgen_export.json`` records the table (``"meanflow"``).
 
 Every export is written into a hidden sibling folder and renamed into place at the end, so a failure leaves
 nothing half-written; a non-empty ``out_dir`` is replaced only if an earlier export wrote it.
@@ -51,7 +54,10 @@ from fastgen.teacher import Teacher
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 METADATA = "fastgen_export.json"
 FORMAT, FORMAT_VERSION = "fastgen-export", 1
-SCHEDULER_MODULE, PIPELINE_MODULE, EXPERTS_MODULE = "scheduling_few_step", "pipeline_few_step", "modeling_experts"
+SCHEDULER_MODULE, PIPELINE_MODULE = "scheduling_few_step", "pipeline_few_step"
+CUSTOM_DENOISERS = {"TimestepExperts": ("modeling_experts", "fastgen.pipelines.experts_model"),
+                    "MeanFlowModel": ("modeling_meanflow", "fastgen.pipelines.meanflow_model")}
+"""fastgen's own denoiser models: class name -> (the module an export ships it as, the installed module)."""
 LORA_FORMATS = ("peft", "kohya")
 """The layouts of a LoRA export's weights: diffusers' (peft keys, ``pytorch_lora_weights.safetensors``) and
 kohya-ss's (``lora_unet_..._lora_down.weight``, ``.alpha``: ComfyUI, AUTOMATIC1111), in ``KOHYA_WEIGHTS``."""
@@ -98,7 +104,11 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    "timestep_boundaries": timestep_boundaries(scheduler, expert_boundaries),
                    "expert_class": type(students[0]).__name__,
                    "layout": "pipeline" if native_experts(teacher) and len(students) == 2 else "timestep_experts"}
-    meta = {**_metadata(teacher, scheduler, shipped, lora, method, settings, experts), "health": health}
+    meanflow = _meanflow_table(students[0])
+    meta = {**_metadata(teacher, scheduler, shipped, lora, method, settings, experts, meanflow), "health": health}
+    if lora and meanflow:
+        raise UsageError("a LoRA export holds the adapter alone, and this MeanFlow student also trained its interval "
+                         "embedding: export the full model (no --lora)")
     if lora:
         adapter = _adapter_name(student_model)
         _check_base_weights(teacher, student_model)
@@ -108,7 +118,7 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
             write = partial(_write_lora, _lora_saver(teacher), teacher.denoiser_component, student_model, adapter,
                             shipped)
     else:
-        write = partial(_write_full, teacher, students, experts, shipped)
+        write = partial(_write_full, teacher, students, experts, meanflow, shipped)
     out = Path(out_dir).expanduser().absolute()
     _check_target(out)
     return _write_atomically(out, partial(_write_export, write, meta, out))
@@ -160,8 +170,14 @@ def timestep_boundaries(scheduler: FewStepScheduler, boundaries: Sequence[float]
     return [float(u) for u in scheduler.schedule.model_input(torch.zeros_like(t), t)[1]]
 
 
+def _meanflow_table(model: torch.nn.Module) -> dict | None:
+    """A MeanFlow student's table of intervals (``{"timesteps", "durations"}``), or None for any other student."""
+    extra = getattr(model, "duration_embedding", None)
+    return None if extra is None else {"timesteps": list(extra.timesteps), "durations": list(extra.durations)}
+
+
 def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str | None, method: str | None,
-              settings: Mapping | None, experts: dict | None = None) -> dict:
+              settings: Mapping | None, experts: dict | None = None, meanflow: dict | None = None) -> dict:
     """``fastgen_export.json``: what fastgen needs to load the folder with its own classes, and the card's facts
     (``base_model`` and ``license``: a hub teacher's id, else those of a local teacher's own model card)."""
     from fastgen import __version__
@@ -179,18 +195,19 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         pipeline = "FewStepPipeline" if _needs_few_step_pipeline(teacher) else "DDPMPipeline"
     else:
         pipeline = type(teacher.pipeline).__name__
+    custom = custom_denoiser({"experts": experts, "meanflow": meanflow})
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fastgen_version": __version__,
         "kind": "lora" if lora else "full", "lora_format": lora, "pipeline": pipeline,
         "scheduler": type(shipped).__name__,
         "remote_code": sorted(_remote_code_files(shipped, pipeline if not lora else None,
-                                                 teacher.denoiser_component if timestep_experts(
-                                                     {"experts": experts}) else None)),
+                                                 f"{teacher.denoiser_component}/{CUSTOM_DENOISERS[custom][0]}.py"
+                                                 if custom else None)),
         "few_step_scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         "teacher": hub_id or str(source.resolve()), "base_model": base_model, "license": license_,
         "denoiser": teacher.denoiser_component,
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
-        "absent": absent, "experts": experts, "method": method, "settings": dict(settings or {}), "metrics": [],
+        "absent": absent, "experts": experts, "meanflow": meanflow, "method": method, "settings": dict(settings or {}), "metrics": [],
         "size": teacher.size(),
         "call": _replay_call(teacher),
     }
@@ -232,24 +249,33 @@ def timestep_experts(meta: dict) -> bool:
     return bool(experts) and experts.get("layout", "timestep_experts") == "timestep_experts"
 
 
-def _remote_code_files(shipped, pipeline: str | None, experts_component: str | None) -> list[str]:
+def custom_denoiser(meta: dict) -> str | None:
+    """The class of the export's own denoiser model (a key of ``CUSTOM_DENOISERS``), or None where the denoiser is
+    the teacher's class."""
+    if timestep_experts(meta):
+        return "TimestepExperts"
+    return "MeanFlowModel" if meta.get("meanflow") else None
+
+
+def _remote_code_files(shipped, pipeline: str | None, denoiser_file: str | None) -> list[str]:
     files = [] if type(shipped).__name__ != "FewStepScheduler" else [f"scheduler/{SCHEDULER_MODULE}.py"]
-    files += [f"{experts_component}/{EXPERTS_MODULE}.py"] if experts_component else []
+    files += [denoiser_file] if denoiser_file else []
     return files + ([f"{PIPELINE_MODULE}.py"] if pipeline == "FewStepPipeline" else [])
 
 
 def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: Path) -> None:
     """Write the weights (``write``), the custom code the loaders without fastgen need, the metadata and the card."""
     from fastgen.pipelines.card import write_card
-    from fastgen.pipelines.remote_code import experts_source, pipeline_source, scheduler_source
+    from fastgen.pipelines.remote_code import denoiser_source, pipeline_source, scheduler_source
 
     write(folder)
     if f"scheduler/{SCHEDULER_MODULE}.py" in meta["remote_code"]:
         (folder / "scheduler" / f"{SCHEDULER_MODULE}.py").write_text(scheduler_source())
     if f"{PIPELINE_MODULE}.py" in meta["remote_code"]:
         (folder / f"{PIPELINE_MODULE}.py").write_text(pipeline_source())
-    if timestep_experts(meta):
-        (folder / meta["denoiser"] / f"{EXPERTS_MODULE}.py").write_text(experts_source())
+    custom = custom_denoiser(meta)
+    if custom:
+        (folder / meta["denoiser"] / f"{CUSTOM_DENOISERS[custom][0]}.py").write_text(denoiser_source(custom))
     index_file = folder / "model_index.json"
     if index_file.is_file():  # diffusers recorded the classes under their fastgen module paths
         index = json.loads(index_file.read_text())
@@ -257,8 +283,8 @@ def _write_export(write: Callable[[Path], None], meta: dict, out: Path, folder: 
             index["scheduler"] = [SCHEDULER_MODULE, "FewStepScheduler"]
         if meta["pipeline"] == "FewStepPipeline":
             index["_class_name"] = [PIPELINE_MODULE, "FewStepPipeline"]
-        if timestep_experts(meta):
-            index[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
+        if custom:
+            index[meta["denoiser"]] = [CUSTOM_DENOISERS[custom][0], custom]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     write_card(folder, meta, out)
@@ -351,16 +377,23 @@ def _with_components(pipeline, **replacements):
     return cls(**{**kwargs, **replacements})
 
 
-def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module],
-                         experts: dict | None) -> dict[str, torch.nn.Module]:
+def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module], experts: dict | None,
+                         meanflow: dict | None = None) -> dict[str, torch.nn.Module]:
     """The pipeline components holding the student: ``{"unet" or "transformer": merged copy}``; for a student of
     experts, one ``TimestepExperts`` holding the merged copies, or, where the pipeline routes two networks itself
     (``native_experts``: Wan 2.2's ``transformer`` + ``transformer_2`` with ``boundary_ratio``), the two copies in
-    that layout. A one-network student of such a teacher leaves ``transformer_2`` and ``boundary_ratio`` unset."""
+    that layout. A one-network student of such a teacher leaves ``transformer_2`` and ``boundary_ratio`` unset.
+    A MeanFlow student (``meanflow``: its table) is one ``MeanFlowModel`` holding the merged copy."""
     from fastgen.pipelines.experts_model import TimestepExperts
+    from fastgen.pipelines.meanflow_model import MeanFlowModel
 
     merged = [_merged_copy(model) for model in students]
     two = native_experts(teacher)
+    if meanflow is not None:
+        with torch.device("meta"):  # the network is the merged copy, not a fresh random one
+            model = MeanFlowModel(type(merged[0]).__name__, _public_config(merged[0]), **meanflow)
+        model.base = merged[0]
+        return {teacher.denoiser_component: model.eval()}
     if experts is None:
         return {teacher.denoiser_component: merged[0], **({"transformer_2": None, "boundary_ratio": None} if two
                                                            else {})}
@@ -384,9 +417,9 @@ def native_experts(teacher: Teacher) -> bool:
     return "transformer_2" in params and "boundary_ratio" in params
 
 
-def _write_full(teacher: Teacher, students: Sequence[torch.nn.Module], experts: dict | None, scheduler,
-                folder: Path) -> None:
-    components = _denoiser_components(teacher, students, experts)
+def _write_full(teacher: Teacher, students: Sequence[torch.nn.Module], experts: dict | None, meanflow: dict | None,
+                scheduler, folder: Path) -> None:
+    components = _denoiser_components(teacher, students, experts, meanflow)
     if teacher.text_conditioned:
         pipe = _with_components(teacher.pipeline, **components, scheduler=scheduler)
     elif _needs_few_step_pipeline(teacher):

@@ -23,13 +23,13 @@ from pathlib import Path
 from fastgen.errors import InputError, MissingPathError
 from fastgen.integrity import PICKLE_SUFFIXES, check_safetensors, verify_manifest
 from fastgen.pipelines.export import (
-    EXPERTS_MODULE,
+    CUSTOM_DENOISERS,
     FORMAT,
     FORMAT_VERSION,
     METADATA,
     PIPELINE_MODULE,
     SCHEDULER_MODULE,
-    timestep_experts,
+    custom_denoiser,
 )
 
 INDEX = "model_index.json"
@@ -43,6 +43,8 @@ _FIELDS = {
     "denoiser": (lambda v: v in ("unet", "transformer"), "'unet' or 'transformer'"),
     "absent": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of component names"),
     "experts": (lambda v: v is None or isinstance(v, dict), "null or the experts' settings (a mapping)"),
+    "meanflow": (lambda v: v is None or isinstance(v, dict) and {"timesteps", "durations"} <= set(v),
+                 "null or a MeanFlow student's table {timesteps, durations}"),
     "size": (lambda v: v is None or isinstance(v, dict) and set(v) <= {"height", "width", "num_frames"} and all(
         isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
         "null or the trained sample size {height, width[, num_frames]} in positive integers"),
@@ -51,7 +53,7 @@ _FIELDS = {
                "null or the last health check {step, denoise_ratio, flat_ratio, verdict}"),
 }
 """The keys of ``fastgen_export.json`` that loading reads: ``(check, what is expected)``."""
-_ADDED_LATER = ("experts", "size", "call", "health")
+_ADDED_LATER = ("experts", "size", "call", "health", "meanflow")
 """Keys that exports of format version 1 written before them lack (read as null)."""
 
 
@@ -126,8 +128,9 @@ def _check_index(path: Path, index: dict, meta: dict) -> None:
     """``model_index.json`` against the metadata: every component a class of diffusers or transformers, or absent,
     or one of fastgen's own that loading replaces with the installed class."""
     own = {"scheduler": [SCHEDULER_MODULE, "FewStepScheduler"]}
-    if timestep_experts(meta):
-        own[meta["denoiser"]] = [EXPERTS_MODULE, "TimestepExperts"]
+    custom = custom_denoiser(meta)
+    if custom:
+        own[meta["denoiser"]] = [CUSTOM_DENOISERS[custom][0], custom]
     expected_pipeline = [PIPELINE_MODULE, "FewStepPipeline"] if meta["pipeline"] == "FewStepPipeline" \
         else meta["pipeline"]
     pipeline = index.get("_class_name")
@@ -186,7 +189,7 @@ def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
 
     scheduler = few_step_scheduler(meta)
     absent = {name: None for name in meta["absent"]}
-    denoiser = _experts_model(folder, meta, kwargs.get("dtype"))
+    denoiser = _custom_denoiser(folder, meta, kwargs.get("dtype"))
     if meta["kind"] == "lora":
         pipe = DiffusionPipeline.from_pretrained(teacher or meta["teacher"], scheduler=scheduler, use_safetensors=True,
                                                  **absent, **kwargs)
@@ -207,14 +210,16 @@ def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
     return pipe
 
 
-def _experts_model(folder: Path, meta: dict, dtype) -> dict:
-    """``{"unet" or "transformer": TimestepExperts}`` (the installed class) for a student of experts, else ``{}``."""
-    if not timestep_experts(meta):
+def _custom_denoiser(folder: Path, meta: dict, dtype) -> dict:
+    """``{"unet" or "transformer": model}`` of the installed class for an export whose denoiser is fastgen's own
+    (``TimestepExperts``, ``MeanFlowModel``), else ``{}``."""
+    name = custom_denoiser(meta)
+    if name is None:
         return {}
-    from fastgen.pipelines.experts_model import TimestepExperts
-
-    # as for the scheduler: diffusers checks a passed component against model_index.json's ["modeling_experts", ...]
-    sys.modules.setdefault(EXPERTS_MODULE, importlib.import_module("fastgen.pipelines.experts_model"))
-    model = TimestepExperts.from_pretrained(folder, subfolder=meta["denoiser"], use_safetensors=True,
-                                            **({} if dtype is None else {"torch_dtype": dtype}))
+    module_name, installed = CUSTOM_DENOISERS[name]
+    module = importlib.import_module(installed)
+    # as for the scheduler: diffusers checks a passed component against model_index.json's ["modeling_...", ...]
+    sys.modules.setdefault(module_name, module)
+    model = getattr(module, name).from_pretrained(folder, subfolder=meta["denoiser"], use_safetensors=True,
+                                                  **({} if dtype is None else {"torch_dtype": dtype}))
     return {meta["denoiser"]: model}

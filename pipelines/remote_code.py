@@ -123,8 +123,12 @@ def pipeline_source() -> str:
     return module_source(FewStepPipeline, title="FewStepPipeline: the pipeline of a fastgen pixel-space student.")
 
 
-def experts_source() -> str:
-    """``modeling_experts.py``: ``TimestepExperts``, the model of a student of experts."""
-    from fastgen.pipelines.experts_model import TimestepExperts
+def denoiser_source(name: str) -> str:
+    """``modeling_experts.py`` or ``modeling_meanflow.py``: fastgen's own denoiser model ``name`` (a key of
+    ``fastgen.pipelines.export.CUSTOM_DENOISERS``: ``TimestepExperts``, ``MeanFlowModel``) and what it uses."""
+    import importlib
 
-    return module_source(TimestepExperts, title="TimestepExperts: a fastgen student of experts as one diffusers model.")
+    from fastgen.pipelines.export import CUSTOM_DENOISERS
+
+    cls = getattr(importlib.import_module(CUSTOM_DENOISERS[name][1]), name)
+    return module_source(cls, title=f"{name}: {cls.__doc__.splitlines()[0]}")

@@ -107,7 +107,7 @@ class HandLoop:
     def __init__(self, trainer: Trainer):
         config, teacher = trainer.config, trainer.teacher
         self.train = config.train
-        self.student = Denoiser(make_student(teacher.model, config), teacher.schedule)
+        self.student = Denoiser(make_student(teacher.model, config, trainer.plan, teacher.schedule), teacher.schedule)
         factory = NetworkFactory(teacher, source=teacher.model)
         self.objective = build_objective(config.method, teacher, self.student, config.objective,
                                          config.student.num_steps, config.student.timesteps, config.train.max_steps,

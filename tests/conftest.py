@@ -68,6 +68,7 @@ LAYERS = {
     "test_health": "e2e",
     "test_jvp": "integration",
     "test_kid": "unit",
+    "test_meanflow": "integration",
     "test_networks": "integration",
     "test_objectives": "integration",
     "test_objectives_families": "integration",

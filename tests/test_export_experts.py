@@ -287,10 +287,11 @@ def test_layout_and_card(round_trip):
     config = json.loads((folder / "unet" / "config.json").read_text())
     assert config["_class_name"] == "TimestepExperts" and config["expert_class"] == "UNet2DConditionModel"
     assert config["timestep_boundaries"] == [749.0] and "in_channels" not in config  # the experts' keys, nested
-    from fastgen.pipelines.remote_code import experts_source
+    from fastgen.pipelines.remote_code import denoiser_source
 
-    assert (folder / "unet" / "modeling_experts.py").read_text() == experts_source()
-    assert "import fastgen" not in experts_source() and "from fastgen" not in experts_source()
+    assert (folder / "unet" / "modeling_experts.py").read_text() == denoiser_source("TimestepExperts")
+    assert "import fastgen" not in denoiser_source("TimestepExperts")
+    assert "from fastgen" not in denoiser_source("TimestepExperts")
     meta = json.loads((folder / METADATA).read_text())
     assert meta["remote_code"] == ["unet/modeling_experts.py"]
     card = (folder / "README.md").read_text()
