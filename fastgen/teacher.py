@@ -67,8 +67,9 @@ class Teacher:
     @property
     def model_class(self) -> str:
         """The denoiser's diffusers class name; an exported student of experts (``TimestepExperts``) gives its
-        experts' class."""
-        return getattr(self.model.config, "expert_class", None) or type(self.model).__name__
+        experts' class, a MeanFlow student (``MeanFlowModel``) its network's."""
+        config = self.model.config
+        return getattr(config, "expert_class", None) or getattr(config, "base_class", None) or type(self.model).__name__
 
     @property
     def denoiser_component(self) -> str:
