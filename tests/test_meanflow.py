@@ -12,6 +12,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -335,3 +336,29 @@ def test_bad_settings_are_refused_naming_the_key():
         load_config(DistillConfig, None, ["teacher=toy", "method=meanflow", "objective.r_neq_t=1.5"])
     with pytest.raises(UsageError, match="objective.jvp is 'forward'"):
         load_config(DistillConfig, None, ["teacher=toy", "method=meanflow", "objective.jvp=forward"])
+
+
+@pytest.mark.parametrize("preset", ["sd3_meanflow", "sd3_rcm"])
+def test_the_sd3_presets_distil_and_export_a_tiny_sd3(preset, tmp_path):
+    """``fastgen distill --config sd3_meanflow`` (and ``sd3_rcm``) on a tiny SD3 teacher, as shipped but for the tiny
+    run's size, steps, precision and attention: exits 0 and exports a pipeline that ``fastgen.load_pipeline`` loads
+    and samples; the MeanFlow student's transformer is a ``MeanFlowModel``."""
+    from tiny import make_sd3_folder
+
+    from fastgen.pipelines import load_pipeline
+
+    teacher = make_sd3_folder(tmp_path / "sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    cmd = [sys.executable, "-m", "fastgen", "distill", "--config", preset, "--teacher", str(teacher), "--data",
+           "teacher", "--prompts", str(prompts), "--output", str(tmp_path / "run"), "--max-steps", "2",
+           "teacher_samples=2", "teacher_sample_steps=2", "train.batch_size=1", "train.mixed_precision=no",
+           "train.attention=default", "train.gradient_checkpointing=false"]
+    cmd += ["objective.tangent_warmup_steps=1"] if preset == "sd3_rcm" else []  # its DMD phases run in 2 steps
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(tmp_path / "run" / "export")
+    assert (type(pipe.transformer).__name__ == "MeanFlowModel") == (preset == "sd3_meanflow")
+    images = pipe(prompt="a red cat", num_inference_steps=1, guidance_scale=1.0, height=32, width=32,
+                  output_type="np").images
+    assert images.shape[-1] == 3 and bool(np.isfinite(images).all())
