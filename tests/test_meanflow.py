@@ -258,7 +258,7 @@ def test_the_grid_is_uniform_in_flow_time_from_the_teachers_top_on_every_family(
             torch.testing.assert_close(tau, top * (1 - torch.arange(n) / n), rtol=1e-4, atol=1e-5)
 
 
-def test_times_stay_in_the_trained_range_with_r_below_tau():
+def test_times_stay_in_the_trained_range_with_r_below_tau_and_the_interval_warmup_ramps():
     schedule = schedule_from_config(DDPMScheduler())
     objective = build_objective("meanflow", DenoiserTeacher(mixture_teacher(schedule), (4,)), MLPStudent(schedule, 4),
                                 {"r_neq_t": 0.25})
@@ -268,6 +268,11 @@ def test_times_stay_in_the_trained_range_with_r_below_tau():
     assert lo >= TAU_FLOOR and hi == pytest.approx(float(teacher_to_flow(schedule, 999)))
     assert float(tau.min()) >= lo and float(tau.max()) <= hi and bool((r <= tau).all()) and float(r.min()) >= 0
     assert abs((r < tau).float().mean().item() - 0.25) < 0.02
+    warming = build_objective("meanflow", DenoiserTeacher(mixture_teacher(schedule), (4,)), MLPStudent(schedule, 4),
+                              {"r_neq_t": 0.8, "interval_warmup_steps": 100})
+    for step, fraction in ((0, 0.0), (50, 0.4), (100, 0.8), (1000, 0.8)):
+        tau, r = warming.sample_times(20000, "cpu", step)
+        assert abs((r < tau).float().mean().item() - fraction) < 0.02, (step, fraction)
 
 
 def distill_config(teacher, output, *overrides):
