@@ -20,8 +20,10 @@ so that ``z_r = z - (tau - r) u`` — which is exactly the DDIM step from ``tau`
 
 **The loss** (eq. 9–10, Algorithm 1, distilled: ``v`` is the teacher's velocity at ``z``, not ``eps - x0``):
 
-    u_tgt = v - (tau - r) du/dtau,    du/dtau = v ∂_z u + ∂_tau u     (one ``fastgen.jvp`` along ``(v, 1)``)
-    L = sg(w) ||u - sg(u_tgt)||²,     w = 1 / (||u - sg(u_tgt)||² + c)^p        (§4.3, per sample; p 1, c 1e-3)
+    u_tgt = v - w (tau - r) du/dtau,  du/dtau = v ∂_z u + ∂_tau u     (one ``fastgen.jvp`` along ``(v, 1)``)
+    L = sg(a) ||u - sg(u_tgt)||²,     a = 1 / (||u - sg(u_tgt)||² + c)^p        (§4.3, per sample; p 1, c 1e-3)
+
+with ``w`` 1, or rising from 0 over ``tangent_warmup_steps`` (NVlabs/FastGen's tangent warm-up).
 
 Times: ``tau`` and ``r`` are two draws of ``sigmoid(N(P_mean, P_std²))`` (-0.4, 1.0), the larger being ``tau``;
 a fraction ``1 - r_neq_t`` (0.25) of the pairs has ``r = tau`` (plain flow matching on the teacher's velocity). ``tau`` is
@@ -101,12 +103,9 @@ class MeanFlowConfig:
     a distilled student starts with the teacher's. Measured on the analytic mixture (tests/test_meanflow.py,
     1,000 steps, 2 seeds), 2-step medians: 75% -1.87 / +1.81 and -1.94 / +1.85, 25% -1.64 / +1.53 and -1.53 /
     +1.36 (of ±2)."""
-    interval_warmup_steps: int = 0
-    """Steps over which the fraction of pairs with ``r < tau`` rises linearly from 0 to ``r_neq_t``: the student
-    first matches the teacher's instantaneous velocity (flow matching on it; a student read in another output type
-    than the teacher's, ``student.prediction_type``, learns it there), then average velocities (Kim et al. 2025,
-    "Understanding, accelerating, and improving MeanFlow training", arXiv 2511.19065: a settled instantaneous
-    velocity first). 0: none (the paper)."""
+    tangent_warmup_steps: int = 0
+    """Steps over which the identity's term ``(tau - r) du/dtau`` is weighted up linearly from 0 to 1 (NVlabs/FastGen's
+    MeanFlow ``tangent_warmup_steps``: 2000 in its Wan 2.1 distillation); 0: none (the paper)."""
     adaptive_p: float = 1.0
     """Power ``p`` of the adaptive weight ``1 / (||.||² + c)^p`` (paper: 1.0; 0 is the plain squared error)."""
     adaptive_c: float = 1e-3
@@ -123,7 +122,7 @@ class MeanFlowConfig:
         check_fields([
             (self.p_std > 0, "p_std", self.p_std, "> 0"),
             (0.0 <= self.r_neq_t <= 1.0, "r_neq_t", self.r_neq_t, "a fraction in [0, 1]"),
-            (self.interval_warmup_steps >= 0, "interval_warmup_steps", self.interval_warmup_steps, ">= 0"),
+            (self.tangent_warmup_steps >= 0, "tangent_warmup_steps", self.tangent_warmup_steps, ">= 0"),
             (self.adaptive_p >= 0, "adaptive_p", self.adaptive_p, ">= 0"),
             (self.adaptive_c > 0, "adaptive_c", self.adaptive_c, "> 0"),
             (self.jvp in JVP_METHODS, "jvp", self.jvp, f"one of {list(JVP_METHODS)}"),
@@ -166,21 +165,20 @@ class MeanFlow(Objective):
     def phases(self):
         return [Phase("generator", ("student",), self.meanflow_loss)]
 
-    def sample_times(self, n: int, device, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tau, r)``: two logit-normal draws sorted, ``r = tau`` but on a fraction ``r_neq_t`` (during the
-        interval warm-up, the fraction it has reached at ``step``; module docstring)."""
+    def sample_times(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tau, r)``: two logit-normal draws sorted, ``r = tau`` but on a fraction ``r_neq_t`` (module
+        docstring)."""
         c = self.config
         a, b = torch.sigmoid(c.p_mean + c.p_std * torch.randn(2, n, device=device))
         tau = torch.maximum(a, b).clamp(*self.tau_bounds)
         r = torch.minimum(a, b).clamp(max=tau)
-        warm = 1.0 if step is None or c.interval_warmup_steps == 0 else min(1.0, step / c.interval_warmup_steps)
-        return tau, torch.where(torch.rand(n, device=device) < c.r_neq_t * warm, r, tau)
+        return tau, torch.where(torch.rand(n, device=device) < c.r_neq_t, r, tau)
 
     def meanflow_loss(self, batch, step):
         """``sg(w) ||u - sg(v - (tau - r) du/dtau)||²`` (module docstring), mean over the batch."""
         c = self.config
         x0 = batch.x0.float()
-        tau, r = self.sample_times(x0.shape[0], x0.device, step)
+        tau, r = self.sample_times(x0.shape[0], x0.device)
         z = expand_to(1 - tau, x0) * x0 + expand_to(tau, x0) * torch.randn_like(x0)
         guidance = Guidance(batch.uncond, c.guidance_scale) if c.guidance_scale != 1.0 else None
         with torch.no_grad():
@@ -194,7 +192,8 @@ class MeanFlow(Objective):
         # forward AD fails on bf16 convolutions and a bf16 finite difference is noise (docs/jvp.md): float32
         with torch.autocast(device_type=x0.device.type, enabled=False):
             u, du_dt = jvp(average_velocity, (z, tau), (v, torch.ones_like(tau)), method=c.jvp, eps=c.jvp_eps)
-        target = v - expand_to(tau - r, v) * du_dt
+        warm = 1.0 if c.tangent_warmup_steps == 0 else min(1.0, step / c.tangent_warmup_steps)
+        target = v - warm * expand_to(tau - r, v) * du_dt
         error = ((u - target) ** 2).flatten(1).sum(1)
         weight = (error.detach() + c.adaptive_c) ** -c.adaptive_p
         return {"loss": (weight * error).mean(), "error": error.mean().detach(),
