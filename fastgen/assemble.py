@@ -42,6 +42,10 @@ def make_student(teacher_model: nn.Module, config: DistillConfig, plan: StudentP
                  schedule: NoiseSchedule) -> nn.Module:
     """A trainable copy of the teacher network, or the copy frozen with a LoRA adapter (peft), with the inputs the
     objective's student adds (``Objective.student_network``; ``plan`` and the student's ``schedule`` fix them)."""
+    if getattr(teacher_model, "duration_embedding", None) is not None:
+        raise UsageError(f"teacher {config.teacher} is a MeanFlow student (an export of fastgen's meanflow method): its "
+                         "network answers its grid's timesteps with average velocities; distil from a diffusion or "
+                         "flow model (its own teacher)")
     student = float32(copy.deepcopy(teacher_model)).train()
     s = config.student
     if s.lora_rank > 0:

@@ -118,6 +118,7 @@ def _lora(args) -> str | bool:
 
 def cmd_distill(args) -> int:
     from fastgen.config import load_distill_config
+    from fastgen.losses import objective_class
     from fastgen.pipelines.export import lora_format
     from fastgen.trainer import Trainer, TrainingStopped
 
@@ -131,6 +132,9 @@ def cmd_distill(args) -> int:
     if args.lora and config.student.lora_rank == 0:
         raise UsageError("--lora exports a LoRA adapter, but student.lora_rank is 0 (a full fine-tune); "
                          "set student.lora_rank=N or drop --lora")
+    if args.lora and not objective_class(config.method).lora_export:
+        raise UsageError(f"--lora exports a LoRA adapter alone, and method {config.method} trains other new weights "
+                         "too; drop --lora (the student exports its full weights)")
     if args.lora and config.student.experts > 1:
         raise UsageError(f"--lora exports one LoRA adapter, but student.experts is {config.student.experts}; "
                          "drop --lora (a student of experts exports its full weights)")

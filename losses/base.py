@@ -76,6 +76,8 @@ class Objective:
     Config: ClassVar[type] = None
     rule: ClassVar[str] = "renoise"
     needs_data: ClassVar[bool] = False
+    lora_export: ClassVar[bool] = True
+    """Whether a LoRA student's export can be its adapter alone (False where the student trains other new weights)."""
 
     def __init__(self, teacher, nets: MutableMapping[str, Any], config: Any, plan: StudentPlan,
                  max_steps: int | None = None, factory: NetworkFactory | None = None):

@@ -26,8 +26,8 @@ so that ``z_r = z - (tau - r) u`` — which is exactly the DDIM step from ``tau`
 with ``w`` 1, or rising from 0 over ``tangent_warmup_steps`` (NVlabs/FastGen's tangent warm-up).
 
 Times: ``tau`` and ``r`` are two draws of ``sigmoid(N(P_mean, P_std²))`` (-0.4, 1.0), the larger being ``tau``;
-a fraction ``1 - r_neq_t`` (0.25) of the pairs has ``r = tau`` (plain flow matching on the teacher's velocity). ``tau`` is
-kept in the teacher's range, ``TAU_FLOOR`` inside ``[0, 1]``, and at or below the plan's first time; ``r`` down to 0.
+a fraction ``1 - r_neq_t`` (0.25) of the pairs has ``r = tau`` (plain flow matching on the teacher's velocity).
+``tau`` is kept in the teacher's range, ``TAU_FLOOR`` inside ``[0, 1]``, and at or below the plan's first time; ``r`` down to 0.
 
 **Sampling.** The grid is uniform in flow time from the teacher's last time (``[T]``, ``[T, s(tau_T / 2)]``, ...):
 each step lands on the next at the interval the student's table gives that step (``MeanFlowModel``). Unlike the
@@ -44,11 +44,11 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.denoiser import unwrap
-from fastgen.errors import check_fields
+from fastgen.errors import UsageError, check_fields
 from fastgen.families import family_of
 from fastgen.jvp import FD_EPS, JVP_METHODS, jvp, warn_finite_difference
 from fastgen.losses.base import Objective, Phase
-from fastgen.pipelines.meanflow_model import DURATION_SCALE, attach_duration, duration
+from fastgen.pipelines.meanflow_model import DURATION_SCALE, attach_duration, duration, time_embedder
 from fastgen.samplers.solvers import Guidance, denoise
 from fastgen.schedules import expand_to
 
@@ -100,8 +100,8 @@ class MeanFlowConfig:
     r_neq_t: float = 0.75
     """Fraction of the pairs with ``r < tau``; the others have ``r = tau`` (plain flow matching on the teacher's
     velocity). The paper's 25% (Table 1a) trains from scratch, where those pairs teach the instantaneous velocity;
-    a distilled student starts with the teacher's. Measured on the analytic mixture (tests/test_meanflow.py,
-    1,000 steps, 2 seeds), 2-step medians: 75% -1.87 / +1.81 and -1.94 / +1.85, 25% -1.64 / +1.53 and -1.53 /
+    a distilled student starts with the teacher's. Measured on the analytic mixture (tests/test_meanflow.py's
+    student, 1,000 steps, 2 seeds), 2-step medians: 75% -1.87 / +1.81 and -1.94 / +1.85, 25% -1.64 / +1.53 and -1.53 /
     +1.36 (of ±2)."""
     tangent_warmup_steps: int = 0
     """Steps over which the identity's term ``(tau - r) du/dtau`` is weighted up linearly from 0 to 1 (NVlabs/FastGen's
@@ -136,6 +136,7 @@ class MeanFlow(Objective):
     Config = MeanFlowConfig
     rule = "ddim"
     needs_data = True
+    lora_export = False  # the interval embedding is new weights besides any adapter
 
     def __init__(self, teacher, nets, config: MeanFlowConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
@@ -158,7 +159,13 @@ class MeanFlow(Objective):
 
     @classmethod
     def student_network(cls, model, plan, schedule):
-        """The student network with the interval input and the table of the plan's trained grid."""
+        """The student network with the interval input and the table of the plan's trained grid; refused for a
+        student of experts (one table, one network) and a network without diffusers' timestep MLP."""
+        if plan.experts > 1:
+            raise UsageError(f"method meanflow trains one network; student.experts is {plan.experts} (expected 1)")
+        if time_embedder(model) is None:
+            raise UsageError(f"method meanflow adds its interval input to the network's diffusers TimestepEmbedding, "
+                             f"and {type(model).__name__} has none; use another method for this teacher")
         return attach_duration(model, *interval_table(plan.timesteps, schedule, model))
 
     # -- training ----------------------------------------------------------------------------------

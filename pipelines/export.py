@@ -55,9 +55,14 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 METADATA = "fastgen_export.json"
 FORMAT, FORMAT_VERSION = "fastgen-export", 1
 SCHEDULER_MODULE, PIPELINE_MODULE = "scheduling_few_step", "pipeline_few_step"
-CUSTOM_DENOISERS = {"TimestepExperts": ("modeling_experts", "fastgen.pipelines.experts_model"),
-                    "MeanFlowModel": ("modeling_meanflow", "fastgen.pipelines.meanflow_model")}
-"""fastgen's own denoiser models: class name -> (the module an export ships it as, the installed module)."""
+CUSTOM_DENOISERS = {
+    "TimestepExperts": ("modeling_experts", "fastgen.pipelines.experts_model",
+                        "a fastgen student of experts as one diffusers model."),
+    "MeanFlowModel": ("modeling_meanflow", "fastgen.pipelines.meanflow_model",
+                      "a fastgen MeanFlow student, its network with the interval input, as one diffusers model."),
+}
+"""fastgen's own denoiser models: class name -> (the module an export ships it as, the installed module, what it
+is)."""
 LORA_FORMATS = ("peft", "kohya")
 """The layouts of a LoRA export's weights: diffusers' (peft keys, ``pytorch_lora_weights.safetensors``) and
 kohya-ss's (``lora_unet_..._lora_down.weight``, ``.alpha``: ComfyUI, AUTOMATIC1111), in ``KOHYA_WEIGHTS``."""
@@ -207,7 +212,8 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "teacher": hub_id or str(source.resolve()), "base_model": base_model, "license": license_,
         "denoiser": teacher.denoiser_component,
         "conditioning": "text" if teacher.text_conditioned else "class" if teacher.num_classes else None,
-        "absent": absent, "experts": experts, "meanflow": meanflow, "method": method, "settings": dict(settings or {}), "metrics": [],
+        "absent": absent, "experts": experts, "meanflow": meanflow, "method": method,
+        "settings": dict(settings or {}), "metrics": [],
         "size": teacher.size(),
         "call": _replay_call(teacher),
     }
@@ -393,7 +399,8 @@ def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module], 
         with torch.device("meta"):  # the network is the merged copy, not a fresh random one
             model = MeanFlowModel(type(merged[0]).__name__, _public_config(merged[0]), **meanflow)
         model.base = merged[0]
-        return {teacher.denoiser_component: model.eval()}
+        return {teacher.denoiser_component: model.eval(),
+                **({"transformer_2": None, "boundary_ratio": None} if two else {})}
     if experts is None:
         return {teacher.denoiser_component: merged[0], **({"transformer_2": None, "boundary_ratio": None} if two
                                                            else {})}

@@ -216,7 +216,7 @@ def _custom_denoiser(folder: Path, meta: dict, dtype) -> dict:
     name = custom_denoiser(meta)
     if name is None:
         return {}
-    module_name, installed = CUSTOM_DENOISERS[name]
+    module_name, installed, _ = CUSTOM_DENOISERS[name]
     module = importlib.import_module(installed)
     # as for the scheduler: diffusers checks a passed component against model_index.json's ["modeling_...", ...]
     sys.modules.setdefault(module_name, module)

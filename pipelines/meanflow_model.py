@@ -36,14 +36,16 @@ from torch import nn
 DURATION_SCALE = 1000.0
 """The interval's unit: ``DURATION_SCALE * (tau_t - tau_r)`` is what the embedding reads."""
 MATCH_TOLERANCE = 1e-3
-"""How far (in the network's timestep units) a timestep may be from a table entry and still be that entry."""
+"""How far a timestep may be from a table entry, relative to the entry (at least 1e-3 absolute), and still be that
+entry; a timestep in a low-precision dtype (Flux's and Qwen-Image's pipelines pass bf16) is allowed four of its
+rounding steps (bf16: 3%)."""
 
 
 def time_embedder(model: nn.Module) -> TimestepEmbedding | None:
     """The network's own timestep MLP: its first ``TimestepEmbedding`` not of a guidance scale (Flux's
-    ``guidance_embedder``), or None."""
+    ``guidance_embedder``), or None (Z-Image's networks have none)."""
     for name, module in model.named_modules():
-        if isinstance(module, TimestepEmbedding) and "guidance" not in name:
+        if isinstance(module, TimestepEmbedding) and "guidance" not in name.rsplit(".", 1)[-1]:
             return module
     return None
 
@@ -68,12 +70,18 @@ class DurationEmbedding(nn.Module):
         self.current: torch.Tensor | None = None
 
     def look_up(self, timestep) -> torch.Tensor:
-        """The table's interval of each timestep (0 off the table)."""
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-        d = torch.zeros_like(t)
-        for u, du in zip(self.timesteps, self.durations):
-            d = torch.where((t - u).abs() <= MATCH_TOLERANCE * max(1.0, abs(u)), torch.full_like(t, du), d)
-        return d
+        """The table's interval of each timestep: that of the nearest entry within the tolerance
+        (``MATCH_TOLERANCE``), else 0."""
+        timestep = torch.as_tensor(timestep)
+        t = timestep.float().reshape(-1)
+        if not self.timesteps:
+            return torch.zeros_like(t)
+        rounding = 4 * torch.finfo(timestep.dtype).eps if timestep.dtype in (torch.bfloat16, torch.float16) else 0.0
+        table = torch.tensor(self.timesteps, device=t.device)
+        distance, index = (t[:, None] - table).abs().min(1)
+        scale = table[index].abs()
+        inside = distance <= torch.maximum(MATCH_TOLERANCE * scale.clamp(min=1.0), rounding * scale)
+        return torch.where(inside, torch.tensor(self.durations, device=t.device)[index], torch.zeros_like(t))
 
     def before_call(self, module, args, kwargs):
         """Forward pre-hook of the network: the interval of this call, set or looked up from its timestep."""

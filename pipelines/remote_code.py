@@ -130,5 +130,5 @@ def denoiser_source(name: str) -> str:
 
     from fastgen.pipelines.export import CUSTOM_DENOISERS
 
-    cls = getattr(importlib.import_module(CUSTOM_DENOISERS[name][1]), name)
-    return module_source(cls, title=f"{name}: {cls.__doc__.splitlines()[0]}")
+    _, installed, what = CUSTOM_DENOISERS[name]
+    return module_source(getattr(importlib.import_module(installed), name), title=f"{name}: {what}")

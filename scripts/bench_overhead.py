@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from fastgen.assemble import make_student
+from fastgen.assemble import make_student, student_schedule
 from fastgen.config import DistillConfig, config_from_dict
 from fastgen.denoiser import Denoiser
 from fastgen.losses import build_objective
@@ -107,7 +107,8 @@ class HandLoop:
     def __init__(self, trainer: Trainer):
         config, teacher = trainer.config, trainer.teacher
         self.train = config.train
-        self.student = Denoiser(make_student(teacher.model, config, trainer.plan, teacher.schedule), teacher.schedule)
+        schedule = student_schedule(teacher.schedule, trainer.plan.prediction_type)
+        self.student = Denoiser(make_student(teacher.model, config, trainer.plan, schedule), schedule)
         factory = NetworkFactory(teacher, source=teacher.model)
         self.objective = build_objective(config.method, teacher, self.student, config.objective,
                                          config.student.num_steps, config.student.timesteps, config.train.max_steps,
