@@ -312,13 +312,19 @@ FAMILIES: dict[str, Family] = {
 SDXL = Family("sdxl", sample_arg="sample", encode=_encode_sdxl)
 
 
+def wrapped_class(model) -> str | None:
+    """The diffusers class of the networks a fastgen export model holds (``TimestepExperts``' experts,
+    ``MeanFlowModel``'s network), or None for any other model."""
+    config = getattr(model, "config", None)
+    return getattr(config, "expert_class", None) or getattr(config, "base_class", None)
+
+
 def family_of(model) -> Family:
     """The ``Family`` of a diffusers denoiser (or of the network a ``TimestepExperts`` or ``MeanFlowModel`` export
     holds)."""
     config = getattr(model, "config", None)
     # the class itself or the one it wraps: FSDP2's fully_shard makes `FSDP<class>` subclasses
-    names = [getattr(config, "expert_class", None), getattr(config, "base_class", None)]
-    names += [cls.__name__ for cls in type(model).__mro__]
+    names = [wrapped_class(model)] + [cls.__name__ for cls in type(model).__mro__]
     name = next((n for n in names if n in FAMILIES), None)
     if name is None:
         raise ValueError(f"denoiser class {type(model).__name__!r} is not supported; expected one of {sorted(FAMILIES)}")

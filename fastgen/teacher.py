@@ -22,7 +22,8 @@ from fastgen.checkpoint import UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
 from fastgen.errors import InputError, MissingPathError
 from fastgen.experts import ExpertsDenoiser
-from fastgen.families import FAMILIES, call_default, decode_latents, encode_images, family_of, vae_factors
+from fastgen.families import (FAMILIES, call_default, decode_latents, encode_images, family_of, vae_factors,
+                              wrapped_class)
 from fastgen.integrity import PICKLE_SUFFIXES, SAFE_SUFFIXES, check_safetensors
 from fastgen.schedules import NoiseSchedule, schedule_from_config
 
@@ -68,8 +69,7 @@ class Teacher:
     def model_class(self) -> str:
         """The denoiser's diffusers class name; an exported student of experts (``TimestepExperts``) gives its
         experts' class, a MeanFlow student (``MeanFlowModel``) its network's."""
-        config = self.model.config
-        return getattr(config, "expert_class", None) or getattr(config, "base_class", None) or type(self.model).__name__
+        return wrapped_class(self.model) or type(self.model).__name__
 
     @property
     def denoiser_component(self) -> str:

@@ -27,7 +27,8 @@ with ``w`` 1, or rising from 0 over ``tangent_warmup_steps`` (NVlabs/FastGen's t
 
 Times: ``tau`` and ``r`` are two draws of ``sigmoid(N(P_mean, P_std²))`` (-0.4, 1.0), the larger being ``tau``;
 a fraction ``1 - r_neq_t`` (0.25) of the pairs has ``r = tau`` (plain flow matching on the teacher's velocity).
-``tau`` is kept in the teacher's range, ``TAU_FLOOR`` inside ``[0, 1]``, and at or below the plan's first time; ``r`` down to 0.
+``tau`` is kept in the teacher's range, ``TAU_FLOOR`` inside ``[0, 1]``, and at or below the plan's first time;
+``r`` down to 0.
 
 **Sampling.** The grid is uniform in flow time from the teacher's last time (``[T]``, ``[T, s(tau_T / 2)]``, ...):
 each step lands on the next at the interval the student's table gives that step (``MeanFlowModel``). Unlike the
@@ -182,7 +183,7 @@ class MeanFlow(Objective):
         return tau, torch.where(torch.rand(n, device=device) < c.r_neq_t, r, tau)
 
     def meanflow_loss(self, batch, step):
-        """``sg(w) ||u - sg(v - (tau - r) du/dtau)||²`` (module docstring), mean over the batch."""
+        """``sg(a) ||u - sg(v - w (tau - r) du/dtau)||²`` (module docstring), mean over the batch."""
         c = self.config
         x0 = batch.x0.float()
         tau, r = self.sample_times(x0.shape[0], x0.device)

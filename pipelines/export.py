@@ -395,15 +395,14 @@ def _denoiser_components(teacher: Teacher, students: Sequence[torch.nn.Module], 
 
     merged = [_merged_copy(model) for model in students]
     two = native_experts(teacher)
+    one_network = {"transformer_2": None, "boundary_ratio": None} if two else {}
     if meanflow is not None:
         with torch.device("meta"):  # the network is the merged copy, not a fresh random one
             model = MeanFlowModel(type(merged[0]).__name__, _public_config(merged[0]), **meanflow)
         model.base = merged[0]
-        return {teacher.denoiser_component: model.eval(),
-                **({"transformer_2": None, "boundary_ratio": None} if two else {})}
+        return {teacher.denoiser_component: model.eval(), **one_network}
     if experts is None:
-        return {teacher.denoiser_component: merged[0], **({"transformer_2": None, "boundary_ratio": None} if two
-                                                           else {})}
+        return {teacher.denoiser_component: merged[0], **one_network}
     if two and len(merged) == 2:
         # ExpertsDenoiser gives t <= b to the second expert, WanPipeline t >= ratio T to the first: the boundary is
         # moved up by one float32 step, so a student step exactly at b runs where it was trained
