@@ -56,6 +56,13 @@ from fastgen.schedules import expand_to
 MULTISTEP_INPUTS = ("backward", "data")
 
 
+def alpha_time(schedule, alpha: float) -> float:
+    """The integer time, rounded down, where the schedule's signal coefficient is ``alpha``: the top of a grid
+    capped there (``DMD.default_grid``; ``fastgen.losses.scm``'s cap)."""
+    a2 = alpha ** 2
+    return float(schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor())
+
+
 @dataclass
 class DMDConfig:
     guidance_scale: float = 1.0
@@ -169,8 +176,7 @@ class DMD(Objective):
         (alpha(999) = 0.068 there)."""
         ts = cls.base_grid(schedule, num_steps)
         if cls.capped(schedule, student_schedule):
-            a2 = cls.MIN_ALPHA ** 2
-            cap = float(schedule.t_from_logsnr(torch.tensor(math.log(a2 / (1 - a2)))).floor())
+            cap = alpha_time(schedule, cls.MIN_ALPHA)
             if float(ts[0]) > cap:
                 ts = torch.round(cap * (num_steps - torch.arange(num_steps, dtype=torch.float64)) / num_steps)
         return [float(t) for t in ts]

@@ -30,12 +30,15 @@ a fraction ``1 - r_neq_t`` (0.25) of the pairs has ``r = tau`` (plain flow match
 ``tau`` is kept in the teacher's range, ``TAU_FLOOR`` inside ``[0, 1]``, and at or below the plan's first time;
 ``r`` down to 0.
 
-**Sampling.** The grid is uniform in flow time from the teacher's last time (``[T]``, ``[T, s(tau_T / 2)]``, ...):
-each step lands on the next at the interval the student's table gives that step (``MeanFlowModel``). Unlike the
-DMD family, which trains on its own samples from pure noise, MeanFlow trains on the data's noised marginals, so its
-first step is at the teacher's last time, where that marginal is (nearly) pure noise, for every output type: the
-DMD family's cap for epsilon students (alpha = 0.35) would feed the first step pure noise at a level whose marginal
-still holds a third of the signal.
+**Sampling.** The grid is uniform in flow time from the first time ``T`` (``[T]``, ``[T, s(tau_T / 2)]``, ...):
+each step lands on the next at the interval the student's table gives that step (``MeanFlowModel``). ``T`` is
+sCM's (``fastgen.losses.scm.first_time``): the teacher's last time, capped for an epsilon student of a VP teacher
+where alpha = 0.1, whose x0 divides by alpha (157 at the top of the toy's linear betas: its one-step samples blew
+up, docs/scm.md). Unlike the DMD family, which trains on its own samples from pure noise, MeanFlow trains on the
+data's noised marginals and reproduces the teacher's ODE from its input, so its first step must be fed pure noise
+where the marginal is nearly noise: the DMD family's cap (alpha = 0.35) would start it where the marginal still
+holds a third of the signal (the toy teacher's own ODE from pure noise there ends at toy FID 45.5; at alpha 0.1,
+11.9).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from fastgen.errors import UsageError, check_fields
 from fastgen.families import family_of
 from fastgen.jvp import FD_EPS, JVP_METHODS, jvp, warn_finite_difference
 from fastgen.losses.base import Objective, Phase
+from fastgen.losses.scm import first_time
 from fastgen.pipelines.meanflow_model import DURATION_SCALE, attach_duration, duration, time_embedder
 from fastgen.samplers.solvers import Guidance, denoise
 from fastgen.schedules import expand_to
@@ -153,10 +157,11 @@ class MeanFlow(Objective):
     # -- the plan ----------------------------------------------------------------------------------
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps):
-        """``num_steps`` times uniform in flow time from the teacher's last time, ``s(tau_T (1 - i / n))``."""
-        top = teacher_to_flow(schedule, schedule.t_max)
-        taus = top * (1 - torch.arange(1, num_steps, dtype=torch.float32) / num_steps)
-        return [float(schedule.t_max)] + [float(s) for s in flow_to_teacher(schedule, taus)[0]]
+        """``num_steps`` times uniform in flow time from the first time ``T`` (the teacher's last, capped for an
+        epsilon student of a VP teacher: ``fastgen.losses.scm.first_time``), ``s(tau_T (1 - i / n))``."""
+        first = first_time(schedule, student_schedule)
+        taus = teacher_to_flow(schedule, first) * (1 - torch.arange(1, num_steps, dtype=torch.float32) / num_steps)
+        return [first] + [float(s) for s in flow_to_teacher(schedule, taus)[0]]
 
     @classmethod
     def student_network(cls, model, plan, schedule):

@@ -20,9 +20,10 @@ score lr 4e-7 against the student's 2e-6 on Wan 2.1 1.3B). The fake score, its p
 DMD2's (``fastgen.losses.dmd``), built here as a ``DMD2`` objective over the same networks and plan; no GAN term
 (rCM has none).
 
-**Grid.** sCM's (``SCM.default_grid``): ``[T]`` and ``[T, s(t_mid)]`` in the teacher's time, or the DMD family's
-grid capped where alpha = 0.35 for an epsilon student of a VP teacher, which the DMD term needs too (DMD2 on
-the toy: toy FID 342 on the trailing grid, 21 capped; docs/dmd.md).
+**Grid.** sCM's (``SCM.default_grid``): ``[T]`` and ``[T, s(t_mid)]`` in the teacher's time, for an epsilon
+student of a VP teacher capped where alpha = 0.1 (``fastgen.losses.scm.first_time``). On the toy teacher
+(linear-beta epsilon, 2,000 steps, ``dmd_weight`` 0.1, ``critic_every`` 2, docs/scm.md) that top gave toy FID 11.6
+at two steps where the DMD family's cap (alpha 0.35) gave 15.7; one step is poor at either (489, 222).
 """
 
 from __future__ import annotations

@@ -46,14 +46,16 @@ pi/2 for flow); two steps renoise to ``t_mid`` (1.1): ``k (cos t_mid x0 + sin t_
 alpha(s_mid) x0 + sigma(s_mid) z'``, exactly ``renoise_step`` at ``s_mid = s(t_mid)``. The plan's grids are
 ``[T]`` and ``[T, s(1.1)]`` in the teacher's time.
 
-**The cap for epsilon students of VP teachers.** An epsilon network's ``sigma_d F = (sigma_d eps^ - sin t x_t) /
-cos t`` moves by ``1 / cos t`` per unit of its output, about 300 at the top of a linear-beta DDPM (alpha(999) =
-0.006): near the top each optimizer step moves ``F`` hundreds of times more than elsewhere, and on the toy teacher
-the one-step output grew to a std of 10 (docs/scm.md). Such a student takes the DMD family's grid, capped where
-alpha = 0.35 (``DMD.default_grid``: ``[452]`` and ``[452, 226]`` on linear betas; ``t_mid`` is then unused), and
-the time proposal stops at the grid's first time. The first step is then fed pure noise at a time whose
-marginal is not noise (as the DMD family's students are), and a second step renoises its x0 to a level where the
-consistency function is trained.
+**The cap for epsilon students of VP teachers.** An epsilon network's
+``sigma_d F = (sigma_d eps^ - sin t x_t) / cos t`` moves by ``1 / cos t`` per unit of its output, about 300 at the
+top of a linear-beta DDPM (alpha(999) = 0.006): near the top each optimizer step moves ``F`` hundreds of times more
+than elsewhere, and on the toy teacher the one-step output grew to a std of 10 (docs/scm.md). Such a student's
+first time is capped where alpha = ``TOP_ALPHA`` = 0.1 (``first_time``: 672 on linear betas; ``1 / alpha`` 10), the
+time proposal stops there, and the first step is fed pure noise at a time whose marginal is nearly noise. Unlike
+the DMD family's students, which learn their map from whatever input they are given, a consistency function
+reproduces the teacher's ODE from its input, so the cap cannot sit where the marginal still holds signal: on the
+toy teacher the 64-step ODE from pure noise at 452 (DMD's cap, alpha 0.35) ends at toy FID 45.5, at 672 (alpha 0.1)
+11.9, at 800 (0.04) 10.2, from the top 9.4 (``scripts/ode_from_noise.py``, docs/scm/ode_from_noise.md).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from torch import nn
 from fastgen.errors import UsageError, check_fields
 from fastgen.jvp import JVP_METHODS, jvp, warn_finite_difference
 from fastgen.losses.base import Objective, Phase
-from fastgen.losses.dmd import DMD
+from fastgen.losses.dmd import DMD, alpha_time
 from fastgen.samplers.solvers import Guidance, denoise
 from fastgen.schedules import expand_to
 
@@ -75,6 +77,10 @@ T_FLOOR = 1e-3
 """Margin of the trained TrigFlow times from both ends: below ``T_FLOOR`` float32 loses more than 1e-4 of ``F`` to
 the cancellation in ``(cos t x_t - x0^) / sin t`` (the log-normal proposal puts about 1e-6 of its mass there);
 float32's pi/2 has ``cos < 0``. Only flow teachers reach pi/2: they train up to ``s = 998`` of 1000."""
+
+
+TOP_ALPHA = 0.1
+"""An epsilon student of a VP teacher starts where ``alpha = TOP_ALPHA`` (``first_time``; module docstring, the cap)."""
 
 
 def trig_to_teacher(schedule, t: torch.Tensor, sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +111,15 @@ def velocity(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, sigma_d: float,
     s, k = trig_to_teacher(denoiser.schedule, t, sigma_d)
     x0 = denoise(denoiser, expand_to(k, x_t) * x_t, s, cond, guidance)
     return (expand_to(torch.cos(t), x_t) * x_t - x0) / expand_to(torch.sin(t), x_t)
+
+
+def first_time(schedule, student_schedule) -> float:
+    """The first time of a student that reproduces the teacher's ODE from pure noise (sCM, rCM, MeanFlow): the
+    teacher's last, capped where alpha = ``TOP_ALPHA`` for an epsilon student of a VP teacher (module docstring,
+    the cap)."""
+    if DMD.capped(schedule, student_schedule):
+        return min(float(schedule.t_max), alpha_time(schedule, TOP_ALPHA))
+    return float(schedule.t_max)
 
 
 class AdaptiveWeight(nn.Module):
@@ -186,21 +201,20 @@ class SCM(Objective):
     # -- the plan ----------------------------------------------------------------------------------
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps):
-        """``[T, s(t_mid[0]), ..., s(t_mid[num_steps - 2])]``: the teacher's last time, then the SNR-matched
+        """``[T, s(t_mid[0]), ..., s(t_mid[num_steps - 2])]``: the teacher's last time ``T``, then the SNR-matched
         teacher times of ``objective.t_mid`` (module docstring, sampling); for an epsilon student of a VP teacher
-        the DMD family's grid capped where alpha = 0.35 (``DMD.default_grid``; module docstring, the cap)."""
-        if DMD.capped(schedule, student_schedule):
-            return DMD.default_grid(schedule, student_schedule, config, num_steps)
+        ``T`` is capped where alpha = ``TOP_ALPHA`` (module docstring, the cap)."""
         if num_steps - 1 > len(config.t_mid):
             raise UsageError(f"objective.t_mid has {len(config.t_mid)} times; student.num_steps = {num_steps} needs "
                              f"{num_steps - 1} (descending TrigFlow times, e.g. [1.1] for two steps)")
-        t_hi = trig_range(schedule, config.sigma_d)[1]
+        top = first_time(schedule, student_schedule)
+        t_hi = min(trig_range(schedule, config.sigma_d)[1], float(teacher_to_trig(schedule, top, config.sigma_d)))
         mids = config.t_mid[:num_steps - 1]
         if mids and mids[0] >= t_hi:
-            raise UsageError(f"objective.t_mid is {config.t_mid}; expected times below the teacher's last time "
+            raise UsageError(f"objective.t_mid is {config.t_mid}; expected times below the student's first time "
                              f"{t_hi:.4f} in TrigFlow time")
         rest = trig_to_teacher(schedule, torch.tensor(mids, dtype=torch.float32), config.sigma_d)[0].tolist()
-        return [float(schedule.t_max)] + [float(s) for s in rest]
+        return [top] + [float(s) for s in rest]
 
     @classmethod
     def plan_grids(cls, schedule, student_schedule, config, num_steps):

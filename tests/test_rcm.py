@@ -98,7 +98,7 @@ def test_one_and_two_step_students_recover_both_modes_of_a_mixture():
 def test_the_trainer_distils_and_the_export_replays_one_and_two_steps(tmp_path):
     """``fastgen distill --method rcm`` on a tiny epsilon DDPM: step 0 is the warm-up's sCM, steps 1-3 train the fake
     score and step 1 the generator (critic_every 2); student, weighting and fake score all move; the export's
-    ``FewStepScheduler`` replays the capped grids ``[452]``, ``[452, 226]``."""
+    ``FewStepScheduler`` replays sCM's capped grids ``[672]``, ``[672, s(1.1)]``."""
     from fastgen.trainer import Trainer
 
     folder = make_ddpm_folder(tmp_path / "ddpm", sample_size=8)
@@ -113,7 +113,7 @@ def test_the_trainer_distils_and_the_export_replays_one_and_two_steps(tmp_path):
     ran = {r["step"]: sorted({k.split("/")[0] for k in r if "/" in k and k.split("/")[0] in
                               ("consistency", "generator", "critic")}) for r in records}
     assert ran == {1: ["consistency"], 2: ["critic", "generator"], 3: ["critic"], 4: ["critic", "generator"]}, ran
-    assert trainer.plan.grids == {1: (452.0,), 2: (452.0, 226.0)}
+    assert trainer.plan.grids[1] == (672.0,) and trainer.plan.grids[2] == pytest.approx((672.0, 254.7245), abs=1e-3)
     assert_export_replays_the_plan(trainer, tmp_path / "export", "vp")
 
 

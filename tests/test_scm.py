@@ -98,20 +98,22 @@ def test_plan_serves_one_and_two_steps_at_the_teachers_top_and_t_mid(family):
 
 
 @pytest.mark.parametrize("family", ["vp", "vp-cosine"])
-def test_an_epsilon_vp_student_takes_the_dmd_familys_capped_grid_and_trains_below_its_top(family):
-    """An epsilon student's x0 divides its output by alpha (0.006 at the top of linear betas): its grid is DMD's,
-    capped where alpha = 0.35 (452, then 226 for two steps, on linear betas), and sCM's time proposal stops at the
-    grid's top, since sampling never asks the consistency function above it."""
-    from fastgen.losses.dmd import DMD, DMD2Config
+def test_an_epsilon_vp_student_starts_where_alpha_is_top_alpha_and_trains_below_it(family):
+    """An epsilon student's x0 divides its output by alpha (0.006 at the top of linear betas): its first time is
+    capped where alpha = ``fastgen.losses.scm.TOP_ALPHA`` = 0.1 (672 on linear betas), its second is ``s(t_mid)``
+    as on every other family, and sCM's time proposal stops at the first time, since sampling never asks the
+    consistency function above it."""
+    from fastgen.losses.scm import TOP_ALPHA
 
     schedule = SCHEDULES[family]()
     objective = build_objective("scm", gaussian(schedule), gaussian(schedule), {}, num_steps=2)
-    for n in (1, 2):
-        assert list(objective.plan.grids[n]) == DMD.default_grid(schedule, schedule, DMD2Config(), n)
     top = objective.plan.grids[1][0]
-    assert 0.35 <= float(schedule.alpha(torch.tensor(top))) < 0.36
+    assert objective.plan.grids[2][0] == top and top == int(top)
+    assert TOP_ALPHA <= float(schedule.alpha(torch.tensor(top))) < TOP_ALPHA * 1.05
+    assert float(schedule.alpha(torch.tensor(top + 1.0))) < TOP_ALPHA  # the latest such integer time
+    assert float(teacher_to_trig(schedule, objective.plan.grids[2][1], SIGMA_D)) == pytest.approx(1.1, abs=1e-5)
     if family == "vp":
-        assert objective.plan.grids[2] == (452.0, 226.0)
+        assert objective.plan.grids[2] == pytest.approx((672.0, 254.7245), abs=1e-3)
     t = objective.sample_t(4096, "cpu")
     t_top = float(teacher_to_trig(schedule, top, SIGMA_D))
     assert float(t.max()) <= t_top + 1e-6 and float((t > t_top - 0.02).float().mean()) > 0.01  # the clamp binds
@@ -211,6 +213,9 @@ def test_loss_and_consistency_residual_go_down_on_a_tiny_teacher():
     teacher = Denoiser(tiny_unet(), schedule)
     student = Denoiser(copy.deepcopy(teacher.model).requires_grad_(True), schedule)
     objective = build_objective("scm", teacher, student, {"tangent_warmup_steps": 0})
+    # times below alpha = 0.35 (t 452), as before the first time moved up to alpha 0.1: above it this random
+    # network's tangent is several times larger and 20 steps do not move it
+    objective.t_bounds = (objective.t_bounds[0], float(teacher_to_trig(schedule, 452.0, SIGMA_D)))
     weighting = objective.nets["weighting"]
     generator = torch.Generator().manual_seed(5)
     x0_eval = 0.5 * torch.randn(16, 3, 8, 8, generator=generator)
@@ -308,10 +313,10 @@ def distill_config(teacher, output, *overrides):
 
 @pytest.mark.parametrize("family", ["vp", "flow"])
 def test_one_and_two_step_exports_load_and_sample(family, tmp_path):
-    """``fastgen distill --method scm`` on a tiny epsilon DDPM and a tiny flow (SD3) teacher: both networks train,
-    the export is the teacher's pipeline with a ``FewStepScheduler`` replaying ``[T]`` and ``[T, s(1.1)]`` (flow;
-    the capped ``[452]``, ``[452, 226]`` for the epsilon DDPM) by renoising (no boundary: the student's x0 is the consistency function), and the loaded pipeline samples 1
-    and 2 steps equal to ``sample_renoise`` of the student."""
+    """``fastgen distill --method scm`` on a tiny epsilon DDPM and a tiny flow (SD3) teacher: both networks train, the
+    export is the teacher's pipeline with a ``FewStepScheduler`` replaying ``[T]`` and ``[T, s(1.1)]`` (flow;
+    ``[672, s(1.1)]``, capped, for the epsilon DDPM) by renoising (no boundary: the student's x0 is the consistency
+    function), and the loaded pipeline samples 1 and 2 steps equal to ``sample_renoise`` of the student."""
     from tiny import make_sd3_folder
 
     from fastgen.trainer import Trainer
@@ -326,8 +331,8 @@ def test_one_and_two_step_exports_load_and_sample(family, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generator/r"] for r in records if "generator/r" in r] == [0.0, 1.0]
     plan = trainer.plan
-    if family == "vp":  # an epsilon DDPM: the capped grid
-        assert plan.grids == {1: (452.0,), 2: (452.0, 226.0)}
+    if family == "vp":  # an epsilon DDPM: the capped top
+        assert plan.grids[1] == (672.0,) and plan.grids[2][0] == 672.0
     else:
         assert plan.grids[1][0] == trainer.teacher.schedule.t_max
         assert float(teacher_to_trig(trainer.teacher.schedule, plan.grids[2][1], SIGMA_D)) == pytest.approx(1.1, abs=1e-5)
