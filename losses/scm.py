@@ -201,9 +201,9 @@ class SCM(Objective):
     # -- the plan ----------------------------------------------------------------------------------
     @classmethod
     def default_grid(cls, schedule, student_schedule, config, num_steps):
-        """``[T, s(t_mid[0]), ..., s(t_mid[num_steps - 2])]``: the teacher's last time ``T``, then the SNR-matched
-        teacher times of ``objective.t_mid`` (module docstring, sampling); for an epsilon student of a VP teacher
-        ``T`` is capped where alpha = ``TOP_ALPHA`` (module docstring, the cap)."""
+        """``[T, s(t_mid[0]), ..., s(t_mid[num_steps - 2])]``: the first time ``T`` (``first_time``: the teacher's
+        last, capped where alpha = ``TOP_ALPHA`` for an epsilon student of a VP teacher; module docstring, the cap),
+        then the SNR-matched teacher times of ``objective.t_mid`` (module docstring, sampling)."""
         if num_steps - 1 > len(config.t_mid):
             raise UsageError(f"objective.t_mid has {len(config.t_mid)} times; student.num_steps = {num_steps} needs "
                              f"{num_steps - 1} (descending TrigFlow times, e.g. [1.1] for two steps)")

@@ -4,7 +4,7 @@ pure noise at a time below its top, scored with toy FID.
     python scripts/ode_from_noise.py --times 999,800,672,650,452 --out docs/scm/ode_from_noise.md
 
 A student whose first step is taken at time ``s`` from pure noise (the DMD family's capped grid, sCM's
-``SCM.TOP_ALPHA``) is fed ``z`` where the teacher's marginal is ``alpha(s) x0 + sigma(s) eps``. A consistency
+``fastgen.losses.scm.first_time``) is fed ``z`` where the teacher's marginal is ``alpha(s) x0 + sigma(s) eps``. A consistency
 student reproduces the teacher's ODE from its input, so at best it ends where this ODE ends: ``--steps`` DDIM steps
 (evenly spaced, rounded, from ``s`` down) from ``--num-samples`` noises (``--seed``), clamped to [-1, 1] and scored
 with ``fastgen.eval.toy_fid.toy_fid`` against 5,000 toy images. Writes a Markdown table (time, alpha,
