@@ -40,11 +40,11 @@ trained with the student in the same phase; it outputs ``u = w - log D``, zero a
 ``e^w / D = e^u`` starts at 1 (the optimum for a unit tangent) and the loss is ``e^u ||.||² - u``.
 Times: ``ln(sigma_d tan t) ~ N(P_mean, P_std²)`` (-1.0, 1.4), clamped to the teacher's range.
 
-**Sampling** (renoise, which the export replays unchanged): one step ``x0 = f(sigma_d z, t_max)`` is
-``D_theta`` on pure noise at the first time ``T``, the teacher's last (capped below for epsilon students of VP
-teachers; ``t_max = atan2(sigma(T), sigma_d alpha(T))``, pi/2 for flow); two steps renoise to ``t_mid`` (1.1): ``k (cos t_mid x0 + sin t_mid sigma_d z') =
-alpha(s_mid) x0 + sigma(s_mid) z'``, exactly ``renoise_step`` at ``s_mid = s(t_mid)``. The plan's grids are
-``[T]`` and ``[T, s(1.1)]`` in the teacher's time.
+**Sampling** (renoise, which the export replays unchanged): one step ``x0 = f(sigma_d z, t_max)`` is ``D_theta`` on
+pure noise at the first time ``T``, the teacher's last (capped below for epsilon students of VP teachers; ``t_max =
+atan2(sigma(T), sigma_d alpha(T))``, pi/2 for flow); two steps renoise to ``t_mid`` (1.1): ``k (cos t_mid x0 + sin
+t_mid sigma_d z') = alpha(s_mid) x0 + sigma(s_mid) z'``, exactly ``renoise_step`` at ``s_mid = s(t_mid)``. The
+plan's grids are ``[T]`` and ``[T, s(1.1)]`` in the teacher's time.
 
 **The cap for epsilon students of VP teachers.** An epsilon network's
 ``sigma_d F = (sigma_d eps^ - sin t x_t) / cos t`` moves by ``1 / cos t`` per unit of its output, about 300 at the
