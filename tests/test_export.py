@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,22 @@ def test_eval_adds_metrics_to_the_card(round_trip, tmp_path):
     card = (folder / "README.md").read_text()
     assert "| steps | fid |" in card and "| 1 | 12.5 |" in card and "| 1 | 3 |" not in card
     assert json.loads((folder / METADATA).read_text())["metrics"] == [{"steps": 1, "fid": 12.5}]
+
+
+def test_eval_reseals_an_export_named_relative_to_the_working_directory(round_trip, tmp_path, monkeypatch):
+    """``fastgen eval --model runs/x/export``: the manifest is written again for the new metadata (it once joined
+    the folder to paths that already held it and failed, leaving the export's metadata unsealed)."""
+    import shutil
+
+    from fastgen.integrity import MANIFEST, verify_manifest
+    from fastgen.pipelines.card import add_metrics
+
+    shutil.copytree(round_trip[0]["ddpm"], tmp_path / "runs" / "student")
+    assert (tmp_path / "runs" / "student" / MANIFEST).is_file()
+    monkeypatch.chdir(tmp_path)
+    add_metrics(Path("runs/student"), [{"curve": "model", "steps": 1, "fid": 12.5}])
+    assert verify_manifest(tmp_path / "runs" / "student", required=True)
+    assert load_teacher(tmp_path / "runs" / "student").model is not None
 
 
 @pytest.fixture(scope="module")
