@@ -34,7 +34,7 @@ rearrangement). With ``theta- = sg(theta)``,
 
 ``g = cos t df_theta-/dt`` along the teacher's ODE; ``cos t sin t sigma_d dF_theta-/dt`` is one
 ``fastgen.jvp`` of ``(x_t, t) -> sigma_d F_theta`` with tangents ``(cos t sin t dx_t/dt, cos t sin t)``
-("exact" forward AD or a central "finite_difference"). ``r = min(1, step / tangent_warmup_steps)``. ``w`` is
+(a central "finite_difference" by default, or "exact" forward AD; below). ``r = min(1, step / tangent_warmup_steps)``. ``w`` is
 a small MLP on Fourier features of ``c_noise(t) = t`` (the paper's identity time transformation, §4.1),
 trained with the student in the same phase; it outputs ``u = w - log D``, zero at the start, so the weight
 ``e^w / D = e^u`` starts at 1 (the optimum for a unit tangent) and the loss is ``e^u ||.||² - u``.
@@ -56,6 +56,16 @@ the DMD family's students, which learn their map from whatever input they are gi
 reproduces the teacher's ODE from its input, so the cap cannot sit where the marginal still holds signal: on the
 toy teacher the 64-step ODE from pure noise at 452 (DMD's cap, alpha 0.35) ends at toy FID 45.5, at 672 (alpha 0.1)
 11.9, at 800 (0.04) 10.2, from the top 9.4 (``scripts/ode_from_noise.py``, docs/scm/ode_from_noise.md).
+
+**The tangent of a discrete-time teacher.** A teacher trained at integer timesteps (every DDPM-style diffusers
+teacher) predicts an x0 that jitters from one timestep to the next, and ``sigma_d dF/dt`` scales that jitter by
+``sigma / alpha`` and by ``ds/dt``. On the toy teacher at initialisation the exact tangent is 35 at ``s = 672`` where
+a central difference over 29 timesteps either side is 5.7, and the two point apart (mean cosine -0.11;
+``scripts/scm_tangent_scale.py``, docs/scm/tangent_scale.md): the paper's exact JVP trains the student on the jitter,
+and its 2-step toy student stays noise (624). The default tangent is the central difference of ``fastgen.jvp`` over
+``jvp_eps = 0.2`` (a step of ``0.2 cos t sin t`` in TrigFlow time, 20 to 38 of the toy's timesteps either side at
+every level), which is the exact tangent of a smooth teacher to within 2 % (tests/test_scm.py) and gives the toy's
+2-step student 12.5 and 10.5 (two seeds; docs/scm.md, the tangent of a discrete-time teacher).
 """
 
 from __future__ import annotations
@@ -153,12 +163,17 @@ class SCMConfig:
     distillation, a few thousand iterations: 1000); 0 = no warm-up."""
     tangent_c: float = 0.1
     """``c`` of the tangent normalisation ``g / (||g|| + c)``."""
-    jvp: str = "exact"
-    """How ``dF/dt`` is computed: "exact" (forward AD) or "finite_difference" (``fastgen.jvp``)."""
-    jvp_eps: float = 3e-4
-    """Step of "finite_difference" along the tangents ``(cos t sin t dx_t/dt, cos t sin t)`` in TrigFlow time: on
-    tiny UNets of each family the smallest error of a sweep 1e-2 ... 3e-5 (fastgen.jvp's ``FD_EPS`` 1e-4 is for
-    tangents of order one; these are at most 1/2); tests/test_scm.py."""
+    jvp: str = "finite_difference"
+    """How ``dF/dt`` is computed: "finite_difference" (a central difference over ``jvp_eps``, ``fastgen.jvp``) or
+    "exact" (forward AD, the paper's). A teacher trained at integer timesteps has an x0-prediction that jitters from
+    one timestep to the next, and its exact tangent is mostly that jitter (module docstring, the tangent of a
+    discrete-time teacher); a difference over many timesteps is not."""
+    jvp_eps: float = 0.2
+    """Step of "finite_difference" along the tangents ``(cos t sin t dx_t/dt, cos t sin t)``: ``0.2 cos t sin t`` in
+    TrigFlow time, 20 to 38 timesteps of a 1000-step linear-beta DDPM either side at every level
+    (docs/scm/tangent_scale.md). The toy teacher's 2-step sCM student at 2,000 steps, toy FID (seeds 0, 1): 624
+    exact, 208 at 0.05, 25 / 26 at 0.1, 12 / 40 at 0.15, 12.5 / 10.5 at 0.2, noise at 0.3 (its tangent diverged;
+    docs/scm.md). 3e-4 reproduces the exact tangent (tests/test_scm.py)."""
     t_mid: list[float] = field(default_factory=lambda: [1.1])
     """TrigFlow times of the steps after the first, descending (paper: 1.1 for two steps); k steps need k - 1."""
     guidance_scale: float = 1.0

@@ -49,10 +49,15 @@ def main(argv=None) -> None:
         images = sample_ddim(teacher.denoiser, noise, timesteps).clamp(-1, 1)
         lines.append(f"| {start} | {alpha:.4f} | {sigma / alpha:.2f} | {toy_fid(images):.2f} | {float(images.std()):.3f} |")
         print(lines[-1], flush=True)
+    write_report(lines, args.out)
+
+
+def write_report(lines: list[str], out: Path | None) -> None:
+    """The Markdown ``lines`` to ``out`` (its folder made), where one is given, and to stdout."""
     text = "\n".join(lines) + "\n"
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     print(text)
 
 
