@@ -33,9 +33,9 @@ rearrangement). With ``theta- = sg(theta)``,
     L = e^{w(t)} / D ||F_theta - F_theta- - g||² - w(t)     (D elements per sample)
 
 ``g = cos t df_theta-/dt`` along the teacher's ODE; ``cos t sin t sigma_d dF_theta-/dt`` is one
-``fastgen.jvp`` of ``(x_t, t) -> sigma_d F_theta`` with tangents ``(cos t sin t dx_t/dt, cos t sin t)``
-(a central "finite_difference" by default, or "exact" forward AD; below). ``r = min(1, step / tangent_warmup_steps)``. ``w`` is
-a small MLP on Fourier features of ``c_noise(t) = t`` (the paper's identity time transformation, §4.1),
+``fastgen.jvp`` of ``(x_t, t) -> sigma_d F_theta`` with tangents ``(cos t sin t dx_t/dt, cos t sin t)`` (a
+central "finite_difference" by default, or "exact" forward AD; below). ``r = min(1, step / tangent_warmup_steps)``.
+``w`` is a small MLP on Fourier features of ``c_noise(t) = t`` (the paper's identity time transformation, §4.1),
 trained with the student in the same phase; it outputs ``u = w - log D``, zero at the start, so the weight
 ``e^w / D = e^u`` starts at 1 (the optimum for a unit tangent) and the loss is ``e^u ||.||² - u``.
 Times: ``ln(sigma_d tan t) ~ N(P_mean, P_std²)`` (-1.0, 1.4), clamped to the teacher's range.

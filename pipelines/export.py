@@ -353,7 +353,8 @@ def seal(folder: Path) -> None:
     from fastgen.integrity import MANIFEST, write_manifest
     from fastgen.pipelines.card import CARD
 
-    write_manifest(folder, [p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name not in (CARD, MANIFEST)])
+    files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name not in (CARD, MANIFEST)]
+    write_manifest(folder, files)  # names relative to folder: rglob's paths include it, relative or not
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:

@@ -315,10 +315,10 @@ def test_a_two_step_student_recovers_both_modes_of_a_mixture():
     """sCM alone, 1,000 steps (tangent warm-up 200) on ``mixture_student``'s flow mixture: the 2-step student's minor
     mode weight within 0.07, each mode's median within 0.1 (0.2 std). Measured with the default tangent (a
     difference over 0.2): weight 0.315, medians -1.994 / +1.958 at 2 steps (-2.028 / +2.034 at 1); with the exact
-    one 0.313, -1.991 / +1.958 (-2.021 / +2.028). Not asserted, measured with the exact tangent, measured on the same run with a linear-beta VP
-    schedule: medians -1.965 / +1.676 at 2 steps (the minor mode short of its centre); with EDM the MLP's
-    ``alpha x - sigma v`` output (sigma up to 80) collapses to one mode: the VP and EDM golden runs are open
-    (docs/scm.md)."""
+    one 0.313, -1.991 / +1.958 (-2.021 / +2.028). Not asserted, measured with the exact tangent on the same run
+    with a linear-beta VP schedule: medians -1.965 / +1.676 at 2 steps (the minor mode short of its centre); with
+    EDM the MLP's ``alpha x - sigma v`` output (sigma up to 80) collapses to one mode: the VP and EDM golden runs
+    are open (docs/scm.md)."""
     objective, student = mixture_student("scm", {"tangent_warmup_steps": 200}, num_steps=2)
     assert_recovers_mixture(student, objective.plan.grids[2])
 
@@ -460,7 +460,8 @@ def test_tangent_scale_script_finds_the_toy_teachers_jitter(tmp_path):
     subprocess.run([sys.executable, str(script), "--times", "452", "--eps", "3e-4,0.2", "--num-samples", "8",
                     "--out", str(out)], check=True, capture_output=True)
     row = next(line for line in out.read_text().splitlines() if line.startswith("| 452 |"))
-    exact, small, small_cos, _, wide, _, span = (float(v) for v in re.findall(r"-?\d+\.\d+", row))  # cells: norm (cos) [span]
+    # the row's cells: exact norm, then per step: norm (cosine with exact) [timesteps spanned]
+    exact, small, small_cos, _, wide, _, span = (float(v) for v in re.findall(r"-?\d+\.\d+", row))
     assert span > 20, row
     assert small_cos > 0.99 and abs(small - exact) < 0.05 * exact, row
     assert wide < 0.5 * exact, row
