@@ -4,9 +4,10 @@ step, on the toy teacher's marginals.
 
     python scripts/scm_tangent_scale.py --out docs/scm/tangent_scale.md
 
-``g = -(cos t sin t x_t + sigma_d dF/dt)`` (the part of the tangent that the JVP gives; its other part vanishes
-at initialisation), with ``dF/dt`` along ``(cos t sin t dx_t/dt, cos t sin t)`` from ``fastgen.jvp``: "exact"
-(forward AD) and "finite_difference" at each ``--eps`` (a step of ``eps cos t sin t`` in TrigFlow time). For each
+``g`` is ``SCM.tangent`` of a student that is a copy of the teacher, at ``r = 1``: ``-(cos t sin t x_t + sigma_d
+dF/dt)`` (its other term vanishes at initialisation), with ``dF/dt`` along ``(cos t sin t dx_t/dt, cos t sin t)``:
+``objective.jvp`` "exact" (forward AD) and "finite_difference" at each ``--eps`` (``objective.jvp_eps``, a step of
+``eps cos t sin t`` in TrigFlow time). For each
 teacher time ``s`` (``--times``, integers): the mean per-sample ``||g||`` over ``--num-samples`` toy images noised to
 ``s``, the mean cosine between each difference and the exact tangent, and how many of the teacher's timesteps one
 step of ``eps`` spans there. A teacher trained at integer timesteps has an x0-prediction that jitters from one
@@ -17,13 +18,15 @@ timesteps point elsewhere (low cosine). Writes a Markdown table to ``--out`` and
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
 from ode_from_noise import write_report  # scripts/, on the path of `python scripts/scm_tangent_scale.py`
 
-from fastgen.jvp import jvp
-from fastgen.losses.scm import teacher_to_trig, velocity
+from fastgen.data.batch import Batch
+from fastgen.losses import build_objective
+from fastgen.losses.scm import teacher_to_trig
 from fastgen.schedules import expand_to
 from fastgen.teacher import load_teacher
 from fastgen.toy import toy_images
@@ -43,13 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # the noise, apart from the objectives' initialisation
     denoiser, sigma_d = load_teacher("toy").denoiser, args.sigma_d
     steps = [float(e) for e in args.eps.split(",")]
     x0 = toy_images(args.num_samples, seed=args.seed)
+    batch = Batch(x0=x0, cond=None, uncond=None, size=len(x0))
 
-    def fn(x, t):
-        return velocity(denoiser, x, t, None, sigma_d)
+    def tangent(x_t, t, **jvp):
+        """``g`` of ``SCM.tangent`` at ``r = 1``, the student a copy of the teacher."""
+        objective = build_objective("scm", denoiser, copy.deepcopy(denoiser),
+                                    {"sigma_d": sigma_d, "tangent_warmup_steps": 0, **jvp})
+        return objective.tangent(batch, 0, x_t, t)[1]
 
     def norm(v):
         return float(v.flatten(1).norm(dim=1).mean())
@@ -61,19 +68,13 @@ def main(argv=None) -> None:
              "|---:|---:|" + "---:|" * len(steps)]
     for s in (int(v) for v in args.times.split(",")):
         t = teacher_to_trig(denoiser.schedule, torch.full((args.num_samples,), float(s)), sigma_d)
-        x_t = expand_to(t.cos(), x0) * x0 + expand_to(t.sin(), x0) * sigma_d * torch.randn_like(x0)
-        cs = t.cos() * t.sin()
-        with torch.no_grad():
-            tangents = (expand_to(cs, x_t) * fn(x_t, t), cs)
-        per_step = float(teacher_to_trig(denoiser.schedule, s + 1, sigma_d) - t[0]) / float(cs[0])
-
-        def g(**kw):
-            return -(expand_to(cs, x_t) * x_t + jvp(fn, (x_t, t), tangents, **kw)[1])
-
-        exact = g(method="exact")
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = expand_to(t.cos(), x0) * x0 + expand_to(t.sin(), x0) * sigma_d * noise
+        per_step = float(teacher_to_trig(denoiser.schedule, s + 1, sigma_d) - t[0]) / float((t.cos() * t.sin())[0])
+        exact = tangent(x_t, t, jvp="exact")
         cells = []
         for eps in steps:
-            fd = g(method="finite_difference", eps=eps)
+            fd = tangent(x_t, t, jvp="finite_difference", jvp_eps=eps)
             cos = float(torch.nn.functional.cosine_similarity(fd.flatten(1), exact.flatten(1)).mean())
             cells.append(f"{norm(fd):.1f} ({cos:.2f}) [{eps / per_step:.1f}]")
         lines.append(f"| {s} | {norm(exact):.1f} | " + " | ".join(cells) + " |")
