@@ -449,7 +449,10 @@ def exit_worker(code: int) -> None:
 
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: what it held has nowhere to go
+            pass
     os._exit(code)
 
 
