@@ -114,6 +114,11 @@ def trig_range(schedule, sigma_d: float) -> tuple[float, float]:
     return max(float(t[0]), T_FLOOR), min(float(t[1]), math.pi / 2 - T_FLOOR)
 
 
+def trig_noise(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sigma_d: float) -> torch.Tensor:
+    """TrigFlow's marginal sample ``x_t = cos t x0 + sin t sigma_d eps`` (§3)."""
+    return expand_to(torch.cos(t), x0) * x0 + expand_to(torch.sin(t), x0) * sigma_d * eps
+
+
 def velocity(denoiser, x_t: torch.Tensor, t: torch.Tensor, cond, sigma_d: float,
              guidance: Guidance | None = None) -> torch.Tensor:
     """``dx_t/dt = sigma_d F = (cos t x_t - x0^) / sin t`` with ``x0^ = D(k x_t, s)``: a denoiser of the
@@ -281,7 +286,7 @@ class SCM(Objective):
         c = self.config
         x0 = batch.x0.float()
         t = self.sample_t(x0.shape[0], x0.device)
-        x_t = expand_to(torch.cos(t), x0) * x0 + expand_to(torch.sin(t), x0) * c.sigma_d * torch.randn_like(x0)
+        x_t = trig_noise(x0, t, torch.randn_like(x0), c.sigma_d)
         v, g, g_norm = self.tangent(batch, step, x_t, t)
         g = g / expand_to(g_norm + c.tangent_c, g)
         F = v / c.sigma_d

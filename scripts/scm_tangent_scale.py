@@ -26,8 +26,7 @@ from ode_from_noise import write_report  # scripts/, on the path of `python scri
 
 from fastgen.data.batch import Batch
 from fastgen.losses import build_objective
-from fastgen.losses.scm import teacher_to_trig
-from fastgen.schedules import expand_to
+from fastgen.losses.scm import teacher_to_trig, trig_noise
 from fastgen.teacher import load_teacher
 from fastgen.toy import toy_images
 
@@ -68,8 +67,7 @@ def main(argv=None) -> None:
              "|---:|---:|" + "---:|" * len(steps)]
     for s in (int(v) for v in args.times.split(",")):
         t = teacher_to_trig(denoiser.schedule, torch.full((args.num_samples,), float(s)), sigma_d)
-        noise = torch.randn(x0.shape, generator=generator)
-        x_t = expand_to(t.cos(), x0) * x0 + expand_to(t.sin(), x0) * sigma_d * noise
+        x_t = trig_noise(x0, t, torch.randn(x0.shape, generator=generator), sigma_d)
         per_step = float(teacher_to_trig(denoiser.schedule, s + 1, sigma_d) - t[0]) / float((t.cos() * t.sin())[0])
         exact = tangent(x_t, t, jvp="exact")
         cells = []

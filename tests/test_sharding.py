@@ -284,7 +284,6 @@ def test_a_whole_checkpoint_loads_into_sharded_networks(tmp_path):
 WORKER_EXIT = """
 import atexit, sys
 from pathlib import Path
-import torch.distributed
 from fastgen.cli import entry
 folder = Path(sys.argv[1])
 atexit.register(lambda: (folder / "atexit").write_text("ran"))
@@ -294,23 +293,28 @@ class Teardown:
             f.write("ran")
 teardown = Teardown()  # a global of __main__: its __del__ runs in the interpreter's teardown
 print("unflushed", end="")
-sys.argv = ["fastgen", "export", "--run", str(folder / "missing"), "--output", str(folder / "out")]
+sys.argv = ["fastgen", *sys.argv[2:]]
 entry()
 """
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_a_launched_process_ends_after_its_exit_callbacks_and_without_the_teardown(tmp_path, world_size):
-    """``fastgen`` in a process of a multi-process launch (``WORLD_SIZE`` > 1) ends through ``exit_worker``: its exit
-    status is the command's, the ``atexit`` callbacks run and the streams are flushed, and the interpreter's
-    teardown, where a gloo worker thread finishing a collective aborts the process (``fastgen.cli.exit_worker``),
-    does not run. A process of its own tears down as usual."""
-    done = subprocess.run([sys.executable, "-c", WORKER_EXIT, str(tmp_path)], capture_output=True, text=True,
+@pytest.mark.parametrize("world_size, command", [(1, "help"), (2, "help"), (2, "error")])
+def test_a_launched_process_that_succeeded_ends_without_the_teardown(tmp_path, world_size, command):
+    """``fastgen`` in a process of a multi-process launch (``WORLD_SIZE`` > 1) whose command succeeded ends through
+    ``exit_worker``: status 0, the ``atexit`` callbacks run and the streams flushed, and the interpreter's teardown,
+    where a gloo worker thread finishing a collective aborts the process (``fastgen.cli.exit_worker``), does not
+    run. A failing command (its one ``error:`` line and status) and a process of its own tear down as usual."""
+    argv = ["--help"] if command == "help" else ["export", "--run", str(tmp_path / "missing"), "--output",
+                                                 str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-c", WORKER_EXIT, str(tmp_path), *argv], capture_output=True, text=True,
                           env={**ENV, "WORLD_SIZE": str(world_size)}, timeout=120)
-    assert done.returncode == 1 and done.stdout == "unflushed", done.stderr[-2000:]
-    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert done.stdout.startswith("unflushed"), done.stderr[-2000:]
+    if command == "help":
+        assert done.returncode == 0 and "distill" in done.stdout and not done.stderr
+    else:
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
     assert (tmp_path / "atexit").read_text() == "ran"
-    assert (tmp_path / "teardown").exists() == (world_size == 1)
+    assert (tmp_path / "teardown").exists() == (world_size == 1 or command == "error")
 
 
 def test_two_step_dmd2_of_a_two_expert_video_teacher_shards_and_equals_data_parallel(tmp_path):
