@@ -280,12 +280,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def checkpoint_path(path: str | Path) -> Path:
+def checkpoint_path(path: str | Path, run_dir: str | Path | None = None) -> Path:
     """``path`` as a checkpoint folder, checked cheaply (no tensors read) to be complete; the error lists the
-    run's complete checkpoints."""
+    run's complete checkpoints. With ``run_dir``, a bare name that is not a folder here is one of that run's
+    checkpoints (``fastgen export --run R --checkpoint step-00000004``)."""
     path = Path(path)
+    if run_dir is not None and not path.exists() and len(path.parts) == 1:
+        path = Path(run_dir) / CHECKPOINTS_DIR / path
     if not (path / META_FILE).is_file():
-        if (path / CHECKPOINTS_DIR).is_dir():
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+        elif (path / CHECKPOINTS_DIR).is_dir():
             run_dir = path
         elif path.parent.name == CHECKPOINTS_DIR:
             run_dir = path.parent.parent

@@ -911,7 +911,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     if lora and config.student.lora_rank == 0:
         raise UsageError(f"--lora: run {run_dir} has no LoRA adapter (student.lora_rank is 0, a full fine-tune); "
                          "export it without --lora")
-    path = checkpoint_path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    path = checkpoint_path(checkpoint, run_dir) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
     step, state = load_checkpoint(path, skip=("optimizers",))
