@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", parents=[debug], help="distil a teacher into a few-step student, then export it to RUN/export")
     distill.add_argument("--teacher", help="teacher diffusers folder (or hub id, when online)")
-    distill.add_argument("--method", help="objective: progressive, consistency, dmd, dmd2, decoupled_dmd, phased_dmd, "
-                                          "sid, sida, sid_fewstep, asd")
+    distill.add_argument("--method", help="objective: " + ", ".join(m for m in toy_methods if not m.startswith("t2i_"))
+                         + " (each has its toy_<method> preset; fastgen.losses.OBJECTIVES)")
     distill.add_argument("--config", help="YAML file or preset name (" + ", ".join(preset_names()) + "); flags "
                          "and key=value overrides apply on top")
     distill.add_argument("--data", help="a folder of images, captioned images (.tar, .parquet, a folder with "
@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lora-format", help=LORA_FORMAT_HELP)
     export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="export the EMA weights (default) or the raw ones")
-    export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
+    export.add_argument("--checkpoint", help="a checkpoint folder, or the name of one in RUN/checkpoints (default: "
+                        "the latest)")
     export.set_defaults(func=cmd_export)
     add_estimate_parser(sub, [debug])
     return parser
@@ -485,6 +486,23 @@ def peer_ended(err: BaseException) -> bool:
         text in str(err) for text in ("Connection closed by peer", "Connection reset by peer"))  # gloo's words
 
 
+def stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe whose read end is closed polls POLLERR); if so stdout is pointed at
+    the null device, so that nothing written later, nor the interpreter's last flush, fails again (Python's documented recipe, "Note on
+    SIGPIPE" in the ``signal`` module's docs)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stream): not a pipe
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (user errors are reported on one line, see the module doc)."""
     try:
@@ -505,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
+        if isinstance(err, BrokenPipeError) and stdout_closed():
+            return 141  # the reader of the output left (`fastgen estimate ... | head -1`): as SIGPIPE ends a tool
         if peer_ended(err):
             print(f"error: process {os.environ['RANK']} of {os.environ['WORLD_SIZE']} stopped: another process of its "
                   "group ended first (that process's own message says why)", file=sys.stderr)
