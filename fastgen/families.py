@@ -256,14 +256,16 @@ class Family:
             cond.pop("guidance", None)
         return {**kwargs, **cond}
 
-    def replay_kwargs(self, pipe, model) -> dict:
-        """What to pass to the exported ``pipe`` (besides prompt, steps and size) so that it runs the student as
+    def replay_kwargs(self, model, two_experts: bool) -> dict:
+        """What to pass to the exported pipeline (besides prompt, steps and size) so that it runs the student as
         trained: ``plain_call``; a guidance-embedded network its trained ``embedded_guidance`` as
-        ``guidance_scale``; Wan 2.2's second expert ``guidance_scale_2`` likewise unguided."""
+        ``guidance_scale``; where the pipeline routes two experts itself (``two_experts``: Wan 2.2's
+        ``boundary_ratio`` set), the second's ``guidance_scale_2`` likewise unguided (WanPipeline refuses it
+        otherwise)."""
         kwargs = dict(self.plain_call)
         if self.guidance_embedded(model):
             kwargs["guidance_scale"] = self.embedded_guidance
-        if pipe.config.get("boundary_ratio") is not None and "guidance_scale" in kwargs:
+        if two_experts and "guidance_scale" in kwargs:
             kwargs["guidance_scale_2"] = kwargs["guidance_scale"]
         return kwargs
 

@@ -28,7 +28,13 @@ def _call(meta: dict) -> str:
     args = {"text": f'prompt="{PROMPT}", ', "class": "class_labels=0, "}.get(meta["conditioning"], "")
     call = meta.get("call", {"guidance_scale": 1.0} if meta["conditioning"] == "text" else {})
     args += "".join(f"{key}={value!r}, " for key, value in call.items())
-    return f"image = pipe({args}num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images[0]"
+    out, field = ("video", "frames") if _video(meta) else ("image", "images")
+    return f"{out} = pipe({args}num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).{field}[0]"
+
+
+def _video(meta: dict) -> bool:
+    """Whether the export makes videos (its trained size has frames; a video pipeline's output is ``.frames``)."""
+    return "num_frames" in meta.get("size", {})
 
 
 def _absent(meta: dict) -> str:
@@ -90,7 +96,8 @@ def _front_matter(meta: dict) -> str:
     for key in ("license", "base_model"):  # exports written before fastgen recorded a license lack the key
         if meta.get(key):
             fields[key] = meta[key]
-    fields["pipeline_tag"] = "text-to-image" if meta["conditioning"] == "text" else "unconditional-image-generation"
+    fields["pipeline_tag"] = ("text-to-video" if _video(meta) else "text-to-image") if meta["conditioning"] == "text" \
+        else "unconditional-image-generation"
     tags = ["fastgen", "distillation", "few-step", *([meta["method"]] if meta["method"] else [])]
     if meta["kind"] == "lora":
         tags.append("lora")

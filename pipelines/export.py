@@ -215,18 +215,21 @@ def _metadata(teacher: Teacher, scheduler: FewStepScheduler, shipped, lora: str 
         "absent": absent, "experts": experts, "meanflow": meanflow, "method": method,
         "settings": dict(settings or {}), "metrics": [],
         "size": teacher.size(),
-        "call": _replay_call(teacher),
+        # a LoRA loads into the teacher's own pipeline; a full export keeps its two experts only as a student of two
+        "call": _replay_call(teacher, (teacher.pipeline.config.get("boundary_ratio") is not None) if lora
+                             else (experts or {}).get("layout") == "pipeline"),
     }
 
 
-def _replay_call(teacher: Teacher) -> dict:
+def _replay_call(teacher: Teacher, two_experts: bool) -> dict:
     """The keyword arguments of the exported pipeline's call that replay the student: the trained size where the
     pipeline takes one (text-to-image pipelines; the pixel ones sample their network's size) and the family's
-    ``replay_kwargs`` (guidance off, or a guidance-distilled network's trained scale)."""
+    ``replay_kwargs`` (guidance off, or a guidance-distilled network's trained scale; ``two_experts``: the
+    exported pipeline routes two networks by its ``boundary_ratio``)."""
     size = teacher.size() if teacher.text_conditioned else {}
     params = inspect.signature(type(teacher.pipeline).__call__).parameters
     return {**{k: v for k, v in size.items() if k in params},
-            **teacher.family.replay_kwargs(teacher.pipeline, teacher.model)}
+            **teacher.family.replay_kwargs(teacher.model, two_experts)}
 
 
 def _hub_ids(value) -> str | list[str] | None:

@@ -347,3 +347,45 @@ def test_wan22_export_runs_a_student_step_at_the_boundary_where_it_was_trained(t
     pipe(prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0, guidance_scale_2=1.0, height=32, width=32,
          num_frames=5, output_type="latent")
     assert seen == {"transformer": [1000.0], "transformer_2": [875.0]}
+
+
+def test_wan22_student_of_one_network_exports_a_call_its_pipeline_takes(teachers, tmp_path):
+    """A one-network student of Wan 2.2 exports without ``transformer_2`` and ``boundary_ratio``; its recorded call
+    (and the card's snippet) then has no ``guidance_scale_2``, which ``WanPipeline`` refuses without a boundary,
+    and the snippet reads the video pipeline's ``.frames``."""
+    from diffusers import WanPipeline
+
+    from fastgen.pipelines import export_student
+
+    _, _, folders = teachers
+    teacher = load_teacher(folders["wan2.2"], height=32, width=32, num_frames=5)
+    out = export_student(teacher, teacher.models[0], tmp_path / "export", {1: [1000.0]})
+    meta = json.loads((out / "fastgen_export.json").read_text())
+    assert meta["call"] == {"height": 32, "width": 32, "num_frames": 5, "guidance_scale": 1.0}
+    card = (out / "README.md").read_text()
+    assert ".frames[0]" in card and ".images[0]" not in card and "pipeline_tag: text-to-video" in card
+    pipe = WanPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.boundary_ratio is None
+    frames = pipe(prompt=PROMPT, num_inference_steps=1, output_type="latent", **meta["call"]).frames
+    assert torch.isfinite(frames).all()
+
+
+def test_image_data_for_a_video_teacher_is_one_line_before_the_run_folder(teachers, tmp_path, capsys):
+    """A folder of images given to a video teacher is refused before anything is written (it failed deep in the
+    network with a traceback, leaving a run folder that blocked the corrected command)."""
+    from PIL import Image
+
+    from fastgen.cli import main
+
+    _, _, folders = teachers
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["distill", "--teacher", str(folders["wan"]), "--method", "scm", "--data", str(images), "--output",
+                 str(run), "--height", "32", "--width", "32", "--num-frames", "5", "train.max_steps=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: data {images} holds images") and "makes videos" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not run.exists()

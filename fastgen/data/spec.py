@@ -117,6 +117,10 @@ def check_data(spec: str | os.PathLike | None, teacher: Teacher, class_labels: b
         check_prompts(Path(prompts).expanduser(), teacher)
     if spec is None:
         return False
+    if teacher.is_video and spec != "teacher" and not str(spec).lower().endswith(".txt"):
+        raise InputError(f"data {spec} holds images, but the teacher from {teacher.source} "
+                         f"({type(teacher.model).__name__}) makes videos; expected 'teacher' (its own samples, with "
+                         "a prompts file) or a .txt prompts file")
     if spec in ("toy", "teacher") or captioned_source(spec, teacher) is not None:
         return True
     path = Path(spec).expanduser()
