@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fastgen.errors import check_fields
+from fastgen.errors import check_fields, warn
 from fastgen.losses.base import Phase
 from fastgen.losses.dmd import DMD2, DMD2Config
 from fastgen.losses.scm import SCM, SCMConfig
@@ -75,6 +75,10 @@ class RCM(SCM):
 
     def __init__(self, teacher, nets, config: RCMConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
+        if max_steps is not None and max_steps <= config.tangent_warmup_steps:
+            warn(f"rcm: train.max_steps = {max_steps} ends within objective.tangent_warmup_steps = "
+                 f"{config.tangent_warmup_steps}, so the DMD term and its fake score never train (the student is sCM's "
+                 "alone); expected max_steps above the warm-up")
         self.dmd = DMD2(self.teacher, nets, config.dmd_config(), plan, max_steps, self.factory)
         self.owned += [name for name in self.dmd.owned if name not in self.owned]
 

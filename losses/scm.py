@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastgen.errors import UsageError, check_fields
+from fastgen.errors import UsageError, check_fields, warn
 from fastgen.jvp import JVP_METHODS, jvp, warn_finite_difference
 from fastgen.losses.base import Objective, Phase
 from fastgen.losses.dmd import DMD, alpha_time
@@ -210,6 +210,10 @@ class SCM(Objective):
     def __init__(self, teacher, nets, config: SCMConfig, plan, max_steps=None, factory=None):
         super().__init__(teacher, nets, config, plan, max_steps, factory)
         warn_finite_difference(self.teacher.model, config.jvp)
+        if self.student.schedule.prediction_type == "sample":
+            warn(f"{self.name}: the student predicts x0 (prediction_type 'sample'), so the consistency function's "
+                 "boundary f(x, 0) = x holds only as far as the network learnt it (docs/scm.md); expected an "
+                 "epsilon, v or flow student (student.prediction_type converts it)")
         t_lo, t_hi = trig_range(self.schedule, config.sigma_d)
         top = max(grid[0] for grid in plan.grids.values())
         self.t_bounds = (t_lo, min(t_hi, float(teacher_to_trig(self.schedule, top, config.sigma_d))))

@@ -42,6 +42,17 @@ def test_phases_follow_rcms_schedule_of_updates():
     assert runs == {"consistency": [0, 1, 2], "generator": [3, 8, 13], "critic": list(range(3, 15))}
 
 
+def test_a_run_that_ends_within_the_warm_up_is_told_its_dmd_term_never_trains(capsys):
+    """``train.max_steps`` (50 here) at or below the tangent warm-up: the generator phase never starts, so the
+    student would be sCM's alone; one warning says so, and none where the run goes past the warm-up."""
+    pixel_objective(tangent_warmup_steps=50)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: rcm: train.max_steps = 50 ends within "
+                                               "objective.tangent_warmup_steps = 50")
+    pixel_objective(tangent_warmup_steps=49)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_generator_loss_is_scm_plus_the_weighted_per_sample_sum_of_the_dmd_term():
     """With the fake score moved off the teacher, the generator loss equals sCM's loss on the same draws plus
     ``dmd_weight`` times the mean over samples of ``sum grad²``, ``grad = (x0_fake - x0_teacher) /

@@ -407,6 +407,18 @@ def assert_export_replays_the_plan(trainer, folder, family):
             assert images.shape == (2, 8, 8, 3)
 
 
+@pytest.mark.parametrize("prediction_type,warned", [("sample", True), ("v_prediction", False), ("epsilon", False)])
+def test_an_x0_student_is_warned_of_the_boundary_condition(prediction_type, warned, capsys):
+    """The consistency function of an x0-predicting student is its raw output, which meets ``f(x, 0) = x`` only
+    as far as it learnt to; epsilon and v students meet it by their form (module docstring)."""
+    schedule = schedule_from_config(DDPMScheduler(prediction_type=prediction_type))
+    teacher = Denoiser(tiny_unet(), schedule)
+    student = Denoiser(copy.deepcopy(teacher.model), schedule)
+    build_objective("scm", DenoiserTeacher(teacher, (3, 8, 8)), student, {}, num_steps=1)
+    err = capsys.readouterr().err
+    assert ("warning: scm: the student predicts x0 (prediction_type 'sample')" in err) == warned
+
+
 def test_config_errors_name_the_key():
     schedule = SCHEDULES["flow"]()
     with pytest.raises(UsageError, match=r"objective\.t_mid has 1 times; student\.num_steps = 3 needs 2"):
