@@ -907,8 +907,8 @@ def layout_notes(est: Estimate) -> list[str]:
 def format_table(est: Estimate, budget: int | None = None) -> str:
     s = est.settings
     lines = [f"peak memory per device: {s['teacher']}, {s['method']}, sample {tuple(s['sample_shape'])}, batch "
-             f"{s['batch_size']}, {s['mixed_precision']}, gradient checkpointing {s['gradient_checkpointing']}, "
-             f"optimizer {s['optimizer']} ({s['device']})", launch_line(est),
+             f"{s['batch_size']}, mixed precision {s['mixed_precision']}, gradient checkpointing "
+             f"{s['gradient_checkpointing']}, optimizer {s['optimizer']} ({s['device']})", launch_line(est),
              "", "| network | kind | parameters | memory |", "|---|---|---:|---:|"]
     for network, kind, n in est.rows:
         count = est.parameters.get(network, "") if kind == "weights" else ""

@@ -286,7 +286,7 @@ def _read_index(folder: Path) -> dict[str, list]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise MissingPathError(
-            f"teacher folder {folder} has no model_index.json; expected a diffusers pipeline folder "
+            f"folder {folder} has no model_index.json; expected a diffusers pipeline folder "
             "(what `pipeline.save_pretrained` writes)"
         )
     try:

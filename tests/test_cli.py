@@ -42,6 +42,27 @@ def test_distill_help_lists_every_preset():
     listed = set(" ".join(out.split()).replace(",", " ").replace("(", " ").replace(")", " ").replace(";", " ").split())
     presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
     assert len(presets) >= 30 and set(presets) <= listed
+    from fastgen.losses import OBJECTIVES
+
+    method_help = " ".join(out.split()).split("--method METHOD objective:")[1].split("--config")[0]
+    assert len(OBJECTIVES) >= 13 and set(OBJECTIVES) <= set(method_help.replace(",", " ").split())
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``fastgen estimate ... | head -1``: the reader leaving is no error of fastgen's (status 141, as SIGPIPE
+    ends a tool; nothing on stderr), where a write to the closed pipe used to end in a traceback and "a bug in
+    fastgen"."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastgen", "estimate", "--teacher", "toy", "--method", "dmd2",
+                               "--batch-size", "2", "--no-modes", "--device", "cpu"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_sample_writes_a_grid(ddpm, tmp_path):
@@ -51,7 +72,7 @@ def test_sample_writes_a_grid(ddpm, tmp_path):
         assert image.size == (2 * 8 + 3, 2 * 8 + 3)  # 2x2 grid of 8x8 with 1-pixel padding
 
 
-def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys):
+def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     code = main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",
                  "--output", str(run), "--steps", "2", "--max-steps", "2", "teacher_samples=8",
@@ -60,6 +81,14 @@ def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys):
     assert (run / "export" / "model_index.json").is_file()
     again = tmp_path / "again"
     assert main(["export", "--run", str(run), "--output", str(again), "--no-ema"]) == 0
+    # --checkpoint by its name in the run's checkpoints folder, from any working directory
+    (name,) = [p.name for p in (run / "checkpoints").iterdir()]
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "named"), "--checkpoint", name]) == 0
+    assert (tmp_path / "named" / "model_index.json").is_file()
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "bad"), "--checkpoint", "step-9"]) == 1
+    assert f"does not exist; available in {run / 'checkpoints'}: {name}" in capsys.readouterr().err
     out = tmp_path / "student.png"
     assert main(["sample", "--model", str(again), "--steps", "2", "--num", "4", "--out", str(out)]) == 0
     assert out.is_file()
