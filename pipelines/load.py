@@ -15,6 +15,7 @@ expected.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -205,9 +206,26 @@ def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
         # diffusers checks the passed scheduler against model_index.json's ["scheduling_few_step", ...] by looking
         # that module up in sys.modules ("import it before calling from_pretrained"): it is this package's module
         sys.modules.setdefault(SCHEDULER_MODULE, importlib.import_module("fastgen.samplers.scheduler"))
-        pipe = DiffusionPipeline.from_pretrained(folder, scheduler=scheduler, use_safetensors=True, **absent,
-                                                 **denoiser, **kwargs)
+        with _quiet_type_check(bool(denoiser)):
+            pipe = DiffusionPipeline.from_pretrained(folder, scheduler=scheduler, use_safetensors=True, **absent,
+                                                     **denoiser, **kwargs)
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_type_check(quiet: bool):
+    """diffusers' warnings muted while ``quiet``: passed fastgen's own denoiser (``MeanFlowModel``,
+    ``TimestepExperts``), ``from_pretrained`` warns that the pipeline's annotation expects the wrapped class
+    ("Expected types for unet: ..."), which is by design, and the one line of a following error would be two."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    if quiet:
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _custom_denoiser(folder: Path, meta: dict, dtype) -> dict:

@@ -330,6 +330,12 @@ def test_an_export_loads_with_and_without_fastgen_and_replays_the_student(steps,
     name, values = result.stdout.strip().splitlines()[-1].split(" ", 1)
     assert name == "MeanFlowModel"
     torch.testing.assert_close(torch.tensor(eval(values)), expected, rtol=1e-4, atol=1e-4)
+    if steps == 1:  # an untrained count: one line, without diffusers' warning about the wrapped unet's class
+        refused = subprocess.run([sys.executable, "-m", "fastgen", "sample", "--model", str(out), "--steps", "3",
+                                  "--out", str(tmp_path / "x.png")], capture_output=True, text=True, env=env,
+                                 timeout=300, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            f"error: 3 steps: the student in {out} was trained for [1] steps; expected one of those"]
 
 
 def test_bad_settings_are_refused_naming_the_key():
