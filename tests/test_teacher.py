@@ -360,6 +360,16 @@ def test_model_index_without_denoiser(folder, tmp_path):
         load_teacher(path)
 
 
+def test_a_component_folder_that_model_index_names_but_is_missing(folder, tmp_path):
+    """A folder copied without one of its components (``unet/`` here) is named before any weights load, rather
+    than diffusers' "no file named config.json" about the pipeline's root."""
+    path = copy_of(folder, tmp_path)
+    shutil.rmtree(path / "unet")
+    with pytest.raises(FileNotFoundError, match=rf"folder {path} has no unet/ although its model_index.json names "
+                                                 "that component"):
+        load_teacher(path)
+
+
 def test_unsupported_denoiser_class(folder, tmp_path):
     path = copy_of(folder, tmp_path)
     edit_json(path / "model_index.json", unet=["diffusers", "UNet3DConditionModel"])
