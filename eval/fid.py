@@ -26,10 +26,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from fastgen.data import find_images
+from fastgen.errors import InputError
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -146,11 +147,20 @@ def _folder_files(folder: Path) -> list[Path]:
     return find_images(folder)
 
 
+def _read_rgb(path: Path) -> np.ndarray:
+    """One image file as uint8 RGB, decoded as the FID references' tools read it (no EXIF rotation); a file PIL
+    cannot read is named on one line."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {path}: {err}; expected a PNG, JPEG or WEBP image") from None
+
+
 def _load_folder_batch(files: list[Path], size: tuple[int, int]) -> torch.Tensor:
     arrays = []
     for path in files:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+        array = _read_rgb(path)
         if array.shape[:2] != size:
             raise ValueError(f"images: {path} is {array.shape[0]}x{array.shape[1]}, expected {size[0]}x{size[1]} "
                              f"like the first file of the folder")
@@ -171,8 +181,7 @@ def iter_image_batches(images, batch_size: int, value_range=None, num_images: in
             raise ValueError(f"value_range={value_range} for a folder, expected None (files are uint8)")
         files = _folder_files(Path(images))
         total = _check_count(num_images, len(files), f"folder {images}")
-        with Image.open(files[0]) as first:
-            size = (first.height, first.width)
+        size = _read_rgb(files[0]).shape[:2]
         for start in range(0, total, batch_size):
             yield _load_folder_batch(files[start:min(start + batch_size, total)], size)
     elif isinstance(images, torch.Tensor):

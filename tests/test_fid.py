@@ -218,6 +218,9 @@ def test_image_source_errors(uint8_images, tmp_path):
         image_statistics(tmp_path, pixel_extractor, value_range=(0, 1))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         image_statistics(tmp_path / "missing", pixel_extractor)
+    (tmp_path / "b.jpg").write_text("not an image")  # a user's file, named on one line (was a bug's traceback)
+    with pytest.raises(InputError, match=r"cannot read image .*b.jpg: cannot identify image file"):
+        image_statistics(tmp_path, pixel_extractor)
 
 
 # --- the Inception path (torch-fidelity's extractor) -----------------------------------------------------
