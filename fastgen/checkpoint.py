@@ -392,6 +392,24 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def set_aside_later(run_dir: str | Path, step: int) -> list[Path]:
+    """Rename the run's checkpoints of steps after ``step`` to ``checkpoints/superseded-step-N`` (``.2``, ... where
+    taken), out of :func:`list_checkpoints`, and return their new paths. A run resumed from ``step`` retrains
+    those steps: left in place, a damaged checkpoint that the resume skipped would count as one of the newest
+    when older ones are pruned (the intact one resumed from was deleted, the damaged one kept), and one of a
+    resume from an earlier folder would be taken by ``--resume latest`` for this run's. Nothing is deleted."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(path.name.removeprefix("step-")) > step:
+            target, n = path.with_name(f"superseded-{path.name}"), 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"superseded-{path.name}.{n}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))

@@ -50,7 +50,7 @@ from fastgen.allocator import keep_heap
 from fastgen.assemble import build_run, make_student, run_plan, student_names, student_schedule
 from fastgen.atomic import atomic_path
 from fastgen.checkpoint import (CHECKPOINTS_DIR, checkpoint_path, flatten_state, latest_checkpoint,
-                                list_checkpoints, load_checkpoint, save_checkpoint)
+                                list_checkpoints, load_checkpoint, save_checkpoint, set_aside_later)
 from fastgen.config import DistillConfig, absolute_paths, config_to_dict, load_config, save_config
 from fastgen.data import TOY_PROMPTS, build_data, check_data, read_prompts
 from fastgen.data.batch import num_rows
@@ -617,6 +617,11 @@ class Trainer:
         self.step = step
         if state.get("config") is not None:  # (checkpoints written before it was recorded: none)
             self._check_recorded_config(path, state["config"])
+        if acc.is_main_process:
+            moved = set_aside_later(self.run_dir, step)
+            if moved:
+                warn(f"resuming from step {step}: set the later checkpoints aside, kept but no longer used: "
+                     f"{', '.join(str(p) for p in moved)}")
 
     def _check_recorded_config(self, path: Path, recorded: dict) -> None:
         """Refuse a ``config.yaml`` that lacks a key the checkpoint ``path`` recorded (``check_complete``), and

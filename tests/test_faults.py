@@ -122,10 +122,26 @@ def test_a_damaged_checkpoint_is_named_and_skipped_by_export_and_resume(teacher,
     capsys.readouterr()
     assert main(distill(teacher, run, "--max-steps", "3", "--resume", "latest")) == 0
     err = capsys.readouterr().err
-    assert len(warnings_of(err)) == 1 and f"skipped damaged checkpoint {STEP(2)}" in warnings_of(err)[0]
-    # resumed from step 1, it wrote step 2 again (intact now) and step 3
+    superseded = run / "checkpoints" / f"superseded-{STEP(2)}"
+    assert len(warnings_of(err)) == 2 and f"skipped damaged checkpoint {STEP(2)}" in warnings_of(err)[0]
+    assert warnings_of(err)[1] == f"warning: resuming from step 1: set the later checkpoints aside, kept but no " \
+                                  f"longer used: {superseded}"
+    # resumed from step 1, it wrote step 2 again (intact now) and step 3; the damaged step 2 is kept aside
     assert [p.name for p in list_checkpoints(run)] == [STEP(2), STEP(3)]
     assert load_checkpoint(run / "checkpoints" / STEP(2))[0] == 2 and latest_checkpoint(run).name == STEP(3)
+    with pytest.raises(DamagedFileError):  # the damaged one, kept as it was
+        load_checkpoint(superseded)
+
+
+def test_a_resume_past_a_damaged_checkpoint_keeps_the_intact_one_it_resumed_from(teacher, finished, tmp_path):
+    """Checkpoints 1 (intact) and 2 (damaged), a resume to step 3 that saves only at its end: pruning to the
+    newest two kept the damaged 2 and deleted 1, the only intact fallback; now 2 is set aside first."""
+    run = copy_run(finished, tmp_path)
+    flip_byte(run / "checkpoints" / STEP(2) / "state.safetensors")
+    assert main(distill(teacher, run, "--max-steps", "3", "--resume", "latest", "train.checkpoint_every=0")) == 0
+    assert [p.name for p in list_checkpoints(run)] == [STEP(1), STEP(3)]
+    assert load_checkpoint(run / "checkpoints" / STEP(1))[0] == 1
+    assert (run / "checkpoints" / f"superseded-{STEP(2)}" / "state.safetensors").is_file()
 
 
 def test_no_intact_checkpoint_is_one_error_naming_each(finished, tmp_path, capsys):
