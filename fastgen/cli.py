@@ -53,6 +53,16 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def label_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class labels like 0 or 3,7, got {text!r}")
+    return values
+
+
 def _read_prompts(args) -> list[str] | None:
     from fastgen.data import TOY_PROMPTS, read_prompts
 
@@ -83,8 +93,14 @@ def cmd_sample(args) -> int:
                          width=args.width, num_frames=args.num_frames)
     if model.is_video:
         check_animation_path(args.out)
+    if args.class_labels is not None and not all(label < model.num_classes for label in args.class_labels):
+        raise UsageError(f"--class-labels {','.join(map(str, args.class_labels))}: "
+                         + (f"{args.model} has {model.num_classes} classes; expected labels 0 to "
+                            f"{model.num_classes - 1}" if model.num_classes else
+                            f"{args.model} is not class-conditional; expected no --class-labels"))
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
-                      prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size)
+                      prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size,
+                      class_labels=args.class_labels)
     path = save_grid(images, args.out, upscale=args.upscale)
     frames = f" of {model.frames} frames" if model.is_video else ""
     print(f"wrote {len(images)} samples{frames} ({args.steps} steps) to {path}")
@@ -373,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", help="one prompt for text-to-image models")
     sample.add_argument("--prompts-file", help="a file of prompts, one per line; 'toy': every shape x colour "
                         "prompt of the toy world")
+    sample.add_argument("--class-labels", type=label_list, help="class-conditional models: the classes to cycle "
+                        "through, e.g. 3 or 0,5 (default: every class in turn)")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     sample.add_argument("--batch-size", type=positive_int, default=64)
     sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")

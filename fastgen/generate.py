@@ -34,9 +34,12 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
              prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
              class_labels: Sequence[int] | None = None) -> torch.Tensor:
     """``num`` images ``(num, 3, H, W)`` in [-1, 1] (decoded for latent models), deterministic given ``seed``; a
-    video model's ``num`` videos ``(num, 3, F, H, W)``."""
+    video model's ``num`` videos ``(num, 3, F, H, W)``. A class-conditional model's samples cycle through
+    ``class_labels`` (default: every class in turn, 0 to K-1, so that any ``num`` is as balanced as it can be)."""
     if num < 1:
         raise UsageError(f"{num} samples: expected at least 1")
+    if class_labels is None and model.num_classes:
+        class_labels = range(model.num_classes)
     if prompts is None and class_labels is None and model.text_conditioned:
         raise UsageError(f"{model.source} is a text-to-image model ({model.model_class}): pass --prompt TEXT "
                          "(or --prompts-file FILE)")

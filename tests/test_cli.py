@@ -72,6 +72,26 @@ def test_sample_writes_a_grid(ddpm, tmp_path):
         assert image.size == (2 * 8 + 3, 2 * 8 + 3)  # 2x2 grid of 8x8 with 1-pixel padding
 
 
+def test_sample_of_a_class_conditional_model_cycles_its_classes(tmp_path, capsys):
+    """Without --class-labels every class in turn (it raised diffusers' "class_labels should be provided" as a
+    fastgen bug); with it, only those; a label out of range is one line."""
+    import numpy as np
+
+    folder = make_ddpm_folder(tmp_path / "classes", sample_size=8, num_class_embeds=3)
+    grids = {}
+    for name, extra in (("all", []), ("one", ["--class-labels", "1"]), ("cycle", ["--class-labels", "0,1,2"])):
+        out = tmp_path / f"{name}.png"
+        assert main(["sample", "--model", str(folder), "--steps", "2", "--num", "3", "--out", str(out), *extra]) == 0
+        with Image.open(out) as image:
+            grids[name] = np.asarray(image.convert("RGB"))
+    assert np.array_equal(grids["all"], grids["cycle"]) and not np.array_equal(grids["all"], grids["one"])
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--steps", "2", "--out", str(tmp_path / "x.png"),
+                 "--class-labels", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --class-labels 3: {folder} has 3 classes; expected labels 0 to 2")
+
+
 def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     code = main(["distill", "--teacher", str(ddpm), "--method", "consistency", "--data", "teacher",

@@ -107,6 +107,20 @@ def test_estimate_help_documents_it():
         assert flag in help_text
 
 
+@pytest.mark.parametrize("method", ["dmd2", "sid"])
+def test_a_class_conditional_teacher_is_estimated(method, tmp_path, capsys):
+    """Class labels of the synthetic batch and the critic's probe are made on "meta" (and as fake tensors): their
+    range check read their values and failed as "a bug in fastgen"."""
+    from tiny import make_ddpm_folder
+
+    from fastgen.cli import main
+
+    folder = make_ddpm_folder(tmp_path / "classes", num_class_embeds=4)
+    assert main(["estimate", "--teacher", str(folder), "--method", method, "--batch-size", "2", "--device", "cpu",
+                 "--no-modes"]) == 0
+    assert "**total**" in capsys.readouterr().out
+
+
 def test_estimate_command_exits_cleanly_with_gradient_checkpointing():
     """A simulated checkpointed step of the SD1.5-size UNet left fake tensors whose teardown aborted the
     interpreter (exit status 134 after a correct table) until ``estimate_memory`` freed them inside their fake
