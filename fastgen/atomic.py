@@ -99,10 +99,11 @@ def no_space_errno(err: BaseException) -> int | None:
 
 
 @contextlib.contextmanager
-def reporting_no_space(target: Path, needed: int | None = None, intact: str | None = None) -> Iterator[None]:
+def reporting_no_space(target: Path, needed: int | None = None, intact: str | None = None,
+                       retry: str = "run the command again") -> Iterator[None]:
     """Within: an error that means "no room" (``no_space_errno``) while writing ``target`` becomes a
     ``NoSpaceError`` naming ``target``, ``needed`` bytes (when given) and the free bytes, and saying ``intact``
-    (by default: the previous ``target`` is intact, or nothing was written)."""
+    (by default: the previous ``target`` is intact, or nothing was written) and, after the remedy, ``retry``."""
     if intact is None:
         intact = f"the previous {target} is intact" if target.exists() else f"nothing was written to {target}"
     try:
@@ -115,7 +116,7 @@ def reporting_no_space(target: Path, needed: int | None = None, intact: str | No
         remedy = ("files there are limited in size (by the file system or `ulimit -f`): write elsewhere"
                   if code == errno.EFBIG else "free space (or write elsewhere)")
         error = NoSpaceError(f"cannot write {target}: {os.strerror(code)}{room}; {intact} and the partial write was "
-                             f"removed: {remedy} and run the command again")
+                             f"removed: {remedy} and {retry}")
         error.errno = code
         raise error from err
 
@@ -148,16 +149,17 @@ def atomic_path(path: str | os.PathLike, needed: int | None = None, intact: str 
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, needed: int | None = None, intact: str | None = None) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, needed: int | None = None, intact: str | None = None,
+                  retry: str = "run the command again") -> Iterator[Path]:
     """Yield a new temporary folder beside ``path`` to fill; on success every file in it is flushed and it
     replaces ``path`` (an existing ``path`` is moved aside first and deleted after), on error it is removed and
-    ``path`` left as it was. ``needed`` and ``intact`` go to :func:`reporting_no_space`."""
+    ``path`` left as it was. ``needed``, ``intact`` and ``retry`` go to :func:`reporting_no_space`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     tmp, old = temp_sibling(path), None
     try:
-        with reporting_no_space(path, needed, intact):
+        with reporting_no_space(path, needed, intact, retry):
             tmp.mkdir()
             yield tmp
             fsync_tree(tmp)

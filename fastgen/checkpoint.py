@@ -186,14 +186,15 @@ def _encode_key(key: Any, path: str) -> Any:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2,
-                    sharded: bool = False) -> Path:
+                    sharded: bool = False, retry: str = "run the command again") -> Path:
     """Write ``state`` atomically to ``run_dir/checkpoints/step-{step:08d}`` and keep the newest ``keep``.
 
     Saving a step that already exists replaces it. Returns the checkpoint folder. A full disk raises
-    ``NoSpaceError`` (the earlier checkpoints intact). ``sharded``: every process of the group calls it with its
-    own shards (``DTensor`` leaves of a sharded run); the tensors go to ``shards/`` through
-    ``torch.distributed.checkpoint`` (each process writes its part into a hidden staging folder, which the main
-    process then moves into the checkpoint before the manifest and the rename), the JSON tree as always.
+    ``NoSpaceError`` (the earlier checkpoints intact; its advice ends with ``retry``). ``sharded``: every process
+    of the group calls it with its own shards (``DTensor`` leaves of a sharded run); the tensors go to
+    ``shards/`` through ``torch.distributed.checkpoint`` (each process writes its part into a hidden staging
+    folder, which the main process then moves into the checkpoint before the manifest and the rename), the JSON
+    tree as always.
     """
     if keep < 1:
         raise ValueError(f"keep: expected >= 1 checkpoints to keep, got {keep}")
@@ -201,7 +202,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         raise ValueError(f"step: expected >= 0, got {step}")
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
-    intact = f"the earlier checkpoints in {root} are intact"
+    intact = (f"the earlier checkpoints in {root} are intact" if list_checkpoints(run_dir) else
+              "no checkpoint of this run was written before")
     tensors, tree = flatten_state(state)
     main = True
     if sharded:
@@ -213,11 +215,11 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()
-        with reporting_no_space(staging, intact=intact):
+        with reporting_no_space(staging, intact=intact, retry=retry):
             _dcp().save(tensors, checkpoint_id=staging)
         dist.barrier()
     if main:
-        _write_checkpoint(root, final, step, tree, None if sharded else tensors, intact)
+        _write_checkpoint(root, final, step, tree, None if sharded else tensors, intact, retry)
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:
                 _remove(old)
@@ -227,14 +229,14 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
 
 
 def _write_checkpoint(root: Path, final: Path, step: int, tree: Any, tensors: dict[str, torch.Tensor] | None,
-                      intact: str) -> None:
+                      intact: str, retry: str) -> None:
     """The main process's part of :func:`save_checkpoint`: ``tensors`` (None: the shards in the staging folder)
     and the tree, meta and manifest files into a temporary folder renamed into place."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_LEGACY_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     needed = None if tensors is None else sum(t.numel() * t.element_size() for t in tensors.values())
-    with atomic_folder(final, needed, intact=intact) as tmp:
+    with atomic_folder(final, needed, intact=intact, retry=retry) as tmp:
         if tensors is None:
             os.replace(root / f".{final.name}.{SHARDS_DIR}", tmp / SHARDS_DIR)
         else:

@@ -163,6 +163,7 @@ def cmd_distill(args) -> int:
         except BaseException:
             trainer.discard()
             raise
+        trainer.resume_command = _resume_command(trainer.run_dir, args, "auto")  # whether a checkpoint exists or not
         try:
             trainer.fit()
         except TrainingStopped as stop:
@@ -178,11 +179,11 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _resume_command(run_dir: Path, args) -> str:
+def _resume_command(run_dir: Path, args, resume: str | None = None) -> str:
     """The command that continues the run in ``run_dir`` as ``args`` asked (its config holds every setting but the
-    export's flags)."""
+    export's flags), with ``--resume resume`` (default: "auto" where asked, else "latest")."""
     command = ["fastgen", "distill", "--config", str(run_dir / "config.yaml"),
-               "--resume", "auto" if args.resume == "auto" else "latest"]
+               "--resume", resume or ("auto" if args.resume == "auto" else "latest")]
     if args.lora:
         command += ["--lora"] + (["--lora-format", args.lora_format] if args.lora_format else [])
     return shlex.join(command)

@@ -568,16 +568,20 @@ class Trainer:
             "config": config_to_dict(self.config),  # what the run was trained with, beside its own config.yaml
         }
 
+    resume_command: str | None = None
+    """The command that continues this run (``fastgen distill`` sets it): a full disk's error ends with it."""
+
     def save(self) -> Path | None:
         """A checkpoint of this step: written by the main process, or by every process its own shards."""
         acc, keep = self.accelerator, self.config.train.keep_checkpoints
+        retry = f"resume with: {self.resume_command}" if self.resume_command else "run the command again"
         acc.wait_for_everyone()
         path = None
         if self.sharded:
             self._reshard()  # a sample grid's forward leaves roots gathered
-            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep, sharded=True)
+            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep, sharded=True, retry=retry)
         elif acc.is_main_process:
-            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep)
+            path = save_checkpoint(self.run_dir, self.step, self.state(), keep=keep, retry=retry)
         acc.wait_for_everyone()
         return path
 

@@ -314,10 +314,30 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoints(teacher, f
     assert line.startswith(f"error: cannot write {run / 'checkpoints' / STEP(3)}: No space left on device; it needs "
                            "about ")
     assert f"the earlier checkpoints in {run / 'checkpoints'} are intact and the partial write was removed" in line
+    assert line.endswith(f"free space (or write elsewhere) and resume with: fastgen distill --config "
+                         f"{run / 'config.yaml'} --resume auto")
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(run)] == [STEP(1), STEP(2)]
     assert hidden(run / "checkpoints") == []
     assert load_checkpoint(latest_checkpoint(run))[0] == 2
+
+
+def test_disk_full_at_a_runs_first_checkpoint_says_so_and_its_advice_works(teacher, tmp_path, monkeypatch, capsys):
+    """No checkpoint before the full disk: the error says so (not "the earlier checkpoints are intact"), and the
+    command it gives continues the run (running the first command again is refused: the folder holds a run)."""
+    run = tmp_path / "run"
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(fastgen.checkpoint, "save_file", full_disk)
+    assert main(distill(teacher, run, "--max-steps", "1")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "no checkpoint of this run was written before and the partial write was removed" in line
+    monkeypatch.undo()
+    command = line.split("resume with: ")[1].split()
+    assert command[:2] == ["fastgen", "distill"] and main(command[1:]) == 0
+    assert [p.name for p in list_checkpoints(run)] == [STEP(1)] and (run / "export" / "model_index.json").is_file()
 
 
 def test_file_too_large_for_real_through_the_command(teacher, finished, tmp_path):
