@@ -45,15 +45,31 @@ def _annotations(tree: ast.AST) -> set[int]:
     return {id(sub) for root in roots if root is not None for sub in ast.walk(root)}
 
 
-def _names(source: str) -> list[str]:
-    """Every name ``source`` reads outside annotations, in order of first appearance."""
+def _names(source: str, annotations: bool = False) -> list[str]:
+    """Every name ``source`` reads outside annotations (``annotations``: inside them only), in order of first
+    appearance."""
     tree = ast.parse(textwrap.dedent(source))
-    skip = _annotations(tree)
+    inside = _annotations(tree)
     seen = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and id(node) not in skip:
+        if isinstance(node, ast.Name) and (id(node) in inside) == annotations:
             seen.setdefault(node.id, None)
     return list(seen)
+
+
+def _annotation_import(name: str, value) -> str | None:
+    """The import of a name an annotation reads, where it comes from outside fastgen and from a module a generated
+    file may import: diffusers resolves a pipeline's ``__init__`` annotations (its check of the components'
+    types warns "cannot get type annotation" for a name it cannot find); ``None`` for anything else (annotations
+    are postponed, so nothing fails without it)."""
+    if getattr(value, "__module__", "fastgen").startswith("fastgen") or _is_literal(value):
+        return None
+    try:
+        line = _import_line(name, value)
+        _check_import(line)
+    except (TypeError, ValueError):
+        return None
+    return line
 
 
 def _import_line(name: str, value) -> str:
@@ -85,6 +101,10 @@ def module_source(*objects, title: str) -> str:
         done.add(id(obj))
         source = inspect.getsource(obj)
         module = sys.modules[obj.__module__]
+        for name in _names(source, annotations=True):
+            line = _annotation_import(name, vars(module)[name]) if name in vars(module) else None
+            if line is not None:
+                imports.setdefault(line, None)
         for name in _names(source):
             if name not in vars(module) or name == obj.__name__:
                 continue
