@@ -56,18 +56,35 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                error = self._locked(fd)
                 os.close(fd)
-                pid, _, host = holder.partition("@")
-                who = f"process {pid} on host {host}" if pid and host else "another process"
-                raise RunLockedError(f"output {self.run_dir} is in use by {who} (lock file {self.path}); wait for "
-                                     "that run to end, or distil into a new --output") from None
+                raise error from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}@{HOST}\n".encode(), 0)
             _HELD[key] = [fd, 0]
         _HELD[key][1] += 1
         self.held = True
         return self
+
+    def check_free(self) -> None:
+        """Raise ``RunLockedError`` where another process holds the lock; nothing is created or taken."""
+        if not self.path.is_file() or os.path.realpath(self.path) in _HELD:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+        except BlockingIOError:
+            raise self._locked(fd) from None
+        finally:
+            os.close(fd)
+
+    def _locked(self, fd: int) -> RunLockedError:
+        """The error naming the holder that the lock file ``fd`` records (pid, host)."""
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        pid, _, host = holder.partition("@")
+        who = f"process {pid} on host {host}" if pid and host else "another process"
+        return RunLockedError(f"output {self.run_dir} is in use by {who} (lock file {self.path}); wait for that run "
+                              "to end, or distil into a new --output")
 
     def release(self) -> None:
         """Give the lock back (the last ``RunLock`` of this process on the folder unlocks it); idempotent."""

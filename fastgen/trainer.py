@@ -812,6 +812,7 @@ def resume_target(run_dir: Path, which: str | None, config: DistillConfig) -> Pa
     if which is None:
         held = [name for name in ("config.yaml", CHECKPOINTS_DIR) if (run_dir / name).exists()]
         if held:
+            RunLock(run_dir).check_free()  # a run in progress there: say so, not "continue it with --resume"
             raise UsageError(f"output {run_dir} holds a run already ({' and '.join(held)}); continue it with "
                              "--resume latest (or --resume auto), or distil into a new --output")
         return None
@@ -914,8 +915,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise MissingPathError(f"{run_dir} is not a fastgen run: no config.yaml (expected the --output of "
-                               "`fastgen distill`)")
+        what = "does not exist" if not run_dir.exists() else "is not a fastgen run: no config.yaml"
+        raise MissingPathError(f"{run_dir} {what} (expected the --output of `fastgen distill`)")
     config = load_config(DistillConfig, config_file)
     if lora and config.student.lora_rank == 0:
         raise UsageError(f"--lora: run {run_dir} has no LoRA adapter (student.lora_rank is 0, a full fine-tune); "

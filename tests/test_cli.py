@@ -131,6 +131,10 @@ def test_cli_errors_are_plain(ddpm, tmp_path, capsys):
         (["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "kid", "--features", "toy"], 2,
          "kid needs --ref to be a folder"),
         (["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "clip"], 2, "clip needs prompts"),
+        (["export", "--run", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")], 1,
+         f"{tmp_path / 'nothing'} does not exist (expected the --output of `fastgen distill`)"),
+        (["export", "--run", str(tmp_path), "--output", str(tmp_path / "o")], 1,
+         f"{tmp_path} is not a fastgen run: no config.yaml"),
         (["eval", "--model", str(ddpm), "--steps", "1", "--inception-weights", str(tmp_path / "missing.pth"),
           "--ref", str(tmp_path)], 1, "weights-inception-2015-12-05-6726825d.pth"),
     ]

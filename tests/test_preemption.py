@@ -264,6 +264,11 @@ def test_a_second_writer_is_refused_while_another_process_holds_the_run_folder(t
         assert "a new --output" in line
         # the folder is the holder's: the refused run wrote nothing there and removed nothing
         assert sorted(p.name for p in run.iterdir()) == [".lock"]
+        # a run in progress there (its config written): still "in use", not "continue it with --resume latest"
+        (run / "config.yaml").write_text("teacher: x\n")
+        assert main(distill(teacher, run, "--max-steps", "1")) == 1
+        assert f"output {run} is in use by process {holder.pid}" in error_line(capsys.readouterr().err)
+        (run / "config.yaml").unlink()
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
