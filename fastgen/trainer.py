@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             return
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: a second {signal.Signals(signum).name} stopped the run at once, without a checkpoint of "
+                  "the step in progress; the earlier checkpoints are intact (resume with --resume latest)",
+                  file=sys.stderr, flush=True)
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
 
