@@ -507,8 +507,8 @@ def peer_ended(err: BaseException) -> bool:
 
 def stdout_closed() -> bool:
     """Whether stdout's reader has gone (a pipe whose read end is closed polls POLLERR); if so stdout is pointed at
-    the null device, so that nothing written later, nor the interpreter's last flush, fails again (Python's documented recipe, "Note on
-    SIGPIPE" in the ``signal`` module's docs)."""
+    the null device, so that nothing written later, nor the interpreter's last flush, fails again (Python's
+    documented recipe, "Note on SIGPIPE" in the ``signal`` module's docs)."""
     import select
 
     try:
