@@ -306,10 +306,10 @@ def _read_index(folder: Path) -> dict[str, list]:
     missing = sorted(name for name, (library, _) in components.items() if library is not None
                      and not (folder / name).is_dir())
     if missing:
+        which = "that component" if len(missing) == 1 else "those components"
         raise MissingPathError(f"folder {folder} has no {', '.join(f'{name}/' for name in missing)} although its "
-                               f"model_index.json names {'that component' if len(missing) == 1 else 'those components'}; "
-                               "expected the complete folder `pipeline.save_pretrained` writes (copy the missing "
-                               "folder back)")
+                               f"model_index.json names {which}; expected the complete folder "
+                               "`pipeline.save_pretrained` writes (copy the missing folder back)")
     found = [c for c in DENOISER_COMPONENTS if c in components and components[c][0] is not None]
     if not found:
         raise InputError(
