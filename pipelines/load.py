@@ -206,26 +206,28 @@ def _load_pipeline(folder: Path, meta: dict, teacher: str | None, kwargs: dict):
         # diffusers checks the passed scheduler against model_index.json's ["scheduling_few_step", ...] by looking
         # that module up in sys.modules ("import it before calling from_pretrained"): it is this package's module
         sys.modules.setdefault(SCHEDULER_MODULE, importlib.import_module("fastgen.samplers.scheduler"))
-        with _quiet_type_check(bool(denoiser)):
+        with _quiet_type_check(denoiser):
             pipe = DiffusionPipeline.from_pretrained(folder, scheduler=scheduler, use_safetensors=True, **absent,
                                                      **denoiser, **kwargs)
     return pipe
 
 
 @contextlib.contextmanager
-def _quiet_type_check(quiet: bool):
-    """diffusers' warnings muted while ``quiet``: passed fastgen's own denoiser (``MeanFlowModel``,
-    ``TimestepExperts``), ``from_pretrained`` warns that the pipeline's annotation expects the wrapped class
-    ("Expected types for unet: ..."), which is by design, and the one line of a following error would be two."""
-    from diffusers.utils import logging
+def _quiet_type_check(denoiser: dict):
+    """Within: diffusers' "Expected types for <component>" warning dropped for the components of ``denoiser``
+    (fastgen's own ``MeanFlowModel``, ``TimestepExperts``, passed where the pipeline's annotation names the wrapped
+    class, by design), so that the one line of a following error stays one; its other messages pass."""
+    import logging
 
-    level = logging.get_verbosity()
-    if quiet:
-        logging.set_verbosity_error()
+    prefixes = tuple(f"Expected types for {name}:" for name in denoiser)
+    drop = logging.Filter()
+    drop.filter = lambda record: not (prefixes and record.getMessage().startswith(prefixes))
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addFilter(drop)
     try:
         yield
     finally:
-        logging.set_verbosity(level)
+        logger.removeFilter(drop)
 
 
 def _custom_denoiser(folder: Path, meta: dict, dtype) -> dict:
