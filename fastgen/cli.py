@@ -43,24 +43,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive step counts like 1,2,4, got {text!r}")
-    return values
-
-
-def label_list(text: str) -> list[int]:
+def int_list(text: str, minimum: int = 1, what: str = "positive step counts like 1,2,4") -> list[int]:
+    """Comma-separated integers, each at least ``minimum`` (``what`` names them in the error)."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class labels like 0 or 3,7, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return values
+
+
+def label_list(text: str) -> list[int]:
+    return int_list(text, 0, "comma-separated class labels like 0 or 3,7")
 
 
 def _read_prompts(args) -> list[str] | None:
@@ -93,11 +88,6 @@ def cmd_sample(args) -> int:
                          width=args.width, num_frames=args.num_frames)
     if model.is_video:
         check_animation_path(args.out)
-    if args.class_labels is not None and not all(label < model.num_classes for label in args.class_labels):
-        raise UsageError(f"--class-labels {','.join(map(str, args.class_labels))}: "
-                         + (f"{args.model} has {model.num_classes} classes; expected labels 0 to "
-                            f"{model.num_classes - 1}" if model.num_classes else
-                            f"{args.model} is not class-conditional; expected no --class-labels"))
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
                       prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size,
                       class_labels=args.class_labels)

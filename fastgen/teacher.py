@@ -20,7 +20,7 @@ import torch
 
 from fastgen.checkpoint import UnsafeCheckpointError
 from fastgen.denoiser import BaseDenoiser, Cond, Denoiser
-from fastgen.errors import InputError, MissingPathError
+from fastgen.errors import InputError, MissingPathError, UsageError
 from fastgen.experts import ExpertsDenoiser
 from fastgen.families import (FAMILIES, call_default, decode_latents, encode_images, family_of, vae_factors,
                               wrapped_class)
@@ -194,10 +194,14 @@ class Teacher:
     def class_cond(self, labels: torch.Tensor) -> Cond:
         """Class labels (``0 .. num_classes - 1``) → denoiser keyword arguments."""
         if self.num_classes == 0:
-            raise ValueError(f"teacher from {self.source} has no class embedding (num_class_embeds is unset)")
+            raise UsageError(f"class labels given, but {self.source} has no class embedding (num_class_embeds is "
+                             "unset); expected no class labels")
         # a list is checked; a tensor may hold no values to check (`fastgen estimate`'s "meta" and fake tensors)
-        if not isinstance(labels, torch.Tensor) and any(not 0 <= int(v) < self.num_classes for v in labels):
-            raise ValueError(f"class labels {list(labels)} out of range; expected 0..{self.num_classes - 1}")
+        bad = [] if isinstance(labels, torch.Tensor) else sorted({int(v) for v in labels
+                                                                   if not 0 <= int(v) < self.num_classes})
+        if bad:
+            raise UsageError(f"class labels {bad} out of range: {self.source} has {self.num_classes} classes; "
+                             f"expected labels 0 to {self.num_classes - 1}")
         return {"class_labels": torch.as_tensor(labels, dtype=torch.long).to(self.model.device)}
 
     def null_cond(self, n: int) -> Cond | None:

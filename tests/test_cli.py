@@ -89,7 +89,10 @@ def test_sample_of_a_class_conditional_model_cycles_its_classes(tmp_path, capsys
     assert main(["sample", "--model", str(folder), "--steps", "2", "--out", str(tmp_path / "x.png"),
                  "--class-labels", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: --class-labels 3: {folder} has 3 classes; expected labels 0 to 2")
+        f"error: class labels [3] out of range: {folder} has 3 classes; expected labels 0 to 2")
+    assert main(["sample", "--model", str(tmp_path / "classes"), "--steps", "2", "--out", str(tmp_path / "y.png"),
+                 "--class-labels", "-1"]) == 2  # argparse's own line
+    assert "expected comma-separated class labels like 0 or 3,7, got '-1'" in capsys.readouterr().err
 
 
 def test_distill_export_sample_round_trip(ddpm, tmp_path, capsys, monkeypatch):
