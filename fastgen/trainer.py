@@ -119,7 +119,7 @@ class StopSignals:
             return
         if os.environ.get("RANK", "0") == "0":
             print(f"error: a second {signal.Signals(signum).name} stopped the run at once, without a checkpoint of "
-                  "the step in progress; the earlier checkpoints are intact (resume with --resume latest)",
+                  "the step in progress; the earlier checkpoints are intact (resume with --resume auto)",
                   file=sys.stderr, flush=True)
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)

@@ -230,7 +230,7 @@ def test_stop_signals_set_a_flag_a_second_one_ends_the_process_and_handlers_come
     assert done.returncode == -signal.SIGTERM and done.stdout.split() == [str(int(signal.SIGTERM))], done
     assert done.stderr.strip().splitlines() == [
         "error: a second SIGTERM stopped the run at once, without a checkpoint of the step in progress; the earlier "
-        "checkpoints are intact (resume with --resume latest)"]
+        "checkpoints are intact (resume with --resume auto)"]
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
