@@ -184,7 +184,14 @@ class Denoiser(BaseDenoiser):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype the network takes its input in: that of its first floating weight outside the modules that
+        diffusers keeps in float32 (``_keep_in_fp32_modules``: Wan's time embedder and ``scale_shift_table`` come
+        first in a bf16 Wan), as diffusers' ``ModelMixin.dtype`` reads it."""
+        inner = unwrap(self.model)
+        kept = getattr(inner, "_keep_in_fp32_modules", None) or ()
+        weights = (p for name, p in inner.named_parameters() if p.is_floating_point()
+                   and not any(module in name for module in kept))
+        return next(weights, next(inner.parameters())).dtype
 
     @property
     def default_features(self) -> tuple[str, ...]:

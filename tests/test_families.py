@@ -389,3 +389,15 @@ def test_image_data_for_a_video_teacher_is_one_line_before_the_run_folder(teache
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: data {images} holds images") and "makes videos" in err[-1]
     assert "Traceback" not in "\n".join(err) and not run.exists()
+
+
+def test_a_bf16_wan_teacher_denoises_outside_autocast(teachers):
+    """diffusers keeps Wan's time embedder and ``scale_shift_table`` in float32 in a bf16 load, and the first of them
+    is the network's first weight: the denoiser fed its input in float32 to a bf16 patch embedding, which failed as
+    soon as the teacher ran without autocast (``--data teacher`` in bf16: its ODE pairs)."""
+    _, _, folders = teachers
+    teacher = load_teacher(folders["wan"], dtype=torch.bfloat16, height=32, width=32, num_frames=5)
+    assert teacher.model.scale_shift_table.dtype == torch.float32 and teacher.denoiser.dtype == torch.bfloat16
+    x = torch.randn(1, *teacher.sample_shape)
+    cond = {"encoder_hidden_states": torch.randn(1, 4, teacher.model.config.text_dim, dtype=torch.bfloat16)}
+    assert torch.isfinite(teacher.denoiser(x, torch.tensor([500.0]), cond)).all()
