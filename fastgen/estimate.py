@@ -623,8 +623,8 @@ def _estimate_memory(config: DistillConfig, resolution: int | None, device: str,
     config.validate()
     if config.student.experts != 1:
         raise UsageError(f"student.experts is {config.student.experts}; the estimate covers a student of one "
-                         "network (1): estimate with student.experts=1 and add one student's weights, gradients "
-                         "and optimizer states per further expert")
+                         "network (1): estimate with student.experts=1 student.expert_boundaries=null and add one "
+                         "student's weights, gradients and optimizer states per further expert")
     if getattr(config.objective, "jvp", None) == "exact":
         raise UsageError(f"objective.jvp is 'exact': forward-mode AD (torch.func.jvp) does not run on the estimate's "
                          f"fake tensors; estimate with objective.jvp=finite_difference (method {config.method!r}: the "

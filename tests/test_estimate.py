@@ -14,7 +14,9 @@ import gc
 import pytest
 import torch
 
+from fastgen.assemble import build_run
 from fastgen.config import DistillConfig, load_config
+from fastgen.errors import UsageError
 from fastgen.estimate import REAL_SIZE, TeacherSpec, count_parameters, estimate_memory, parse_bytes
 
 
@@ -82,6 +84,33 @@ def test_lora_fake_score_costs_less_than_a_full_copy(sd_folder, tmp_path):
     lora = estimate_memory(load_config(DistillConfig, None, base + ["objective.fake_lora_rank=2"]), device="cpu")
     assert lora.parameters["fake"] < full.parameters["fake"] == full.parameters["teacher"]
     assert lora.total_bytes < full.total_bytes
+
+
+def test_every_lora_fake_score_of_a_phased_run_trains_from_its_first_step_and_is_estimated(sd_folder, tmp_path):
+    """Phased DMD keeps one LoRA fake score per phase on the teacher's base; adding the second froze the first
+    (peft's ``set_adapter``), so its first critic step had no gradients and ``fastgen estimate`` failed on it."""
+    config = load_config(DistillConfig, None, [
+        f"teacher={sd_folder}", "method=phased_dmd", f"output={tmp_path}", "train.batch_size=2",
+        "student.num_steps=2", "objective.fake_lora_rank=2"])
+    run = build_run(config)
+    assert {name: all(p.requires_grad for p in params) for name, params in run.trainable.items()} == {
+        "student": True, "fake_0": True, "fake_1": True}
+    estimate = estimate_memory(config, device="cpu")
+    assert estimate.parameters["fake_0"] == estimate.parameters["fake_1"] > 0
+
+
+def test_the_advice_for_a_student_of_experts_estimates(sd_folder, tmp_path):
+    """The estimate refuses a student of experts and says what to estimate instead; that advice runs (it named
+    ``student.experts=1`` alone, which the grid's ``expert_boundaries`` then refused)."""
+    base = [f"teacher={sd_folder}", "method=phased_dmd", f"output={tmp_path}", "train.batch_size=2",
+            "student.num_steps=2"]
+    with pytest.raises(UsageError, match="estimate with student.experts=1") as refused:
+        estimate_memory(load_config(DistillConfig, None, base + ["student.experts=2", "student.expert_boundaries=[500]"]),
+                        device="cpu")
+    advice = str(refused.value).split("estimate with ")[1].split(" and ")[0].split()
+    assert estimate_memory(load_config(DistillConfig, None, base + ["student.experts=2",
+                                                                    "student.expert_boundaries=[500]"] + advice),
+                           device="cpu").parameters["student"] > 0
 
 
 @pytest.mark.parametrize("name, expected", [("sd15", 860e6), ("sdxl", 2.6e9), ("sd3-medium", 2.0e9)])
