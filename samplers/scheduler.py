@@ -16,6 +16,7 @@ for ``EDMEulerScheduler`` (Karras et al. 2022, Table 1); ``sigmas`` holds the na
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,15 @@ from fastgen.samplers.solvers import ddim_step, renoise_step
 from fastgen.schedules import schedule_from_description
 
 RULES = ("renoise", "ddim")
+
+
+def renoise_generator(sample: torch.Tensor) -> torch.Generator:
+    """The generator of a call's renoise where the pipeline passes none to ``step`` (SD3's, Flux's, Qwen-Image's
+    and Wan's pipelines do not): a CPU generator seeded by the SHA-256 of the sample at the call's first step, the
+    latents the call's own generator drew. So one seed gives one image, on any device, with no global
+    ``torch.manual_seed``, and different seeds different renoise."""
+    digest = hashlib.sha256(sample.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 @dataclass
@@ -73,6 +83,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self.num_inference_steps = None
         self.init_noise_sigma = 1.0
+        self.generator = None
+        """The renoise generator of the call in progress when its pipeline passes none (``renoise_generator``)."""
 
     @property
     def step_counts(self) -> list[int]:
@@ -100,6 +112,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self.schedule.model_input(torch.zeros_like(self.sigmas), self.sigmas)[1]
         self.num_inference_steps = len(self.sigmas)
         self.init_noise_sigma = self.schedule.prior_scale(self.sigmas[0].cpu())
+        self.generator = None
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Taken and kept, as diffusers' schedulers do (Flux's and Qwen-Image's pipelines call it); ``step`` finds
@@ -135,6 +148,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         elif self.config.rule == "ddim":
             prev = ddim_step(self.schedule, sample, x0, t, s)
         else:
+            if generator is None:
+                if self.generator is None:  # every step but the last renoises: this is the call's first step
+                    self.generator = renoise_generator(sample)
+                generator = self.generator
             noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             prev = renoise_step(self.schedule, x0, s, noise)
         if not return_dict:

@@ -3,9 +3,10 @@
 loaded by stock diffusers in a process without fastgen, whose samples must equal the in-process student's.
 
 The in-process reference draws its noise as the stock pipelines do: the initial latents from the call's generator
-in the pipeline's latent layout, the renoise of a multistep student from the global RNG (``FluxPipeline`` and
-``WanPipeline`` call ``scheduler.step`` without a generator) in the layout the scheduler sees, packed tokens for
-Flux (``fastgen.families.pack``), a token per latent pixel for Flux.2 (``flatten``).
+in the pipeline's latent layout, the renoise of a multistep student from that generator where the pipeline passes
+it to ``scheduler.step`` (SANA), else from ``FewStepScheduler``'s own, seeded by the first step's latents
+(``renoise_generator``), in the layout the scheduler sees: packed tokens for Flux (``fastgen.families.pack``), a
+token per latent pixel for Flux.2 (``flatten``). The loader sets no global seed: one call seed gives one image.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from safetensors.torch import load_file
 
 from fastgen.denoiser import BoundaryDenoiser
 from fastgen.families import flatten, pack, unflatten, unpack
+from fastgen.samplers.scheduler import renoise_generator
 from fastgen.samplers.solvers import renoise_step
 from fastgen.teacher import load_teacher
 from tiny import (make_flux2_klein_folder, make_flux_folder, make_qwen_image_folder, make_sana_folder, make_wan_folder,
                   make_z_image_folder)
 
-SEED, GLOBAL_SEED = 3, 11
+SEED = 3
 PROMPT = "a red cat"
 BUILDERS = {"flux": make_flux_folder, "wan": make_wan_folder, "sana": make_sana_folder,
             "qwen-image": make_qwen_image_folder, "wan2.2": functools.partial(make_wan_folder, boundary_ratio=0.875), "z-image": make_z_image_folder,
@@ -51,7 +53,7 @@ no CFG elsewhere: guidance_scale 1 in the u + s (c - u) form (Wan, SANA, Wan 2.2
 c + s (c - u) form, nothing for Qwen-Image (its true CFG needs a negative prompt); SANA's resolution binning would
 resize a size off its bins."""
 STEP_GENERATOR = {"sana"}
-"""Pipelines that pass the call's generator to ``scheduler.step`` (the others renoise from the global RNG)."""
+"""Pipelines that pass the call's generator to ``scheduler.step`` (the others renoise from the scheduler's own)."""
 
 STEPS = {"dmd2": [2], "consistency": [1, 2], "dmd2-lora": [2]}
 """The step counts each method's export replays (a consistency student serves 1, 2, 4 and 8)."""
@@ -79,7 +81,6 @@ LOADER = textwrap.dedent("""
         pipe.set_progress_bar_config(disable=True)
         classes[case["name"]] = [type(pipe).__name__, type(pipe.scheduler).__name__]
         for steps in case["steps"]:
-            torch.manual_seed(case["global_seed"])
             result = pipe(prompt=case["prompt"], num_inference_steps=steps, output_type="pt",
                           generator=torch.Generator().manual_seed(case["seed"]), **case["call"])
             images = result.frames if hasattr(result, "frames") else result.images
@@ -118,7 +119,8 @@ def reference(folder, steps: int, family: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED)
     x = torch.randn((1, *model.sample_shape), generator=generator)
     if family not in STEP_GENERATOR:
-        generator = torch.Generator().manual_seed(GLOBAL_SEED)
+        layout = pack(x) if model.family.packed else flatten(x) if model.family.tokens else x
+        generator = renoise_generator(layout)
     with torch.no_grad():
         for i, t in enumerate(times):
             x0 = denoiser(x, t, cond)
@@ -153,7 +155,7 @@ def exports(teachers):
         folders = dict(zip(runs, exported))
     cases = [{"name": f"{family}-{method}", "folder": str(folder), "prompt": PROMPT, "seed": SEED,
               "teacher": str(teachers[family]) if method.endswith("-lora") else None,
-              "global_seed": GLOBAL_SEED, "steps": STEPS[method],
+              "steps": STEPS[method],
               "call": json.loads((folder / "fastgen_export.json").read_text())["call"]}
              for (family, method), folder in folders.items()]
     result = root / "loaded"
