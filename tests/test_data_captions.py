@@ -120,6 +120,28 @@ def test_captioned_folder_conditions_each_image_on_its_caption(teachers, tmp_pat
     _assert_rows_equal(_flat_rows(again.batch(3).cond, 1), _flat_rows(source.batch(3).cond, 1))
 
 
+def test_a_text_teacher_without_captions_or_prompts_is_warned_once(teachers, tmp_path, capsys):
+    """Uncaptioned images, teacher samples or no data without a prompts file distil a text teacher on its empty
+    prompt alone: a choice, but silent it was a trap (a folder meant to carry captions, --prompts forgotten)."""
+    teacher = teachers("sd")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(2):
+        _image(i).save(plain / f"{i}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red disc\n")
+    for spec, kwargs in ((plain, {}), (None, {}), ("teacher", {"num_teacher_samples": 2, "teacher_steps": 1})):
+        build_data(spec, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache", **kwargs)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: data {spec} carries no captions"), warnings
+    for spec, kwargs in ((_captioned_folder(tmp_path / "captioned"), {}), (None, {"prompts": prompts}),
+                         ("teacher", {"prompts": prompts, "num_teacher_samples": 2, "teacher_steps": 1})):
+        build_data(spec, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache", **kwargs)
+        assert "warning" not in capsys.readouterr().err, spec
+    build_data(plain, teachers("ddpm"), batch_size=2, seed=0, cache_dir=tmp_path / "cache", resize=True)
+    assert "warning" not in capsys.readouterr().err, "an unconditional teacher has nothing to miss"
+
+
 def test_parquet_and_webdataset_shards(teachers, tmp_path):
     import datasets
 

@@ -38,7 +38,7 @@ from fastgen.data.captions import captioned_data, captioned_source
 from fastgen.data.images import find_images, image_data, toy_data
 from fastgen.data.prompts import check_prompts, prompt_conds
 from fastgen.data.teacher_pairs import teacher_samples
-from fastgen.errors import InputError, MissingPathError, UsageError
+from fastgen.errors import InputError, MissingPathError, UsageError, warn
 from fastgen.teacher import Teacher
 
 
@@ -73,6 +73,7 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
     if spec is None:
         if prompt_file is not None:
             return source(cond=prompt_conds(prompt_file, teacher, cache_dir))
+        warn_unprompted(spec, teacher)
         return source(random_classes=teacher.num_classes)
     if spec == "toy":
         return source(x0=toy_data(teacher))
@@ -83,6 +84,7 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
         if prompt_cond is not None:
             return source(x0=pairs["x0"], noise=pairs["noise"], cond=prompt_cond, cond_index=pairs["prompt_index"])
         labels = pairs.get("class_labels")
+        warn_unprompted(spec, teacher)
         return source(x0=pairs["x0"], noise=pairs["noise"], cond=None if labels is None else {"class_labels": labels})
     captioned = captioned_source(spec, teacher)
     if captioned is not None:
@@ -91,8 +93,19 @@ def build_data(spec: str | os.PathLike | None, teacher: Teacher, batch_size: int
     path = Path(spec).expanduser()
     if path.is_dir():
         x0, labels = image_data(path, teacher, cache_dir, batch_size, resize)
+        warn_unprompted(spec, teacher)
         return source(x0=x0, cond=None if labels is None else {"class_labels": labels})
     return source(cond=prompt_conds(path, teacher, cache_dir))
+
+
+def warn_unprompted(spec, teacher: Teacher) -> None:
+    """Warn that a text-conditioned teacher is distilled on its empty prompt alone: ``spec`` (uncaptioned images,
+    teacher samples or no data) came without a prompts file. Unconditional distillation is a choice, so a warning,
+    not a refusal."""
+    if teacher.text_conditioned and not teacher.num_classes:
+        warn(f"data {spec} carries no captions and no prompts file was given, so the text-conditioned teacher from "
+             f"{teacher.source} is distilled on the empty prompt alone; expected captioned images (a folder with "
+             "metadata.jsonl, .tar, .parquet) or a prompts file (--prompts FILE, with --data teacher or no data)")
 
 
 def check_data(spec: str | os.PathLike | None, teacher: Teacher, class_labels: bool = False,
