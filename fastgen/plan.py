@@ -58,7 +58,8 @@ class StudentPlan:
     def export_config(self) -> dict[str, Any]:
         """The keyword arguments of ``fastgen.pipelines.export_student`` that the plan fixes."""
         counts = self.exported or (self.num_steps,)
-        return {"trained_timesteps": {str(k): list(self.grids[k]) for k in counts}, "rule": self.rule,
+        return {"trained_timesteps": {str(k): list(self.grids[k]) for k in counts}, "num_steps": self.num_steps,
+                "rule": self.rule,
                 "boundary": None if self.boundary is None else dict(self.boundary),
                 "expert_boundaries": None if self.expert_boundaries is None else list(self.expert_boundaries)}
 

@@ -23,8 +23,9 @@ PROMPT = "a photo of a cat"
 
 
 def _call(meta: dict) -> str:
-    """The pipeline call of the snippets, at the smallest trained step count."""
-    steps = min(int(n) for n in meta["few_step_scheduler"]["trained_timesteps"])
+    """The pipeline call of the snippets, at the step count the student was trained at (exports before it was
+    recorded: the smallest served)."""
+    steps = meta.get("num_steps") or min(int(n) for n in meta["few_step_scheduler"]["trained_timesteps"])
     args = {"text": f'prompt="{PROMPT}", ', "class": "class_labels=0, "}.get(meta["conditioning"], "")
     call = meta.get("call", {"guidance_scale": 1.0} if meta["conditioning"] == "text" else {})
     args += "".join(f"{key}={value!r}, " for key, value in call.items())

@@ -73,7 +73,8 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    out_dir: str | os.PathLike, trained_timesteps: Mapping[int | str, Sequence[float]],
                    rule: str = "renoise", boundary: dict | None = None, lora: bool | str = False,
                    prediction_type: str | None = None, method: str | None = None, settings: Mapping | None = None,
-                   expert_boundaries: Sequence[float] | None = None, health: Mapping | None = None) -> Path:
+                   expert_boundaries: Sequence[float] | None = None, health: Mapping | None = None,
+                   num_steps: int | None = None) -> Path:
     """Write ``student_model`` (the teacher's model class and config, optionally with a peft LoRA adapter
     added through ``model.add_adapter``) as a diffusers folder; return its path.
 
@@ -94,6 +95,8 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
             experts' intervals (expert ``k`` answers ``b_k < t <= b_{k-1}``, as ``ExpertsDenoiser``).
         health: the training's last ``fastgen.health`` check (``{"step", "denoise_ratio", "flat_ratio",
             "verdict"}``), for the model card.
+        num_steps: the step count the student was trained at (``student.num_steps``), one of
+            ``trained_timesteps``: the model card's call; ``None``: the smallest of them.
     """
     lora = lora_format(lora, teacher)
     students = _students(student_model, expert_boundaries, lora)
@@ -110,7 +113,11 @@ def export_student(teacher: Teacher, student_model: torch.nn.Module | Sequence[t
                    "expert_class": type(students[0]).__name__,
                    "layout": "pipeline" if native_experts(teacher) and len(students) == 2 else "timestep_experts"}
     meanflow = _meanflow_table(students[0])
-    meta = {**_metadata(teacher, scheduler, shipped, lora, method, settings, experts, meanflow), "health": health}
+    if num_steps is not None and str(num_steps) not in scheduler.config.trained_timesteps:
+        raise ValueError(f"num_steps {num_steps} is not among the trained step counts "
+                         f"{sorted(scheduler.config.trained_timesteps, key=int)}")
+    meta = {**_metadata(teacher, scheduler, shipped, lora, method, settings, experts, meanflow), "health": health,
+            "num_steps": num_steps}
     if lora and meanflow:
         raise UsageError("a LoRA export holds the adapter alone, and this MeanFlow student also trained its interval "
                          "embedding: export the full model (no --lora)")

@@ -260,6 +260,8 @@ def test_short_run_writes_its_outputs_and_exports_the_trained_timesteps(teacher,
 
     exported = load_teacher(trainer.export(tmp_path / "export"))
     assert exported.pipeline.scheduler.config.trained_timesteps == export_config["trained_timesteps"]
+    # the card calls the student at the count it was trained at (2), not the smallest it serves (1)
+    assert "num_inference_steps=2," in (tmp_path / "export" / "README.md").read_text()
     ema_weights = trainer.student_weights(ema=True).state_dict()
     raw_weights = trainer.student_weights(ema=False).state_dict()
     exported_weights = exported.model.state_dict()
