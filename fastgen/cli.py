@@ -72,8 +72,9 @@ def _read_prompts(args) -> list[str] | None:
 
 def _model_path(model: str, flag: str = "--model") -> str:
     """``model`` checked to exist when it is a path (not ``toy``, ``toy-t2i`` or a hub id ``owner/name``)."""
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if model not in ("toy", "toy-t2i") and not looks_like_hub_id and not Path(model).expanduser().exists():
+    from fastgen.teacher import is_hub_id
+
+    if model not in ("toy", "toy-t2i") and not is_hub_id(model) and not Path(model).expanduser().exists():
         raise MissingPathError(f"{flag} {model} does not exist; expected a diffusers pipeline folder")
     return model
 

@@ -388,6 +388,20 @@ def quiet_loading():
                 module.enable_progress_bar()
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` (no local path) reads as a hub id ``owner/name``: one slash, no path's start (``.``, ``/``,
+    ``~``), and no local folder ``owner`` (``teachers/sd3`` beside a folder ``teachers`` is a missing folder)."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name.split("/")[0]).expanduser().is_dir())
+
+
+def _not_a_hub_id(name: str) -> str:
+    """Why a missing ``owner/name`` was not taken for a hub id, for the error."""
+    owner = name.split("/")[0]
+    return f" (and {owner}/ is a local folder, so it is not read as a hub id)" if name.count("/") == 1 and \
+        Path(owner).expanduser().is_dir() else ""
+
+
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  trust_pickle: bool = False, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None) -> Teacher:
@@ -424,10 +438,11 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
         # components saved as [null, null] (e.g. SD3 without T5) must be passed as None to load again
         absent = {name: None for name, entry in components.items() if entry[0] is None}
         source = str(folder)
-    elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+    elif is_hub_id(str(path)):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
-        raise MissingPathError(f"teacher path {path} does not exist; expected a diffusers pipeline folder or hub id")
+        raise MissingPathError(f"teacher path {path} does not exist{_not_a_hub_id(str(path))}; expected a diffusers "
+                               "pipeline folder or hub id")
 
     try:
         with quiet_loading():

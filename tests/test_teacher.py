@@ -333,9 +333,16 @@ def edit_json(path: Path, **changes):
     path.write_text(json.dumps(data))
 
 
-def test_missing_path(tmp_path):
+def test_missing_path(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"nothing-here does not exist; expected a diffusers pipeline"):
         load_teacher(tmp_path / "nothing-here")
+    # ``teachers/sd3`` reads like a hub id, but beside a local folder ``teachers`` it is a missing folder (it was
+    # sent to the hub and came back as a long line about the offline cache)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teachers").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^teacher path teachers/sd3 does not exist \(and teachers/ is a "
+                                                r"local folder, so it is not read as a hub id\); expected"):
+        load_teacher("teachers/sd3")
 
 
 def test_file_instead_of_folder(tmp_path):
