@@ -106,7 +106,12 @@ def resolve_plan(objective_class, objective_config, schedule, student_schedule, 
         if len(timesteps) != num_steps:
             raise UsageError(f"student.timesteps has {len(timesteps)} values; expected student.num_steps = "
                              f"{num_steps}")
-        grids[num_steps] = tuple(float(t) for t in timesteps)
+        grid = tuple(float(t) for t in timesteps)
+        inside = all(schedule.t_min <= t <= schedule.t_max for t in grid)
+        if not inside or any(a <= b for a, b in zip(grid, grid[1:])):
+            raise UsageError(f"student.timesteps is {list(timesteps)}; expected {num_steps} distinct "
+                             f"time{'s' * (num_steps > 1)} in the teacher's native range [{schedule.t_min:g}, {schedule.t_max:g}], in descending order")
+        grids[num_steps] = grid
     boundaries = None
     if experts > 1:
         boundaries = tuple(float(b) for b in (expert_boundaries or default_boundaries(grids[num_steps], experts)))

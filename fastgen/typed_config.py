@@ -73,6 +73,20 @@ _Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
 _Dumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
 
 
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are distinct: YAML lets a later duplicate key replace the first silently."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def parse_value(text: str) -> Any:
     """Parse one override value as YAML (``2`` → int, ``1e-5`` → float, ``[1,2]`` → list, ``null`` → None)."""
     return yaml.load(text, Loader=_Loader)
@@ -212,6 +226,8 @@ def _coerce(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
         number = _as_number(value)
         if number is None:
             raise _type_error(key, value, shown)
+        if not math.isfinite(number):  # no setting means anything at nan or inf (a nan weight switched its term off)
+            raise ConfigError(f"{key} is {value!r}; expected a finite number")
         return float(number)
     if tp is str:
         if isinstance(value, str):
