@@ -831,21 +831,27 @@ def resume_target(run_dir: Path, which: str | None, config: DistillConfig) -> Pa
             raise MissingPathError(f"--resume latest: run folder {run_dir} has no checkpoint in "
                                    f"{run_dir / CHECKPOINTS_DIR}; expected the --output of an earlier `fastgen "
                                    "distill` (--resume auto starts a new run where there is none)")
-    path = checkpoint_path(path if which == "latest" else which)
+    path = checkpoint_path(path if which == "latest" else which, run_dir)
     stored_file = path.parent.parent / "config.yaml"
     if not stored_file.is_file():
         raise MissingPathError(f"--resume {which}: {stored_file} is missing; expected the checkpoint of a run folder")
     check_complete(stored_file, path)
-    # a run from before paths were stored absolute: its relative paths as they were read, from here
-    stored = _flat_config({k: v for k, v in config_to_dict(absolute_paths(load_config(DistillConfig, stored_file)))
-                           .items() if k in RESUME_KEYS})
-    given = _flat_config({k: v for k, v in config_to_dict(config).items() if k in RESUME_KEYS})
-    differ = [f"{key} {stored.get(key)!r} -> {given.get(key)!r}" for key in sorted(stored.keys() | given.keys())
-              if stored.get(key) != given.get(key)]
+    differ = settings_differ(stored_file, config)
     if differ:
         raise UsageError(f"--resume {which}: the checkpoint was trained with other settings ({'; '.join(differ)}); "
                          "resume with the run's own settings, or distil into a new --output")
     return path
+
+
+def settings_differ(stored_file: Path, config: DistillConfig) -> list[str]:
+    """``"key stored -> given"`` for each of the ``RESUME_KEYS`` settings in which the run config ``stored_file``
+    differs from ``config``: a checkpoint of that run cannot stand for ``config``'s student."""
+    # a run from before paths were stored absolute: its relative paths as they were read, from here
+    stored = _flat_config({k: v for k, v in config_to_dict(absolute_paths(load_config(DistillConfig, stored_file)))
+                           .items() if k in RESUME_KEYS})
+    given = _flat_config({k: v for k, v in config_to_dict(config).items() if k in RESUME_KEYS})
+    return [f"{key} {stored.get(key)!r} -> {given.get(key)!r}" for key in sorted(stored.keys() | given.keys())
+            if stored.get(key) != given.get(key)]
 
 
 EXPECTED_CHANGES = ("output", "train.max_steps")
@@ -929,6 +935,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, lora: bool = False, ema
     path = checkpoint_path(checkpoint, run_dir) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise MissingPathError(f"run {run_dir} has no checkpoint yet in {run_dir / 'checkpoints'}")
+    other = path.resolve().parent.parent
+    if other != run_dir.resolve() and (other / "config.yaml").is_file():
+        differ = settings_differ(other / "config.yaml", config)
+        if differ:
+            raise UsageError(f"--checkpoint {checkpoint}: a checkpoint of run {other}, trained with other settings "
+                             f"than run {run_dir} ({'; '.join(differ)}); export it with --run {other}")
     step, state = load_checkpoint(path, skip=("optimizers",))
     names = student_names(config)
     if sorted(n for n in state["networks"] if n.split(".")[0] == "student") != sorted(names):

@@ -144,6 +144,32 @@ def test_a_resume_past_a_damaged_checkpoint_keeps_the_intact_one_it_resumed_from
     assert (run / "checkpoints" / f"superseded-{STEP(2)}" / "state.safetensors").is_file()
 
 
+def test_a_checkpoint_of_another_run_is_checked_by_export_and_resume_takes_a_name(teacher, finished, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """``export --run A --checkpoint <B's>`` exported B's consistency student as A's dmd2 one (A's method, grid and
+    card); it is refused as ``--resume`` refuses it. ``--resume step-N`` names a checkpoint of the run, from any
+    working directory, as ``export --checkpoint`` does."""
+    other = tmp_path / "other"
+    assert main(["distill", "--teacher", str(teacher), "--method", "dmd2", "--data", "teacher", "--output", str(other),
+                 "--max-steps", "1", "teacher_samples=8", "teacher_sample_steps=2", "train.batch_size=4"]) == 0
+    capsys.readouterr()
+    foreign = finished / "checkpoints" / STEP(2)
+    assert main(["export", "--run", str(other), "--checkpoint", str(foreign), "--output", str(tmp_path / "x")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --checkpoint {foreign}: a checkpoint of run {finished.resolve()}, trained with "
+                           "other settings") and "method 'consistency' -> 'dmd2'" in line, line
+    assert not (tmp_path / "x").exists()
+
+    run = copy_run(finished, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(distill(teacher, run, "--max-steps", "3", "--resume", STEP(1))) == 0
+    assert load_checkpoint(latest_checkpoint(run))[0] == 3
+    capsys.readouterr()
+    assert main(distill(teacher, run, "--max-steps", "4", "--resume", "step-9")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"available in {run / 'checkpoints'}: " in line and line.endswith(STEP(3)), line
+
+
 def test_no_intact_checkpoint_is_one_error_naming_each(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     flip_byte(run / "checkpoints" / STEP(2) / "state.safetensors")
