@@ -196,6 +196,9 @@ class DistillConfig:
     training on those prompts); "toy": the toy world's 24 prompts (every shape x colour)."""
     caption_column: str | None = None
     """The caption column of captioned images; None = "text", else "caption", else "txt"."""
+    resize_data: bool = False
+    """Center-crop and resize images (folders, captioned images) of another size to the sample size; false: such
+    an image is refused, named."""
     seed: int = 0
     trust_pickle: bool = False
     """Allow pickled (.bin/.pt) teacher weights; unpickling runs code."""

@@ -407,7 +407,7 @@ class Trainer:
                               num_teacher_samples=config.teacher_samples, teacher_steps=config.teacher_sample_steps,
                               class_labels=teacher.num_classes > 0, prompts=config.prompts,
                               teacher_guidance=config.teacher_sample_guidance, caption_column=config.caption_column,
-                              rank=acc.process_index, world_size=acc.num_processes)
+                              resize=config.resize_data, rank=acc.process_index, world_size=acc.num_processes)
 
     # -- what the rest of the package reads ----------------------------------------------------------
     @property

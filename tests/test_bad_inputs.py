@@ -271,7 +271,7 @@ CASES: list[tuple[str, Callable, int, list[str]]] = [
     ("data-wrong-file", lambda fx, t, m: csv_data(fx, t), 1, ["data.csv", "image folder"]),
     ("data-prompts-for-pixel-teacher", lambda fx, t, m: prompts_data(fx, t), 1, ["prompts.txt", "takes no prompts"]),
     ("data-none-for-consistency", lambda fx, t, m: distill(fx, t, data=None), 2, ["'consistency' needs data"]),
-    ("data-wrong-size", lambda fx, t, m: wrong_size_images(fx, t), 1, ["a.png", "12x10", "8x8"]),
+    ("data-wrong-size", lambda fx, t, m: wrong_size_images(fx, t), 1, ["a.png", "12x10", "8x8", "resize_data=true"]),
     ("data-broken-image", lambda fx, t, m: broken_image(fx, t), 1, ["a.png", "cannot read image"]),
     # -- distill: resume
     ("resume-nothing", lambda fx, t, m: distill(fx, t, "--resume", "latest"), 1, ["--resume latest", "no checkpoint"]),
@@ -380,6 +380,13 @@ def test_bad_input_gives_one_line_and_leaves_nothing(name, setup, status, expect
     for text in expected:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     assert snapshot(root) == before, "the failing command left files behind or changed existing ones"
+
+
+def test_the_advice_for_images_of_another_size_trains(fx, tmp_path):
+    """The refusal of images of another size names ``resize_data=true`` (it named ``resize=True``, which the CLI
+    refused as an unknown key); with it the same command center-crops, resizes and trains."""
+    assert main(wrong_size_images(fx, tmp_path) + ["resize_data=true"]) == 0
+    assert (tmp_path / "run" / "export" / "model_index.json").is_file()
 
 
 def test_the_finished_run_is_still_a_run(fx, tmp_path):

@@ -121,7 +121,7 @@ def test_image_folder_errors(teachers, tmp_path):
         build_data(empty, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache")
 
     wrong = _write_images(tmp_path / "wrong", 1, size=(6, 4))
-    with pytest.raises(ValueError, match=r"img00\.png is 6x4 .*expects 8x8.*resize=True"):
+    with pytest.raises(ValueError, match=r"img00\.png is 6x4 .*expects 8x8.*resize_data=true"):
         build_data(wrong, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache")
 
     colour = _write_images(tmp_path / "colour", 2)

@@ -84,7 +84,8 @@ def image_tensor(image, size: tuple[int, int], channels: int, resize: bool = Fal
     if image.size != (width, height):
         if not resize:
             raise InputError(f"{name} is {image.width}x{image.height} (width x height); the teacher expects "
-                             f"{width}x{height}; resize the images or pass resize=True to center-crop and resize")
+                             f"{width}x{height}; resize the images, or center-crop and resize them as they load "
+                             "(fastgen distill ... resize_data=true)")
         image = ImageOps.fit(image, (width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(height, width, channels)
     return pixels.permute(2, 0, 1) / 127.5 - 1.0
