@@ -142,6 +142,18 @@ def test_a_text_teacher_without_captions_or_prompts_is_warned_once(teachers, tmp
     assert "warning" not in capsys.readouterr().err, "an unconditional teacher has nothing to miss"
 
 
+def test_images_a_metadata_file_leaves_out_are_named(teachers, tmp_path, capsys):
+    """``datasets``' imagefolder drops the images its metadata file does not name: the data shrank silently."""
+    folder = _captioned_folder(tmp_path / "captioned")
+    _image(7).save(folder / "extra.png")
+    source = build_data(folder, teachers("sd"), batch_size=2, seed=0, cache_dir=tmp_path / "cache")
+    assert len(source) == len(CAPTIONS)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: 1 images in {folder} are not named in its metadata file and are left out of the "
+                        f"data (first: {folder / 'extra.png'}); expected a row with file_name and caption for each "
+                        "image"]
+
+
 def test_parquet_and_webdataset_shards(teachers, tmp_path):
     import datasets
 
@@ -188,6 +200,20 @@ def test_captioned_errors(teachers, tmp_path):
     with pytest.raises(ValueError, match=r"teacher_sample_guidance = 3.0 .*UNet2DModel; expected 1"):
         build_data("teacher", teachers("ddpm"), batch_size=2, seed=0, cache_dir=tmp_path / "cache",
                    teacher_guidance=3.0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _image(0).save(empty / "a.png")
+    (empty / "metadata.jsonl").write_text("\n")  # was an IndexError deep in datasets
+    with pytest.raises(ValueError, match=r"empty/metadata\.jsonl lists no images; expected one row per image"):
+        build_data(empty, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache")
+    with tarfile.open(tmp_path / "uncaptioned.tar", "w") as tar:  # a key without its .txt: datasets' ValueError
+        for member, data in (("0000.png", _png(0)), ("0000.txt", b"a cat"), ("0001.png", _png(1))):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"captioned data .*uncaptioned\.tar cannot be read by datasets' webdataset "
+                                         r"loader \(ValueError: .*\); expected images each with its caption"):
+        build_data(tmp_path / "uncaptioned.tar", teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache")
     # an unconditional teacher reads a folder with metadata as plain images
     pixels = teachers("ddpm")
     plain = tmp_path / "plain"

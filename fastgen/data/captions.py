@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from fastgen.data.cache import digest, load_cache, save_cache, teacher_fingerprint, unflatten_cond
-from fastgen.data.images import image_tensor, open_image
+from fastgen.data.images import IMAGE_EXTENSIONS, image_tensor, open_image
 from fastgen.data.prompts import encode_texts
 from fastgen.denoiser import Cond
-from fastgen.errors import InputError
+from fastgen.errors import InputError, warn
 from fastgen.teacher import Teacher
 
 CAPTION_COLUMNS = ("text", "caption", "txt")
@@ -87,6 +87,19 @@ def captioned_source(spec: str | os.PathLike, teacher: Teacher) -> tuple[str, st
     return found
 
 
+def unlisted_images(folder: Path) -> list[Path]:
+    """The images of an ``imagefolder`` that no metadata file of their folder names: ``datasets`` leaves them out."""
+    named = set()
+    for file in folder.rglob("*"):
+        if file.name in METADATA_FILES:
+            for _, row in _metadata_rows(file):
+                if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+                    named.add(os.path.normpath(file.parent / row["file_name"]))
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                  and os.path.normpath(f) not in named)
+
+
 def _outside(name: str) -> bool:
     """Whether a path read from data leaves the folder it is relative to (absolute, ``..``, or a URL)."""
     normal = os.path.normpath(name).replace("\\", "/")
@@ -102,6 +115,8 @@ def check_metadata(file: Path) -> None:
     except UnicodeDecodeError as err:
         raise InputError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); expected a UTF-8 "
                          "metadata file") from None
+    if not rows:
+        raise InputError(f"{file} lists no images; expected one row per image with its file_name and caption")
     for number, row in rows:
         if isinstance(row, dict) and None in row:  # csv.DictReader files a row's extra fields under None
             raise InputError(f"{file} line {number} has {len(row[None])} more field(s) than its header; expected "
@@ -170,8 +185,14 @@ def load_captioned(builder: str, arguments: dict, cache_dir: Path):
 
     if builder == "hub":
         return datasets.load_dataset(**arguments, split="train", cache_dir=str(cache_dir / "datasets"))
-    with _datasets_quiet():
-        return datasets.load_dataset(builder, **arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+    try:
+        with _datasets_quiet():
+            return datasets.load_dataset(builder, **arguments, split="train", cache_dir=str(cache_dir / "datasets"))
+    except Exception as err:  # datasets' own checks of the user's files (a shard's key without its caption, ...)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        where = arguments.get("data_dir") or ", ".join(arguments.get("data_files", []))
+        raise InputError(f"captioned data {where} cannot be read by datasets' {builder} loader ({reason}); "
+                         "expected images each with its caption") from err
 
 
 @contextlib.contextmanager
@@ -223,6 +244,11 @@ def captioned_data(spec, builder: str, arguments: dict, identity: list | None, t
 
     path = cache_path(identity) if identity is not None else None
     cached = None if path is None else load_cache(path)
+    if builder == "imagefolder":
+        unlisted = unlisted_images(Path(arguments["data_dir"]))
+        if unlisted:
+            warn(f"{len(unlisted)} images in {arguments['data_dir']} are not named in its metadata file and are left "
+                 f"out of the data (first: {unlisted[0]}); expected a row with file_name and caption for each image")
     if cached is None:
         dataset = load_captioned(builder, arguments, cache_dir)
         if path is None:
