@@ -478,11 +478,20 @@ def _as_teacher(pipe, device, source: str, height=None, width=None, num_frames=N
 def _check_size(teacher: Teacher) -> None:
     """Refuse a sample size the teacher's latents cannot have, naming the field."""
     spatial, temporal = vae_factors(teacher.pipeline) if teacher.is_latent else (1, 1)
-    step = spatial * (2 if teacher.family.packed or teacher.family.patch > 1 else 1)
+    reasons = [f"its VAE's factor {spatial}"] if spatial > 1 else []
+    per_latent = 2 if teacher.family.packed or teacher.family.patch > 1 else 1
+    if per_latent > 1:
+        reasons.append("2 for packed latents")
+    levels = len(getattr(teacher.model.config, "down_block_types", None) or ()) \
+        if teacher.model_class == "UNet2DModel" else 0
+    if levels > 1:  # it halves its input at each level but the last (UNet2DConditionModel forwards odd sizes)
+        per_latent = math.lcm(per_latent, 2 ** (levels - 1))
+        reasons.append(f"{2 ** (levels - 1)} for the UNet's {levels - 1} downsampling{'s' * (levels > 2)}")
+    step = spatial * per_latent
     for name, value in (("height", teacher.height), ("width", teacher.width)):
         if value is not None and (value < step or value % step):
             raise InputError(f"{name} is {value}; expected a positive multiple of {step} for {teacher.model_class} "
-                             f"from {teacher.source} (its VAE's factor{' times 2 for packed latents' if step > spatial else ''})")
+                             f"from {teacher.source} ({', '.join(reasons)})")
     if teacher.num_frames is not None:
         if not teacher.is_video:
             raise InputError(f"num_frames is {teacher.num_frames}; {teacher.model_class} from {teacher.source} makes "

@@ -244,6 +244,8 @@ CASES: list[tuple[str, Callable, int, list[str]]] = [
      ["student.prediction_type", "'velocity'"]),
     ("timesteps-count", lambda fx, t, m: distill(fx, t, "--steps", "2", "student.timesteps=[999]"), 2,
      ["student.timesteps", "2 timesteps"]),
+    ("height-off-the-unets-grid", lambda fx, t, m: distill(fx, t, "--height", "7"), 1,
+     ["height is 7", "multiple of 2", "the UNet's 1 downsampling)"]),
     ("timesteps-out-of-range", lambda fx, t, m: distill(fx, t, "--steps", "1", "student.timesteps=[5000]"), 2,
      ["student.timesteps is [5000]", "[0, 999]"]),
     ("timesteps-ascending", lambda fx, t, m: distill(fx, t, "--steps", "2", "student.timesteps=[100,999]"), 2,
