@@ -81,8 +81,19 @@ def describe(err: BaseException) -> str:
 
 def check_output_path(path: str | os.PathLike, flag: str) -> Path:
     """Check, before any work, that ``path`` (a file or folder to write, named by ``flag``) can be created:
-    its nearest existing ancestor must be a writable folder."""
+    its names and its length within the file system's limits, its nearest existing ancestor a writable folder."""
     path = Path(path).expanduser()
+    # the files written under an output folder add about PATH_MARGIN bytes (checkpoints/step-N/...)
+    path_max = _limit(Path(path.anchor or "."), "PC_PATH_MAX", 4096)
+    if len(os.fsencode(str(path.absolute()))) > path_max - PATH_MARGIN:
+        raise InputError(f"{flag}: the path {str(path)[:40]}... is {len(os.fsencode(str(path.absolute())))} bytes "
+                         f"long; expected at most {path_max - PATH_MARGIN} (this file system's {path_max} less room "
+                         "for the files written under it)")
+    name_max = _limit(Path(path.anchor or "."), "PC_NAME_MAX", 255)
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise InputError(f"{flag}: the name {part[:40]}... is {len(os.fsencode(part))} bytes long; expected at "
+                             f"most {name_max}, this file system's limit")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -91,6 +102,18 @@ def check_output_path(path: str | os.PathLike, flag: str) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK) or _read_only_mount(ancestor):
         raise InputError(f"{flag} {path}: folder {ancestor} is not writable; expected a path you can write to")
     return path
+
+
+PATH_MARGIN = 256
+"""Room left under an output path for the names fastgen writes below it."""
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    """A file-system limit of ``folder`` (``os.pathconf``), ``default`` where the platform does not say."""
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):
+        return default
 
 
 def _read_only_mount(folder: Path) -> bool:

@@ -301,6 +301,9 @@ class Trainer:
         t = config.train
         # everything is checked before the run folder is written: a failing run leaves no new folder behind,
         # and an existing one as it was
+        if self.run_dir.is_file():
+            raise InputError(f"output {self.run_dir} is a file; expected a run folder (a new one, or a run's to "
+                             "resume)")
         resume_from = resume_target(self.run_dir, resume, config)
         if t.mixed_precision == "fp16" and not torch.accelerator.is_available():
             raise EnvironmentMissingError(

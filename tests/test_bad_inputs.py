@@ -288,6 +288,11 @@ CASES: list[tuple[str, Callable, int, list[str]]] = [
      ["state.safetensors", "incomplete"]),
     # -- distill: output
     ("output-under-file", lambda fx, t, m: distill(fx, t, output=a_file(t) / "run"), 1, ["is a file, not a folder"]),
+    ("output-is-a-file", lambda fx, t, m: distill(fx, t, output=a_file(t)), 1, ["is a file; expected a run folder"]),
+    ("output-name-too-long", lambda fx, t, m: distill(fx, t, output=t / ("a" * 300) / "run"), 1,
+     ["the name aaaa", "300 bytes long", "at most 255"]),
+    ("output-path-too-long", lambda fx, t, m: distill(fx, t, output=t.joinpath(*["b" * 200] * 25)), 1,
+     ["the path", "bytes long; expected at most"]),
     ("output-read-only", lambda fx, t, m: distill(fx, t, output=read_only_folder(t, m) / "run"), 1,
      ["locked", "not writable"]),
     # -- export
