@@ -634,6 +634,9 @@ class Trainer:
             if moved:
                 warn(f"resuming from step {step}: set the later checkpoints aside, kept but no longer used: "
                      f"{', '.join(str(p) for p in moved)}")
+            if step >= self.config.train.max_steps:
+                warn(f"resuming at step {step}, at or past train.max_steps = {self.config.train.max_steps}: nothing "
+                     f"is trained and step {step} is exported; expected a larger --max-steps to train further")
 
     def _check_recorded_config(self, path: Path, recorded: dict) -> None:
         """Refuse a ``config.yaml`` that lacks a key the checkpoint ``path`` recorded (``check_complete``), and

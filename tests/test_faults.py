@@ -170,6 +170,16 @@ def test_a_checkpoint_of_another_run_is_checked_by_export_and_resume_takes_a_nam
     assert f"available in {run / 'checkpoints'}: " in line and line.endswith(STEP(3)), line
 
 
+def test_a_resume_at_or_past_max_steps_says_nothing_is_trained(teacher, finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    capsys.readouterr()
+    assert main(distill(teacher, run, "--max-steps", "1", "--resume", "latest")) == 0
+    assert warnings_of(capsys.readouterr().err) == [
+        "warning: resuming at step 2, at or past train.max_steps = 1: nothing is trained and step 2 is exported; "
+        "expected a larger --max-steps to train further"]
+    assert load_checkpoint(latest_checkpoint(run))[0] == 2
+
+
 def test_no_intact_checkpoint_is_one_error_naming_each(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     flip_byte(run / "checkpoints" / STEP(2) / "state.safetensors")
