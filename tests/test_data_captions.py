@@ -197,6 +197,9 @@ def test_captioned_errors(teachers, tmp_path):
     prompts.write_text("a cat\n")
     with pytest.raises(ValueError, match=r"prompts = .*prompts\.txt applies to data 'teacher' or None"):
         build_data(folder, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache", prompts=prompts)
+    with pytest.raises(ValueError, match=r"prompts = .* or None, .*: prompts=null; and teacher_sample_guidance = 3.0 "):
+        build_data(folder, teacher, batch_size=2, seed=0, cache_dir=tmp_path / "cache", prompts=prompts,
+                   teacher_guidance=3.0)  # both in one line (a preset for teacher samples sets both)
     with pytest.raises(ValueError, match=r"teacher_sample_guidance = 3.0 .*UNet2DModel; expected 1"):
         build_data("teacher", teachers("ddpm"), batch_size=2, seed=0, cache_dir=tmp_path / "cache",
                    teacher_guidance=3.0)

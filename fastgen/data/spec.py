@@ -119,13 +119,16 @@ def check_data(spec: str | os.PathLike | None, teacher: Teacher, class_labels: b
     if teacher.num_classes and not class_labels:
         raise InputError(f"the teacher from {teacher.source} is class-conditional ({teacher.num_classes} classes); "
                          "expected class_labels=True")
+    wrong = []  # both at once: a preset for --data teacher sets both, and --data FOLDER then needs both changed
     if prompts is not None and spec not in (None, "teacher"):
-        raise UsageError(f"prompts = {prompts} applies to data 'teacher' or None, but data is {spec}; expected "
-                         "no prompts file (captions come with captioned data, prompts files can be the data)")
+        wrong.append(f"prompts = {prompts} applies to data 'teacher' or None, but data is {spec}; expected no "
+                     "prompts file (captions come with captioned data, prompts files can be the data): prompts=null")
     if teacher_guidance != 1.0 and (spec != "teacher" or not teacher.text_conditioned or teacher.num_classes):
-        raise UsageError(f"teacher_sample_guidance = {teacher_guidance} guides teacher samples of a "
-                         f"text-conditioned teacher; data is {spec} and the teacher from {teacher.source} is a "
-                         f"{type(teacher.model).__name__}; expected 1")
+        wrong.append(f"teacher_sample_guidance = {teacher_guidance} guides teacher samples of a text-conditioned "
+                     f"teacher; data is {spec} and the teacher from {teacher.source} is a "
+                     f"{type(teacher.model).__name__}; expected 1")
+    if wrong:
+        raise UsageError("; and ".join(wrong))
     if prompts is not None:
         check_prompts(Path(prompts).expanduser(), teacher)
     if spec is None:
