@@ -26,13 +26,14 @@ against what (``Metrics.provenance``).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from fastgen.errors import UsageError
+from fastgen.errors import InputError, MissingPathError, UsageError
 from fastgen.eval.fid import frechet_distance, image_features, image_statistics, video_frames
 from fastgen.eval.kid import kid
 from fastgen.eval.sweep import run_sweep
@@ -94,10 +95,14 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
             extractor = InceptionExtractor(inception_weights, resize=resize)
             provenance["features"] = extractor.weights_path.name
         provenance["ref"] = Path(ref).name if ref is not None else "toy world"
+        if ref is not None:
+            check_ref(ref, features)
         if toy_world is not None and ref is not None and Path(ref).is_dir():
-            toy_world.check_reference(ref)
+            with _reading_ref(ref):
+                toy_world.check_reference(ref)
     if "fid" in metrics:
-        reference = _fid_reference(features, ref, extractor, batch_size)
+        with _reading_ref(ref):
+            reference = _fid_reference(features, ref, extractor, batch_size)
 
         def fid(images: torch.Tensor) -> float:
             stats = image_statistics(video_frames(images), extractor, batch_size, value_range=RANGE)
@@ -108,7 +113,8 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         if ref is None or not Path(ref).is_dir():
             raise UsageError(f"--metrics kid needs --ref to be a folder of reference images (got {ref!r}): KID "
                              "compares feature samples, which a statistics .npz does not hold")
-        ref_features = image_features(ref, extractor, batch_size)
+        with _reading_ref(ref):
+            ref_features = image_features(ref, extractor, batch_size)
 
         def kid_mean(images: torch.Tensor) -> float:
             gen = image_features(video_frames(images), extractor, batch_size, value_range=RANGE)
@@ -118,7 +124,8 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
         out["kid"] = kid_mean
     if "clip" in metrics:
         if not prompts:
-            raise UsageError("--metrics clip needs prompts (--prompts FILE): the score compares images with their prompts")
+            raise UsageError("--metrics clip needs prompts (--prompts-file FILE, or --prompt TEXT): the score compares "
+                             "images with their prompts")
         from fastgen.eval.clip_score import CLIPScorer
 
         scorer = CLIPScorer(clip_model, clip_weights)
@@ -138,6 +145,48 @@ def build_metrics(metrics: Sequence[str], features: str = "inception", ref: str 
     if toy_world is not None:  # every toy metric reads its images through the check first
         out = {name: _checked(metric, toy_world) if name in TOY_METRICS else metric for name, metric in out.items()}
     return Metrics(out, provenance, toy_world)
+
+
+MIN_REF_IMAGES = 2
+"""The fewest images of a ``--ref`` folder: FID fits a covariance to their features (KID pairs them)."""
+
+
+def check_ref(ref: str, features: str = "inception") -> None:
+    """Refuse, before anything is read, a ``--ref`` that is missing, a file other than a statistics ``.npz``, or
+    a folder of fewer than ``MIN_REF_IMAGES`` images."""
+    from fastgen.data import IMAGE_EXTENSIONS, find_images
+
+    path = Path(ref)
+    expected = "expected a folder of images or an Inception statistics .npz file"
+    if not path.exists():
+        if features == "toy" and path.suffix == ".npz":  # both wrong: the flags' mismatch is a usage error
+            raise UsageError(f"--ref {ref} does not exist; and with --features toy, --ref is a folder of images or "
+                             "nothing (a .npz holds Inception statistics)")
+        raise MissingPathError(f"--ref {ref} does not exist; {expected}")
+    if not path.is_dir():
+        if path.suffix == ".npz":
+            return
+        raise InputError(f"--ref {ref} is a file, not a folder; {expected}")
+    try:
+        count = len(find_images(path))
+    except InputError:  # none
+        count = 0
+    if count < MIN_REF_IMAGES:
+        raise InputError(f"--ref {ref} holds {count} image{'s' if count != 1 else ''} (files ending in "
+                         f"{', '.join(IMAGE_EXTENSIONS)}, searched recursively); expected a folder of at least "
+                         f"{MIN_REF_IMAGES} images (FID and KID compare the spread of the reference's features)")
+
+
+@contextlib.contextmanager
+def _reading_ref(ref: str | None):
+    """Name ``--ref`` in the ``InputError`` of an image (unreadable, of another size) of a reference folder read
+    inside."""
+    try:
+        yield
+    except InputError as err:
+        if ref is None or not Path(ref).is_dir() or str(err).startswith("--ref"):
+            raise
+        raise InputError(f"--ref {ref}: {err}") from err
 
 
 def frame_prompts(prompts: Sequence[str], images: torch.Tensor) -> list[str]:
@@ -199,7 +248,7 @@ def _fid_reference(features: str, ref: str | None, extractor, batch_size: int):
 
         return toy_reference_stats()
     path = Path(ref)
-    if path.suffix == ".npz":
+    if path.suffix == ".npz" and not path.is_dir():
         if features == "toy":
             raise UsageError(f"--ref {ref} is an Inception statistics file; with --features toy pass a folder or nothing")
         from fastgen.eval.reference import EXTRACTOR_FIELDS, load_reference
@@ -229,7 +278,7 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     one's own). A video model's metrics are per frame (``per_frame``; module docstring). An exported student's
     model card and metadata get the model's rows, each with the ``provenance`` of ``metrics`` (a ``Metrics``),
     ``samples``, the number of samples per point, and for a video model ``frames``, the frames a sample."""
-    from fastgen.generate import generate, sampling_plan
+    from fastgen.generate import check_guidance, generate, sampling_plan
     from fastgen.teacher import load_teacher
 
     if not isinstance(metrics, Metrics):  # plain callables: nothing to check, no provenance
@@ -239,12 +288,14 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     model = load_teacher(model_dir, **(size or {}))
     for n in steps:  # an untrained step count fails here, before any sampling
         sampling_plan(model, n)
+    check_guidance(model, guidance_scale)
     if toy_world is not None:
         toy_world.check_model(model, model_dir, num_samples)
     curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
                                          guidance_scale=guidance_scale, batch_size=batch_size)
     if teacher_dir is not None:
         teacher = load_teacher(teacher_dir, **(size or {}))
+        check_guidance(teacher, guidance_scale)
         if toy_world is not None:
             toy_world.check_model(teacher, teacher_dir, num_samples)
         curves["teacher DDIM"] = lambda n: generate(teacher, num_samples, n, seed=seed, prompts=prompts,
@@ -264,4 +315,4 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     return rows
 
 
-__all__ = ["FEATURES", "METRICS", "Metrics", "build_metrics", "evaluate", "frame_prompts", "per_frame"]
+__all__ = ["FEATURES", "METRICS", "Metrics", "build_metrics", "check_ref", "evaluate", "frame_prompts", "per_frame"]

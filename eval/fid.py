@@ -157,13 +157,16 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {err}; expected a PNG, JPEG or WEBP image") from None
 
 
-def _load_folder_batch(files: list[Path], size: tuple[int, int]) -> torch.Tensor:
+def _load_folder_batch(files: list[Path], size: tuple[int, int], first: Path) -> torch.Tensor:
+    """The images ``files`` as one uint8 batch; an image of another size than ``size`` (that of ``first``, the
+    folder's first image) is the user's file, named on one line (a folder's images are not resized)."""
     arrays = []
     for path in files:
         array = _read_rgb(path)
         if array.shape[:2] != size:
-            raise ValueError(f"images: {path} is {array.shape[0]}x{array.shape[1]}, expected {size[0]}x{size[1]} "
-                             f"like the first file of the folder")
+            raise InputError(f"image {path} is {array.shape[0]}x{array.shape[1]}, expected {size[0]}x{size[1]} "
+                             f"like {first.name}, the first image of its folder (the images of a folder must share "
+                             "one size)")
         arrays.append(array)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -183,7 +186,7 @@ def iter_image_batches(images, batch_size: int, value_range=None, num_images: in
         total = _check_count(num_images, len(files), f"folder {images}")
         size = _read_rgb(files[0]).shape[:2]
         for start in range(0, total, batch_size):
-            yield _load_folder_batch(files[start:min(start + batch_size, total)], size)
+            yield _load_folder_batch(files[start:min(start + batch_size, total)], size, files[0])
     elif isinstance(images, torch.Tensor):
         total = _check_count(num_images, images.shape[0] if images.ndim else 0, "the images tensor")
         for start in range(0, total, batch_size):

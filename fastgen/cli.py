@@ -43,19 +43,60 @@ def positive_int(text: str) -> int:
     return value
 
 
-def int_list(text: str, minimum: int = 1, what: str = "positive step counts like 1,2,4") -> list[int]:
-    """Comma-separated integers, each at least ``minimum`` (``what`` names them in the error)."""
+def int_list(text: str, minimum: int = 1, what: str = "positive step counts like 1,2,4",
+             distinct: bool = False) -> list[int]:
+    """Comma-separated integers, each at least ``minimum`` (``what`` names them in the error); with ``distinct``,
+    none repeated."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     if not values or min(values) < minimum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if distinct and repeated:
+        raise argparse.ArgumentTypeError(f"expected {what}, each once, got {text!r} ("
+                                         f"{', '.join(map(str, repeated))} repeated)")
     return values
+
+
+def step_list(text: str) -> list[int]:
+    """Distinct positive step counts (a sweep measures each once)."""
+    return int_list(text, distinct=True)
 
 
 def label_list(text: str) -> list[int]:
     return int_list(text, 0, "comma-separated class labels like 0 or 3,7")
+
+
+def seed_int(text: str) -> int:
+    """An integer seed in ``fastgen.generate.SEED_RANGE``."""
+    from fastgen.generate import SEED_RANGE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected an integer seed from -2**63 to 2**64-1 (what "
+                                         f"torch.Generator.manual_seed takes), got {text!r}")
+    return value
+
+
+MAX_UPSCALE = 64
+"""The largest ``fastgen sample --upscale``; the upscaled grid must also stay within
+``fastgen.generate.MAX_GRID_PIXELS`` (checked once the model's sample size is known, before sampling)."""
+
+
+def upscale_int(text: str) -> int:
+    """A whole upscale factor from 1 to ``MAX_UPSCALE``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_UPSCALE:
+        raise argparse.ArgumentTypeError(f"expected a whole factor from 1 to {MAX_UPSCALE}, got {text!r}")
+    return value
 
 
 def _read_prompts(args) -> list[str] | None:
@@ -80,15 +121,17 @@ def _model_path(model: str, flag: str = "--model") -> str:
 
 
 def cmd_sample(args) -> int:
-    from fastgen.generate import check_animation_path, generate, save_grid
+    from fastgen.generate import check_grid_path, check_grid_size, check_guidance, generate, save_grid
     from fastgen.teacher import load_teacher
 
     check_output_path(args.out, "--out")
+    check_grid_path(args.out)
     prompts = _read_prompts(args)
     model = load_teacher(_model_path(args.model), trust_pickle=args.trust_pickle, height=args.height,
                          width=args.width, num_frames=args.num_frames)
-    if model.is_video:
-        check_animation_path(args.out)
+    check_grid_path(args.out, video=model.is_video)  # before any sampling
+    check_grid_size(model, args.num, args.upscale, args.out)
+    check_guidance(model, args.guidance)
     images = generate(model, args.num, args.steps, seed=args.seed, sampler=args.sampler,
                       prompts=prompts, guidance_scale=args.guidance, batch_size=args.batch_size,
                       class_labels=args.class_labels)
@@ -324,13 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy_methods = sorted(p.stem[len("toy_"):] for p in (Path(__file__).parent / "configs").glob("toy_*.yaml"))
     demo.add_argument("--method", choices=toy_methods, default="dmd",
                       help="objective, with its toy_<method> preset (default: %(default)s)")
-    demo.add_argument("--student-steps", type=int_list,
+    demo.add_argument("--student-steps", type=step_list,
                       help="one student per step count, e.g. 1,4 (default: 1,4 for dmd; the preset's count for "
                            "the others)")
     demo.add_argument("--max-steps", type=positive_int,
                       help="training steps of each student (default: 500 for dmd; the preset's for the others)")
     demo.add_argument("--num-samples", type=positive_int, default=1000, help="samples per toy-FID point")
-    demo.add_argument("--steps", type=int_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
+    demo.add_argument("--steps", type=step_list, default=[1, 2, 4, 8], help="step counts, e.g. 1,2,4")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--teacher", choices=["toy", "toy-t2i"], default="toy",
                       help="toy: the pixel toy teacher; toy-t2i: the text-conditioned one (default: %(default)s)")
@@ -372,8 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", required=True, help="diffusers pipeline folder (teacher or exported student)")
     sample.add_argument("--steps", type=positive_int, required=True, help="sampling steps")
     sample.add_argument("--num", type=positive_int, default=16, help="number of samples (default: %(default)s)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True, help="output PNG; a video model's grid: animated to a .gif (or .mp4, "
+    sample.add_argument("--seed", type=seed_int, default=0, help="seed of the noise, -2**63 to 2**64-1 (default: "
+                        "%(default)s)")
+    sample.add_argument("--out", required=True, help="output image: .png (or .jpg, .jpeg, .webp, .bmp, .tif, "
+                        ".tiff, .gif); a video model's grid: animated to a .gif (or .mp4, "
                         "with imageio and imageio-ffmpeg installed), else still, a row per sample and a column per "
                         "frame")
     sample.add_argument("--sampler", choices=["ddim", "heun", "dpmpp_2m", "renoise"], default=None,
@@ -385,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "through, e.g. 3 or 0,5 (default: every class in turn)")
     sample.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
     sample.add_argument("--batch-size", type=positive_int, default=64)
-    sample.add_argument("--upscale", type=positive_int, default=1, help="nearest-neighbour upscale of the grid")
+    sample.add_argument("--upscale", type=upscale_int, default=1, help="nearest-neighbour upscale of the grid, "
+                        f"a whole factor from 1 to {MAX_UPSCALE} (the grid at most 2**28 pixels)")
     sample.add_argument("--trust-pickle", action="store_true", help="allow pickled (.bin) weights")
     add_size_arguments(sample)
     sample.set_defaults(func=cmd_sample)
@@ -393,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", parents=[debug], help="FID/KID/CLIP score against the number of steps: CSV, "
                               "Markdown, PNG (video models: per frame, columns <metric>_per_frame; no FVD)")
     evaluate.add_argument("--model", required=True, help="diffusers folder: an exported student or any teacher")
-    evaluate.add_argument("--steps", type=int_list, required=True, help="step counts, e.g. 1,2,4")
+    evaluate.add_argument("--steps", type=step_list, required=True, help="step counts, e.g. 1,2,4")
     evaluate.add_argument("--ref", help="reference: Inception statistics .npz or a folder of images "
                           "(default with --features toy: fresh toy images)")
     evaluate.add_argument("--num-samples", type=positive_int, default=1000,
@@ -417,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts-file", help="prompts, one per line (text-to-image models; CLIP score, "
                           "prompt_acc); 'toy': every shape x colour prompt of the toy world")
     evaluate.add_argument("--guidance", type=float, default=1.0, help="CFG scale, Ho-Salimans form (1 = none)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=seed_int, default=0, help="seed of the noise, -2**63 to 2**64-1 (default: "
+                          "%(default)s)")
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     add_size_arguments(evaluate)  # of --model and --teacher alike
     evaluate.set_defaults(func=cmd_eval)

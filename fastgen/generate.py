@@ -29,6 +29,19 @@ def sampling_plan(model: Teacher, steps: int, sampler: str | None = None) -> tup
     return sampler or "ddim", model.schedule.timesteps(steps).tolist()
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)
+"""The seeds ``torch.Generator.manual_seed`` takes (a negative seed ``s`` is the same as ``s + 2**64``)."""
+
+
+def check_guidance(model: Teacher, guidance_scale: float, flag: str = "--guidance") -> None:
+    """Refuse classifier-free guidance (a scale other than 1) of a model that takes no text: an unconditional or
+    class-conditional one has no prompt to guide towards (``generate`` guides prompts only), as ``fastgen
+    distill`` refuses ``objective.guidance_scale`` on such a teacher."""
+    if guidance_scale != 1.0 and not model.text_conditioned:
+        raise UsageError(f"{flag} is {guidance_scale:g}; classifier-free guidance needs a text-conditioned model, and "
+                         f"{model.source} ({model.model_class}) is not (expected 1)")
+
+
 @torch.no_grad()
 def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str | None = None,
              prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
@@ -38,6 +51,10 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
     ``class_labels`` (default: every class in turn, 0 to K-1, so that any ``num`` is as balanced as it can be)."""
     if num < 1:
         raise UsageError(f"{num} samples: expected at least 1")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"seed {seed}: expected an integer from -2**63 to 2**64-1 (what torch.Generator.manual_seed "
+                         "takes)")
+    check_guidance(model, guidance_scale)
     if class_labels is None and model.num_classes:
         class_labels = range(model.num_classes)
     if prompts is None and class_labels is None and model.text_conditioned:
@@ -70,6 +87,72 @@ def generate(model: Teacher, num: int, steps: int, seed: int = 0, sampler: str |
 
 ANIMATIONS = (".gif", ".mp4")
 """The suffixes ``save_grid`` animates a grid of videos to."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+"""The suffixes ``save_grid`` writes a still grid to (with PIL; those this PIL cannot write are left out)."""
+MAX_GRID_PIXELS = 2**28
+"""The most pixels of a grid image (``grid_image``): 268 million, 0.8 GB as uint8 RGB and 3 GB as the float
+tensor it is made from; a larger ``upscale`` is refused before any work."""
+
+
+def _still_suffixes() -> list[str]:
+    from PIL import Image
+
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    return [suffix for suffix in IMAGE_SUFFIXES if suffix in writable]
+
+
+def check_grid_path(path: str | Path, video: bool | None = None, flag: str = "--out") -> None:
+    """Refuse, before any work, a file name ``save_grid`` cannot write: its suffix must be an image format
+    (``IMAGE_SUFFIXES``), or for a grid of videos (``video``; None: not known yet, either) ``.gif`` or ``.mp4``
+    (``check_animation_path``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    still = _still_suffixes()
+    allowed = still + [s for s in ANIMATIONS if s not in still] if video is not False else still
+    expected = (f"expected a file name ending in {', '.join(still)}"
+                + ("" if video is False else " (a video model's grid: animated to .gif or .mp4)"))
+    if not suffix:
+        hidden = " (a leading dot starts the name, not a suffix)" if path.name.startswith(".") else ""
+        raise UsageError(f"{flag} {path}: the file name has no suffix{hidden}; {expected}")
+    if suffix not in allowed:
+        why = "is written for a video model only" if suffix in ANIMATIONS else "is not an image format fastgen writes"
+        raise UsageError(f"{flag} {path}: {suffix} {why}; {expected}")
+    if video:
+        check_animation_path(path)
+
+
+def _grid_layout(images_shape: Sequence[int], nrow: int | None, animated: bool) -> tuple[int, int, int, int]:
+    """``(tiles, nrow, H, W)`` of the grid ``save_grid`` makes of images (``N, 3, H, W``) or videos
+    (``N, 3, F, H, W``; ``animated``: the grid of one frame)."""
+    n, h, w = images_shape[0], images_shape[-2], images_shape[-1]
+    if len(images_shape) == 5 and not animated:
+        return n * images_shape[2], images_shape[2], h, w
+    return n, nrow or max(1, int(n ** 0.5)), h, w
+
+
+def grid_pixels(tiles: int, nrow: int, height: int, width: int, upscale: int = 1) -> int:
+    """Pixels of the grid of ``tiles`` images of ``height x width``, ``upscale``d, ``nrow`` a row, 1-pixel padding
+    (torchvision's ``make_grid``)."""
+    columns = min(nrow, tiles)
+    rows = -(-tiles // columns)
+    return (rows * (height * upscale + 1) + 1) * (columns * (width * upscale + 1) + 1)
+
+
+def _check_pixels(tiles: int, nrow: int, height: int, width: int, upscale: int, flag: str = "upscale") -> None:
+    pixels = grid_pixels(tiles, nrow, height, width, upscale)
+    if pixels > MAX_GRID_PIXELS:
+        raise UsageError(f"{flag} {upscale}: the grid of {tiles} images of {height}x{width} pixels, upscaled "
+                         f"{upscale} times, would have {pixels:,} pixels, above the limit of {MAX_GRID_PIXELS:,} "
+                         f"(2**28); expected a smaller {flag} (or fewer samples)")
+
+
+def check_grid_size(model: Teacher, num: int, upscale: int, path: str | Path, flag: str = "--upscale") -> None:
+    """Refuse, before any sampling, an ``upscale`` that makes ``save_grid``'s grid of ``num`` samples of ``model``
+    larger than ``MAX_GRID_PIXELS``."""
+    h, w = model.image_size
+    shape = (num, 3, model.frames, h, w) if model.is_video else (num, 3, h, w)
+    tiles, nrow, h, w = _grid_layout(shape, None, Path(path).suffix.lower() in ANIMATIONS)
+    _check_pixels(tiles, nrow, h, w, upscale, flag)
 VIDEO_FPS = 16
 """Frames per second of the animations written (Wan 2.1's frame rate)."""
 
@@ -95,6 +178,7 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, upscale: int = 1):
     from PIL import Image
     from torchvision.utils import make_grid
 
+    _check_pixels(*_grid_layout(images.shape, nrow, animated=True), upscale)
     images = (images.float().clamp(-1, 1) + 1) / 2
     if upscale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")

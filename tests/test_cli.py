@@ -1,6 +1,7 @@
 """The ``fastgen`` command line: commands, presets, sample, distill → export → sample, eval."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -133,7 +134,8 @@ def test_cli_errors_are_plain(ddpm, tmp_path, capsys):
           "--output", str(tmp_path / "p"), "--max-steps", "1"], 1, "prompts.txt given to the teacher"),
         (["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "kid", "--features", "toy"], 2,
          "kid needs --ref to be a folder"),
-        (["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "clip"], 2, "clip needs prompts"),
+        (["eval", "--model", str(ddpm), "--steps", "1", "--metrics", "clip"], 2,
+         "clip needs prompts (--prompts-file FILE, or --prompt TEXT)"),  # eval's flags (it named --prompts)
         (["export", "--run", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")], 1,
          f"{tmp_path / 'nothing'} does not exist (expected the --output of `fastgen distill`)"),
         (["export", "--run", str(tmp_path), "--output", str(tmp_path / "o")], 1,
@@ -147,6 +149,112 @@ def test_cli_errors_are_plain(ddpm, tmp_path, capsys):
         last = err.strip().splitlines()[-1]  # diffusers' loading bar may come before it
         assert last.startswith("error: ") and message in last and "Traceback" not in err
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """Reference folders --ref should refuse: one image; two of different sizes; and an image file."""
+    root = tmp_path_factory.mktemp("refs")
+    for name, sizes in (("one", [16]), ("mixed", [16, 32])):
+        (root / name).mkdir()
+        for i, size in enumerate(sizes):
+            Image.new("RGB", (size, size), "red").save(root / name / f"{'ab'[i]}.png")
+    return root
+
+
+EVAL = ["eval", "--model", "toy", "--steps", "1", "--features", "toy", "--num-samples", "4"]
+SAMPLE = ["sample", "--model", "toy", "--steps", "1", "--num", "2"]
+SUFFIXES = ".png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif"
+MISTAKES = {  # a user's mistake: (argv, {root}: the refs folder, {out}: a path to write; status; its one line)
+    "eval-repeated-steps": (["eval", "--model", "toy", "--steps", "1,2,1", "--out", "{out}"], 2,
+                            "error: fastgen eval: argument --steps: expected positive step counts like 1,2,4, each "
+                            "once, got '1,2,1' (1 repeated)"),
+    "ref-one-image": (EVAL + ["--ref", "{root}/one", "--out", "{out}"], 1,
+                      "error: --ref {root}/one holds 1 image (files ending in .png, .jpg, .jpeg, .webp, searched "
+                      "recursively); expected a folder of at least 2 images"),
+    "ref-mixed-sizes": (EVAL + ["--ref", "{root}/mixed", "--out", "{out}"], 1,
+                        "error: --ref {root}/mixed: image {root}/mixed/b.png is 32x32, expected 16x16 like a.png, the "
+                        "first image of its folder"),
+    "kid-ref-mixed-sizes": (EVAL + ["--metrics", "kid", "--ref", "{root}/mixed", "--out", "{out}"], 1,
+                            "error: --ref {root}/mixed: image {root}/mixed/b.png is 32x32, expected 16x16"),
+    "ref-an-image-file": (EVAL + ["--ref", "{root}/one/a.png", "--out", "{out}"], 1,
+                          "error: --ref {root}/one/a.png is a file, not a folder; expected a folder of images or an "
+                          "Inception statistics .npz file"),
+    "ref-missing-npz-toy-features": (EVAL + ["--ref", "{root}/nothere.npz", "--out", "{out}"], 2,
+                                     "error: --ref {root}/nothere.npz does not exist; and with --features toy, --ref "
+                                     "is a folder of images or nothing"),
+    "ref-missing-folder": (EVAL + ["--ref", "{root}/nothere", "--out", "{out}"], 1,
+                           "error: --ref {root}/nothere does not exist; expected a folder of images or an Inception "
+                           "statistics .npz file"),
+    "eval-guidance-unconditional": (EVAL + ["--guidance", "3", "--out", "{out}"], 2,
+                                    "error: --guidance is 3; classifier-free guidance needs a text-conditioned model"),
+    "sample-guidance-unconditional": (SAMPLE + ["--guidance", "5", "--out", "{out}.png"], 2,
+                                      "error: --guidance is 5; classifier-free guidance needs a text-conditioned "
+                                      "model"),
+    "out-txt": (SAMPLE + ["--out", "{out}.txt"], 2,
+                "error: --out {out}.txt: .txt is not an image format fastgen writes; expected a file name ending in "
+                + SUFFIXES),
+    "out-no-suffix": (SAMPLE + ["--out", "{out}"], 2,
+                      "error: --out {out}: the file name has no suffix; expected a file name ending in " + SUFFIXES),
+    "out-dot-png": (SAMPLE + ["--out", "{root}/.png"], 2,
+                    "error: --out {root}/.png: the file name has no suffix (a leading dot starts the name, not a "
+                    "suffix)"),
+    "out-mp4-of-images": (SAMPLE + ["--out", "{out}.mp4"], 2,
+                          "error: --out {out}.mp4: .mp4 is written for a video model only"),
+    "sample-seed-too-large": (SAMPLE + ["--seed", str(2**64), "--out", "{out}.png"], 2,
+                              "error: fastgen sample: argument --seed: expected an integer seed from -2**63 to "
+                              f"2**64-1 (what torch.Generator.manual_seed takes), got '{2**64}'"),
+    "eval-seed-too-small": (EVAL + ["--seed", str(-2**63 - 1), "--out", "{out}"], 2,
+                            "error: fastgen eval: argument --seed: expected an integer seed from -2**63 to 2**64-1"),
+    "upscale-too-large": (SAMPLE + ["--upscale", "100000", "--out", "{out}.png"], 2,
+                          "error: fastgen sample: argument --upscale: expected a whole factor from 1 to 64, got "
+                          "'100000'"),
+    "upscaled-grid-too-large": (["sample", "--model", "toy", "--steps", "1", "--num", "10000", "--upscale", "64",
+                                 "--out", "{out}.png"], 2,
+                                "error: --upscale 64: the grid of 10000 images of 16x16 pixels, upscaled 64 times, "
+                                "would have 10,506,455,001 pixels, above the limit of 268,435,456 (2**28)"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_mistakes_of_sample_and_eval_are_one_line_before_any_sampling(mistake, refs, tmp_path, monkeypatch, capsys):
+    """Each was a traceback reported as a bug in fastgen, or accepted and ignored (--guidance of an unconditional
+    model), or a misleading line (--ref of an image file "does not exist", a missing .npz "is an Inception
+    statistics file"); now one line naming the flag, the value and what was expected, before any sampling."""
+    import fastgen.generate
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing the input")
+
+    monkeypatch.setattr(fastgen.generate, "generate", no_sampling)
+    argv, status, message = MISTAKES[mistake]
+    out = tmp_path / "out"
+    assert main([a.format(root=refs, out=out) for a in argv]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "bug in fastgen" not in err
+    assert err.strip().splitlines()[-1].startswith(message.format(root=refs, out=out))
+    assert list(tmp_path.iterdir()) == []  # nothing written (eval's --out folder is not left behind)
+
+
+def test_the_bounds_of_seed_and_guidance_are_those_of_torch_and_of_the_model():
+    """--seed takes what torch.Generator.manual_seed takes, no more (negative seeds wrap modulo 2**64 there);
+    a model that takes text is guided as before."""
+    import torch
+
+    from fastgen.cli import seed_int
+    from fastgen.errors import UsageError
+    from fastgen.generate import SEED_RANGE, check_guidance, generate
+    from fastgen.teacher import load_teacher
+
+    for seed in SEED_RANGE:
+        assert seed_int(str(seed)) == seed
+        torch.Generator().manual_seed(seed)
+    for seed in (SEED_RANGE[0] - 1, SEED_RANGE[1] + 1):
+        with pytest.raises((ValueError, RuntimeError)):  # "Overflow when unpacking long long"
+            torch.Generator().manual_seed(seed)
+        with pytest.raises(UsageError, match=re.escape(f"seed {seed}: expected an integer from -2**63 to 2**64-1")):
+            generate(load_teacher("toy"), 1, 1, seed=seed)
+    check_guidance(load_teacher("toy-t2i"), 3.0)
 
 
 def test_eval_toy_features_writes_the_table(tmp_path, capsys):

@@ -212,7 +212,7 @@ def test_image_source_errors(uint8_images, tmp_path):
         image_statistics(tmp_path, pixel_extractor)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (9, 8)).save(tmp_path / "b.jpg")
-    with pytest.raises(ValueError, match=r"b.jpg is 8x9, expected 8x8"):
+    with pytest.raises(InputError, match=r"b.jpg is 8x9, expected 8x8 like a.png, the first image of its folder"):
         image_statistics(tmp_path, pixel_extractor)
     with pytest.raises(ValueError, match="value_range=.* for a folder"):
         image_statistics(tmp_path, pixel_extractor, value_range=(0, 1))
