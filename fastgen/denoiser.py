@@ -80,12 +80,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def image_stream(module: nn.Module, output) -> torch.Tensor:
     """The image-stream tensor of a block's output. A tensor is itself; SD3's ``JointTransformerBlock``
-    returns ``(encoder_hidden_states, hidden_states)`` and yields ``hidden_states`` (tokens ``(B, N, D)``);
-    (as do Flux's blocks, ``fastgen.families.TOKEN_OUTPUTS``); any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
+    returns ``(encoder_hidden_states, hidden_states)`` and yields ``hidden_states`` (tokens ``(B, N, D)``),
+    as do Flux's blocks (``fastgen.families.TOKEN_OUTPUTS``), sharded or not; any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
     and a diffusers output object yield their first element."""
     if isinstance(output, torch.Tensor):
         return output
-    if type(module).__name__ in TOKEN_OUTPUTS:
+    # by the class or a base of it: FSDP2's fully_shard renames a block's class FSDP<name>, a subclass of it
+    if any(cls.__name__ in TOKEN_OUTPUTS for cls in type(module).__mro__):
         return output[1]
     return output[0]
 

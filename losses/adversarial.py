@@ -31,10 +31,14 @@ def _groups(channels: int) -> int:
 
 class DiscriminatorHead(nn.Module):
     """Convolutions (stride 2 while the map is larger than 4×4) with GroupNorm and SiLU, global average
-    pooling and one logit; token features ``(B, N, D)`` of transformers are pooled over tokens first."""
+    pooling and one logit; token features ``(B, N, D)`` of transformers (``spatial`` None) are pooled over tokens
+    into the logit alone: no convolutions, whose weights would take no part in the loss (DDP refuses those)."""
 
-    def __init__(self, channels: int, spatial: int, width: int | None = None):
+    def __init__(self, channels: int, spatial: int | None, width: int | None = None):
         super().__init__()
+        if spatial is None:
+            self.convs, self.out = None, nn.Linear(channels, 1)
+            return
         width = width or channels
         layers: list[nn.Module] = []
         size, c = spatial, channels
@@ -50,7 +54,7 @@ class DiscriminatorHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # the one logit as a new tensor (sum over one), not a view: FSDP2 hooks a sharded module's output
-        if features.ndim == 3:  # tokens
+        if self.convs is None:  # tokens
             return self.out(features.mean(1)).sum(1)
         return self.out(self.convs(features).mean((2, 3))).sum(1)
 
@@ -81,7 +85,7 @@ def make_head(denoiser, sample: torch.Tensor, t: torch.Tensor, cond: Cond | None
         _, found = denoiser(sample, t, cond, features=features)
     feature = next(iter(found.values()))
     if feature.ndim == 3:
-        return DiscriminatorHead(feature.shape[-1], 1)
+        return DiscriminatorHead(feature.shape[-1], None)
     return DiscriminatorHead(feature.shape[1], feature.shape[-1])
 
 

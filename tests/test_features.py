@@ -92,15 +92,36 @@ def test_named_blocks_and_tuple_outputs(teachers):
 
 
 @pytest.mark.parametrize("name", ["sd", "sd3"])
-def test_gradients_reach_the_input_through_the_feature(teachers, name):
+def test_gradients_reach_the_input_and_every_weight_of_the_head_through_the_feature(teachers, name):
+    """Every weight of the GAN head takes part in its logit: DDP stops at a parameter without a gradient (a token
+    head's convolutions, unused, stopped two-process DMD2 on SD3 and Flux)."""
+    from fastgen.losses.adversarial import make_head
+
     teacher = teachers(name)
     x_t, t, cond = _inputs(teacher)
+    head = make_head(teacher.denoiser, x_t, t, cond)
     x_t.requires_grad_(True)
     _, feats = teacher.denoiser(x_t, t, cond, features=True)
-    head = torch.nn.Linear(feats[DEFAULTS[name]].shape[-1], 1)  # a discriminator head on the feature
     head(feats[DEFAULTS[name]]).mean().backward()
     assert x_t.grad is not None and x_t.grad.abs().sum() > 0
-    assert head.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_the_image_stream_of_a_sharded_joint_block(teachers):
+    """FSDP2 renames a sharded block's class (``FSDPJointTransformerBlock``): its image stream is still its second
+    output, not the text stream (Flux) or None (SD3's last block), which the GAN head read under FSDP2."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    block = copy.deepcopy(teachers("sd3").model.transformer_blocks[0])
+    text, image = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(block)
+        assert type(block).__name__ == "FSDPJointTransformerBlock"
+        assert image_stream(block, (text, image)) is image
+    finally:
+        dist.destroy_process_group()
 
 
 def test_unknown_name_and_hooks_removed_when_the_call_raises(teachers):
