@@ -279,6 +279,7 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
     model card and metadata get the model's rows, each with the ``provenance`` of ``metrics`` (a ``Metrics``),
     ``samples``, the number of samples per point, and for a video model ``frames``, the frames a sample."""
     from fastgen.generate import check_guidance, generate, sampling_plan
+    from fastgen.pipelines.load import is_export
     from fastgen.teacher import load_teacher
 
     if not isinstance(metrics, Metrics):  # plain callables: nothing to check, no provenance
@@ -293,8 +294,9 @@ def evaluate(model_dir: str, steps: Sequence[int], out_dir: str | Path, num_samp
         toy_world.check_model(model, model_dir, num_samples)
     curves["model"] = lambda n: generate(model, num_samples, n, seed=seed, prompts=prompts,
                                          guidance_scale=guidance_scale, batch_size=batch_size)
-    if teacher_dir is not None:
-        teacher = load_teacher(teacher_dir, **(size or {}))
+    if teacher_dir is not None:  # an export's teacher at the size it was trained at, where none is asked for
+        trained = model.size() if is_export(Path(model_dir)) else {}
+        teacher = load_teacher(teacher_dir, **{**trained, **{k: v for k, v in (size or {}).items() if v is not None}})
         check_guidance(teacher, guidance_scale)
         if toy_world is not None:
             toy_world.check_model(teacher, teacher_dir, num_samples)

@@ -81,3 +81,23 @@ def test_interrupted_sweep_keeps_finished_rows(tmp_path):
 def test_bad_input(tmp_path, curves, steps, metrics, message):
     with pytest.raises(ValueError, match=message):
         run_sweep(curves, steps, metrics, tmp_path, progress=False)
+
+
+def test_the_teacher_curve_of_an_export_is_sampled_at_the_exports_trained_size(tmp_path):
+    """An export trained at another size than its teacher's own: ``eval --teacher`` sampled the teacher at its
+    default (Wan 2.2: 480 x 832 x 81 against 32 x 32 x 5 trained), which failed or compared other sizes."""
+    from tiny import make_ddpm_folder
+
+    from fastgen.cli import main
+    from fastgen.eval.evaluate import evaluate
+
+    teacher = make_ddpm_folder(tmp_path / "teacher", sample_size=8)
+    assert main(["distill", "--teacher", str(teacher), "--method", "consistency", "--data", "teacher", "--output",
+                 str(tmp_path / "run"), "--steps", "1", "--max-steps", "1", "--height", "16", "--width", "16",
+                 "teacher_samples=4", "teacher_sample_steps=2", "train.batch_size=2"]) == 0
+    width = {"width": lambda images: float(images.shape[-1])}
+    rows = evaluate(str(tmp_path / "run" / "export"), [1], tmp_path / "eval", 2, width, teacher_dir=str(teacher))
+    assert {row["curve"]: row["width"] for row in rows} == {"model": 16.0, "teacher DDIM": 16.0}
+    rows = evaluate(str(tmp_path / "run" / "export"), [1], tmp_path / "eval8", 2, width, teacher_dir=str(teacher),
+                    size={"height": 8, "width": 8, "num_frames": None})  # --height/--width: both at the size asked
+    assert {row["curve"]: row["width"] for row in rows} == {"model": 8.0, "teacher DDIM": 8.0}
