@@ -87,10 +87,11 @@ class CLIPScorer:
                              f"weights file (--clip-weights)")
         local_file = pretrained is not None and os.path.isfile(pretrained)
         if not local_dir and not allow_download and not local_file:
+            given = "no weights were given" if pretrained is None else f"pretrained={pretrained!r} is not a local file"
             raise FileNotFoundError(
-                f"CLIPScorer: pretrained={pretrained!r} is not a local file, expected the path of the {model_name} "
-                f"checkpoint (.safetensors, or .bin/.pt of plain tensors). A pretrained tag makes open_clip "
-                f"download on a cache miss: pass allow_download=True to allow it."
+                f"CLIP model {model_name}: {given}; expected --clip-weights PATH, the {model_name} checkpoint "
+                f"(.safetensors, or .bin/.pt of plain tensors), or --clip-model {HF_FOLDER}. fastgen never "
+                "downloads (in Python, CLIPScorer(allow_download=True) lets open_clip fetch a pretrained tag)"
             )
         if local_file:
             _check_tensor_file(Path(pretrained))

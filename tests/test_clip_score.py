@@ -96,7 +96,8 @@ def test_bad_input(scorer, images, tiny_checkpoint, tmp_path):
         scorer(images, PROMPTS, value_range=(-1, 1), batch_size=0)
     with pytest.raises(TypeError, match="sequence of PIL images"):
         scorer([1, 2, 3, 4], PROMPTS)
-    with pytest.raises(FileNotFoundError, match="pretrained='laion2b_s12b_b42k' is not a local file.*allow_download"):
+    with pytest.raises(FileNotFoundError, match="pretrained='laion2b_s12b_b42k' is not a local file; expected "
+                                                "--clip-weights PATH.*allow_download"):
         CLIPScorer("ViT-g-14", pretrained="laion2b_s12b_b42k")
     with pytest.raises(ValueError, match="a local-dir: folder holds its own weights"):
         CLIPScorer(f"local-dir:{tmp_path}", pretrained=tiny_checkpoint)
