@@ -403,6 +403,11 @@ class EDMSchedule(NoiseSchedule):
         inv = 1 / self.rho
         return (self.t_max**inv + ramp * (self.t_min**inv - self.t_max**inv)) ** self.rho
 
+    def few_step_grid(self, n: int) -> torch.Tensor:
+        """The first ``n`` times of the Karras grid of ``n + 1`` (eq. 5): ``timesteps(n)`` ends at ``sigma_min``,
+        where a step denoises nothing (2 steps: [80, 0.002]; this grid: [80, 2.5], VP's trailing spacing)."""
+        return self.timesteps(n + 1)[:n]
+
     def describe(self) -> dict[str, Any]:
         return {
             "family": self.family,

@@ -138,6 +138,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
              return_dict: bool = True):
         i = self._index(timestep)
         t = self.sigmas[i].to(sample.device)
+        if model_output.shape[1] == 2 * sample.shape[1] and model_output.shape[2:] == sample.shape[2:]:
+            model_output = model_output[:, :sample.shape[1]]  # a learned variance's half (DDPMScheduler drops it too)
         x0 = self.schedule.to_x0(model_output.to(sample.dtype), sample, t)
         if self.config.boundary is not None:
             c_skip, c_out = boundary_coefficients(t, **self.config.boundary, t_min=self.schedule.t_min)

@@ -84,6 +84,27 @@ def test_few_step_scheduler_replays_the_student(tmp_path, rule):
         sched.set_timesteps(2)
 
 
+def test_few_step_scheduler_drops_a_learned_variance_and_renoises_reproducibly_without_a_generator():
+    """A learned-variance UNet (DDPMScheduler's variance_type learned_range) outputs twice the sample's channels:
+    the step reads the first half, as DDPMScheduler does (the shipped scheduler failed on the shapes). A call whose
+    pipeline passes no generator (SD3's, Flux's, Wan's) renoises the same for the same first latents."""
+    den = teacher()
+    sched = FewStepScheduler(schedule=den.schedule.describe(), trained_timesteps={"2": [999, 499]})
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(8))
+    runs = []
+    for variance in (False, True, True):
+        torch.manual_seed(len(runs))  # the global RNG differs per run: it must not matter
+        sched.set_timesteps(2)
+        y = x.clone()
+        for t in sched.timesteps:
+            out = den.output(y, t)
+            out = torch.cat([out, torch.full_like(out, 9.0)], 1) if variance else out
+            y = sched.step(out, t, y).prev_sample
+        runs.append(y)
+    torch.testing.assert_close(runs[1], runs[0])
+    torch.testing.assert_close(runs[2], runs[0])
+
+
 def test_few_step_scheduler_applies_the_consistency_boundary():
     den = teacher()
     boundary = {"sigma_data": 0.5, "timestep_scaling": 10.0}
