@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--output", help="run folder (config, metrics.jsonl, checkpoints, samples, export)")
     distill.add_argument("--steps", type=positive_int, help="student sampling steps (student.num_steps)")
     distill.add_argument("--max-steps", type=positive_int, help="training steps (train.max_steps)")
-    distill.add_argument("--resume", help="'latest', a checkpoint folder of this run, or 'auto': the latest "
+    distill.add_argument("--resume", help="'latest', a checkpoint of this run (its folder, or its name such as "
+                         "step-00000500), or 'auto': the latest "
                          "checkpoint when --output has one, else a new run (one command for a first start and every "
                          "restart); without it, an --output that holds a run is refused")
     distill.add_argument("--lora", action="store_true", help="export only the LoRA adapter (needs student.lora_rank > 0)")
