@@ -81,8 +81,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 def image_stream(module: nn.Module, output) -> torch.Tensor:
     """The image-stream tensor of a block's output. A tensor is itself; SD3's ``JointTransformerBlock``
     returns ``(encoder_hidden_states, hidden_states)`` and yields ``hidden_states`` (tokens ``(B, N, D)``),
-    as do Flux's blocks (``fastgen.families.TOKEN_OUTPUTS``), sharded or not; any other tuple (diffusers down blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``)
-    and a diffusers output object yield their first element."""
+    as do Flux's blocks (``fastgen.families.TOKEN_OUTPUTS``), sharded or not; any other tuple (diffusers down
+    blocks' ``(hidden_states, res_samples)``, attention blocks' ``(sample,)``) and a diffusers output object yield
+    their first element."""
     if isinstance(output, torch.Tensor):
         return output
     # by the class or a base of it: FSDP2's fully_shard renames a block's class FSDP<name>, a subclass of it
@@ -157,15 +158,24 @@ def activate_adapter(model: nn.Module, name: str | None) -> None:
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    flags = [p.requires_grad for p in params]
-    for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
-        layer.enable_adapters(name is not None)
-        if name is not None:
-            layer.set_adapter(name)
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
+    with adapter_flags_kept(model):
+        for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
+            layer.enable_adapters(name is not None)
+            if name is not None:
+                layer.set_adapter(name)
     model._fastgen_active_adapter = name
+
+
+@contextlib.contextmanager
+def adapter_flags_kept(model: nn.Module) -> Iterator[None]:
+    """The ``requires_grad`` of ``model``'s LoRA weights put back as they were after peft's switches inside
+    (``set_adapter``, which ``add_adapter`` calls too, freezes every adapter but the one it sets)."""
+    flags = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class Denoiser(BaseDenoiser):

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from fastgen.denoiser import BaseDenoiser, Denoiser, activate_adapter, unwrap
+from fastgen.denoiser import BaseDenoiser, Denoiser, activate_adapter, adapter_flags_kept, unwrap
 from fastgen.errors import EnvironmentMissingError, UsageError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -209,16 +209,13 @@ class NetworkFactory:
         if getattr(base, "peft_config", None) and name in base.peft_config:
             raise ValueError(f"the teacher network already has an adapter named {name!r}")
         activate_adapter(base, None)
-        earlier = [(p, p.requires_grad) for n, p in base.named_parameters() if "lora_" in n]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), adapter_flags_kept(base):  # the adapters added before stay trainable
             # peft warns on every adapter after the first on one model; several adapters on the shared base (fake
             # score, student) are what this factory means to build, so the warning tells the user nothing
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model",
                                     category=UserWarning)
             base.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
                                         target_modules=list(targets)), adapter_name=name)
-        for p, flag in earlier:  # add_adapter's set_adapter froze the adapters added before (the first fake score's)
-            p.requires_grad_(flag)
         for n, p in base.named_parameters():
             if f".{name}." in n:
                 p.data = p.data.float()

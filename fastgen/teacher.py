@@ -388,18 +388,16 @@ def quiet_loading():
                 module.enable_progress_bar()
 
 
+def _local_owner(name: str) -> bool:
+    """Whether ``name`` has the shape ``owner/name`` with ``owner`` a local folder (``teachers/sd3`` beside a folder
+    ``teachers``: a missing folder, not a hub repository)."""
+    return name.count("/") == 1 and Path(name.split("/")[0]).expanduser().is_dir()
+
+
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` (no local path) reads as a hub id ``owner/name``: one slash, no path's start (``.``, ``/``,
-    ``~``), and no local folder ``owner`` (``teachers/sd3`` beside a folder ``teachers`` is a missing folder)."""
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
-            and not Path(name.split("/")[0]).expanduser().is_dir())
-
-
-def _not_a_hub_id(name: str) -> str:
-    """Why a missing ``owner/name`` was not taken for a hub id, for the error."""
-    owner = name.split("/")[0]
-    return f" (and {owner}/ is a local folder, so it is not read as a hub id)" if name.count("/") == 1 and \
-        Path(owner).expanduser().is_dir() else ""
+    ``~``), and no local folder ``owner`` (``_local_owner``)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not _local_owner(name)
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -441,8 +439,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     elif is_hub_id(str(path)):
         source = str(path)  # a hub id: diffusers resolves it (and fails plainly when offline)
     else:
-        raise MissingPathError(f"teacher path {path} does not exist{_not_a_hub_id(str(path))}; expected a diffusers "
-                               "pipeline folder or hub id")
+        why = f" (and {str(path).split('/')[0]}/ is a local folder, so it is not read as a hub id)" \
+            if _local_owner(str(path)) else ""
+        raise MissingPathError(f"teacher path {path} does not exist{why}; expected a diffusers pipeline folder or "
+                               "hub id")
 
     try:
         with quiet_loading():
