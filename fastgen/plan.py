@@ -110,7 +110,8 @@ def resolve_plan(objective_class, objective_config, schedule, student_schedule, 
         inside = all(schedule.t_min <= t <= schedule.t_max for t in grid)
         if not inside or any(a <= b for a, b in zip(grid, grid[1:])):
             raise UsageError(f"student.timesteps is {list(timesteps)}; expected {num_steps} distinct "
-                             f"time{'s' * (num_steps > 1)} in the teacher's native range [{schedule.t_min:g}, {schedule.t_max:g}], in descending order")
+                             f"time{'s' * (num_steps > 1)} in the teacher's native range "
+                             f"[{schedule.t_min:g}, {schedule.t_max:g}], in descending order")
         grids[num_steps] = grid
     boundaries = None
     if experts > 1:

@@ -105,8 +105,8 @@ def test_the_advice_for_a_student_of_experts_estimates(sd_folder, tmp_path):
     base = [f"teacher={sd_folder}", "method=phased_dmd", f"output={tmp_path}", "train.batch_size=2",
             "student.num_steps=2"]
     with pytest.raises(UsageError, match="estimate with student.experts=1") as refused:
-        estimate_memory(load_config(DistillConfig, None, base + ["student.experts=2", "student.expert_boundaries=[500]"]),
-                        device="cpu")
+        estimate_memory(load_config(DistillConfig, None, base + ["student.experts=2",
+                                                                "student.expert_boundaries=[500]"]), device="cpu")
     advice = str(refused.value).split("estimate with ")[1].split(" and ")[0].split()
     assert estimate_memory(load_config(DistillConfig, None, base + ["student.experts=2",
                                                                     "student.expert_boundaries=[500]"] + advice),

@@ -181,7 +181,8 @@ def round_trip(tmp_path_factory):
         case.update(name=name, folder=str(folder), seed=SEED, kind=case.get("kind", "full"))
         cases.append(case)
         for steps in (1, 2):
-            refs[f"{name}/{steps}"] = reference(teacher, student, trained, steps, cond, case.get("scheduler_renoise", False))
+            refs[f"{name}/{steps}"] = reference(teacher, student, trained, steps, cond,
+                                                case.get("scheduler_renoise", False))
 
     ddpm = load_teacher(v_prediction_ddpm_folder(root / "ddpm"))
     student = perturbed(ddpm.model)
